@@ -1,0 +1,170 @@
+"""Kiln's command line: run the pipeline, see its state, look at what it trained.
+
+    python launch.py                                   # run configs/tiny.yaml on a local Ray instance
+    python launch.py run configs/tiny.yaml --set pretrain.steps=400 --until pretrain
+    python launch.py run --dry-run                     # resolved config, DAG, why each stage runs
+    python launch.py status --json                     # complete / partial (step k of n) / missing
+    python launch.py export pretrain out/ --format llama
+    python launch.py generate sft --prompt "Hello"
+
+Exit code 0 only when every selected stage is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    from pipeline.config import ConfigError
+    from pipeline.plan import PlanError
+
+    console = Console(stderr=True)
+    try:
+        return args.func(args, console)
+    except (ConfigError, PlanError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("config", nargs="?", default=None, help="YAML preset (default configs/tiny.yaml)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+        sp.add_argument("--root", help="artifact root (run.root): a path or s3://bucket/prefix")
+        sp.add_argument("--name", help="pipeline run name (run.name)")
+
+    run = sub.add_parser("run", help="run the pipeline (stages whose artifact is complete are skipped)")
+    common(run)
+    run.add_argument("--only", help="run only these stages (comma-separated); their inputs must exist")
+    run.add_argument("--from", dest="start", help="re-run this stage and everything downstream")
+    run.add_argument("--until", help="stop after this stage")
+    run.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    run.add_argument("--wandb", choices=["online", "offline", "disabled"], help="W&B mode (run.wandb)")
+    run.add_argument("--dry-run", action="store_true", help="print config, DAG and what would run; exit")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="state of each stage: complete / partial / missing")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable list of stages")
+    status.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    status.set_defaults(func=cmd_status)
+    return p
+
+
+def _load(args):
+    from pipeline.config import DEFAULT_CONFIG, load_config
+
+    overrides = list(args.set)
+    if args.root:
+        overrides.append(f"run.root={args.root}")
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    if getattr(args, "wandb", None):
+        overrides.append(f"run.wandb={args.wandb}")
+    return load_config(args.config or DEFAULT_CONFIG, overrides)
+
+
+def _selection(args):
+    from pipeline.plan import Selection
+
+    only = tuple(s.strip() for s in args.only.split(",") if s.strip()) if args.only else ()
+    return Selection(only=only, start=args.start, until=args.until)
+
+
+def cmd_run(args, console) -> int:
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.dag import PIPELINE
+    from pipeline.display import Display, summary_table
+    from pipeline.plan import make_plan
+    from pipeline.runner import run_pipeline
+
+    cfg = _load(args)
+    sel = _selection(args)
+    if args.dry_run:
+        return _dry_run(cfg, sel, console)
+    outcome = run_pipeline(cfg, PIPELINE, sel, address=args.address, display=Display(console))
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    plan = make_plan(cfg, PIPELINE, store, sel) if outcome.results else outcome.plan
+    headline = {s.name: s.headline for s in PIPELINE.stages}
+    console.print(summary_table(outcome.plan, outcome, headline))
+    if store.run_dir.is_dir():
+        from pipeline.report import write_report
+
+        report = write_report(store.run_dir, plan, f"kiln run {cfg.run.name}")
+        console.print(f"report: {report}")
+    for name, err in outcome.errors.items():
+        console.print(f"[red]{name} failed:[/red] {err}", highlight=False)
+    selected = [p for p in plan if p.action != "unselected"]
+    return 0 if outcome.ok and all(p.state == "complete" for p in selected) else 1
+
+
+def _dry_run(cfg, sel, console) -> int:
+    import yaml
+    from rich.table import Table
+
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.config import to_dict
+    from pipeline.dag import PIPELINE
+    from pipeline.plan import make_plan
+
+    console.print("[bold]resolved config[/bold]")
+    console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False)
+    plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), sel)
+    table = Table(title="DAG")
+    for col in ("stage", "inputs", "state", "action", "why", "resources"):
+        table.add_column(col, overflow="fold")
+    for p in plan:
+        stage = PIPELINE[p.name]
+        scaling = stage.scaling(cfg)
+        res = scaling.total() if scaling else stage.driver_resources(cfg)
+        if scaling:
+            res = f"{scaling.num_workers} workers: {res}"
+        table.add_row(p.name, ", ".join(p.inputs), p.state, p.action, p.reason, str(res))
+    console.print(table)
+    return 0
+
+
+def cmd_status(args, console) -> int:
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.dag import PIPELINE
+    from pipeline.plan import make_plan
+    from pipeline.runner import status_rows
+
+    cfg = _load(args)
+    plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), deep=args.verify)
+    rows = status_rows(plan)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"kiln status: {Path(cfg.run.root) / cfg.run.name}")
+    for col in ("stage", "state", "fingerprint", "metrics", "path"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        state = r["state"]
+        if r["progress"]:
+            state += f" (step {r['progress']['step']} of {r['progress']['total']})"
+        metrics = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items()
+        )
+        table.add_row(r["stage"], state, r["fingerprint"], metrics, r["path"])
+    console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

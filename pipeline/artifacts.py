@@ -1,0 +1,205 @@
+"""The artifact store: where stage outputs live, how they are committed and verified.
+
+    store = ArtifactStore("runs", "tiny")                 # or "s3://bucket/prefix"
+    staging = store.staging("ingest", fp)                 # a local folder the stage writes into
+    art = store.commit("ingest", fp, staging, manifest)   # files + manifest.json, atomically
+    store.find("ingest", fp)                              # -> Artifact, or None if incomplete
+
+Layout under `<root>/<run>/`:
+    <stage>-<fingerprint>/          the artifact; complete only when manifest.json exists and verifies
+    .work/<stage>-<fingerprint>/    in-stage checkpoints, progress.json, metrics in progress
+    logs/<stage>.log                per-stage logs, worker tracebacks included
+
+On a local root the stage writes into a temporary folder beside the artifact that is renamed into
+place after the manifest is written, so a crash leaves either no artifact or a complete one. On an
+object store (no atomic folder rename) files are uploaded under the final prefix and the manifest
+goes last; the manifest is what makes it complete. Only this module knows paths and formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete stage output. `path` is local (downloaded first when the root is remote)."""
+
+    stage: str
+    fingerprint: str
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def describe_files(folder: Path) -> dict[str, dict]:
+    """size and sha256 of every file under `folder` (relative POSIX paths), manifest excluded."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return files
+
+
+def verify_files(folder: Path, files: dict[str, dict], deep: bool) -> str | None:
+    """None if every listed file is there with its size (and sha256 when deep); else what is wrong."""
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{p} has {p.stat().st_size} bytes, manifest says {meta['size']}"
+        if deep and sha256_file(p) != meta["sha256"]:
+            return f"{p} does not match its sha256 in the manifest (modified or corrupt)"
+    return None
+
+
+class ArtifactStore:
+    """Artifacts of one pipeline run, on a local path or an object store."""
+
+    def __init__(self, root: str, run: str, cache_dir: str | Path | None = None):
+        self.root, self.run = root, run
+        self.remote = "://" in root and not root.startswith("file://")
+        local_root = Path(root.removeprefix("file://")) if not self.remote else None
+        if self.remote:
+            from pipeline.remote import RemoteRoot  # pyarrow only when needed
+
+            self._remote = RemoteRoot(f"{root.rstrip('/')}/{run}")
+            cache = Path(cache_dir or os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+            self.run_dir = cache / self._remote.cache_key()
+        else:
+            self.run_dir = (local_root / run).resolve()
+
+    # -- where things live --------------------------------------------------------------------
+
+    def name(self, stage: str, fp: str) -> str:
+        return f"{stage}-{fp}"
+
+    def artifact_uri(self, stage: str, fp: str) -> str:
+        if self.remote:
+            return self._remote.uri(self.name(stage, fp))
+        return str(self.run_dir / self.name(stage, fp))
+
+    def work_dir(self, stage: str, fp: str) -> Path:
+        """In-stage state (checkpoints, progress.json); survives a crash, unlike staging."""
+        return self.run_dir / ".work" / self.name(stage, fp)
+
+    def log_path(self, stage: str) -> Path:
+        return self.run_dir / "logs" / f"{stage}.log"
+
+    def progress(self, stage: str, fp: str) -> dict | None:
+        path = self.work_dir(stage, fp) / "progress.json"
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            return None
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def check(self, stage: str, fp: str, deep: bool = False) -> tuple[dict | None, str | None]:
+        """(manifest, None) when complete; (None, reason) otherwise. Sizes always, sha256 when deep."""
+        if self.remote:
+            return self._remote.check(self.name(stage, fp), deep)
+        folder = self.run_dir / self.name(stage, fp)
+        if not folder.is_dir():
+            return None, "no artifact"
+        try:
+            manifest = read_json(folder / MANIFEST)
+        except FileNotFoundError:
+            return None, f"{folder / MANIFEST} is missing (the stage did not finish)"
+        except ValueError:
+            return None, f"{folder / MANIFEST} is not valid JSON"
+        problem = verify_files(folder, manifest.get("files", {}), deep)
+        return (None, problem) if problem else (manifest, None)
+
+    def find(self, stage: str, fp: str, deep: bool = False) -> Artifact | None:
+        manifest, _ = self.check(stage, fp, deep)
+        if manifest is None:
+            return None
+        path = self._remote.download(self.name(stage, fp), self.run_dir) if self.remote else None
+        return Artifact(stage, fp, path or self.run_dir / self.name(stage, fp), manifest)
+
+    def previous(self, stage: str) -> list[dict]:
+        """Manifests of this stage's complete artifacts under other fingerprints, newest first."""
+        if self.remote:
+            return self._remote.previous(stage)
+        found = []
+        for m in self.run_dir.glob(f"{stage}-*/{MANIFEST}"):
+            try:
+                found.append(read_json(m))
+            except ValueError:
+                continue
+        return sorted(found, key=lambda m: m.get("created", 0), reverse=True)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def staging(self, stage: str, fp: str) -> Path:
+        """A fresh, empty local folder for the stage to write its artifact into."""
+        base = self.run_dir if not self.remote else self.run_dir / ".staging"
+        path = base / f".tmp-{self.name(stage, fp)}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, stage: str, fp: str, staging: Path, manifest: dict) -> Artifact:
+        """Describe every file, write the manifest last, and move the folder into place."""
+        manifest = {**manifest, "stage": stage, "fingerprint": fp, "created": time.time()}
+        manifest["files"] = describe_files(staging)
+        write_json_atomic(staging / MANIFEST, manifest)
+        if self.remote:
+            self._remote.upload(staging, self.name(stage, fp))
+            shutil.rmtree(staging, ignore_errors=True)
+            return self.find(stage, fp)
+        final = self.run_dir / self.name(stage, fp)
+        if final.exists():  # a forced re-run: make the old one incomplete first, then swap
+            (final / MANIFEST).unlink(missing_ok=True)
+            trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        staging.rename(final)
+        return Artifact(stage, fp, final, manifest)
+
+    def clean_stale(self) -> None:
+        """Remove staging/trash folders left by a crash (never complete, never read)."""
+        for pattern in (".tmp-*", ".trash-*", ".staging/.tmp-*"):
+            for p in self.run_dir.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)

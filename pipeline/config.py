@@ -1,0 +1,290 @@
+"""The pipeline's config: one frozen dataclass per stage, composed into `PipelineConfig`.
+
+    from pipeline.config import load_config
+    cfg = load_config("configs/tiny.yaml", ["pretrain.lr=3e-4"])
+    cfg.pretrain.lr
+
+Every field has its docstring right below it (`python launch.py run --help-config` lists them).
+Keys listed in a section's `NOT_IN_FINGERPRINT` do not change what a stage produces: budget keys
+(how long to train, not what to train) and bookkeeping. They are left out of the stage's
+fingerprint, so raising `pretrain.steps` continues a finished run instead of starting over. Cross-field rules live in each section's `check()`; all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pipeline.configlib import ConfigError, load, to_dict
+
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "to_dict", "PROJECT_ROOT"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
+
+Precision = Literal["bf16", "fp16", "fp32"]
+frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+@frozen
+class RunConfig:
+    # Stages that read `run` depend on its seed only.
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
+        "name",
+        "root",
+        "wandb",
+        "wandb_project",
+        "resource_wait_s",
+    )
+
+    name: str = "tiny"
+    """Pipeline run name: artifacts go to <root>/<name>/; the W&B group."""
+    root: str = "runs"
+    """Artifact root: a local/NFS path, or an object-store URI (s3://bucket/prefix)."""
+    seed: int = 1234
+    """Seed for every stage (data order, init, sampling)."""
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """W&B mode; auto = online when WANDB_API_KEY is set or `wandb login` was run, offline otherwise."""
+    wandb_project: str = "kiln"
+    """W&B project that every stage's run goes to."""
+    resource_wait_s: float = 60.0
+    """How long a stage waits for the cluster to offer its resources before failing with what is missing."""
+
+    def check(self):
+        if not self.name or "/" in self.name:
+            yield f"name: {self.name!r} must be a non-empty name without '/'"
+        if self.resource_wait_s < 0:
+            yield "resource_wait_s: must be >= 0"
+
+
+@frozen
+class IngestConfig:
+    sources: tuple[str, ...] = ("data_prep/sample/pile_sample.jsonl.zst",)
+    """Input shards: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz), relative to the working directory
+    or the project; or `hf:NAME[:SPLIT]` for a `datasets` hub dataset (needs a network)."""
+    min_chars: int = 64
+    """Documents shorter than this (in characters, after stripping) are dropped as `too_short`."""
+    max_chars: int = 200_000
+    """Documents longer than this are dropped as `too_long`."""
+    dedup: bool = True
+    """Drop exact duplicates (by content hash) across all files; the first in input order is kept."""
+    include_sets: tuple[str, ...] = ()
+    """Keep only these Pile subsets (`meta.pile_set_name`); empty keeps all."""
+    set_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-subset sampling weight: 2.0 writes each document twice, 0.5 keeps half (by content hash)."""
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    """A truncated or corrupt compressed file stops the stage (fail) or is recorded as skipped (skip)."""
+    docs_per_shard: int = 20_000
+    """Documents per output Parquet shard."""
+    max_errors: int = 200
+    """How many bad records `stats.json` lists with file:line (all are counted)."""
+    num_cpus: float = 1
+    """CPUs each per-file ingest task asks Ray for."""
+
+    def check(self):
+        if not self.sources:
+            yield "sources: give at least one path, glob or hf: dataset"
+        if self.min_chars < 0 or self.max_chars <= self.min_chars:
+            yield "max_chars: must be greater than min_chars (and min_chars >= 0)"
+        for name, w in self.set_weights.items():
+            if w < 0:
+                yield f"set_weights.{name}: weights must be >= 0"
+
+
+@frozen
+class TokenizerConfig:
+    path: str | None = None
+    """An existing Hugging Face tokenizer folder to use instead of training one."""
+    vocab_size: int = 4096
+    """Vocabulary size of the trained byte-level BPE (special tokens included)."""
+    sample_bytes: int = 8_000_000
+    """How many bytes of documents the BPE is trained on (a deterministic sample)."""
+    min_frequency: int = 2
+    """A pair must occur this often to be merged."""
+    num_cpus: float = 1
+    """CPUs the training task asks Ray for."""
+
+    def check(self):
+        if self.path is None and self.vocab_size < 300:
+            yield "vocab_size: must be >= 300 (256 bytes + special tokens + merges)"
+
+
+@frozen
+class TokenizeConfig:
+    seq_len: int = 256
+    """Tokens the model sees per sequence; each packed window holds seq_len + 1 tokens (inputs + shifted labels)."""
+    val_fraction: float = 0.02
+    """Fraction of documents (chosen by document hash) that go to the validation split."""
+    sequences_per_shard: int = 16_384
+    """Packed windows per memory-mapped shard file."""
+    num_cpus: float = 1
+    """CPUs each per-shard tokenize task asks Ray for."""
+
+    def check(self):
+        if self.seq_len < 8:
+            yield "seq_len: must be >= 8"
+        if not 0.0 <= self.val_fraction < 0.5:
+            yield "val_fraction: must be in [0, 0.5)"
+
+
+@frozen
+class ModelConfig:
+    n_layers: int = 4
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 4
+    """Attention (query) heads."""
+    n_kv_heads: int = 2
+    """Key/value heads: = n_heads is multi-head, 1 is multi-query, in between grouped-query."""
+    d_ff: int = 352
+    """Hidden width of the dense feed-forward."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation before attention and feed-forward (pre-norm)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norm."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """Feed-forward activation."""
+    position: Literal["rope", "alibi", "learned"] = "rope"
+    """Position encoding."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    max_seq_len: int = 256
+    """Longest sequence (learned positions table size; generation limit)."""
+    n_experts: int = 4
+    """Experts per MoE layer; 0 = dense feed-forward everywhere."""
+    top_k: int = 2
+    """Experts per token (1 = Switch Transformer)."""
+    moe_every: int = 1
+    """MoE on every k-th layer (1 = every layer; needed for Mixtral export)."""
+    moe_d_ff: int | None = None
+    """Hidden width of each expert (None = d_ff)."""
+    capacity_factor: float | None = None
+    """Expert capacity = factor * tokens * top_k / n_experts; overflow tokens skip the layer. None = no limit."""
+    aux_loss_coef: float = 0.01
+    """Load-balancing loss coefficient (Switch Transformer)."""
+    z_loss_coef: float = 0.001
+    """Router z-loss coefficient (ST-MoE)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and output projection."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections are scaled by 1/sqrt(2 * n_layers)."""
+    dropout: float = 0.0
+    """Dropout on attention and residual branches."""
+    bias: bool = False
+    """Biases in linear layers."""
+
+    def check(self):
+        if self.d_model % self.n_heads:
+            yield f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}"
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            yield f"n_kv_heads: {self.n_kv_heads} must divide n_heads={self.n_heads}"
+        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
+            yield "position: rope needs an even head dimension (d_model / n_heads)"
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            yield f"top_k: must be between 1 and n_experts={self.n_experts}"
+        if self.moe_every < 1:
+            yield "moe_every: must be >= 1"
+
+
+@frozen
+class PretrainConfig:
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "keep_last", "max_failures")
+
+    steps: int = 200
+    """Optimizer steps to train for (a budget: raising it continues a finished run)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    gpus_per_worker: float = 0
+    """GPUs per worker; 0 trains on CPU with gloo."""
+    cpus_per_worker: float = 1
+    """CPUs per worker."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: Precision = "fp32"
+    """bf16, fp16 (dynamic loss scaling, GPU only) or fp32."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step; accumulation = global / (workers * micro)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-4
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not on norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state offload to CPU."""
+    offload_params: bool = False
+    """ZeRO-3 parameter offload to CPU."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    eval_every: int = 50
+    """Validation loss every this many steps."""
+    eval_batches: int = 4
+    """Validation micro-batches per evaluation."""
+    max_failures: int = 2
+    """Restarts of a dead worker group from the last checkpoint before the stage fails."""
+    init_from: str | None = None
+    """A Llama or Mixtral Hugging Face folder to start from (weights only) instead of random init."""
+
+    def check(self):
+        if self.steps < 1:
+            yield "steps: must be >= 1"
+        if self.num_workers < 1 or self.micro_batch_size < 1:
+            yield "num_workers and micro_batch_size: must be >= 1"
+        elif self.global_batch_size % (self.num_workers * self.micro_batch_size):
+            per_step = self.num_workers * self.micro_batch_size
+            yield (
+                f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                f"micro_batch_size = {per_step}; use a multiple of {per_step}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            yield "offload_params: parameter offload needs zero_stage=3"
+        if self.checkpoint_every < 1 or self.eval_every < 1:
+            yield "checkpoint_every and eval_every: must be >= 1"
+
+
+@frozen
+class PipelineConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """Run-wide settings."""
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    """Raw shards -> cleaned documents."""
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    """Documents -> byte-level BPE tokenizer."""
+    tokenize: TokenizeConfig = dataclasses.field(default_factory=TokenizeConfig)
+    """Documents + tokenizer -> packed token shards."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """The GPT (MoE) decoder trained by pretrain."""
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    """DeepSpeed ZeRO pretraining on Ray Train."""
+
+
+def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):
+    """Load a preset with `--set` overrides; raises ConfigError listing every problem."""
+    return load(schema, path, list(overrides))
+
+
+def section_dict(cfg, sections: tuple[str, ...]) -> dict:
+    """The config sections a stage reads, as plain data."""
+    return {name: to_dict(getattr(cfg, name)) for name in sections}
+
+
+def unfingerprinted_keys(cfg, section: str) -> tuple[str, ...]:
+    return getattr(type(getattr(cfg, section)), "NOT_IN_FINGERPRINT", ())

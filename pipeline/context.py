@@ -1,0 +1,175 @@
+"""What a stage gets from the runner: the only door from stage code to Ray.
+
+A stage is `run(cfg, inputs, out, ctx) -> metrics`. Through `ctx` it can
+    ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item)
+    ctx.run_workers(train_fn, arg, scaling) run train_fn(arg, wctx) on a worker group (Ray Train)
+    ctx.log(row) / ctx.progress(k, n)       metrics.jsonl + W&B / step k of n for `status`
+and inside a worker, `wctx.report(metrics, checkpoint_dir)` and `wctx.checkpoint()`.
+
+`LocalContext` does all of this in-process (tests call stages directly with it); the Ray versions
+live in pipeline/ray_context.py, so stage code never imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """A worker group's shape: what each worker asks the cluster for."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    max_failures: int = 0
+
+    def total(self) -> dict[str, float]:
+        need = {
+            "CPU": self.num_workers * self.cpus_per_worker,
+            "GPU": self.num_workers * self.gpus_per_worker,
+        }
+        for k, v in self.resources_per_worker.items():
+            need[k] = need.get(k, 0) + self.num_workers * v
+        return {k: v for k, v in need.items() if v}
+
+
+class MetricsLog:
+    """metrics.jsonl of a stage in progress (in its work dir): appended, cut back on resume."""
+
+    def __init__(self, path: Path, tracker=None):
+        self.path, self.tracker = path, tracker
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(row)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate(self, last_step: int) -> None:
+        """Drop rows after `last_step` (the checkpoint resumed from), so no step appears twice."""
+        keep = [r for r in self.rows() if r.get("step", -1) <= last_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):  # tensors and numpy scalars
+        return v.item()
+    return v
+
+
+class StageContext:
+    """Everything a stage may ask of the runner. This base runs everything in-process."""
+
+    def __init__(self, stage: str, work_dir: Path, tracker=None, logger: logging.Logger | None = None):
+        self.stage = stage
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
+        self.metrics = MetricsLog(self.work_dir / "metrics.jsonl", tracker)
+        self.logger = logger or logging.getLogger(f"kiln.{stage}")
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    def map(self, fn: Callable, items: Iterable, *, num_cpus: float = 1) -> list:
+        """fn(item) for each item, results in item order."""
+        return [fn(item) for item in items]
+
+    def run_workers(self, train_fn: Callable, arg: Any, scaling: Scaling) -> list:
+        """train_fn(arg, wctx) on each worker; returns each rank's return value (rank order).
+
+        In-process only one worker can run; multi-worker groups need the Ray context
+        (or torchrun, which sets up its own process group: see `worker_from_env`)."""
+        if scaling.num_workers != 1:
+            raise RuntimeError(f"LocalContext runs 1 worker, {scaling.num_workers} were asked for")
+        return [train_fn(arg, LocalWorkerContext(self))]
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def log(self, row: dict) -> None:
+        self.metrics.write(row)
+
+    def progress(self, step: int, total: int, **extra) -> None:
+        write_json_atomic(
+            self.work_dir / "progress.json", {"step": step, "total": total, "time": time.time(), **extra}
+        )
+
+    def finalize_metrics(self, out: Path) -> None:
+        """Copy the metrics logged so far into the artifact folder."""
+        if self.metrics.path.exists():
+            (out / "metrics.jsonl").write_bytes(self.metrics.path.read_bytes())
+
+
+LocalContext = StageContext
+
+
+class WorkerContext:
+    """A training worker's view: its rank, and report/checkpoint like Ray Train's."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def report(self, metrics: dict | None = None, checkpoint_dir: Path | None = None) -> None:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Path | None:
+        """The folder of the latest reported checkpoint to resume from, or None on a fresh start."""
+        raise NotImplementedError
+
+    def resumed_from(self, step: int) -> None:
+        """Tell the stage which step a resume starts after (metrics after it are cut)."""
+        raise NotImplementedError
+
+    def progress(self, step: int, total: int, **extra) -> None:
+        """Step k of n, shown by `status` and the progress display (rank 0 only)."""
+        raise NotImplementedError
+
+
+class LocalWorkerContext(WorkerContext):
+    """Single in-process worker: metrics go straight to the stage's log; checkpoints are copied
+    into the stage's work dir, the latest one kept, as Ray Train does with its storage path."""
+
+    def __init__(self, stage_ctx: StageContext):
+        self.stage_ctx = stage_ctx
+        self.ckpt_root = stage_ctx.work_dir / "local_checkpoints"
+
+    def report(self, metrics=None, checkpoint_dir=None):
+        import shutil
+
+        if checkpoint_dir is not None:
+            dest = self.ckpt_root / f"checkpoint_{time.time_ns()}"
+            shutil.copytree(checkpoint_dir, dest)
+            for old in sorted(self.ckpt_root.glob("checkpoint_*"))[:-1]:
+                shutil.rmtree(old)
+        if metrics:
+            self.stage_ctx.log(metrics)
+
+    def checkpoint(self):
+        found = sorted(self.ckpt_root.glob("checkpoint_*"))
+        return found[-1] if found else None
+
+    def resumed_from(self, step):
+        self.stage_ctx.metrics.truncate(step)
+
+    def progress(self, step, total, **extra):
+        self.stage_ctx.progress(step, total, **extra)

@@ -1,0 +1,173 @@
+"""The pipeline as data: each stage names its function, its inputs and the config it reads.
+
+A stage function is `run(cfg, inputs, out, ctx) -> dict` where `inputs` maps each input stage
+name to its `Artifact`, `out` is an empty local folder that becomes the artifact, `ctx` is a
+`pipeline.context.StageContext`, and the returned dict holds the headline metrics that go into
+the manifest, the end-of-run table and the report. The runner knows nothing of any one stage.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from pipeline.context import Scaling
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: str
+    """`module:function` of the stage, imported only where it runs."""
+    inputs: tuple[str, ...] | Callable = ()
+    """Upstream stage names, or a function of the config returning them (an edge moved by config)."""
+    sections: tuple[str, ...] = ()
+    """Config sections the stage reads: they, minus budget keys, go into its fingerprint."""
+    resources: Callable | None = None
+    """cfg -> {"CPU": n, ...} for the stage's own driver task (default: 1 CPU)."""
+    workers: Callable | None = None
+    """cfg -> Scaling of the worker group the stage trains on (None for CPU stages)."""
+    extra_fingerprint: Callable | None = None
+    """cfg -> data that also decides reuse (e.g. the size and mtime of input files)."""
+    headline: str | None = None
+    """Metric shown in the end-of-run table."""
+
+    @property
+    def module(self) -> str:
+        return self.fn.partition(":")[0]
+
+    def input_names(self, cfg) -> tuple[str, ...]:
+        return tuple(self.inputs(cfg)) if callable(self.inputs) else self.inputs
+
+    def driver_resources(self, cfg) -> dict[str, float]:
+        return self.resources(cfg) if self.resources else {"CPU": 1}
+
+    def scaling(self, cfg) -> Scaling | None:
+        return self.workers(cfg) if self.workers else None
+
+    def load(self) -> Callable:
+        import importlib
+
+        module, _, func = self.fn.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+@dataclass(frozen=True)
+class DAG:
+    stages: tuple[Stage, ...]
+    order: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate stage names in {names}")
+        object.__setattr__(self, "order", tuple(names))
+
+    @cached_property
+    def by_name(self) -> dict[str, Stage]:
+        return {s.name: s for s in self.stages}
+
+    def __getitem__(self, name: str) -> Stage:
+        return self.by_name[name]
+
+    def topological(self, cfg) -> list[str]:
+        """Stage names, every stage after its inputs (declaration order breaks ties)."""
+        done: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(name):
+            if name in done:
+                return
+            if name in visiting:
+                raise ValueError(f"the DAG has a cycle through {name}")
+            visiting.add(name)
+            for dep in self[name].input_names(cfg):
+                if dep not in self.by_name:
+                    raise ValueError(f"stage {name} reads {dep!r}, which is not a stage")
+                visit(dep)
+            visiting.discard(name)
+            done.append(name)
+
+        for name in self.order:
+            visit(name)
+        return done
+
+    def downstream(self, cfg, name: str) -> set[str]:
+        """`name` and every stage that (transitively) reads it."""
+        found = {name}
+        for s in self.topological(cfg):
+            if set(self[s].input_names(cfg)) & found:
+                found.add(s)
+        return found
+
+    def upstream(self, cfg, name: str) -> set[str]:
+        found, todo = set(), [name]
+        while todo:
+            for dep in self[todo.pop()].input_names(cfg):
+                if dep not in found:
+                    found.add(dep)
+                    todo.append(dep)
+        return found
+
+
+def input_file_stats(patterns) -> list:
+    """(path, size, mtime) of files matched by patterns: editing a source file re-runs its reader."""
+    stats = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(str(pattern))) or [str(pattern)]:
+            try:
+                st = os.stat(path)
+                stats.append([path, st.st_size, int(st.st_mtime)])
+            except OSError:
+                stats.append([path, None, None])
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The Kiln pipeline
+
+
+def _workers(section: str) -> Callable:
+    def scaling(cfg) -> Scaling:
+        s = getattr(cfg, section)
+        return Scaling(
+            num_workers=s.num_workers,
+            cpus_per_worker=s.cpus_per_worker,
+            gpus_per_worker=s.gpus_per_worker,
+            max_failures=getattr(s, "max_failures", 0),
+        )
+
+    return scaling
+
+
+PIPELINE = DAG(
+    (
+        Stage(
+            "ingest",
+            "stages.ingest:run",
+            sections=("ingest",),
+            resources=lambda cfg: {"CPU": 0},  # its per-file tasks hold the CPUs
+            extra_fingerprint=lambda cfg: input_file_stats(cfg.ingest.sources),
+            headline="kept",
+        ),
+        Stage(
+            "tokenizer",
+            "stages.tokenizer:run",
+            inputs=("ingest",),
+            sections=("tokenizer", "run"),
+            resources=lambda cfg: {"CPU": cfg.tokenizer.num_cpus},
+            headline="vocab_size",
+        ),
+        Stage(
+            "tokenize",
+            "stages.tokenize:run",
+            inputs=("ingest", "tokenizer"),
+            sections=("tokenize",),
+            resources=lambda cfg: {"CPU": 0},
+            headline="train_tokens",
+        ),
+    )
+)

@@ -1,0 +1,143 @@
+"""Planning a run: each stage's fingerprint, its state, and why it will (or will not) run.
+
+    plan = make_plan(cfg, dag, store, Selection(until="pretrain"))
+    for p in plan: print(p.name, p.state, p.action, p.reason)
+
+Planning reads configs, source files and manifests only: no Ray, no torch, so a run with nothing
+to do and `status` answer in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import section_dict, unfingerprinted_keys
+from pipeline.dag import DAG
+from pipeline.fingerprint import code_version, stage_fingerprint
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Selection:
+    only: tuple[str, ...] = ()
+    start: str | None = None  # --from: re-run this stage and everything downstream
+    until: str | None = None
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    fingerprint: str
+    config: dict  # the sections the stage reads, budget keys included
+    code: str
+    inputs: dict[str, str]
+    state: str  # complete | partial | missing
+    action: str = "skip"  # run | skip | unselected
+    reason: str = ""
+    manifest: dict | None = None
+    progress: dict | None = None
+    path: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
+    """(config the stage reads, the part of it that decides reuse: budget keys removed)."""
+    full = section_dict(cfg, stage.sections)
+    keyed = {
+        s: {k: v for k, v in d.items() if k not in unfingerprinted_keys(cfg, s)} for s, d in full.items()
+    }
+    if stage.extra_fingerprint is not None:
+        keyed["_extra"] = stage.extra_fingerprint(cfg)
+    return full, keyed
+
+
+def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(), deep: bool = False):
+    order = dag.topological(cfg)
+    for name in (*sel.only, sel.start, sel.until):
+        if name is not None and name not in dag.by_name:
+            raise PlanError(f"unknown stage {name!r}; stages are: {', '.join(order)}")
+    selected = set(sel.only) if sel.only else set(order)
+    forced: set[str] = set()
+    if sel.start:
+        forced = dag.downstream(cfg, sel.start)
+        selected &= forced
+    if sel.until:
+        selected &= dag.upstream(cfg, sel.until) | {sel.until}
+
+    plan: dict[str, PlannedStage] = {}
+    for name in order:
+        stage = dag[name]
+        full, keyed = fingerprinted_config(cfg, stage)
+        inputs = {dep: plan[dep].fingerprint for dep in stage.input_names(cfg)}
+        code = code_version(stage.module)
+        fp = stage_fingerprint(name, keyed, inputs, code)
+        manifest, problem = store.check(name, fp, deep=deep)
+        p = PlannedStage(
+            name, fp, full, code, inputs, "complete" if manifest else "missing", manifest=manifest
+        )
+        p.path = store.artifact_uri(name, fp)
+        if manifest is None:
+            p.progress = store.progress(name, fp)
+            if p.progress:
+                p.state = "partial"
+        will_run = {d for d, q in plan.items() if q.action == "run"}
+        if name not in selected:
+            p.action = "unselected"
+        elif name in forced:
+            p.action, p.reason = "run", f"--from {sel.start}"
+        elif manifest is not None:
+            p.action, p.reason = "skip", "complete"
+        else:
+            p.action = "run"
+            p.reason = _why(store, p, problem, will_run & set(inputs), keyed)
+        plan[name] = p
+
+    # a selected stage needs its inputs either complete or produced in this run
+    for p in plan.values():
+        if p.action != "run":
+            continue
+        for dep in p.inputs:
+            q = plan[dep]
+            if q.action != "run" and q.state != "complete":
+                raise PlanError(
+                    f"{p.name} needs the {dep} artifact, which is {q.state}: "
+                    f"run `--until {dep}` first, or drop --only/--from"
+                )
+    return [plan[n] for n in order]
+
+
+def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], keyed: dict) -> str:
+    if p.state == "partial":
+        prog = p.progress or {}
+        return f"partial: resumes at step {prog.get('step')} of {prog.get('total')}"
+    if problem and problem != "no artifact":
+        return f"incomplete artifact: {problem}"
+    if rerun_inputs:
+        return "input re-runs: " + ", ".join(sorted(rerun_inputs))
+    previous = store.previous(p.name)
+    if not previous:
+        return "never run"
+    last = previous[0]
+    reasons = []
+    changed_inputs = [d for d, fp in p.inputs.items() if last.get("inputs", {}).get(d) != fp]
+    if changed_inputs:
+        reasons.append("inputs changed: " + ", ".join(changed_inputs))
+    old_cfg = last.get("config", {})
+    diffs = [
+        f"{s}.{k}: {old_cfg.get(s, {}).get(k)!r} -> {v!r}"
+        for s, d in keyed.items()
+        if s != "_extra"
+        for k, v in d.items()
+        if old_cfg.get(s, {}).get(k) != v
+    ]
+    if diffs:
+        reasons.append("config changed: " + "; ".join(diffs))
+    if last.get("code_version") != p.code:
+        reasons.append("code changed")
+    if "_extra" in keyed and not diffs and not changed_inputs and last.get("code_version") == p.code:
+        reasons.append("input files changed")
+    return ", ".join(reasons) or "settings changed"

@@ -1,0 +1,194 @@
+"""Execute a planned DAG on Ray: stages as tasks, independent ones at the same time.
+
+    outcome = run_pipeline(cfg, PIPELINE, Selection(), address=None, wandb_mode="offline")
+
+Each stage that must run becomes one Ray task (a fresh worker process, `max_calls=1`) once its
+inputs are complete. A training stage's own task asks for no CPU: its Ray Train workers hold the
+resources. Before a stage starts, its resources are checked against the cluster's, and a request
+no node can meet fails after `run.resource_wait_s` with what is missing. A failed stage blocks only
+its downstream; independent branches still finish. Ctrl-C cancels the running tasks; staging
+folders of cancelled stages are never complete and are cleaned up on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import PROJECT_ROOT
+from pipeline.dag import DAG
+from pipeline.display import Display
+from pipeline.execute import StageJob, execute_stage
+from pipeline.plan import PlannedStage, Selection, make_plan
+
+
+@dataclass
+class Outcome:
+    plan: list[PlannedStage]
+    results: dict[str, dict] = field(default_factory=dict)  # stage -> {metrics, path, seconds}
+    errors: dict[str, str] = field(default_factory=dict)
+    blocked: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not (self.errors or self.blocked or self.interrupted)
+
+
+def run_pipeline(
+    cfg, dag: DAG, sel: Selection = Selection(), *, address: str | None = None, wandb_mode: str | None = None,
+    display: Display | None = None,
+) -> Outcome:  # fmt: skip
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    plan = make_plan(cfg, dag, store, sel)
+    outcome = Outcome(plan)
+    display = display or Display(quiet=True)
+    todo = [p for p in plan if p.action == "run"]
+    if not todo:
+        return outcome  # nothing to do: Ray is not even started
+    store.run_dir.mkdir(parents=True, exist_ok=True)
+    store.clean_stale()
+    ray = _init_ray(address)
+    task = ray.remote(max_retries=0, max_calls=1)(_stage_task)
+    jobs = {p.name: _job(cfg, dag, p, wandb_mode) for p in todo}
+    waiting = [p.name for p in todo]
+    running: dict = {}  # ref -> stage
+    started: dict[str, float] = {}
+    display.start(todo)
+    try:
+        while waiting or running:
+            for name in list(waiting):
+                deps = jobs[name].inputs
+                bad = [d for d in deps if d in outcome.errors or d in outcome.blocked]
+                if bad:
+                    waiting.remove(name)
+                    outcome.blocked[name] = f"not run: {', '.join(bad)} failed"
+                    display.finish(name, "blocked", outcome.blocked[name])
+                    continue
+                if any(d in waiting or d in running.values() for d in deps):
+                    continue
+                missing = _unmet(ray, dag[name], cfg, started.get(name))
+                if missing is None:  # fits: submit
+                    waiting.remove(name)
+                    res = dag[name].driver_resources(cfg) if not dag[name].scaling(cfg) else {"CPU": 0}
+                    ref = task.options(
+                        num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
+                        resources={k: v for k, v in res.items() if k not in ("CPU", "GPU")} or None,
+                        name=f"kiln:{name}",
+                    ).remote(jobs[name])  # fmt: skip
+                    running[ref] = name
+                    started[name] = time.time()
+                    display.begin(name)
+                elif missing.startswith("FAIL"):
+                    waiting.remove(name)
+                    outcome.errors[name] = missing.removeprefix("FAIL ")
+                    display.finish(name, "failed", outcome.errors[name])
+                else:
+                    started.setdefault(name, time.time())
+                    display.waiting(name, missing)
+            if not running:
+                time.sleep(0.5) if waiting else None
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for name in running.values():
+                display.update(name, store.progress(name, jobs[name].fingerprint))
+            for ref in ready:
+                name = running.pop(ref)
+                try:
+                    outcome.results[name] = ray.get(ref)
+                    display.finish(name, "complete", outcome.results[name])
+                except Exception as e:  # the stage raised, or its process died
+                    outcome.errors[name] = _describe_failure(e, store.log_path(name))
+                    display.finish(name, "failed", outcome.errors[name])
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        for ref in running:
+            ray.cancel(ref, force=True)
+        display.interrupted()
+    finally:
+        display.stop()
+    return outcome
+
+
+def _stage_task(job: StageJob) -> dict:
+    """Body of a stage's Ray task: the stage runs with the Ray context."""
+    from pipeline.ray_context import RayStageContext
+
+    return execute_stage(job, make_context=RayStageContext)
+
+
+def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
+    return StageJob(
+        stage=dag[p.name], fingerprint=p.fingerprint, cfg=cfg, config=p.config, inputs=p.inputs,
+        root=cfg.run.root, run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
+        wandb_project=cfg.run.wandb_project, code_version=p.code,
+    )  # fmt: skip
+
+
+def _init_ray(address):
+    # Stage tasks import the project: make it importable in every worker this driver starts.
+    paths = [str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:  # local: dashboard off, everything on loopback
+            ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return ray
+
+
+def _unmet(ray, stage, cfg, since: float | None) -> str | None:
+    """None if the cluster has the resources; else what is missing ('FAIL …' once the wait is over)."""
+    scaling = stage.scaling(cfg)
+    need = dict(stage.driver_resources(cfg)) if scaling is None else {}
+    if scaling is not None:
+        for k, v in scaling.total().items():
+            need[k] = need.get(k, 0) + v
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) + 1e-9 < v}
+    if not short:
+        return None
+    what = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+    hint = ""
+    if scaling is not None:
+        s = stage.sections[0]
+        hint = f"; lower {s}.num_workers / {s}.cpus_per_worker / {s}.gpus_per_worker, or add nodes"
+    msg = f"{stage.name} needs {what}{hint}"
+    waited = time.time() - (since or time.time())
+    if waited >= cfg.run.resource_wait_s:
+        return f"FAIL {msg} (waited {waited:.0f}s, run.resource_wait_s={cfg.run.resource_wait_s:g})"
+    return f"waiting for resources: {msg}"
+
+
+def _describe_failure(e: Exception, log_path) -> str:
+    text = str(e)
+    name = type(e).__name__
+    if "WorkerCrashedError" in name or "died" in text.lower() and "worker" in text.lower():
+        text = f"the stage's process died ({name}): {text.splitlines()[0] if text else ''}"
+        try:
+            with open(log_path, "a") as f:
+                f.write(f"\n{time.strftime('%F %T')} ERROR stage process died: {e}\n")
+        except OSError:
+            pass
+    return f"{text}\n(log: {log_path})"
+
+
+def status_rows(plan: list[PlannedStage]) -> list[dict]:
+    """`status --json`: one row per stage."""
+    return [
+        {
+            "stage": p.name,
+            "state": p.state,
+            "fingerprint": p.fingerprint,
+            "path": p.path,
+            "metrics": (p.manifest or {}).get("metrics", {}),
+            "progress": p.progress if p.state == "partial" else None,
+        }
+        for p in plan
+    ]
