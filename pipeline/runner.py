@@ -38,11 +38,11 @@ class Outcome:
 
 
 def run_pipeline(
-    cfg, dag: DAG, sel: Selection = Selection(), *, address: str | None = None, wandb_mode: str | None = None,
+    cfg, dag: DAG, sel: Selection | None = None, *, address: str | None = None, wandb_mode: str | None = None,
     display: Display | None = None,
 ) -> Outcome:  # fmt: skip
     store = ArtifactStore(cfg.run.root, cfg.run.name)
-    plan = make_plan(cfg, dag, store, sel)
+    plan = make_plan(cfg, dag, store, sel or Selection())
     outcome = Outcome(plan)
     display = display or Display(quiet=True)
     todo = [p for p in plan if p.action == "run"]
