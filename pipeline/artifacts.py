@@ -120,15 +120,16 @@ class ArtifactStore:
             return self._remote.uri(self.name(stage, fp))
         return str(self.run_dir / self.name(stage, fp))
 
-    def work_dir(self, stage: str, fp: str) -> Path:
-        """In-stage state (checkpoints, progress.json); survives a crash, unlike staging."""
-        return self.run_dir / ".work" / self.name(stage, fp)
+    def work_dir(self, stage: str, work_key: str) -> Path:
+        """In-stage state (checkpoints, progress.json); survives a crash, unlike staging.
+        Keyed without budget keys, so a longer run of the same stage continues from it."""
+        return self.run_dir / ".work" / self.name(stage, work_key)
 
     def log_path(self, stage: str) -> Path:
         return self.run_dir / "logs" / f"{stage}.log"
 
-    def progress(self, stage: str, fp: str) -> dict | None:
-        path = self.work_dir(stage, fp) / "progress.json"
+    def progress(self, stage: str, work_key: str) -> dict | None:
+        path = self.work_dir(stage, work_key) / "progress.json"
         try:
             return read_json(path)
         except (OSError, ValueError):

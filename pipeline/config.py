@@ -5,9 +5,12 @@
     cfg.pretrain.lr
 
 Every field has its docstring right below it (`python launch.py run --help-config` lists them).
-Keys listed in a section's `NOT_IN_FINGERPRINT` do not change what a stage produces: budget keys
-(how long to train, not what to train) and bookkeeping. They are left out of the stage's
-fingerprint, so raising `pretrain.steps` continues a finished run instead of starting over. Cross-field rules live in each section's `check()`; all problems are reported at once.
+Two kinds of keys are treated specially by the artifact store:
+- `NOT_IN_FINGERPRINT`: bookkeeping that does not change what a stage produces (where to write,
+  how often to checkpoint). Changing them re-runs nothing.
+- `BUDGET_KEYS`: how long to train, not what to train. They are part of the artifact's fingerprint
+  (training longer gives a new model, and its downstream re-runs) but not of the stage's work dir,
+  so raising `pretrain.steps` after a finished run continues from its last checkpoint. Cross-field rules live in each section's `check()`; all problems are reported at once.
 """
 
 from __future__ import annotations
@@ -190,7 +193,8 @@ class ModelConfig:
 
 @frozen
 class PretrainConfig:
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "keep_last", "max_failures")
+    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_last", "max_failures")
 
     steps: int = 200
     """Optimizer steps to train for (a budget: raising it continues a finished run)."""
@@ -288,3 +292,7 @@ def section_dict(cfg, sections: tuple[str, ...]) -> dict:
 
 def unfingerprinted_keys(cfg, section: str) -> tuple[str, ...]:
     return getattr(type(getattr(cfg, section)), "NOT_IN_FINGERPRINT", ())
+
+
+def budget_keys(cfg, section: str) -> tuple[str, ...]:
+    return getattr(type(getattr(cfg, section)), "BUDGET_KEYS", ())

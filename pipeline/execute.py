@@ -38,6 +38,7 @@ LIBRARIES = (
 class StageJob:
     stage: Stage
     fingerprint: str
+    work_key: str
     cfg: object
     config: dict  # the sections the stage reads (what is fingerprinted + budget keys)
     inputs: dict[str, str]  # input stage -> fingerprint
@@ -61,7 +62,7 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             _, why = store.check(name, fp, deep=True)
             raise ArtifactError(f"{stage} needs the {name} artifact ({fp}), which is not usable: {why}")
         inputs[name] = art
-    work_dir = store.work_dir(stage, job.fingerprint)
+    work_dir = store.work_dir(stage, job.work_key)
     tracker = Tracker.start(
         stage=stage,
         fingerprint=job.fingerprint,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import section_dict, unfingerprinted_keys
+from pipeline.config import budget_keys, section_dict, unfingerprinted_keys
 from pipeline.dag import DAG
 from pipeline.fingerprint import code_version, stage_fingerprint
 
@@ -31,7 +31,8 @@ class Selection:
 @dataclass
 class PlannedStage:
     name: str
-    fingerprint: str
+    fingerprint: str  # names the artifact: config (budget included), inputs, code
+    work_key: str  # names the work dir: the same without budget keys, so a longer run continues
     config: dict  # the sections the stage reads, budget keys included
     code: str
     inputs: dict[str, str]
@@ -47,12 +48,14 @@ class PlannedStage:
 def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
     """(config the stage reads, the part of it that decides reuse: budget keys removed)."""
     full = section_dict(cfg, stage.sections)
-    keyed = {
-        s: {k: v for k, v in d.items() if k not in unfingerprinted_keys(cfg, s)} for s, d in full.items()
-    }
+    keyed = {s: _drop(d, unfingerprinted_keys(cfg, s)) for s, d in full.items()}
     if stage.extra_fingerprint is not None:
         keyed["_extra"] = stage.extra_fingerprint(cfg)
     return full, keyed
+
+
+def _drop(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
 
 
 def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(), deep: bool = False):
@@ -75,13 +78,14 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         inputs = {dep: plan[dep].fingerprint for dep in stage.input_names(cfg)}
         code = code_version(stage.module)
         fp = stage_fingerprint(name, keyed, inputs, code)
+        unbudgeted = {s: _drop(d, budget_keys(cfg, s)) if s != "_extra" else d for s, d in keyed.items()}
+        work_key = stage_fingerprint(name, unbudgeted, inputs, code)
         manifest, problem = store.check(name, fp, deep=deep)
-        p = PlannedStage(
-            name, fp, full, code, inputs, "complete" if manifest else "missing", manifest=manifest
-        )
+        state = "complete" if manifest else "missing"
+        p = PlannedStage(name, fp, work_key, full, code, inputs, state, manifest=manifest)
         p.path = store.artifact_uri(name, fp)
         if manifest is None:
-            p.progress = store.progress(name, fp)
+            p.progress = store.progress(name, work_key)
             if p.progress:
                 p.state = "partial"
         will_run = {d for d, q in plan.items() if q.action == "run"}

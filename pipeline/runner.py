@@ -93,7 +93,7 @@ def run_pipeline(
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for name in running.values():
-                display.update(name, store.progress(name, jobs[name].fingerprint))
+                display.update(name, store.progress(name, jobs[name].work_key))
             for ref in ready:
                 name = running.pop(ref)
                 try:
@@ -121,7 +121,7 @@ def _stage_task(job: StageJob) -> dict:
 
 def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
     return StageJob(
-        stage=dag[p.name], fingerprint=p.fingerprint, cfg=cfg, config=p.config, inputs=p.inputs,
+        stage=dag[p.name], fingerprint=p.fingerprint, work_key=p.work_key, cfg=cfg, config=p.config, inputs=p.inputs,
         root=cfg.run.root, run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
         wandb_project=cfg.run.wandb_project, code_version=p.code,
     )  # fmt: skip
