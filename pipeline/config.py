@@ -260,6 +260,18 @@ class PretrainConfig:
             )
         if self.offload_params and self.zero_stage != 3:
             yield "offload_params: parameter offload needs zero_stage=3"
+        if self.offload_optimizer and self.zero_stage == 0:
+            yield "offload_optimizer: optimizer offload needs zero_stage >= 1"
+        if self.zero_stage == 3 and self.compile:
+            yield (
+                "compile: ZeRO-3 fetches parameters through hooks that torch.compile cannot trace; "
+                "set pretrain.compile=false or pretrain.zero_stage<=2"
+            )
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            yield (
+                "precision: fp16 (loss scaling) runs on GPUs only and gpus_per_worker=0; "
+                "use pretrain.precision=bf16 (or fp32) on CPU"
+            )
         if self.checkpoint_every < 1 or self.eval_every < 1:
             yield "checkpoint_every and eval_every: must be >= 1"
 

@@ -145,7 +145,8 @@ def _set_dotted(raw: dict, key: str, value: Any, errors: list[str]) -> None:
     node[parts[-1]] = value
 
 
-def _build(schema: type, raw: Any, path: str, errors: list[str]) -> Any:
+def _build(schema: type, raw: Any, path: str, errors: list[str], root: type | None = None) -> Any:
+    root = root or schema
     if not isinstance(raw, dict):
         errors.append(f"{path.rstrip('.') or '<top>'}: expected a section (mapping), got {raw!r}")
         return None
@@ -153,17 +154,14 @@ def _build(schema: type, raw: Any, path: str, errors: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            if not near:  # a key from the wrong section: suggest the full path
-                near = difflib.get_close_matches(path + str(key), all_keys(schema, path), n=1, cutoff=0.6)
-            hint = f"; did you mean '{near[0] if '.' in near[0] else path + near[0]}'?" if near else ""
+            hint = _suggest(str(key), path, list(fields), all_keys(root))
             valid = ", ".join(sorted(fields))
             errors.append(f"{path}{key}: unknown key{hint} (valid keys here: {valid})")
     values = {}
     for name, f in fields.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, raw.get(name, {}), f"{path}{name}.", errors)
+            values[name] = _build(tp, raw.get(name, {}), f"{path}{name}.", errors, root)
         elif name in raw:
             values[name] = _coerce(raw[name], tp, f"{path}{name}", errors)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -172,6 +170,20 @@ def _build(schema: type, raw: Any, path: str, errors: list[str]) -> Any:
         return schema(**{k: v for k, v in values.items() if v is not _BAD})
     except TypeError:
         return None
+
+
+def _suggest(key: str, path: str, here: list[str], every: list[str]) -> str:
+    """'; did you mean ...?' for an unknown key: the same name in another section (a key from the
+    wrong section), else a close name in this section, else a close name anywhere."""
+    elsewhere = [k for k in every if k.rpartition(".")[2] == key and not (path and k.startswith(path))]
+    near = [path + n for n in difflib.get_close_matches(key, here, n=1, cutoff=0.6)]
+    if not (elsewhere or near):
+        leaves = {}
+        for k in every:
+            leaves.setdefault(k.rpartition(".")[2], k)
+        near = [leaves[n] for n in difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)]
+    found = elsewhere or near
+    return f"; did you mean '{found[0]}'?" if found else ""
 
 
 _BAD = object()

@@ -32,6 +32,7 @@ class Scaling:
     gpus_per_worker: float = 0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 0
+    checkpoints_to_keep: int = 2
 
     def total(self) -> dict[str, float]:
         need = {
@@ -143,6 +144,41 @@ class WorkerContext:
     def progress(self, step: int, total: int, **extra) -> None:
         """Step k of n, shown by `status` and the progress display (rank 0 only)."""
         raise NotImplementedError
+
+
+class EnvWorkerContext(WorkerContext):
+    """A rank started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment), without Ray:
+    metrics go to `folder/metrics.jsonl` from rank 0; every rank copies its checkpoint shard into
+    `folder/checkpoint`, as Ray Train merges them. Used by bench/ and the GPU checks."""
+
+    def __init__(self, folder: Path):
+        import os
+
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.folder / "metrics.jsonl")
+
+    def report(self, metrics=None, checkpoint_dir=None):
+        import shutil
+
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.folder / "checkpoint", dirs_exist_ok=True)
+        if metrics and self.rank == 0:
+            self.metrics.write(metrics)
+
+    def checkpoint(self):
+        found = self.folder / "checkpoint"
+        return found if (found / "trainer_state.json").exists() else None
+
+    def resumed_from(self, step):
+        if self.rank == 0:
+            self.metrics.truncate(step)
+
+    def progress(self, step, total, **extra):
+        pass
 
 
 class LocalWorkerContext(WorkerContext):

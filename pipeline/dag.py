@@ -169,5 +169,13 @@ PIPELINE = DAG(
             resources=lambda cfg: {"CPU": 0},
             headline="train_tokens",
         ),
+        Stage(
+            "pretrain",
+            "stages.pretrain:run",
+            inputs=("tokenize", "tokenizer"),
+            sections=("model", "pretrain", "run"),
+            workers=_workers("pretrain"),
+            headline="val_loss",
+        ),
     )
 )

@@ -115,11 +115,11 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
 
 
 def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], keyed: dict) -> str:
+    if problem and problem != "no artifact":  # a damaged artifact, whatever its work dir holds
+        return f"incomplete artifact: {problem}"
     if p.state == "partial":
         prog = p.progress or {}
         return f"partial: resumes at step {prog.get('step')} of {prog.get('total')}"
-    if problem and problem != "no artifact":
-        return f"incomplete artifact: {problem}"
     if rerun_inputs:
         return "input re-runs: " + ", ".join(sorted(rerun_inputs))
     previous = store.previous(p.name)

@@ -62,7 +62,7 @@ class RayStageContext(StageContext):
                 name=self.work_dir.name,
                 storage_path=str(self.work_dir / "ray"),
                 failure_config=FailureConfig(max_failures=scaling.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
             ),
         )
         results: dict[int, object] = {}

@@ -1,0 +1,302 @@
+"""Pretraining: the GPT (MoE) decoder on the packed token shards, DeepSpeed ZeRO on a Ray Train group.
+
+    python launch.py run --until pretrain --set pretrain.zero_stage=3 --set pretrain.steps=400
+
+`run` checks the configuration against the token shards and the tokenizer before any worker starts,
+then runs `train_worker` on `pretrain.num_workers` workers. Each worker is an explicit loop:
+micro-steps -> clip -> step -> schedule -> log -> eval -> checkpoint. Data order is index arithmetic
+(stages/training.py), so a resume at step k trains on exactly the sequences an uninterrupted run
+would. Checkpoints hold DeepSpeed's engine state plus a small JSON of loop state (step, tokens seen,
+W&B run id) and per-rank RNG state; they are reported to Ray Train, which restarts a dead group from
+the last one. At the end the model is exported from the live engine (gathered under ZeRO-3) as a
+Hugging Face folder with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.context import Scaling
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def run(cfg, inputs, out: Path, ctx) -> dict:
+    tokens_dir, tok_dir = inputs["tokenize"].path, inputs["tokenizer"].path
+    index = json.loads((tokens_dir / "index.json").read_text())
+    vocab = _check_config(cfg, index, tok_dir)
+    arg = {
+        "model": asdict(cfg.model),
+        "pretrain": asdict(cfg.pretrain),
+        "seed": cfg.run.seed,
+        "tokens_dir": str(tokens_dir),
+        "tokenizer_dir": str(tok_dir),
+        "vocab": vocab,
+        "export_dir": str(ctx.work_dir / "export"),
+        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
+    }
+    p = cfg.pretrain
+    scaling = Scaling(
+        num_workers=p.num_workers,
+        cpus_per_worker=p.cpus_per_worker,
+        gpus_per_worker=p.gpus_per_worker,
+        max_failures=p.max_failures,
+        checkpoints_to_keep=p.keep_last,
+    )
+    results = ctx.run_workers(train_worker, arg, scaling)
+    summary = results[0]
+    export = Path(arg["export_dir"])
+    for f in export.iterdir():
+        shutil.copy2(f, out / f.name)
+    return summary
+
+
+def _check_config(cfg, index: dict, tok_dir: Path) -> dict:
+    """Problems that would only show inside the workers, reported before any starts."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    errors = []
+    seq_len = index["seq_len"]
+    if cfg.model.max_seq_len < seq_len:
+        errors.append(
+            f"model.max_seq_len: {cfg.model.max_seq_len} is shorter than the token shards' seq_len {seq_len} "
+            f"(tokenize.seq_len); raise model.max_seq_len to >= {seq_len}"
+        )
+    if index["train"]["sequences"] < cfg.pretrain.global_batch_size:
+        errors.append(
+            f"pretrain.global_batch_size: {cfg.pretrain.global_batch_size} is more than the "
+            f"{index['train']['sequences']} training sequences; lower it or ingest more data"
+        )
+    if cfg.pretrain.init_from:
+        import transformers
+
+        init_cfg = transformers.AutoConfig.from_pretrained(cfg.pretrain.init_from)
+        if init_cfg.vocab_size < len(tok):
+            errors.append(
+                f"pretrain.init_from: the model's vocabulary ({init_cfg.vocab_size}) cannot hold the "
+                f"tokenizer's {len(tok)} tokens; use that model's tokenizer (tokenizer.path)"
+            )
+    if errors:
+        raise ConfigError(errors, "pretrain")
+    return {
+        "size": len(tok),
+        "pad": tok.pad_token_id,
+        "eos": tok.eos_token_id,
+        "bos": tok.bos_token_id,
+    }
+
+
+def train_worker(arg: dict, wctx) -> dict:
+    """One data-parallel rank. Returns the final metrics (every rank; rank 0's are used)."""
+    import deepspeed
+    import torch
+
+    from data_prep.packed import PackedTokens
+    from stages import training as T
+    from stages.model import KilnForCausalLM, build_config
+
+    p, seed = arg["pretrain"], arg["seed"]
+    rank, world = wctx.rank, wctx.world_size
+    device = _device(wctx)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(seed)
+
+    # -- model, optimizer, engine --------------------------------------------------------------
+    vocab = arg["vocab"]
+    config = build_config(arg["model"], vocab["size"], vocab["pad"], vocab["eos"], vocab["bos"])
+    if p["init_from"]:
+        from stages.hf_convert import import_model
+
+        model = import_model(p["init_from"], config)
+    else:
+        model = KilnForCausalLM(config)
+    if p["activation_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    accum = p["global_batch_size"] // (world * p["micro_batch_size"])
+    optimizer = T.adamw(model, lr=p["lr"], betas=(p["beta1"], p["beta2"]), weight_decay=p["weight_decay"])
+    ds_config = T.deepspeed_config(
+        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
+        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
+        offload_optimizer=p["offload_optimizer"], offload_params=p["offload_params"],
+    )  # fmt: skip
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if p["compile"]:
+        engine.compile()
+
+    train = PackedTokens(arg["tokens_dir"], "train")
+    val = PackedTokens(arg["tokens_dir"], "validation")
+    tokens_per_step = p["global_batch_size"] * train.seq_len
+    flops_per_token = model.flops_per_token(train.seq_len) if hasattr(model, "flops_per_token") else None
+    peak = T.peak_flops(device)
+
+    # -- resume -------------------------------------------------------------------------------
+    step, tokens_seen = 0, 0
+    ckpt = wctx.checkpoint()
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        engine.load_checkpoint(str(ckpt), tag=state["tag"], load_lr_scheduler_states=False)
+        rng = ckpt / f"rng_rank{rank}.pt"
+        if rng.exists():
+            T.load_rng(rng)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        wctx.resumed_from(step)
+
+    stop = _PreemptionFlag()
+    total = p["steps"]
+    last: dict = {}
+    while step < total:
+        t0 = time.perf_counter()
+        lr = T.lr_at(step, lr=p["lr"], min_lr=p["min_lr"], warmup=p["warmup_steps"], total=total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids = T.global_batch(step, p["global_batch_size"], len(train), seed)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        moe = None
+        for a in range(accum):
+            x, y = T.load_batch(train, T.micro_batch(ids, a, rank, world, p["micro_batch_size"]), device)
+            out = engine(input_ids=x, shift_labels=y)
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            for k in sums:
+                v = getattr(out, k)
+                sums[k] += float(v) / accum if v is not None else 0.0
+            if out.moe_stats is not None:
+                moe = out.moe_stats
+        step += 1
+        tokens_seen += tokens_per_step
+        if not torch.isfinite(torch.tensor(sums["loss"])):
+            raise FloatingPointError(
+                f"pretrain: non-finite loss ({sums['loss']}) at step {step}; the last good checkpoint is "
+                "kept. Lower pretrain.lr, raise warmup_steps, or use bf16/fp32 instead of fp16."
+            )
+        row = T.all_reduce_mean(sums, device)
+        dt = time.perf_counter() - t0
+        row.update(step=step, lr=lr, tokens_seen=tokens_seen, tokens_per_s=tokens_per_step / dt)
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if flops_per_token and peak:
+            row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)
+        if moe is not None:
+            load = moe["expert_load"].float().mean(0)  # (n_experts,) averaged over MoE layers
+            row.update({f"expert_load_{i}": float(v) for i, v in enumerate(load)})
+            row["dropped_frac"] = float(moe["dropped_frac"].float().mean())
+        if engine.fp16_enabled():
+            row["loss_scale"] = (
+                float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
+            )
+        if step % p["eval_every"] == 0 or step == total:
+            row.update(_evaluate(engine, val, p, rank, world, device))
+        wctx.progress(step, total)
+        checkpoint_now = step % p["checkpoint_every"] == 0 or step == total or stop.requested
+        if checkpoint_now:
+            _save(engine, wctx, row, step, tokens_seen, arg["wandb_run_id"], rank)
+        else:
+            wctx.report(row)
+        last = row
+        if stop.requested:
+            raise SystemExit(f"pretrain: preempted (SIGTERM); checkpoint saved at step {step}")
+
+    _export(engine, config, arg, p["zero_stage"], rank)
+    return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
+
+
+def _evaluate(engine, val, p, rank, world, device) -> dict:
+    """Validation loss over the first eval_batches * world micro-batches (each rank its share)."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from stages import training as T
+
+    n = min(len(val), p["eval_batches"] * world * p["micro_batch_size"])
+    ids = np.arange(n)[rank::world]
+    losses = []
+    engine.eval()
+    with torch.no_grad():
+        for i in range(0, len(ids), p["micro_batch_size"]):
+            x, y = T.load_batch(val, ids[i : i + p["micro_batch_size"]], device)
+            losses.append(float(engine(input_ids=x, shift_labels=y).lm_loss))
+    engine.train()
+    mean = T.all_reduce_mean({"val_loss": sum(losses) / max(1, len(losses))}, device)["val_loss"]
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
+
+
+def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
+    """DeepSpeed checkpoint + loop state + RNG into a fresh folder, reported (Ray copies it)."""
+    from stages import training as T
+
+    folder = Path(tempfile.mkdtemp(prefix=f"kiln-ckpt-{step}-"))
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(folder), tag=tag)
+    T.save_rng(folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id}
+        T.write_json(folder / "trainer_state.json", state)
+    wctx.report(row, checkpoint_dir=folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export(engine, config, arg, zero_stage, rank) -> None:
+    """Hugging Face folder from the live engine (ZeRO-3 gathers the shards onto rank 0)."""
+    import torch
+
+    from stages.model import KilnForCausalLM
+
+    if zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    export = Path(arg["export_dir"])
+    shutil.rmtree(export, ignore_errors=True)
+    export.mkdir(parents=True)
+    model = KilnForCausalLM(config)
+    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True)
+    model.save_pretrained(export, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        src = Path(arg["tokenizer_dir"]) / name
+        if src.exists():
+            shutil.copy2(src, export / name)
+
+
+def _device(wctx):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(wctx.local_rank)
+        return torch.device("cuda", wctx.local_rank)
+    return torch.device("cpu")
+
+
+class _PreemptionFlag:
+    """SIGTERM (a preemption notice) asks the loop to checkpoint at the end of the step, then exit.
+    Signal handlers can only be installed from the main thread; elsewhere (Ray Train runs the loop
+    in a thread) preemption is Ray's to handle, through the last reported checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True

@@ -1,0 +1,187 @@
+"""Training helpers shared by the DeepSpeed stages: config, schedule, data order, state, export.
+
+Small pure functions where possible; the loops themselves live in the stage modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    precision: str,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict:
+    """The DeepSpeed config, built from the typed stage config (never from JSON files).
+
+    fp16 uses dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow (the step is
+    skipped), double after 1000 clean steps (Micikevicius et al. 2018, "Mixed Precision Training")."""
+    zero: dict = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_allow_untested_optimizer": True,  # our client optimizer is torch's AdamW
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def adamw(model: torch.nn.Module, *, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with no decay on norms, biases and embeddings' 1-d params; fused kernels on GPU."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total` (step is 0-based)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------- data order
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def global_batch(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Sequence ids of global batch `step` (0-based): each sequence once per epoch, in an order fixed
+    by the seed. Pure index arithmetic, so resuming at any step needs no iterator replay."""
+    out, pos = [], step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(pos, n)
+        take = min(batch - len(out), n - offset)
+        out.extend(_epoch_permutation(n, seed, epoch)[offset : offset + take].tolist())
+        pos += take
+    return np.asarray(out, dtype=np.int64)
+
+
+def micro_batch(ids: np.ndarray, accum_step: int, rank: int, world: int, micro: int) -> np.ndarray:
+    """The slice of a global batch that `rank` trains on in accumulation step `accum_step`.
+    Global order = accumulation step, then rank, then position, so 4x1 and 1x4 see the same batch."""
+    start = (accum_step * world + rank) * micro
+    return ids[start : start + micro]
+
+
+def load_batch(dataset, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, seq_len), from windows of seq_len + 1 tokens."""
+    windows = torch.from_numpy(np.stack([dataset[int(i)] for i in ids]).astype(np.int64))  # (B, T+1)
+    return windows[:, :-1].to(device), windows[:, 1:].to(device)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_rng(path: Path) -> None:
+    """Per-rank RNG state as tensors only, so it loads with weights_only=True."""
+    s = rng_state()
+    np_state = s["numpy"]
+    tensors = {
+        "torch": s["torch"],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(list(s["python"][1]), dtype=torch.int64),
+        "python_version": torch.tensor([s["python"][0]]),
+    }
+    if "cuda" in s:
+        tensors["cuda"] = s["cuda"]
+    torch.save(tensors, path)
+
+
+def load_rng(path: Path) -> None:
+    t = torch.load(path, weights_only=True)
+    torch.set_rng_state(t["torch"])
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+    pos, has_gauss = (int(v) for v in t["numpy_pos"])
+    np.random.set_state(
+        ("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, float(t["numpy_gauss"]))
+    )
+    random.setstate((int(t["python_version"][0]), tuple(int(v) for v in t["python"]), None))
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for all of them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16/fp16
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of the accelerator, for MFU; None on CPU (no meaningful peak)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
