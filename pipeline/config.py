@@ -93,6 +93,10 @@ class IngestConfig:
         for name, w in self.set_weights.items():
             if w < 0:
                 yield f"set_weights.{name}: weights must be >= 0"
+        if self.docs_per_shard < 1:
+            yield "docs_per_shard: must be >= 1"
+        if self.max_errors < 0:
+            yield "max_errors: must be >= 0"
 
 
 @frozen
@@ -105,12 +109,17 @@ class TokenizerConfig:
     """How many bytes of documents the BPE is trained on (a deterministic sample)."""
     min_frequency: int = 2
     """A pair must occur this often to be merged."""
+    chat_template: Literal["auto", "kiln"] = "auto"
+    """With `path`: auto keeps the folder's chat template if it marks assistant turns with
+    {% generation %} (adds Kiln's if it has none, refuses otherwise); kiln always installs Kiln's."""
     num_cpus: float = 1
     """CPUs the training task asks Ray for."""
 
     def check(self):
         if self.path is None and self.vocab_size < 300:
             yield "vocab_size: must be >= 300 (256 bytes + special tokens + merges)"
+        if self.sample_bytes < 1:
+            yield "sample_bytes: must be >= 1"
 
 
 @frozen
@@ -121,12 +130,19 @@ class TokenizeConfig:
     """Fraction of documents (chosen by document hash) that go to the validation split."""
     sequences_per_shard: int = 16_384
     """Packed windows per memory-mapped shard file."""
+    partitions: int = 0
+    """Parallel tokenize tasks, each over a contiguous range of documents; 0 = max(document
+    shards, 4). The output does not depend on it (partitions are stitched in document order)."""
     num_cpus: float = 1
     """CPUs each per-shard tokenize task asks Ray for."""
 
     def check(self):
         if self.seq_len < 8:
             yield "seq_len: must be >= 8"
+        if self.sequences_per_shard < 1:
+            yield "sequences_per_shard: must be >= 1"
+        if self.partitions < 0:
+            yield "partitions: must be >= 0 (0 = automatic)"
         if not 0.0 <= self.val_fraction < 0.5:
             yield "val_fraction: must be in [0, 0.5)"
 

@@ -98,6 +98,8 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         else:
             p.action = "run"
             p.reason = _why(store, p, problem, will_run & set(inputs), keyed)
+        if p.action == "run":
+            _verify_inputs(store, plan, p)
         plan[name] = p
 
     # a selected stage needs its inputs either complete or produced in this run
@@ -114,11 +116,28 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
     return [plan[n] for n in order]
 
 
+def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> None:
+    """sha256 of the complete inputs a running stage will consume; a damaged one is rebuilt first
+    (same fingerprint, so what was built from it before stays valid)."""
+    for dep in p.inputs:
+        q = plan[dep]
+        if q.state != "complete" or q.action == "run":
+            continue
+        manifest, problem = store.check(dep, q.fingerprint, deep=True)
+        if manifest is not None:
+            continue
+        if q.action == "unselected":
+            raise PlanError(
+                f"{p.name} needs the {dep} artifact, which is damaged ({problem}): run `--from {dep}`"
+            )
+        q.state, q.manifest, q.action, q.reason = "missing", None, "run", f"damaged artifact: {problem}"
+
+
 def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], keyed: dict) -> str:
     if problem and problem != "no artifact":  # a damaged artifact, whatever its work dir holds
         return f"incomplete artifact: {problem}"
-    if p.state == "partial":
-        prog = p.progress or {}
+    prog = p.progress or {}
+    if p.state == "partial" and prog.get("step", 0) < prog.get("total", 0):
         return f"partial: resumes at step {prog.get('step')} of {prog.get('total')}"
     if rerun_inputs:
         return "input re-runs: " + ", ".join(sorted(rerun_inputs))
@@ -138,6 +157,8 @@ def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], ke
         for k, v in d.items()
         if old_cfg.get(s, {}).get(k) != v
     ]
+    if diffs and p.state == "partial":
+        diffs[-1] += f" (continues from step {prog.get('step')})"
     if diffs:
         reasons.append("config changed: " + "; ".join(diffs))
     if last.get("code_version") != p.code:

@@ -13,6 +13,7 @@ folders of cancelled stages are never complete and are cleaned up on the next ru
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -123,7 +124,7 @@ def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
     return StageJob(
         stage=dag[p.name], fingerprint=p.fingerprint, work_key=p.work_key, cfg=cfg, config=p.config, inputs=p.inputs,
         root=cfg.run.root, run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
-        wandb_project=cfg.run.wandb_project, code_version=p.code,
+        wandb_project=cfg.run.wandb_project, code_version=p.code, inputs_verified=True,
     )  # fmt: skip
 
 
@@ -151,10 +152,19 @@ def _unmet(ray, stage, cfg, since: float | None) -> str | None:
         for k, v in scaling.total().items():
             need[k] = need.get(k, 0) + v
     have = ray.cluster_resources()
-    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) + 1e-9 < v}
+    short = [
+        f"{v:g} {k} (the cluster has {have.get(k, 0):g})"
+        for k, v in need.items()
+        if have.get(k, 0) + 1e-9 < v
+    ]
+    # each worker (or the stage's own task) must also fit on one node
+    bundle = dict(stage.driver_resources(cfg)) if scaling is None else _worker_bundle(scaling)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not short and not any(all(n.get(k, 0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes):
+        short = [f"one node with {bundle} (no node has that much)"]
     if not short:
         return None
-    what = ", ".join(f"{v:g} {k} (the cluster has {h:g})" for k, (v, h) in short.items())
+    what = ", ".join(short)
     hint = ""
     if scaling is not None:
         s = stage.sections[0]
@@ -166,8 +176,16 @@ def _unmet(ray, stage, cfg, since: float | None) -> str | None:
     return f"waiting for resources: {msg}"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _worker_bundle(scaling) -> dict[str, float]:
+    bundle = {"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker, **scaling.resources_per_worker}
+    return {k: v for k, v in bundle.items() if v}
+
+
 def _describe_failure(e: Exception, log_path) -> str:
-    text = str(e)
+    text = _ANSI.sub("", str(e))
     name = type(e).__name__
     if "WorkerCrashedError" in name or "died" in text.lower() and "worker" in text.lower():
         text = f"the stage's process died ({name}): {text.splitlines()[0] if text else ''}"

@@ -17,11 +17,14 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 @frozen
 class ToySection:
     NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("steps",)
+    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("budget",)
 
     value: int = 1
     """What the stage writes."""
     steps: int = 3
-    """Budget: how many steps (not fingerprinted)."""
+    """How many steps (not fingerprinted: changing it re-runs nothing)."""
+    budget: int = 0
+    """A budget key: in the artifact's fingerprint, not in the work dir's key."""
     sleep: float = 0.0
     """Seconds each step sleeps (to make a stage slow enough to kill or overlap)."""
     fail: bool = False
@@ -50,7 +53,9 @@ def run_toy(cfg, inputs, out, ctx):
     )
     events = ctx.work_dir / "events.jsonl"
     with open(events, "a") as f:
-        f.write(json.dumps({"start": time.time(), "pid": os.getpid()}) + "\n")
+        # whether a W&B key reached this process (never the key itself)
+        row = {"start": time.time(), "pid": os.getpid(), "wandb_key_set": "WANDB_API_KEY" in os.environ}
+        f.write(json.dumps(row) + "\n")
     for step in range(1, section.steps + 1):
         time.sleep(section.sleep)
         ctx.log({"step": step, "loss": 1.0 / step})
@@ -67,10 +72,58 @@ def squares(x):
     return x * x
 
 
+def slow_squares(x):
+    """Early items take longer, so results arrive out of item order."""
+    time.sleep(0.1 * (5 - x))
+    return x * x
+
+
 def run_mapper(cfg, inputs, out, ctx):
-    results = ctx.map(squares, range(5), num_cpus=0.5)
-    (out / "value.json").write_text(json.dumps({"value": sum(results)}))
+    results = ctx.map(slow_squares, range(6), num_cpus=0.5)
+    (out / "value.json").write_text(json.dumps({"value": sum(results), "results": results}))
     return {"value": sum(results)}
+
+
+def toy_config(root, *overrides, name: str = "toy"):
+    """ToyConfig for a run under `root`, W&B disabled; `overrides` as with --set."""
+    from pipeline.configlib import load
+
+    base = [f"run.root={root}", f"run.name={name}", "run.wandb=disabled"]
+    return load(ToyConfig, None, [*base, *overrides])
+
+
+def events(store, plan_entry) -> list[dict]:
+    """The rows a toy stage appended to its work dir's events.jsonl (start/pid, end)."""
+    path = store.work_dir(plan_entry.name, plan_entry.work_key) / "events.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line still being written
+            pass
+    return rows
+
+
+def json_list_in(stdout: str) -> list:
+    """The JSON list that `status --json` printed. Inside a test process Ray's own driver thread
+    may print to the same stdout (e.g. "(raylet) A worker died ..."), so look for the list."""
+    import re
+
+    start = re.search(r"^\[", stdout, re.MULTILINE)
+    assert start, f"no JSON list in {stdout!r}"
+    return json.JSONDecoder().raw_decode(stdout, start.start())[0]
+
+
+def patch_cli(monkeypatch, *overrides) -> None:
+    """Make `launch.main` run and show TOY_DAG with ToyConfig (W&B disabled) instead of the real
+    pipeline; the CLI's own flags (--root, --name, --set …) still apply on top of `overrides`."""
+    from pipeline.configlib import load
+
+    def load_config(path=None, cli_overrides=(), schema=None):
+        return load(ToyConfig, None, ["run.wandb=disabled", *overrides, *cli_overrides])
+
+    monkeypatch.setattr("pipeline.dag.PIPELINE", TOY_DAG)
+    monkeypatch.setattr("pipeline.config.load_config", load_config)
 
 
 # a -> b -> d ; a -> c -> d   (b and c are independent)

@@ -1,0 +1,267 @@
+"""Resume and selection on the toy DAG (a -> b -> d, a -> c -> d) with real Ray and real artifacts.
+
+One complete run is made per module and copied into each test's own root, so each test starts
+from "everything complete" in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+
+import pytest
+
+import launch
+from pipeline import runner
+from pipeline.artifacts import ArtifactStore
+from pipeline.plan import PlanError, Selection, make_plan
+from pipeline.report import write_report
+from pipeline.runner import run_pipeline, status_rows
+from tests.toy_stages import TOY_DAG, events, json_list_in, patch_cli, toy_config
+
+pytestmark = pytest.mark.timeout(120)  # every test here may wait on Ray (the template run)
+
+
+def plan_of(cfg, sel=None, deep=False) -> dict:
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    return {p.name: p for p in make_plan(cfg, TOY_DAG, store, sel or Selection(), deep=deep)}
+
+
+def actions(plan: dict) -> dict[str, str]:
+    return {name: p.action for name, p in plan.items()}
+
+
+def value(path) -> int:
+    return json.loads((path / "value.json").read_text())["value"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, ray_session):
+    """Root of a complete toy run (name "toy"), made once."""
+    root = tmp_path_factory.mktemp("template")
+    outcome = run_pipeline(toy_config(root), TOY_DAG)
+    assert outcome.ok, outcome.errors
+    assert set(outcome.results) == {"a", "b", "c", "d"}
+    return root
+
+
+@pytest.fixture
+def done(template, tmp_path):
+    """A private copy of the complete run: (root, cfg, store, plan)."""
+    shutil.copytree(template / "toy", tmp_path / "toy")
+    cfg = toy_config(tmp_path)
+    return tmp_path, cfg, ArtifactStore(str(tmp_path), "toy"), plan_of(cfg)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(address):
+        raise AssertionError("Ray was started although nothing had to run")
+
+    monkeypatch.setattr(runner, "_init_ray", refuse)
+
+
+def cli_json(monkeypatch, capsys, root, *args) -> list[dict]:
+    patch_cli(monkeypatch)
+    capsys.readouterr()
+    rc = launch.main(["status", "--json", "--root", str(root), "--name", "toy", *args])
+    assert rc == 0
+    return json_list_in(capsys.readouterr().out)
+
+
+def test_first_run_commits_every_artifact(done):
+    root, cfg, store, plan = done
+    assert {p.state for p in plan.values()} == {"complete"}
+    assert value(store.find("d", plan["d"].fingerprint).path) == 5  # d + b (1 + a) + c (1 + a)
+    manifest = plan["d"].manifest
+    assert manifest["inputs"] == {"b": plan["b"].fingerprint, "c": plan["c"].fingerprint}
+    assert manifest["metrics"] == {"value": 5}
+    assert manifest["config"] == {"d": {"value": 1, "steps": 3, "budget": 0, "sleep": 0.0, "fail": False}}
+    assert set(manifest["files"]) == {"value.json", "metrics.jsonl"}
+    assert {"versions", "git_commit", "hardware", "code_version"} <= set(manifest)
+    rows = [
+        json.loads(line) for line in (store.find("d", plan["d"].fingerprint).path / "metrics.jsonl").open()
+    ]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert not list(store.run_dir.glob(".tmp-*"))  # staging folders were renamed into place
+
+
+@pytest.mark.timeout(60)
+def test_second_run_runs_nothing_and_needs_no_ray(done, no_ray):
+    _, cfg, _, plan = done
+    assert actions(plan) == dict.fromkeys("abcd", "skip")
+    assert {p.reason for p in plan.values()} == {"complete"}
+    outcome = run_pipeline(cfg, TOY_DAG)  # _init_ray raises if called
+    assert outcome.ok and outcome.results == {} and outcome.errors == {}
+
+
+def test_changed_config_reruns_the_stage_and_its_downstream_only(done):
+    root, _, store, before = done
+    cfg = toy_config(root, "b.value=5")
+    plan = plan_of(cfg)
+    assert actions(plan) == {"a": "skip", "b": "run", "c": "skip", "d": "run"}
+    assert "config changed: b.value: 1 -> 5" in plan["b"].reason
+    assert plan["d"].reason == "input re-runs: b"
+    assert plan["a"].fingerprint == before["a"].fingerprint
+    assert plan["b"].fingerprint != before["b"].fingerprint
+
+    outcome = run_pipeline(cfg, TOY_DAG)
+    assert outcome.ok, outcome.errors
+    assert set(outcome.results) == {"b", "d"}
+    assert outcome.results["d"]["metrics"] == {"value": 1 + (5 + 1) + (1 + 1)}
+    assert len([e for e in events(store, before["a"]) if "start" in e]) == 1  # a did not run again
+    # the old artifacts stay: switching back is free
+    assert store.check("b", before["b"].fingerprint)[0] is not None
+    assert actions(plan_of(toy_config(root))) == dict.fromkeys("abcd", "skip")
+
+
+@pytest.mark.timeout(60)
+def test_unfingerprinted_key_reruns_nothing(done, no_ray):
+    root, _, _, before = done
+    cfg = toy_config(root, "b.steps=7")
+    plan = plan_of(cfg)
+    assert actions(plan) == dict.fromkeys("abcd", "skip")
+    assert {n: p.fingerprint for n, p in plan.items()} == {n: p.fingerprint for n, p in before.items()}
+    assert run_pipeline(cfg, TOY_DAG).results == {}
+
+
+def test_budget_key_reruns_downstream_and_keeps_the_work_dir(done):
+    root, _, _, before = done
+    plan = plan_of(toy_config(root, "b.budget=10"))
+    assert actions(plan) == {"a": "skip", "b": "run", "c": "skip", "d": "run"}
+    assert plan["b"].fingerprint != before["b"].fingerprint  # a new artifact ...
+    assert plan["b"].work_key == before["b"].work_key  # ... continued from the same work dir
+    assert plan["d"].work_key != before["d"].work_key  # its input changed
+
+
+def test_from_reruns_the_stage_and_its_downstream(done):
+    _, cfg, store, before = done
+    plan = plan_of(cfg, Selection(start="b"))
+    assert actions(plan) == {"a": "unselected", "b": "run", "c": "unselected", "d": "run"}
+    assert plan["b"].reason == "--from b"
+    outcome = run_pipeline(cfg, TOY_DAG, Selection(start="b"))
+    assert outcome.ok, outcome.errors
+    assert set(outcome.results) == {"b", "d"}
+    assert len([e for e in events(store, before["b"]) if "start" in e]) == 2
+    assert len([e for e in events(store, before["c"]) if "start" in e]) == 1
+    manifest, problem = store.check("b", before["b"].fingerprint, deep=True)
+    assert problem is None and manifest["created"] > before["b"].manifest["created"]  # replaced
+
+
+def test_only_and_until_select_stages(tmp_path, ray_session):
+    cfg = toy_config(tmp_path)
+    store = ArtifactStore(str(tmp_path), "toy")
+    with pytest.raises(PlanError, match=r"c needs the a artifact, which is missing: run `--until a` first"):
+        plan_of(cfg, Selection(only=("c",)))
+    with pytest.raises(PlanError, match=r"b needs the a artifact, which is missing"):
+        plan_of(cfg, Selection(start="b"))
+    with pytest.raises(PlanError, match=r"unknown stage 'e'; stages are: a, b, c, d"):
+        plan_of(cfg, Selection(only=("c", "e")))
+
+    until = Selection(until="b")
+    assert actions(plan_of(cfg, until)) == {"a": "run", "b": "run", "c": "unselected", "d": "unselected"}
+    outcome = run_pipeline(cfg, TOY_DAG, until)
+    assert outcome.ok and set(outcome.results) == {"a", "b"}
+    plan = plan_of(cfg)
+    assert {n: p.state for n, p in plan.items()} == {
+        "a": "complete",
+        "b": "complete",
+        "c": "missing",
+        "d": "missing",
+    }
+
+    only = Selection(only=("c",))  # now its input exists
+    assert actions(plan_of(cfg, only)) == {
+        "a": "unselected",
+        "b": "unselected",
+        "c": "run",
+        "d": "unselected",
+    }
+    outcome = run_pipeline(cfg, TOY_DAG, only)
+    assert outcome.ok and set(outcome.results) == {"c"}
+    assert store.check("c", plan["c"].fingerprint)[0] is not None
+    assert store.check("d", plan["d"].fingerprint)[0] is None
+
+
+def test_same_size_tamper_is_caught_by_sha256(done, monkeypatch, capsys):
+    root, cfg, store, plan = done
+    target = store.find("b", plan["b"].fingerprint).path / "value.json"
+    data = bytearray(target.read_bytes())
+    i = data.index(b"2")  # {"value": 2}
+    data[i] = ord("7")
+    target.write_bytes(bytes(data))
+
+    # sizes are checked on every run: this one still looks complete ...
+    assert store.check("b", plan["b"].fingerprint)[0] is not None
+    # ... sha256 finds it, naming the file
+    manifest, problem = store.check("b", plan["b"].fingerprint, deep=True)
+    assert manifest is None and str(target) in problem and "sha256" in problem
+    deep = plan_of(cfg, deep=True)
+    assert deep["b"].state != "complete" and deep["a"].state == "complete"
+    rows = {r["stage"]: r for r in cli_json(monkeypatch, capsys, root, "--verify")}
+    assert rows["b"]["state"] != "complete" and rows["c"]["state"] == "complete"
+    rows = {r["stage"]: r for r in cli_json(monkeypatch, capsys, root)}
+    assert rows["b"]["state"] == "complete"  # without --verify only sizes are checked
+
+    # a stage that will consume it verifies sha256 first and rebuilds the damaged input before it runs
+    changed = toy_config(root, "d.value=7")
+    planned = plan_of(changed)
+    assert actions(planned) == {"a": "skip", "b": "run", "c": "skip", "d": "run"}
+    assert "damaged" in planned["b"].reason and "value.json" in planned["b"].reason
+    outcome = run_pipeline(changed, TOY_DAG)
+    assert outcome.ok and set(outcome.results) == {"b", "d"}
+    assert json.loads(target.read_text()) == {"value": 2}  # rebuilt, same fingerprint
+    assert outcome.results["d"]["metrics"]["value"] == 2 + 2 + 7
+
+    # when the damaged input is not selected, the plan refuses and says how to rebuild it
+    target.write_bytes(target.read_bytes().replace(b"2", b"7"))
+    again = toy_config(root, "d.value=8")
+    with pytest.raises(PlanError, match=r"damaged.*--from b"):
+        plan_of(again, Selection(only=("d",)))
+
+
+@pytest.mark.parametrize("damage", ["grow", "delete"])
+def test_damaged_artifact_is_incomplete_and_rebuilt(done, damage):
+    _, cfg, store, plan = done
+    target = store.find("b", plan["b"].fingerprint).path / "value.json"
+    if damage == "grow":
+        target.write_bytes(target.read_bytes() + b" ")
+    else:
+        target.unlink()
+    manifest, problem = store.check("b", plan["b"].fingerprint)
+    assert manifest is None and str(target) in problem
+    assert store.find("b", plan["b"].fingerprint) is None
+
+    replan = plan_of(cfg)
+    assert actions(replan) == {"a": "skip", "b": "run", "c": "skip", "d": "skip"}  # same fingerprint
+    assert replan["b"].reason.startswith("incomplete artifact:") and str(target) in replan["b"].reason
+
+    outcome = run_pipeline(cfg, TOY_DAG)
+    assert outcome.ok and set(outcome.results) == {"b"}
+    assert store.check("b", plan["b"].fingerprint, deep=True)[1] is None
+    assert value(target.parent) == 2
+
+
+def test_status_rows_and_cli_json(done, monkeypatch, capsys):
+    root, _, _, plan = done
+    expected = status_rows(list(plan.values()))
+    assert [r["stage"] for r in expected] == ["a", "b", "c", "d"]
+    assert all(r["state"] == "complete" and r["progress"] is None for r in expected)
+    assert expected[3]["metrics"] == {"value": 5}
+    assert cli_json(monkeypatch, capsys, root) == json.loads(json.dumps(expected))
+
+
+def test_report_has_each_stage_and_its_curves(done):
+    root, _, store, plan = done
+    out = write_report(store.run_dir, list(plan.values()), "kiln run toy")
+    assert out == root / "toy" / "report.html"
+    html = out.read_text()
+    for name in "abcd":
+        assert f"<td>{name}</td><td>complete</td>" in html
+        assert f"<h2>{name}</h2>" in html  # each toy stage logs a loss curve
+    assert "value=5" in html
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 4
+    assert all(base64.b64decode(img).startswith(b"\x89PNG\r\n\x1a\n") for img in images)
