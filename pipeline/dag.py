@@ -151,7 +151,7 @@ PIPELINE = DAG(
             sections=("ingest",),
             resources=lambda cfg: {"CPU": 0},  # its per-file tasks hold the CPUs
             extra_fingerprint=lambda cfg: input_file_stats(cfg.ingest.sources),
-            headline="kept",
+            headline="docs_kept",
         ),
         Stage(
             "tokenizer",

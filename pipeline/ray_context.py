@@ -41,8 +41,15 @@ class RayStageContext(StageContext):
         queue = Queue(actor_options={"num_cpus": 0})
         use_gpu = scaling.gpus_per_worker > 0
 
+        pids = self.work_dir / "worker_pids"
+
         def loop(_config):
             wctx = RayWorkerContext(queue)
+            try:  # where each rank runs, for operators (and for tests that kill one)
+                pids.mkdir(parents=True, exist_ok=True)
+                (pids / f"rank{wctx.rank}").write_text(f"{os.getpid()} {wctx.node_id}\n")
+            except OSError:  # the work dir is not shared with this node
+                pass
             result = train_fn(arg, wctx)
             queue.put(("result", wctx.rank, result))
 

@@ -76,10 +76,11 @@ def _check_config(cfg, index: dict, tok_dir: Path) -> dict:
             f"model.max_seq_len: {cfg.model.max_seq_len} is shorter than the token shards' seq_len {seq_len} "
             f"(tokenize.seq_len); raise model.max_seq_len to >= {seq_len}"
         )
-    if index["train"]["sequences"] < cfg.pretrain.global_batch_size:
+    n_train = index["splits"]["train"]["sequences"]
+    if n_train < cfg.pretrain.global_batch_size:
         errors.append(
             f"pretrain.global_batch_size: {cfg.pretrain.global_batch_size} is more than the "
-            f"{index['train']['sequences']} training sequences; lower it or ingest more data"
+            f"{n_train} training sequences; lower it or ingest more data"
         )
     if cfg.pretrain.init_from:
         import transformers
@@ -118,12 +119,13 @@ def train_worker(arg: dict, wctx) -> dict:
 
     # -- model, optimizer, engine --------------------------------------------------------------
     vocab = arg["vocab"]
-    config = build_config(arg["model"], vocab["size"], vocab["pad"], vocab["eos"], vocab["bos"])
-    if p["init_from"]:
+    if p["init_from"]:  # the architecture is the checkpoint's; the model section is not used
         from stages.hf_convert import import_model
 
-        model = import_model(p["init_from"], config)
+        model = import_model(p["init_from"])
+        config = model.config
     else:
+        config = build_config(arg["model"], vocab["size"], vocab["pad"], vocab["eos"], vocab["bos"])
         model = KilnForCausalLM(config)
     if p["activation_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -139,7 +141,7 @@ def train_worker(arg: dict, wctx) -> dict:
         engine.compile()
 
     train = PackedTokens(arg["tokens_dir"], "train")
-    val = PackedTokens(arg["tokens_dir"], "validation")
+    val = PackedTokens(arg["tokens_dir"], "val")
     tokens_per_step = p["global_batch_size"] * train.seq_len
     flops_per_token = model.flops_per_token(train.seq_len) if hasattr(model, "flops_per_token") else None
     peak = T.peak_flops(device)
@@ -174,7 +176,7 @@ def train_worker(arg: dict, wctx) -> dict:
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             for k in sums:
                 v = getattr(out, k)
-                sums[k] += float(v) / accum if v is not None else 0.0
+                sums[k] += float(v.detach()) / accum if v is not None else 0.0
             if out.moe_stats is not None:
                 moe = out.moe_stats
         step += 1

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU-only checks, one prepared script (< 8 min on one H100): the pretraining stage's inner loop
+# (DeepSpeed, under torchrun, no Ray) for a ~125M dense and a MoE model in bf16 and fp16 (dynamic
+# loss scaling), SDPA's flash kernel, tokens/s against HF Llama / Mixtral in the same run, and MFU.
+#
+#   bash bench/gpu_check.sh            # on a GPU machine with torch; wheels in .whl/ are installed first
+#
+# The lent GPU machine has torch and transformers but not deepspeed (ENVIRONMENT.md): carry them as
+# wheels in .whl/ (deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
+# transformers of the project's version); see BENCHMARKS.md for the download line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kiln-site .whl/*.whl
+  export PYTHONPATH=/tmp/kiln-site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+log=${OUT:-/tmp}/gpu_check.log
+timeout 420 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-30} 2>&1 | tee "$log"
