@@ -1,0 +1,170 @@
+"""Streaming readers for Pile-style shards: .jsonl, .jsonl.zst, .jsonl.gz, and `hf:NAME[:SPLIT]`.
+
+    for lineno, raw in read_lines("00.jsonl.zst", max_line_bytes=1 << 24):
+        ...   # raw: the line's bytes, or None when the line is longer than max_line_bytes
+
+Memory stays flat whatever the file size: data is decompressed 1 MiB at a time and an over-long
+line is skipped, not buffered. A compressed file that is truncated or corrupt raises `BadFileError`
+naming the file and how far reading got. zstd readers (python-zstandard's stream_reader among them)
+return what they could decode from a truncated frame without complaint, so after the stream ends
+`check_zstd_frames` walks the frame and block headers and fails if the last frame is incomplete.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+CHUNK = 1 << 20
+ZSTD_MAGIC = 0xFD2FB528
+SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.zst", ".jsonl.zstd", ".json.zst", ".jsonl.gz", ".json.gz")
+
+
+class BadFileError(Exception):
+    """A file that cannot be read to its end: truncated, corrupt, or not what its name says."""
+
+    def __init__(self, path: str, reason: str, lines: int = 0, bytes_read: int = 0):
+        self.path, self.reason, self.lines, self.bytes_read = path, reason, lines, bytes_read
+        super().__init__(
+            f"{path}: {reason} (after {lines} complete lines, {bytes_read:,} bytes decompressed)"
+        )
+
+
+def resolve_sources(patterns, roots: tuple[Path, ...]) -> list[str]:
+    """Expand paths/globs (relative ones against each root in turn) and keep `hf:` names.
+
+    Raises ValueError listing every pattern that matches nothing or names an unsupported file."""
+    found, seen, problems = [], set(), []
+    for pattern in patterns:
+        if pattern.startswith("hf:"):
+            found.append(pattern)
+            continue
+        candidates = [Path(pattern)] if Path(pattern).is_absolute() else [r / pattern for r in roots]
+        matches = []
+        for c in candidates:
+            matches = sorted(p for p in glob.glob(str(c), recursive=True) if Path(p).is_file())
+            if matches:
+                break
+        if not matches:
+            where = " and ".join(str(r) for r in roots)
+            problems.append(f"ingest.sources: no file matches {pattern!r} (relative to {where})")
+        for m in matches:
+            if not m.endswith(SUFFIXES):
+                problems.append(f"ingest.sources: {m} is not one of {', '.join(SUFFIXES)}")
+            elif (resolved := str(Path(m).resolve())) not in seen:  # overlapping globs: read once
+                seen.add(resolved)
+                found.append(resolved)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return found
+
+
+def read_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line bytes without the newline | None if over-long). Blank lines too."""
+    with open(path, "rb") as raw:
+        if path.endswith((".zst", ".zstd")):
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
+        elif path.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=raw)
+            errors = (EOFError, OSError, gzip.BadGzipFile)
+        else:
+            stream, errors = raw, ()
+        lineno, total = 0, 0
+        try:
+            for item in _split_lines(stream, max_line_bytes):
+                lineno, total, line = item  # kept after the loop: how far reading got
+                yield lineno, line
+        except errors as e:
+            raise BadFileError(path, f"corrupt or truncated ({type(e).__name__}: {e})", lineno, total) from e
+        if path.endswith((".zst", ".zstd")):
+            problem = check_zstd_frames(raw)
+            if problem:
+                raise BadFileError(path, problem, lineno, total)
+
+
+def _split_lines(stream, max_line_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, bytes decompressed so far, line) from a binary stream, read CHUNK at a time."""
+    pending: list[bytes] = []
+    pending_len, overlong, lineno, total = 0, False, 0, 0
+    while chunk := stream.read(CHUNK):
+        total += len(chunk)
+        start = 0
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            piece = chunk[start:nl]
+            lineno += 1
+            if overlong or pending_len + len(piece) > max_line_bytes:
+                yield lineno, total, None
+            else:
+                yield lineno, total, b"".join(pending) + piece if pending else piece
+            pending, pending_len, overlong, start = [], 0, False, nl + 1
+        if not overlong and start < len(chunk):
+            pending.append(chunk[start:])
+            pending_len += len(chunk) - start
+            if pending_len > max_line_bytes:  # stop buffering: the rest of this line is only counted
+                pending, overlong = [], True
+    if pending or overlong:  # a last line without a newline
+        yield lineno + 1, total, None if overlong else b"".join(pending)
+
+
+def check_zstd_frames(f) -> str | None:
+    """Walk the zstd frames of an open binary file by their headers; None if every frame is complete.
+
+    Frame = magic, header, blocks (3-byte header: last flag, type, size), optional 4-byte checksum
+    (RFC 8878 §3.1). Skippable frames are skipped. Reads a few bytes per block, never decompresses."""
+    import zstandard
+
+    size = f.seek(0, io.SEEK_END)
+    pos = 0
+    while pos < size:
+        f.seek(pos)
+        head = f.read(18)
+        if len(head) < 4:
+            return f"truncated zstd frame header at byte {pos:,} of {size:,}"
+        magic = struct.unpack("<I", head[:4])[0]
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+            if len(head) < 8:
+                return f"truncated skippable frame at byte {pos:,} of {size:,}"
+            pos += 8 + struct.unpack("<I", head[4:8])[0]
+            continue
+        if magic != ZSTD_MAGIC:
+            return f"not a zstd frame at byte {pos:,} (magic {head[:4].hex()})"
+        try:
+            header = zstandard.frame_header_size(head)
+            has_checksum = zstandard.get_frame_parameters(head).has_checksum
+        except zstandard.ZstdError:
+            return f"truncated zstd frame header at byte {pos:,} of {size:,}"
+        frame_start, pos = pos, pos + header
+        while True:
+            f.seek(pos)
+            b = f.read(3)
+            if len(b) < 3:
+                return f"truncated zstd stream: the frame begun at byte {frame_start:,} ends at byte {size:,} without its last block"
+            word = int.from_bytes(b, "little")
+            last, kind, block = word & 1, (word >> 1) & 3, word >> 3
+            pos += 3 + (1 if kind == 1 else block)  # RLE blocks store one byte
+            if pos > size:
+                return f"truncated zstd stream: a block of the frame begun at byte {frame_start:,} needs {pos:,} bytes, the file has {size:,}"
+            if last:
+                break
+        pos += 4 if has_checksum else 0
+        if pos > size:
+            return (
+                f"truncated zstd stream: the checksum of the frame begun at byte {frame_start:,} is cut off"
+            )
+    return None
+
+
+def read_hf(name: str) -> Iterator[tuple[int, dict]]:
+    """Records of a `datasets` hub dataset, streamed: `hf:NAME[:SPLIT]` (needs a network)."""
+    import datasets
+
+    dataset, _, split = name.removeprefix("hf:").partition(":")
+    for i, record in enumerate(datasets.load_dataset(dataset, split=split or "train", streaming=True)):
+        yield i + 1, record

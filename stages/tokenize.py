@@ -1,0 +1,134 @@
+"""tokenize: documents + tokenizer -> packed, memory-mapped token windows with a train/validation split.
+
+    python launch.py run --only tokenize --set tokenize.seq_len=512
+
+Inputs: {"ingest", "tokenizer"}. Artifact:
+
+    train-00000.npy, ...   (rows, seq_len + 1) uint16/uint32 windows of the training stream
+    val-00000.npy, ...     the same for validation
+    index.json             dtype, seq_len, the window convention, per split: tokens, documents,
+                           sequences, tail_tokens_dropped, shards (file, sequences, first_sequence)
+
+Read it with `data_prep.packed.PackedTokens(artifact.path, "train")`: len(), [i] -> seq_len + 1 ids.
+The convention (data_prep/packing.py): per split, every document's tokens then EOS, in document
+order; sequence i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)], no overlap; the short tail is
+counted, not stored. A document is in validation when the low 32 bits of its content hash / 2^32 <
+`tokenize.val_fraction`: stable across runs, seeds and worker counts, and a text repeated by ingest
+set weights never lands on both sides.
+
+Documents are cut into `tokenize.partitions` contiguous ranges, tokenized in parallel (`ctx.map`,
+one task per range), each into a raw stream per split in the work dir; the driver stitches the
+streams in range order and cuts the windows, so 1 and N partitions give the same bytes.
+As for ingest, on a multi-node cluster the work dir (run root) must be a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from data_prep.documents import doc_shards
+from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_partitions
+from pipeline.artifacts import write_json_atomic
+
+WINDOW_RULE = (
+    "per split, each document's tokens followed by eos_id, in document order; "
+    "sequence i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)] (stride seq_len+1, no overlap); "
+    "inputs = sequence[:-1], labels = sequence[1:]; the last len(stream) % (seq_len+1) tokens are dropped"
+)
+
+
+def run(cfg, inputs, out, ctx) -> dict:
+    c = cfg.tokenize
+    out = Path(out)
+    shards = doc_shards(Path(inputs["ingest"].path))
+    tok_dir = Path(inputs["tokenizer"].path)
+    eos_id, vocab = _tokenizer_facts(tok_dir)
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    n_docs = sum(n for _, n in shards)
+    if n_docs == 0:
+        raise RuntimeError(f"tokenize: the ingest artifact {inputs['ingest'].path} holds no documents")
+
+    # 1. tokenize contiguous document ranges in parallel, a raw stream per split each
+    work = Path(ctx.work_dir) / "streams"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    plans = plan_partitions(shards, c.partitions or max(len(shards), 4))
+    tasks = [
+        PackTask(
+            index=k,
+            ranges=ranges,
+            tokenizer_json=str(tok_dir / "tokenizer.json"),
+            eos_id=eos_id,
+            dtype=dtype,
+            val_fraction=c.val_fraction,
+            out_prefix=str(work / f"{k:05d}"),
+        )
+        for k, ranges in enumerate(plans)
+    ]
+    ctx.logger.info("tokenize: %d documents in %d partitions, %s ids", n_docs, len(tasks), dtype)
+    t0 = time.perf_counter()
+    counts = ctx.map(pack_partition, tasks, num_cpus=c.num_cpus)
+    encode_s = time.perf_counter() - t0
+    ctx.progress(1, 2)
+
+    # 2. stitch the streams in partition order and cut them into windows
+    splits = {}
+    for split in SPLITS:
+        streams = [work / f"{k:05d}.{split}.bin" for k in range(len(tasks))]
+        splits[split] = assemble(streams, out, split, c.seq_len, c.sequences_per_shard, dtype)
+        splits[split]["documents"] = sum(cnt[split]["documents"] for cnt in counts)
+        if splits[split]["tokens"] != sum(cnt[split]["tokens"] for cnt in counts):
+            raise RuntimeError(f"tokenize: {split} stream lengths do not add up; a partition file is damaged")
+    shutil.rmtree(work, ignore_errors=True)
+    if sum(s["documents"] for s in splits.values()) != n_docs:
+        raise RuntimeError("tokenize: documents tokenized do not add up to the ingest artifact's count")
+
+    index = {
+        "format": "kiln-packed-v1",
+        "dtype": dtype,
+        "seq_len": c.seq_len,
+        "tokens_per_sequence": c.seq_len + 1,
+        "window": WINDOW_RULE,
+        "eos_id": eos_id,
+        "vocab_size": vocab,
+        "val_rule": f"document in val when (int(id[:16], 16) & 0xFFFFFFFF) / 2**32 < {c.val_fraction}",
+        "val_fraction": c.val_fraction,
+        "documents": n_docs,
+        "partitions": len(tasks),
+        "splits": splits,
+    }
+    write_json_atomic(out / "index.json", index)
+    ctx.progress(2, 2)
+    tokens = sum(s["tokens"] for s in splits.values())
+    ctx.logger.info(
+        "tokenize: %d tokens (%.0f tokens/s encoding), train %d sequences, val %d",
+        tokens,
+        tokens / max(encode_s, 1e-9),
+        splits["train"]["sequences"],
+        splits["val"]["sequences"],
+    )
+    return {
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "train_sequences": splits["train"]["sequences"],
+        "val_sequences": splits["val"]["sequences"],
+        "tail_tokens_dropped": sum(s["tail_tokens_dropped"] for s in splits.values()),
+        "tokens_per_second": round(tokens / max(encode_s, 1e-9)),
+    }
+
+
+def _tokenizer_facts(folder: Path) -> tuple[int, int]:
+    """(EOS id, size of the id space) from a saved Hugging Face tokenizer folder."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = tok.token_to_id(eos) if eos else None
+    if eos_id is None:
+        raise ValueError(f"tokenize: the tokenizer in {folder} has no EOS token in its vocabulary ({eos!r})")
+    return eos_id, max(tok.get_vocab(with_added_tokens=True).values()) + 1
