@@ -1,0 +1,284 @@
+"""Export Kiln checkpoints as plain Llama / Mixtral checkpoints, import those back, and generate text.
+
+    python launch.py export pretrain out/ --format auto      # -> export_model(src, out, "auto")
+    python launch.py generate sft --prompt "Once upon"       # -> generate_text(dir, [...], ...)
+    model = import_model("path/to/llama-or-mixtral")         # pretrain.init_from
+
+A Kiln model is exactly Llama when it is dense with RoPE, RMSNorm, SwiGLU and no biases, and exactly Mixtral when,
+in addition, every layer is a top-k (k >= 2) MoE without a capacity limit. The exported folder then loads with
+plain `transformers` (no `import stages.model`), vLLM or llama.cpp's converters. Anything else is refused with the
+pipeline key that prevents it. Weight names, for layer i:
+
+    Kiln                                   Llama                              Mixtral (on disk)
+    model.layers.i.attn_norm               model.layers.i.input_layernorm     (same as Llama)
+    model.layers.i.attn.{q,k,v,o}_proj     ...self_attn.{q,k,v,o}_proj        (same as Llama)
+    model.layers.i.ffn_norm                ...post_attention_layernorm        (same as Llama)
+    model.layers.i.ffn.{gate,up,down}_proj ...mlp.{gate,up,down}_proj         -
+    model.layers.i.ffn.router              -                                  ...block_sparse_moe.gate
+    ...ffn.experts.j.{gate,down,up}_proj   -                                  ...block_sparse_moe.experts.j.{w1,w2,w3}
+
+Mixtral layout: transformers 5 holds the experts fused in memory (`mlp.experts.gate_up_proj` (E, 2I, H),
+`mlp.experts.down_proj` (E, H, I)), but its `save_pretrained` writes, and `from_pretrained` converts from, the
+original per-expert layout `block_sparse_moe.experts.j.w1/w2/w3` (conversion_mapping.py, "mixtral"). We write that
+original layout: it is also the one vLLM's Mixtral loader and transformers 4.x read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stages.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "kiln", "llama", "mixtral")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def export_model(src_dir: str | Path, out_dir: str | Path, fmt: str = "auto") -> str:
+    """Write the Kiln model in `src_dir` to `out_dir` as `fmt`; returns the format written. "auto" picks llama or
+    mixtral when the architecture allows, else kiln (with a warning naming why)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
+    src, out = Path(src_dir), Path(out_dir)
+    config = KilnConfig.from_pretrained(src)
+    if fmt == "auto":
+        target = "mixtral" if config.num_experts else "llama"
+        reasons = standard_format_blockers(config, target)
+        fmt = "kiln" if reasons else target
+        if reasons:
+            log.warning("exporting as kiln, not %s: %s", target, "; ".join(reasons))
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "kiln":  # every file but the manifest, which describes the artifact, not the export
+        for f in src.iterdir():
+            if f.is_file() and f.name != "manifest.json":
+                shutil.copy2(f, out / f.name)
+        return fmt
+
+    if reasons := standard_format_blockers(config, fmt):
+        raise ValueError(f"cannot export as {fmt}: " + "; ".join(reasons) + "; use --format kiln")
+    classifier = "KilnForSequenceClassification" in (config.architectures or [])
+    model_cls = KilnForSequenceClassification if classifier else KilnForCausalLM
+    model = model_cls.from_pretrained(src)
+    hf_config = to_hf_config(config, fmt, classifier)
+    hf_config.save_pretrained(out)
+    tensors = to_hf_state_dict(model.state_dict(), config, fmt)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"}
+    )
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+    return fmt
+
+
+def standard_format_blockers(config: KilnConfig, fmt: str) -> list[str]:
+    """Every setting that keeps this config from being exactly `fmt` ("llama" | "mixtral"), named by its key in the
+    pipeline's `model:` section. Empty when the export is exact."""
+    c, name = config, fmt.capitalize()
+    reasons = []
+    if c.position != "rope":
+        reasons.append(f"model.position={c.position}: {name} uses RoPE")
+    if c.norm != "rmsnorm":
+        reasons.append(f"model.norm={c.norm}: {name} uses RMSNorm")
+    if c.activation != "swiglu":
+        reasons.append(f"model.activation={c.activation}: {name} uses SwiGLU")
+    if c.bias:
+        reasons.append(f"model.bias=true: {name} has no biases")
+    if fmt == "llama" and c.num_experts:
+        reasons.append(f"model.n_experts={c.num_experts}: Llama is dense (use mixtral)")
+    if fmt == "mixtral":
+        if not c.num_experts:
+            reasons.append("model.n_experts=0: Mixtral is a mixture of experts (use llama)")
+        else:
+            if c.moe_every != 1:
+                reasons.append(f"model.moe_every={c.moe_every}: Mixtral has experts on every layer")
+            if c.capacity_factor is not None:
+                reasons.append(f"model.capacity_factor={c.capacity_factor}: Mixtral never drops tokens")
+            if c.num_experts_per_tok == 1:
+                reasons.append("model.top_k=1: Switch routing scales by the router probability, Mixtral by 1")
+    return reasons
+
+
+def to_hf_config(config: KilnConfig, fmt: str, classifier: bool = False):
+    from transformers import LlamaConfig, MixtralConfig
+
+    c = config
+    common = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=c.initializer_range,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_word_embeddings,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        dtype=c.dtype,
+    )
+    if classifier:
+        common.update(num_labels=c.num_labels, id2label=c.id2label, label2id=c.label2id)
+    head = "ForSequenceClassification" if classifier else "ForCausalLM"
+    if fmt == "llama":
+        return LlamaConfig(**common, intermediate_size=c.intermediate_size, architectures=[f"Llama{head}"])
+    return MixtralConfig(
+        **common,
+        intermediate_size=c.moe_intermediate_size or c.intermediate_size,
+        num_local_experts=c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok,
+        router_aux_loss_coef=c.router_aux_loss_coef,
+        output_router_logits=False,  # router outputs are for training; they broke HF Mixtral's cached generate
+        architectures=[f"Mixtral{head}"],
+    )
+
+
+def to_hf_state_dict(sd: dict, config: KilnConfig, fmt: str) -> dict:
+    """Kiln state dict -> the on-disk Llama / Mixtral names (module docstring)."""
+    out = {}
+    for name, tensor in sd.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the checkpoint holds only the embedding
+        for kiln, hf in RENAMES[fmt]:
+            name = name.replace(kiln, hf)
+        out[name] = tensor
+    return out
+
+
+# Substring renames, applied in order. Attention and dense-MLP projections already carry Llama's names.
+RENAMES = {
+    "llama": [(".attn_norm.", ".input_layernorm."), (".attn.", ".self_attn."),
+              (".ffn_norm.", ".post_attention_layernorm."), (".ffn.", ".mlp.")],
+    "mixtral": [(".attn_norm.", ".input_layernorm."), (".attn.", ".self_attn."),
+                (".ffn_norm.", ".post_attention_layernorm."), (".ffn.router.", ".block_sparse_moe.gate."),
+                (".ffn.experts.", ".block_sparse_moe.experts."), (".gate_proj.", ".w1."), (".down_proj.", ".w2."),
+                (".up_proj.", ".w3.")],
+}  # fmt: skip
+
+
+def import_model(src_dir: str | Path) -> KilnForCausalLM:
+    """A Llama or Mixtral checkpoint folder -> KilnForCausalLM (fp32) with the same weights and the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
+    hc = hf.config
+    fmt = hc.model_type
+    if fmt not in ("llama", "mixtral"):
+        raise ValueError(f"import_model reads llama or mixtral checkpoints, not model_type={fmt!r}")
+    errors = []
+    rope = hc.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        errors.append(f"rope_type={rope.get('rope_type')} (only plain RoPE)")
+    if hc.hidden_act != "silu":
+        errors.append(f"hidden_act={hc.hidden_act} (only SwiGLU with SiLU)")
+    if getattr(hc, "attention_bias", False) or getattr(hc, "mlp_bias", False):
+        errors.append("biases in attention or MLP")
+    if getattr(hc, "sliding_window", None) is not None:
+        errors.append(f"sliding_window={hc.sliding_window}")
+    head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
+    if head_dim * hc.num_attention_heads != hc.hidden_size:
+        errors.append(f"head_dim={head_dim} * heads != hidden_size={hc.hidden_size}")
+    if errors:
+        raise ValueError(f"cannot import {src_dir} into Kiln: " + "; ".join(errors))
+
+    moe = fmt == "mixtral"
+    config = KilnConfig(
+        vocab_size=hc.vocab_size,
+        hidden_size=hc.hidden_size,
+        num_hidden_layers=hc.num_hidden_layers,
+        num_attention_heads=hc.num_attention_heads,
+        num_key_value_heads=hc.num_key_value_heads,
+        intermediate_size=hc.intermediate_size,
+        norm_eps=hc.rms_norm_eps,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        max_position_embeddings=hc.max_position_embeddings,
+        num_experts=hc.num_local_experts if moe else 0,
+        num_experts_per_tok=hc.num_experts_per_tok if moe else 2,
+        router_aux_loss_coef=hc.router_aux_loss_coef if moe else 0.0,
+        output_router_logits=moe,
+        tie_word_embeddings=hc.tie_word_embeddings,
+        initializer_range=hc.initializer_range,
+        pad_token_id=hc.pad_token_id,
+        bos_token_id=hc.bos_token_id,
+        eos_token_id=hc.eos_token_id if not isinstance(hc.eos_token_id, list) else hc.eos_token_id[0],
+    )
+    model = KilnForCausalLM(config)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict(), config), strict=True)
+    return model
+
+
+def from_hf_state_dict(hf: dict, config: KilnConfig) -> dict:
+    """In-memory transformers 5 Llama / Mixtral names (Mixtral's experts fused) -> Kiln names."""
+    sd = {}
+    for name, tensor in hf.items():
+        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H) = [gate; up] per expert
+            prefix = name.removesuffix("mlp.experts.gate_up_proj")
+            for j, (gate, up) in enumerate(t.chunk(2) for t in tensor):
+                sd[f"{prefix}ffn.experts.{j}.gate_proj.weight"] = gate
+                sd[f"{prefix}ffn.experts.{j}.up_proj.weight"] = up
+            continue
+        if name.endswith("mlp.experts.down_proj"):  # (E, H, I)
+            prefix = name.removesuffix("mlp.experts.down_proj")
+            for j, down in enumerate(tensor):
+                sd[f"{prefix}ffn.experts.{j}.down_proj.weight"] = down
+            continue
+        for hf_name, kiln in ((".input_layernorm.", ".attn_norm."), (".self_attn.", ".attn."),
+                              (".post_attention_layernorm.", ".ffn_norm."), (".mlp.gate.", ".ffn.router."),
+                              (".mlp.", ".ffn.")):  # fmt: skip
+            name = name.replace(hf_name, kiln)
+        sd[name] = tensor
+    if config.tie_word_embeddings:  # one matrix: the embedding's values fill the (shared) LM head too
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return {name: t.clone() for name, t in sd.items()}
+
+
+def generate_text(
+    model_dir: str | Path,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """Continue each prompt with the model in `model_dir` (Kiln, Llama or Mixtral + tokenizer); temperature 0 is
+    greedy. Prompts are left-padded into one batch; returns only the new text of each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # decoder-only batches grow on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    sampling = temperature > 0
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[:, batch["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
