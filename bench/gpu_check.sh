@@ -18,4 +18,8 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 log=${OUT:-/tmp}/gpu_check.log
-timeout 420 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-30} 2>&1 | tee "$log"
+echo "== GPU-only model tests (flash/efficient kernels, grouped experts, cached generation)"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda 2>&1 | tail -5 | tee "$log" || true
+echo "== pretraining inner loop vs HF (bf16, fp16)"
+timeout 360 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-25} 2>&1 \
+  | grep -v -i "warn" | tee -a "$log"

@@ -28,6 +28,14 @@ from pipeline.config import ModelConfig, PretrainConfig  # noqa: E402
 from pipeline.context import EnvWorkerContext  # noqa: E402
 
 VOCAB, SEQ = 32000, 1024
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 DENSE = ModelConfig(
     n_layers=12,
     d_model=768,
@@ -76,21 +84,21 @@ def stage_run(model_cfg: ModelConfig, precision: str, tokens: Path, steps: int, 
 def plain_loop(model, precision: str, steps: int, micro: int) -> float:
     """tokens/s of forward + backward + fused AdamW under autocast, the same batch shape."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    model = model.cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    model = model.to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=DEVICE == "cuda")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    x = torch.randint(2, VOCAB, (micro, SEQ), device="cuda")
+    x = torch.randint(2, VOCAB, (micro, SEQ), device=DEVICE)
     times = []
     for i in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(DEVICE, dtype=dtype):
             loss = model(input_ids=x, labels=x).loss
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if i >= 3:
             times.append(time.perf_counter() - t0)
     model.cpu()
@@ -120,8 +128,8 @@ def flash_in_use(model_cfg: ModelConfig) -> bool:
 
     from stages.model import KilnForCausalLM, build_config
 
-    model = KilnForCausalLM(build_config(asdict(model_cfg), VOCAB, 0, 1)).cuda().to(torch.bfloat16)
-    x = torch.randint(2, VOCAB, (2, SEQ), device="cuda")
+    model = KilnForCausalLM(build_config(asdict(model_cfg), VOCAB, 0, 1)).to(DEVICE).to(torch.bfloat16)
+    x = torch.randint(2, VOCAB, (2, SEQ), device=DEVICE)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
             model(input_ids=x)
@@ -135,7 +143,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: check the script itself")
     args = ap.parse_args()
+    global VOCAB, SEQ, DENSE, MOE
+    precisions = ("bf16", "fp16") if DEVICE == "cuda" else ("bf16",)
+    if args.smoke:
+        VOCAB, SEQ = 512, 64
+        small = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=SEQ)
+        DENSE, MOE = (
+            ModelConfig(**small, n_experts=0),
+            ModelConfig(**small, n_experts=4, top_k=2, moe_d_ff=64),
+        )
     from stages.model import KilnForCausalLM, build_config
 
     tokens = synthetic_tokens(
@@ -149,28 +167,24 @@ def main() -> None:
         ours = KilnForCausalLM(build_config(asdict(mcfg), VOCAB, 0, 1))
         total, active = ours.num_parameters_total(), ours.num_parameters_active()
         hf_name, hf = hf_twin(mcfg)
-        for precision in ("bf16", "fp16"):
-            stage = stage_run(mcfg, precision, tokens, args.steps, args.micro)
-            ours_plain = plain_loop(ours, precision, 12, args.micro)
-            hf_plain = plain_loop(hf, precision, 12, args.micro)
-            rows.append(
-                (
-                    name,
-                    f"{total / 1e6:.0f}M/{active / 1e6:.0f}M",
-                    precision,
-                    stage,
-                    ours_plain,
-                    hf_name,
-                    hf_plain,
-                )
-            )
+        for precision in precisions:
+            try:  # one failing case must not hide the others' numbers
+                stage = stage_run(mcfg, precision, tokens, args.steps, args.micro)
+                ours_plain = plain_loop(ours, precision, 12, args.micro)
+                hf_plain = plain_loop(hf, precision, 12, args.micro)
+            except Exception as e:  # noqa: BLE001
+                print(f"FAILED {name} {precision}: {type(e).__name__}: {e}", flush=True)
+                continue
+            params = f"{total / 1e6:.0f}M/{active / 1e6:.0f}M"
+            rows.append((name, params, precision, stage, ours_plain, hf_name, hf_plain))
+            print(f"done {name} {precision}: stage {stage['tokens_per_s']:,.0f} tok/s", flush=True)
         del ours, hf
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     flash = flash_in_use(DENSE)
 
-    print(
-        f"\nGPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  seq {SEQ}  micro-batch {args.micro}"
-    )
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
+    print(f"\nDevice: {device}  torch {torch.__version__}  seq {SEQ}  micro-batch {args.micro}")
     print(f"SDPA flash kernel in use: {flash}")
     head = (
         "model",

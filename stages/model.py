@@ -26,6 +26,7 @@ Dense models have `router_aux_loss_coef = router_z_loss_coef = 0` and never retu
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -353,6 +354,42 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.k / self.n_experts)
 
+    def grouped_gemm(self, xs: torch.Tensor) -> bool:
+        """One grouped matmul for all experts (bf16 on CUDA, as HF Mixtral's `grouped_mm` path), instead of a
+        Python loop of small matmuls. Not under ZeRO-3, which gathers each expert's weights only when that
+        expert module runs, nor with biases."""
+        w = self.experts[0].up_proj.weight
+        bf16 = w.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        )
+        return (
+            xs.is_cuda
+            and bf16
+            and hasattr(F, "grouped_mm")
+            and not hasattr(w, "ds_id")
+            and w.ndim == 2
+            and (self.experts[0].up_proj.bias is None)
+        )
+
+    def experts_grouped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """All experts' MLPs as grouped matmuls over the expert-sorted rows xs (S, C) -> (S, C)."""
+        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=xs.device)  # (E,)
+
+        def stacked(name):  # (E, in, out), bf16: grouped_mm is not autocast-aware
+            return (
+                torch.stack([getattr(e, name).weight for e in self.experts])
+                .transpose(1, 2)
+                .to(torch.bfloat16)
+            )
+
+        xs = xs.to(torch.bfloat16)
+        h = F.grouped_mm(xs, stacked("up_proj"), offs=offs)  # (S, F)
+        if self.experts[0].gate_proj is not None:
+            h = F.silu(F.grouped_mm(xs, stacked("gate_proj"), offs=offs)) * h
+        else:
+            h = F.gelu(h)
+        return F.grouped_mm(h, stacked("down_proj"), offs=offs)  # (S, C)
+
     def forward(self, x, token_mask, router_outputs: bool):
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (N, C)
@@ -362,9 +399,14 @@ class MoE(nn.Module):
         kept, counts, routed = dispatch(top_idx, self.n_experts, self.capacity(N))  # (S,)
         token = kept % N  # (S,) the token of each kept assignment, grouped by expert
         weight = top_p.t().reshape(-1)[kept]  # (S,) its gate weight
-        chunks = x[token].split(counts)  # E pieces of (n_e, C)
-        # Every expert runs, on an empty slice if need be, so DDP and ZeRO-3 always see all parameters used.
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks, strict=True)])  # (S, C)
+        xs = x[token]  # (S, C) grouped by expert
+        if self.grouped_gemm(xs):
+            y = self.experts_grouped(xs, counts)  # (S, C)
+        else:
+            # Every expert runs, on an empty slice if need be, so DDP and ZeRO-3 always see all parameters used.
+            y = torch.cat(
+                [expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts), strict=True)]
+            )
         y = (y * weight[:, None]).to(x.dtype)  # under autocast y is bf16 while x stays fp32
         out = torch.zeros_like(x).index_add_(0, token, y)  # (N, C)
         out = out.view(B, T, C)
