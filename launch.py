@@ -61,6 +61,24 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable list of stages")
     status.add_argument("--verify", action="store_true", help="also check every file's sha256")
     status.set_defaults(func=cmd_status)
+
+    export = sub.add_parser("export", help="write a stage's model as a folder plain transformers/vLLM load")
+    export.add_argument("stage", help="a stage whose artifact is a model (pretrain, sft, ppo, reward)")
+    export.add_argument("out_dir", help="folder to write (must not exist or be empty)")
+    common(export)
+    export.add_argument("--format", default="auto", choices=["auto", "kiln", "llama", "mixtral"])
+    export.set_defaults(func=cmd_export)
+
+    gen = sub.add_parser("generate", help="sample from a stage's model")
+    gen.add_argument("stage", help="a stage whose artifact is a causal LM (pretrain, sft, ppo)")
+    common(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn (chat template)")
+    gen.set_defaults(func=cmd_generate)
     return p
 
 
@@ -163,6 +181,71 @@ def cmd_status(args, console) -> int:
         )
         table.add_row(r["stage"], state, r["fingerprint"], metrics, r["path"])
     console.print(table)
+    return 0
+
+
+def _model_artifact(args, console):
+    """The complete artifact of `args.stage` for the current config, or None (with a message)."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.dag import PIPELINE
+    from pipeline.plan import PlanError, make_plan
+
+    cfg = _load(args)
+    if args.stage not in PIPELINE.by_name:
+        raise PlanError(f"unknown stage {args.stage!r}; stages are: {', '.join(PIPELINE.order)}")
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    planned = {p.name: p for p in make_plan(cfg, PIPELINE, store)}[args.stage]
+    art = store.find(args.stage, planned.fingerprint)
+    if art is None:  # the config or code changed since: the newest complete one, said out loud
+        for manifest in store.previous(args.stage):
+            art = store.find(args.stage, manifest["fingerprint"])
+            if art is not None:
+                console.print(
+                    f"[yellow]note:[/yellow] no {args.stage} artifact for this config ({planned.reason or 'changed'}); "
+                    f"using the newest complete one, {art.path}"
+                )
+                break
+    if art is None or not (art.path / "config.json").exists():
+        why = "holds no model" if art is not None else f"is {planned.state} for this config"
+        console.print(
+            f"[red]error:[/red] the {args.stage} artifact {why}; run "
+            f"`python launch.py run --until {args.stage}` (with the same config and --set) first"
+        )
+        return None
+    return art
+
+
+def cmd_export(args, console) -> int:
+    art = _model_artifact(args, console)
+    if art is None:
+        return 1
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        console.print(f"[red]error:[/red] {out} exists and is not empty; choose a new folder")
+        return 2
+    from stages.hf_convert import export_model
+
+    try:
+        fmt = export_model(art.path, out, args.format)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    console.print(f"wrote {args.stage} ({art.fingerprint}) as {fmt} to {out}")
+    return 0
+
+
+def cmd_generate(args, console) -> int:
+    art = _model_artifact(args, console)
+    if art is None:
+        return 1
+    from stages.hf_convert import generate_text
+
+    texts = generate_text(
+        art.path, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, chat=args.chat,
+    )  # fmt: skip
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"{prompt}{text}" if not args.chat else f"{prompt}\n→ {text}")
     return 0
 
 

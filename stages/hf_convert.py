@@ -258,9 +258,11 @@ def generate_text(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    chat: bool = False,
 ) -> list[str]:
     """Continue each prompt with the model in `model_dir` (Kiln, Llama or Mixtral + tokenizer); temperature 0 is
-    greedy. Prompts are left-padded into one batch; returns only the new text of each."""
+    greedy. Prompts are left-padded into one batch; returns only the new text of each. With `chat`, each prompt
+    is a user turn in the tokenizer's chat template and generation also stops at the end-of-turn token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -268,7 +270,18 @@ def generate_text(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    stop = [tokenizer.eos_token_id]
+    if chat:
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        end = tokenizer.convert_tokens_to_ids("<|end|>")
+        if end is not None and end != tokenizer.unk_token_id:
+            stop.append(end)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
     torch.manual_seed(seed)
     sampling = temperature > 0
     with torch.no_grad():
@@ -279,6 +292,7 @@ def generate_text(
             temperature=temperature if sampling else None,
             top_p=top_p if sampling else None,
             pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop,
         )
     new = out[:, batch["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new, skip_special_tokens=True)

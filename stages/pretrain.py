@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -189,6 +190,7 @@ def train_worker(arg: dict, wctx) -> dict:
         row = T.all_reduce_mean(sums, device)
         dt = time.perf_counter() - t0
         row.update(step=step, lr=lr, tokens_seen=tokens_seen, tokens_per_s=tokens_per_step / dt)
+        row["batch_crc"] = zlib.crc32(ids.tobytes())  # which sequences this step trained on
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)

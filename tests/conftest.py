@@ -36,3 +36,22 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+TINY_OVERRIDES = ("run.wandb=offline",)
+"""The session's tiny pipeline runs with W&B offline, as a user without a key would."""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(ray_session, tmp_path_factory):
+    """The default pipeline (configs/tiny.yaml), built once per session and reused as the reference
+    for resume and re-run tests. Returns (root, cfg, outcome)."""
+    from pipeline.config import load_config
+    from pipeline.dag import PIPELINE
+    from pipeline.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = load_config(overrides=[f"run.root={root}", *TINY_OVERRIDES])
+    outcome = run_pipeline(cfg, PIPELINE)
+    assert outcome.ok, f"the tiny pipeline failed: {outcome.errors} {outcome.blocked}"
+    return root, cfg, outcome

@@ -1,0 +1,126 @@
+"""Exact resume of pretraining: a worker killed mid-run, then the driver itself, against the
+session's uninterrupted tiny run (fp32 on CPU: bitwise equal losses, identical sample ids).
+
+The run goes through `python launch.py run --until pretrain` in a subprocess with its own Ray, so
+that the driver can be killed too. Its data stages' artifacts are copied from the session run
+(same fingerprints), so only pretraining runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.dag import PIPELINE
+from pipeline.plan import make_plan
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def start_run(root: Path, tmp: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "launch.py",
+        "run",
+        "--until",
+        "pretrain",
+        "--root",
+        str(root),
+        "--wandb",
+        "offline",
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def progress(store, p) -> int:
+    prog = store.progress("pretrain", p.work_key)
+    return prog["step"] if prog else 0
+
+
+def kill_leftovers(tmp: Path) -> None:
+    """Ray processes that outlive a SIGKILLed driver are found by their unique temp dir."""
+    subprocess.run(["pkill", "-9", "-f", str(tmp)], check=False)
+
+
+@pytest.mark.timeout(1500)
+def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
+    ref_root, ref_cfg, _ = tiny_run
+    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-resume-{os.getpid()}"), tmp_path / "run.log"
+    cfg = load_config(overrides=[f"run.root={root}"])
+    store = ArtifactStore(str(root), cfg.run.name)
+    ref_plan = {
+        p.name: p for p in make_plan(ref_cfg, PIPELINE, ArtifactStore(str(ref_root), ref_cfg.run.name))
+    }
+    for stage in ("ingest", "tokenizer", "tokenize"):  # the same data: only pretraining runs
+        shutil.copytree(ref_plan[stage].path, store.run_dir / Path(ref_plan[stage].path).name)
+    plan = {p.name: p for p in make_plan(cfg, PIPELINE, store)}
+    assert [n for n, p in plan.items() if p.action == "run"] == ["pretrain"]
+    assert plan["pretrain"].fingerprint == ref_plan["pretrain"].fingerprint
+    every = cfg.pretrain.checkpoint_every
+    kill_worker_at = random.choice([s for s in range(every + 5, 2 * every - 5)])
+    kill_driver_at = random.choice([s for s in range(2 * every + 5, 3 * every - 5)])
+    pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
+    try:
+        proc = start_run(root, ray_tmp, log)
+        wait_for(
+            lambda: progress(store, plan["pretrain"]) >= kill_worker_at, 600, f"step {kill_worker_at}", proc
+        )
+        victim = int((pids / "rank1").read_text().split()[0])
+        os.kill(victim, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
+        wait_for(
+            lambda: progress(store, plan["pretrain"]) >= kill_driver_at, 600, f"step {kill_driver_at}", proc
+        )
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        proc.wait(timeout=30)
+        kill_leftovers(ray_tmp)
+        assert store.check("pretrain", plan["pretrain"].fingerprint)[0] is None  # no artifact yet
+
+        proc = start_run(root, ray_tmp, log)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    got = _rows(store.find("pretrain", plan["pretrain"].fingerprint).path)
+    want = _rows(Path(ref_plan["pretrain"].path))
+    assert [r["step"] for r in got] == list(range(1, cfg.pretrain.steps + 1))  # no step twice, none lost
+    assert [r["batch_crc"] for r in got] == [r["batch_crc"] for r in want]  # the same sequences per step
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # fp32: bit for bit
+    assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in want]
+    text = log.read_text()
+    assert "pretrain" in text
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
