@@ -15,6 +15,7 @@ Hugging Face folder with the tokenizer.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import tempfile
@@ -168,7 +169,11 @@ def train_worker(arg: dict, wctx) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids = T.global_batch(step, p["global_batch_size"], len(train), seed)
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+        # losses stay on the device until the step is done: one host sync per step, not per micro-step
+        sums = {
+            k: torch.zeros((), dtype=torch.float64, device=device)
+            for k in ("loss", "lm_loss", "aux_loss", "z_loss")
+        }
         moe = None
         for a in range(accum):
             x, y = T.load_batch(train, T.micro_batch(ids, a, rank, world, p["micro_batch_size"]), device)
@@ -177,17 +182,18 @@ def train_worker(arg: dict, wctx) -> dict:
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             for k in sums:
                 v = getattr(out, k)
-                sums[k] += float(v.detach()) / accum if v is not None else 0.0
+                if v is not None:
+                    sums[k] += v.detach().double() / accum
             if out.moe_stats is not None:
                 moe = out.moe_stats
         step += 1
         tokens_seen += tokens_per_step
-        if not torch.isfinite(torch.tensor(sums["loss"])):
+        row = T.all_reduce_mean(sums, device)  # every rank sees the same values, so all stop together
+        if not math.isfinite(row["loss"]):
             raise FloatingPointError(
-                f"pretrain: non-finite loss ({sums['loss']}) at step {step}; the last good checkpoint is "
+                f"pretrain: non-finite loss ({row['loss']}) at step {step}; the last good checkpoint is "
                 "kept. Lower pretrain.lr, raise warmup_steps, or use bf16/fp32 instead of fp16."
             )
-        row = T.all_reduce_mean(sums, device)
         dt = time.perf_counter() - t0
         row.update(step=step, lr=lr, tokens_seen=tokens_seen, tokens_per_s=tokens_per_step / dt)
         row["batch_crc"] = zlib.crc32(ids.tobytes())  # which sequences this step trained on

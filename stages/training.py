@@ -163,16 +163,15 @@ def write_json(path: Path, data: dict) -> None:
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for all of them)."""
+def all_reduce_mean(values: dict, device) -> dict[str, float]:
+    """Average scalar metrics (floats or 0-d tensors) over ranks: one collective, one host sync."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
     return dict(zip(keys, t.tolist(), strict=True))
 
 
