@@ -106,20 +106,15 @@ def plain_loop(model, precision: str, steps: int, micro: int) -> float:
 
 
 def hf_twin(model_cfg: ModelConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    """HF Llama (dense) or Mixtral (MoE) of the same architecture, through the export path's config mapping."""
+    from transformers import AutoModelForCausalLM
 
-    common = dict(
-        vocab_size=VOCAB, hidden_size=model_cfg.d_model, num_hidden_layers=model_cfg.n_layers,
-        num_attention_heads=model_cfg.n_heads, num_key_value_heads=model_cfg.n_kv_heads,
-        max_position_embeddings=SEQ, rms_norm_eps=model_cfg.norm_eps, rope_theta=model_cfg.rope_theta,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )  # fmt: skip
-    if model_cfg.n_experts:
-        return "Mixtral", MixtralForCausalLM(
-            MixtralConfig(**common, intermediate_size=model_cfg.moe_d_ff or model_cfg.d_ff,
-                          num_local_experts=model_cfg.n_experts, num_experts_per_tok=model_cfg.top_k)
-        )  # fmt: skip
-    return "Llama", LlamaForCausalLM(LlamaConfig(**common, intermediate_size=model_cfg.d_ff))
+    from stages.hf_convert import to_hf_config
+    from stages.model import build_config
+
+    fmt = "mixtral" if model_cfg.n_experts else "llama"
+    hf_config = to_hf_config(build_config(asdict(model_cfg), VOCAB, 0, 1), fmt)
+    return fmt.capitalize(), AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
 
 
 def flash_in_use(model_cfg: ModelConfig) -> bool:
