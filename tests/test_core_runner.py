@@ -222,3 +222,25 @@ def test_ctx_map_returns_results_in_item_order(tmp_path, ray_session):
     )
     assert result["results"] == [0, 1, 4, 9, 16, 25]  # slow_squares finishes the last items first
     assert outcome.results["a"]["metrics"] == {"value": 55}
+
+
+def test_ctrl_c_stops_running_stages_and_leaves_no_artifact(tmp_path, ray_session):
+    """SIGINT in the driver (Ctrl-C): running stages are cancelled, nothing half-written counts as an
+    artifact, the outcome says interrupted, and the next run resumes the unfinished stages only."""
+    cfg = toy_config(tmp_path, "b.steps=40", "b.sleep=0.1", "c.steps=40", "c.sleep=0.1")
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    plan = plan_of(cfg)
+    main = threading.main_thread().ident
+
+    def interrupt_once_b_runs():
+        wait_for(lambda: (store.progress("b", plan["b"].work_key) or {}).get("step", 0) >= 3, 60, "b to run")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_b_runs, daemon=True).start()
+    outcome = run_pipeline(cfg, TOY_DAG)  # in the main thread, where Ctrl-C lands
+    assert outcome.interrupted and not outcome.ok
+    assert "a" in outcome.results and not {"b", "c", "d"} & set(outcome.results)
+    for name in ("b", "c", "d"):
+        assert store.check(name, plan[name].fingerprint)[0] is None
+    again = run_pipeline(cfg, TOY_DAG)
+    assert again.ok and set(again.results) == {"b", "c", "d"}  # a is not re-run

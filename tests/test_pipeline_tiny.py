@@ -193,3 +193,35 @@ def test_pretrain_loss_curve_matches_the_committed_reference(tiny_run):
     assert curve.keys() == want.keys()
     far = {s: (curve[s], want[s]) for s in want if abs(curve[s] - want[s]) > 0.05}
     assert not far, f"loss differs from the reference at steps {far}"
+
+
+def test_pretrain_init_from_a_mixtral_folder_continues_from_its_weights(tiny_run, tmp_path):
+    """`pretrain.init_from` loads a Mixtral (or Llama) checkpoint: training starts at its loss, not
+    at a random model's."""
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    root, cfg, _ = tiny_run
+    served = tmp_path / "mixtral"
+    assert launch.main(["export", "pretrain", str(served), "--root", str(root), "--format", "mixtral"]) == 0
+    new_root = tmp_path / "runs"
+    for stage in ("ingest", "tokenizer", "tokenize"):
+        src = _path(cfg, stage)
+        shutil.copytree(src, new_root / cfg.run.name / src.name)
+    overrides = [
+        f"run.root={new_root}",
+        "run.wandb=disabled",
+        f"pretrain.init_from={served}",
+        "pretrain.steps=3",
+    ]
+    outcome = run_pipeline(load_config(overrides=overrides), PIPELINE)
+    assert outcome.ok and set(outcome.results) == {"pretrain"}, outcome.errors
+    rows = [
+        json.loads(x)
+        for x in (Path(outcome.results["pretrain"]["path"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    reference = [json.loads(x) for x in (_path(cfg, "pretrain") / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lm_loss"] < reference[0]["lm_loss"] - 1.5  # far below a random start
+    assert abs(rows[0]["lm_loss"] - reference[-1]["lm_loss"]) < 0.5  # where the exported model left off
