@@ -127,7 +127,8 @@ def test_killed_stage_leaves_no_artifact_and_resumes_alone(tmp_path, ray_session
 
 
 def test_independent_stages_run_at_the_same_time(tmp_path, ray_session):
-    cfg = toy_config(tmp_path, "b.sleep=0.5", "c.sleep=0.5")  # 3 steps each: ~1.5 s
+    # each waits, before finishing, until it sees the other started: sequential runs would time out
+    cfg = toy_config(tmp_path, "b.sleep=0.5", "c.sleep=0.5", "b.meet=c", "c.meet=b")
     store = ArtifactStore(str(tmp_path), "toy")
     plan = plan_of(cfg)
     outcome = run_pipeline(cfg, TOY_DAG)

@@ -29,6 +29,9 @@ class ToySection:
     """Seconds each step sleeps (to make a stage slow enough to kill or overlap)."""
     fail: bool = False
     """Raise an error at the end."""
+    meet: str = ""
+    """Another stage this one waits to see started before it finishes (fails after 60 s if it never
+    does): two stages that meet can only both complete if they run at the same time."""
 
 
 @frozen
@@ -60,12 +63,23 @@ def run_toy(cfg, inputs, out, ctx):
         time.sleep(section.sleep)
         ctx.log({"step": step, "loss": 1.0 / step})
         ctx.progress(step, section.steps)
+    if section.meet:
+        _wait_until_started(ctx.work_dir.parent, section.meet, deadline=time.time() + 60)
     if section.fail:
         raise RuntimeError(f"stage {ctx.stage} failed on purpose")
     (out / "value.json").write_text(json.dumps({"value": total}))
     with open(events, "a") as f:
         f.write(json.dumps({"end": time.time()}) + "\n")
     return {"value": total}
+
+
+def _wait_until_started(work_root, stage: str, deadline: float) -> None:
+    while not any("start" in line for p in work_root.glob(f"{stage}-*/events.jsonl") for line in p.open()):
+        if time.time() > deadline:
+            raise TimeoutError(
+                f"stage {stage} never started while this one ran: the stages ran one after the other"
+            )
+        time.sleep(0.05)
 
 
 def squares(x):
