@@ -4,6 +4,7 @@
     python launch.py run configs/tiny.yaml --set pretrain.steps=400 --until pretrain
     python launch.py run --dry-run                     # resolved config, DAG, why each stage runs
     python launch.py status --json                     # complete / partial (step k of n) / missing
+    python launch.py submit --address http://HEAD:8265 --root s3://bucket/kiln   # as a Ray job
     python launch.py export pretrain out/ --format llama
     python launch.py generate sft --prompt "Hello"
 
@@ -61,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable list of stages")
     status.add_argument("--verify", action="store_true", help="also check every file's sha256")
     status.set_defaults(func=cmd_status)
+
+    submit = sub.add_parser("submit", help="run the pipeline as a job on a Ray cluster (Jobs API)")
+    common(submit)
+    submit.add_argument("--address", required=True, help="the cluster's Jobs API, e.g. http://HEAD:8265")
+    submit.add_argument("--only", help="run only these stages (comma-separated); their inputs must exist")
+    submit.add_argument("--from", dest="start", help="re-run this stage and everything downstream")
+    submit.add_argument("--until", help="stop after this stage")
+    submit.add_argument("--wandb", choices=["online", "offline", "disabled"], help="W&B mode (run.wandb)")
+    submit.add_argument("--python", default="python", help="interpreter on the head (default: python)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.set_defaults(func=cmd_submit)
 
     export = sub.add_parser("export", help="write a stage's model as a folder plain transformers/vLLM load")
     export.add_argument("stage", help="a stage whose artifact is a model (pretrain, sft, ppo, reward)")
@@ -155,6 +167,23 @@ def _dry_run(cfg, sel, console) -> int:
     return 0
 
 
+def cmd_submit(args, console) -> int:
+    from pipeline.dag import PIPELINE
+    from pipeline.submit import SubmitError, submit
+
+    cfg = _load(args)  # every config error here, before anything is uploaded
+    names = PIPELINE.topological(cfg)
+    for name in [*(args.only or "").split(","), args.start, args.until]:
+        if name and name.strip() not in names:
+            console.print(f"[red]error:[/red] unknown stage {name!r}; stages are: {', '.join(names)}")
+            return 2
+    try:
+        return submit(args, cfg)
+    except SubmitError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+
+
 def cmd_status(args, console) -> int:
     from pipeline.artifacts import ArtifactStore
     from pipeline.dag import PIPELINE
@@ -169,13 +198,16 @@ def cmd_status(args, console) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"kiln status: {Path(cfg.run.root) / cfg.run.name}")
+    table = Table(title=f"kiln status: {cfg.run.root.rstrip('/')}/{cfg.run.name}")
     for col in ("stage", "state", "fingerprint", "metrics", "path"):
         table.add_column(col, overflow="fold")
     for r in rows:
         state = r["state"]
-        if r["progress"]:
-            state += f" (step {r['progress']['step']} of {r['progress']['total']})"
+        prog = r["progress"] or {}
+        if "step" in prog:
+            state += f" (step {prog['step']} of {prog.get('total')})"
+        if prog.get("waiting"):  # e.g. a worker group that lost a node, until it has room again
+            state += f"; {prog['waiting']}"
         metrics = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items()
         )

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+WORK_STATE = ("progress.json", "metrics.jsonl", "wandb_run.json")
+"""A work dir's small state files, mirrored to the shared root when the root is an object store."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,13 @@ def write_json_atomic(path: Path, data) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _loads(data: bytes | None):
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
 
 
 def read_json(path: Path):
@@ -129,11 +138,99 @@ class ArtifactStore:
         return self.run_dir / "logs" / f"{stage}.log"
 
     def progress(self, stage: str, work_key: str) -> dict | None:
+        if self.remote:
+            return _loads(self._remote.read_bytes(self._work_rel(stage, work_key, "progress.json")))
         path = self.work_dir(stage, work_key) / "progress.json"
         try:
             return read_json(path)
         except (OSError, ValueError):
             return None
+
+    # -- a stage's working state on a shared root ------------------------------------------------
+    # With an object-store root, `work_dir` is a local cache on the node that runs the stage; the
+    # shared copy is `<root>/<run>/.work/<stage>-<key>/`: Ray Train writes its checkpoints there
+    # directly (`train_storage`), the stage driver mirrors its small state files (`save_work`) and
+    # restores them when the stage starts again on any node (`restore_work`). On a local or NFS
+    # root the work dir is itself shared and these are no-ops.
+
+    def _work_rel(self, stage: str, work_key: str, rel: str = "") -> str:
+        return f".work/{self.name(stage, work_key)}" + (f"/{rel}" if rel else "")
+
+    def work_uri(self, stage: str, work_key: str) -> str:
+        if self.remote:
+            return self._remote.uri(self._work_rel(stage, work_key))
+        return str(self.work_dir(stage, work_key))
+
+    def train_storage(self, stage: str, work_key: str):
+        """(storage_path, storage_filesystem) for Ray Train's checkpoints of this stage."""
+        if self.remote:
+            return f"{self._remote.base}/{self._work_rel(stage, work_key, 'ray')}", self._remote.fs
+        return str(self.work_dir(stage, work_key) / "ray"), None
+
+    def save_work(self, stage: str, work_key: str, names=WORK_STATE) -> None:
+        """Copy the work dir's small state files to the shared root (object stores only)."""
+        if not self.remote:
+            return
+        local = self.work_dir(stage, work_key)
+        for name in names:
+            if (local / name).is_file():
+                self._remote.upload_file(local / name, self._work_rel(stage, work_key, name))
+
+    def restore_work(self, stage: str, work_key: str) -> None:
+        """Bring the shared copies of the state files into this node's work dir (object stores
+        only). The shared copy wins unless the local one holds more (metrics not yet mirrored)."""
+        if not self.remote:
+            return
+        local = self.work_dir(stage, work_key)
+        local.mkdir(parents=True, exist_ok=True)
+        for name in WORK_STATE:
+            data = self._remote.read_bytes(self._work_rel(stage, work_key, name))
+            if data is None:
+                continue
+            mine = local / name
+            if mine.is_file() and name == "metrics.jsonl" and mine.stat().st_size > len(data):
+                continue
+            mine.write_bytes(data)
+
+    def write_work_file(self, stage: str, work_key: str, rel: str, text: str) -> None:
+        """A small file in the stage's shared work dir, from any node (e.g. worker_pids/rank0)."""
+        if self.remote:
+            self._remote.write_bytes(self._work_rel(stage, work_key, rel), text.encode())
+            return
+        path = self.work_dir(stage, work_key) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def read_work_file(self, stage: str, work_key: str, rel: str) -> str | None:
+        if self.remote:
+            data = self._remote.read_bytes(self._work_rel(stage, work_key, rel))
+            return None if data is None else data.decode()
+        try:
+            return (self.work_dir(stage, work_key) / rel).read_text()
+        except OSError:
+            return None
+
+    def note_waiting(self, stage: str, work_key: str, why: str | None) -> None:
+        """Record in progress.json what a running stage waits for (None: nothing any more), so
+        that `status` on any machine can say it."""
+        prog = self.progress(stage, work_key) or {}
+        if (prog.get("waiting") or None) == why:
+            return
+        prog.pop("waiting", None)
+        if why:
+            prog.update(waiting=why, waiting_since=time.time())
+        else:
+            prog.pop("waiting_since", None)
+        if self.remote:
+            data = json.dumps(prog, indent=2, sort_keys=True).encode()
+            self._remote.write_bytes(self._work_rel(stage, work_key, "progress.json"), data)
+        else:
+            write_json_atomic(self.work_dir(stage, work_key) / "progress.json", prog)
+
+    def save_log(self, stage: str) -> None:
+        """The stage's log to the shared root (object stores only; a local root holds it already)."""
+        if self.remote and self.log_path(stage).is_file():
+            self._remote.upload_file(self.log_path(stage), f"logs/{stage}.log")
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -81,13 +81,37 @@ def _plain(v: Any) -> Any:
 class StageContext:
     """Everything a stage may ask of the runner. This base runs everything in-process."""
 
-    def __init__(self, stage: str, work_dir: Path, tracker=None, logger: logging.Logger | None = None):
+    MIRROR_EVERY_S = 2.0
+    """On an object-store root, the work dir's state files are copied there at most this often
+    (and at every checkpoint and at the end)."""
+
+    def __init__(
+        self, stage: str, work_dir: Path, tracker=None, logger: logging.Logger | None = None,
+        store=None, work_key: str | None = None, inputs: dict[str, str] | None = None,
+    ):  # fmt: skip
         self.stage = stage
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = tracker
         self.metrics = MetricsLog(self.work_dir / "metrics.jsonl", tracker)
         self.logger = logger or logging.getLogger(f"kiln.{stage}")
+        self.store, self.work_key, self.inputs = store, work_key, dict(inputs or {})
+        self._mirrored = 0.0
+
+    @property
+    def shared_work(self) -> bool:
+        """False when the work dir is a node-local cache of an object-store root."""
+        return self.store is None or not self.store.remote
+
+    def mirror(self, force: bool = False) -> None:
+        """Copy progress.json / metrics.jsonl to an object-store root (throttled unless forced)."""
+        if self.shared_work or (not force and time.time() - self._mirrored < self.MIRROR_EVERY_S):
+            return
+        self._mirrored = time.time()
+        try:
+            self.store.save_work(self.stage, self.work_key)
+        except OSError as e:
+            self.logger.warning("could not copy the work state to %s: %s", self.store.root, e)
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -108,14 +132,17 @@ class StageContext:
 
     def log(self, row: dict) -> None:
         self.metrics.write(row)
+        self.mirror()
 
     def progress(self, step: int, total: int, **extra) -> None:
         write_json_atomic(
             self.work_dir / "progress.json", {"step": step, "total": total, "time": time.time(), **extra}
         )
+        self.mirror()
 
     def finalize_metrics(self, out: Path) -> None:
         """Copy the metrics logged so far into the artifact folder."""
+        self.mirror(force=True)
         if self.metrics.path.exists():
             (out / "metrics.jsonl").write_bytes(self.metrics.path.read_bytes())
 

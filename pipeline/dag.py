@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from pipeline.context import Scaling
 
@@ -114,16 +115,39 @@ class DAG:
 
 
 def input_file_stats(patterns) -> list:
-    """(path, size, mtime) of files matched by patterns: editing a source file re-runs its reader."""
+    """(path, size, mtime) of files matched by patterns: editing a source file re-runs its reader.
+    A file shipped inside the project (the sample corpus) is known by its content instead of its
+    mtime, which a copy of the project does not keep (a Ray job's working directory, a checkout on
+    another machine): the same config then names the same artifacts wherever it is planned."""
+    from pipeline.config import PROJECT_ROOT
+
     stats = []
     for pattern in patterns:
         for path in sorted(glob.glob(str(pattern))) or [str(pattern)]:
             try:
                 st = os.stat(path)
-                stats.append([path, st.st_size, int(st.st_mtime)])
             except OSError:
                 stats.append([path, None, None])
+                continue
+            inside = Path(path).resolve().is_relative_to(PROJECT_ROOT)
+            if inside and st.st_size <= PROJECT_FILE_HASH_LIMIT:
+                stats.append([path, st.st_size, "sha256:" + _sha256(path)])
+            else:
+                stats.append([path, st.st_size, int(st.st_mtime)])
     return stats
+
+
+PROJECT_FILE_HASH_LIMIT = 256 << 20
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

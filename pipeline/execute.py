@@ -64,6 +64,7 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             raise ArtifactError(f"{stage} needs the {name} artifact ({fp}), which is not usable: {why}")
         inputs[name] = art
     work_dir = store.work_dir(stage, job.work_key)
+    store.restore_work(stage, job.work_key)  # a shared root's copy: the stage may have run elsewhere
     tracker = Tracker.start(
         stage=stage,
         fingerprint=job.fingerprint,
@@ -75,7 +76,9 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
         work_dir=work_dir,
         wandb_dir=store.run_dir,
     )
-    ctx = make_context(stage, work_dir, tracker=tracker, logger=logger)
+    ctx = make_context(
+        stage, work_dir, tracker=tracker, logger=logger, store=store, work_key=job.work_key, inputs=job.inputs
+    )
     staging = store.staging(stage, job.fingerprint)
     logger.info("stage %s (%s) starting; inputs %s", stage, job.fingerprint, job.inputs)
     try:
@@ -97,12 +100,23 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
         logger.error("stage %s failed:\n%s", stage, traceback.format_exc())
         shutil.rmtree(staging, ignore_errors=True)
         tracker.finish(exit_code=1)
+        _save_state(store, stage, job.work_key)
         raise
     tracker.summary(metrics)
     tracker.log_artifact(store.artifact_uri(stage, job.fingerprint), job.fingerprint, metrics)
     tracker.finish()
     logger.info("stage %s complete in %.1fs: %s", stage, time.time() - started, metrics)
+    _save_state(store, stage, job.work_key)
     return {"metrics": metrics, "path": str(art.path), "seconds": time.time() - started}
+
+
+def _save_state(store: ArtifactStore, stage: str, work_key: str) -> None:
+    """On an object-store root: the work dir's state files and the log to the shared root."""
+    try:
+        store.save_work(stage, work_key)
+        store.save_log(stage)
+    except OSError as e:  # never hide the stage's own outcome behind a failed copy
+        logging.getLogger(f"kiln.{stage}").warning("could not copy %s state to %s: %s", stage, store.root, e)
 
 
 def _stage_logger(stage: str, path: Path) -> logging.Logger:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -20,10 +22,22 @@ from pipeline.context import Scaling, StageContext, WorkerContext
 log = logging.getLogger("kiln.ray")
 
 
+def _here():
+    """Scheduling strategy: on this process's node, nowhere else."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 class RayStageContext(StageContext):
     def map(self, fn, items, *, num_cpus: float = 1):
         items = list(items)
         task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)  # retried if a node dies
+        if not self.shared_work:
+            # An object-store root: the tasks exchange files through the work dir and the staging
+            # folder, which are local to this node, so the tasks run here (an NFS root fans out).
+            self._check_local_capacity(num_cpus)
+            task = task.options(scheduling_strategy=_here())
         refs = [task.remote(item) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}
         results, pending = [None] * len(refs), list(refs)
@@ -33,24 +47,47 @@ class RayStageContext(StageContext):
             self.progress(len(refs) - len(pending), len(refs), unit="files")
         return results
 
+    def _check_local_capacity(self, num_cpus: float) -> None:
+        node = ray.get_runtime_context().get_node_id()
+        have = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+        if have + 1e-9 < num_cpus:
+            raise RuntimeError(
+                f"{self.stage}: the artifact root {self.store.root} is an object store, so this stage's "
+                f"tasks run on the node of its driver, which has {have:g} CPUs and each task needs "
+                f"{num_cpus:g}. Give that node (the one running launch.py; the head for `submit`) "
+                "CPUs, or use a shared filesystem (NFS) root, on which the tasks spread over all nodes."
+            )
+
     def run_workers(self, train_fn, arg, scaling: Scaling):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Queue
 
-        queue = Queue(actor_options={"num_cpus": 0})
+        # the queue lives beside this driver: a worker node that goes away must not take it along
+        queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _here()})
         use_gpu = scaling.gpus_per_worker > 0
-
-        pids = self.work_dir / "worker_pids"
+        where = _Placement(
+            root=self.store.root if self.store else None, run=self.store.run if self.store else None,
+            stage=self.stage, work_key=self.work_key, inputs=self.inputs, work_dir=str(self.work_dir),
+            driver_node=ray.get_runtime_context().get_node_id(),
+            driver_run_dir=str(self.store.run_dir) if self.store else None,
+        )  # fmt: skip
+        if not self.shared_work:
+            self.store._remote.delete_tree(where.outbox)  # nothing left from an earlier attempt
+        storage_path, storage_fs = (
+            self.store.train_storage(self.stage, self.work_key)
+            if self.store
+            else (str(self.work_dir / "ray"), None)
+        )
 
         def loop(_config):
             wctx = RayWorkerContext(queue)
-            try:  # where each rank runs, for operators (and for tests that kill one)
-                pids.mkdir(parents=True, exist_ok=True)
-                (pids / f"rank{wctx.rank}").write_text(f"{os.getpid()} {wctx.node_id}\n")
-            except OSError:  # the work dir is not shared with this node
-                pass
-            result = train_fn(arg, wctx)
+            started = time.time()
+            where.announce(wctx)
+            local_arg, node_work = where.localize(arg, wctx.node_id)
+            result = train_fn(local_arg, wctx)
+            if node_work is not None:
+                where.send_back(node_work, wctx.rank, started)
             queue.put(("result", wctx.rank, result))
 
         trainer = TorchTrainer(
@@ -67,7 +104,8 @@ class RayStageContext(StageContext):
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
                 name=self.work_dir.name,
-                storage_path=str(self.work_dir / "ray"),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=scaling.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
             ),
@@ -82,6 +120,11 @@ class RayStageContext(StageContext):
             stop.set()
             drainer.join()
             ray.kill(queue.actor)
+        if not self.shared_work:  # files the ranks on other nodes wrote into their work dirs
+            got = self.store._remote.download_tree(where.outbox, self.work_dir)
+            if got:
+                self.logger.info("%s: %d file(s) from workers on other nodes", self.stage, len(got))
+            self.store._remote.delete_tree(where.outbox)
         return [results.get(r) for r in range(scaling.num_workers)]
 
     def _drain(self, queue, results, stop):
@@ -101,6 +144,8 @@ class RayStageContext(StageContext):
                 self.progress(*payload[0])
             elif kind == "resumed":
                 self.metrics.truncate(payload[0])
+            elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
+                self.mirror(force=True)
             elif kind == "result":
                 results[payload[0]] = payload[1]
 
@@ -124,6 +169,8 @@ class RayWorkerContext(WorkerContext):
 
         if metrics and self.rank == 0:
             self.queue.put(("metrics", dict(metrics)))
+        if checkpoint_dir is not None and self.rank == 0:
+            self.queue.put(("checkpoint", None))
         if checkpoint_dir is not None:  # every rank reports its own shard; Ray merges them
             ray.train.report(
                 dict(metrics or {}), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
@@ -146,3 +193,88 @@ class RayWorkerContext(WorkerContext):
     def resumed_from(self, step):
         if self.rank == 0:
             self.queue.put(("resumed", step))
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """What a worker needs to know about where the stage keeps its files, whatever node it is on.
+
+    On a local or NFS root every path the stage hands its workers is valid on every node. On an
+    object-store root the stage driver's paths (its input artifacts, its work dir) are a cache on
+    the driver's node; a worker on another node gets its own: the inputs are downloaded into that
+    node's cache (`KILN_CACHE`, once per node), the paths in the worker's argument are moved onto it,
+    and what the worker leaves in its work dir is sent back through the object store (`outbox`)
+    for the driver to collect when the group is done.
+    """
+
+    root: str | None
+    run: str | None
+    stage: str
+    work_key: str | None
+    inputs: dict
+    work_dir: str
+    driver_node: str
+    driver_run_dir: str | None
+
+    @property
+    def remote(self) -> bool:
+        return self.root is not None and "://" in self.root and not self.root.startswith("file://")
+
+    @property
+    def outbox(self) -> str:
+        return f".work/{self.stage}-{self.work_key}/outbox"
+
+    def _store(self):
+        from pipeline.artifacts import ArtifactStore
+
+        return ArtifactStore(self.root, self.run)
+
+    def announce(self, wctx) -> None:
+        """worker_pids/rank<r> = "pid node_id" in the stage's work dir: where each rank runs, for
+        operators (and for tests that kill one)."""
+        text = f"{os.getpid()} {wctx.node_id}\n"
+        try:
+            if not self.remote:
+                path = Path(self.work_dir) / "worker_pids" / f"rank{wctx.rank}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            else:
+                self._store().write_work_file(self.stage, self.work_key, f"worker_pids/rank{wctx.rank}", text)
+        except OSError as e:  # informational only
+            log.warning("could not record rank %d's pid: %s", wctx.rank, e)
+
+    def localize(self, arg, node_id: str):
+        """(the argument with paths valid on this node, this node's work dir if it is not the
+        driver's own, else None)."""
+        if not self.remote or node_id == self.driver_node:
+            return arg, None
+        store = self._store()
+        for name, fp in self.inputs.items():
+            if store.find(name, fp) is None:
+                raise RuntimeError(f"{self.stage}: the {name} artifact ({fp}) is not complete on {self.root}")
+        node_work = store.work_dir(self.stage, self.work_key)
+        node_work.mkdir(parents=True, exist_ok=True)
+        return _rebase(arg, self.driver_run_dir, str(store.run_dir)), node_work
+
+    def send_back(self, node_work: Path, rank: int, since: float) -> None:
+        store = self._store()
+        for p in sorted(node_work.rglob("*")):
+            rel = p.relative_to(node_work).as_posix()
+            if (
+                p.is_file()
+                and p.stat().st_mtime >= since - 1
+                and not rel.startswith(("ray/", "worker_pids/"))
+            ):
+                store._remote.upload_file(p, f"{self.outbox}/{rel}")
+        log.info("rank %d sent its work-dir files back through %s", rank, store.root)
+
+
+def _rebase(value, old: str, new: str):
+    """`value` with every string path under `old` moved under `new` (dicts, lists, tuples)."""
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new + value[len(old) :]
+    if isinstance(value, dict):
+        return {k: _rebase(v, old, new) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_rebase(v, old, new) for v in value)
+    return value

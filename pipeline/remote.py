@@ -5,6 +5,10 @@ final prefix and `manifest.json` goes last: readers treat a prefix without a man
 file whose size disagrees) as incomplete. Readers get a local copy in a cache folder keyed by the
 root, downloaded once per artifact and checked against the manifest.
 
+The run's working state lives under the same prefix (`.work/<stage>-<key>/`: Ray Train checkpoints
+through `storage_filesystem`, and copies of progress.json, metrics.jsonl, wandb_run.json; `logs/`),
+so any node, and `status` on any machine, sees it; pipeline/artifacts.py decides what goes where.
+
 S3 credentials come from the usual places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws,
 instance roles) through pyarrow; `AWS_ENDPOINT_URL` points at an S3-compatible server.
 """
@@ -30,11 +34,13 @@ class RemoteRoot:
             scheme, _, host = endpoint.partition("://")
             self.fs = fs.S3FileSystem(
                 endpoint_override=host or scheme, scheme=scheme if host else "https",
+                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 allow_bucket_creation=True,
             )  # fmt: skip
             self.base = uri.removeprefix("s3://").rstrip("/")
         else:
             self.fs, self.base = fs.FileSystem.from_uri(uri)
+            self.base = self.base.rstrip("/")
 
     def cache_key(self) -> str:
         return hashlib.sha256(self.uri_root.encode()).hexdigest()[:16]
@@ -73,16 +79,19 @@ class RemoteRoot:
         return manifest, None
 
     def download(self, name: str, cache_dir: Path) -> Path:
-        """A verified local copy of the artifact (reused when already cached and intact)."""
+        """A verified local copy of the artifact (reused when already cached and intact). Processes on
+        one node share the cache: a lock per artifact makes the second wait for the first's copy."""
         dest = Path(cache_dir) / name
-        manifest = self._read_manifest(name)
-        if dest.is_dir() and manifest and verify_files(dest, manifest["files"], deep=False) is None:
-            return dest
-        tmp = dest.with_name(f".tmp-{name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._copy_down(name, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _FileLock(dest.with_name(f".lock-{name}")):
+            manifest = self._read_manifest(name)
+            if dest.is_dir() and manifest and verify_files(dest, manifest["files"], deep=False) is None:
+                return dest
+            tmp = dest.with_name(f".tmp-{name}-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._copy_down(name, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
         return dest
 
     def _copy_down(self, name: str, dest: Path) -> None:
@@ -99,8 +108,9 @@ class RemoteRoot:
     def upload(self, staging: Path, name: str) -> None:
         """Every file under the final prefix, then the manifest: complete only once it lands."""
         prefix = f"{self.base}/{name}"
-        if self._read_manifest(name) is not None:  # a forced re-run: make the old one incomplete first
-            self.fs.delete_file(f"{prefix}/{MANIFEST}")
+        if self._read_manifest(name) is not None:  # a forced re-run: make the old one incomplete first,
+            self.fs.delete_file(f"{prefix}/{MANIFEST}")  # then drop its files (none may linger)
+            self.fs.delete_dir_contents(prefix, missing_dir_ok=True)
         self.fs.create_dir(prefix, recursive=True)
         files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
         for p in [*files, staging / MANIFEST]:
@@ -122,6 +132,57 @@ class RemoteRoot:
                     found.append(manifest)
         return sorted(found, key=lambda m: m.get("created", 0), reverse=True)
 
+    # -- single files under the run prefix (work dirs, logs) -------------------------------------
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        from pyarrow import fs
+
+        path = f"{self.base}/{rel}"
+        try:
+            if self.fs.get_file_info(path).type != fs.FileType.File:
+                return None
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """One object, replaced whole (object stores have no partial writes)."""
+        with self.fs.open_output_stream(f"{self.base}/{rel}") as out:
+            out.write(data)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        with open(local, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+    def list_files(self, rel: str) -> dict[str, int]:
+        """Files under `rel/` (relative to it) -> size."""
+        from pyarrow import fs
+
+        prefix = f"{self.base}/{rel}".rstrip("/")
+        return {
+            i.path.removeprefix(f"{prefix}/"): i.size
+            for i in self.fs.get_file_info(_selector(prefix))
+            if i.type == fs.FileType.File
+        }
+
+    def download_tree(self, rel: str, dest: Path) -> list[str]:
+        """Every file under `rel/` into `dest`, same relative paths; returns them."""
+        files = sorted(self.list_files(rel))
+        for f in files:
+            target = Path(dest) / f
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_input_stream(f"{self.base}/{rel}/{f}") as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        return files
+
+    def delete_tree(self, rel: str) -> None:
+        from pyarrow import fs
+
+        path = f"{self.base}/{rel}"
+        if self.fs.get_file_info(path).type == fs.FileType.Directory:
+            self.fs.delete_dir(path)
+
 
 def _selector(path: str):
     from pyarrow import fs
@@ -142,3 +203,23 @@ class _TempDownload:
 
     def __exit__(self, *exc):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _FileLock:
+    """An exclusive lock on a file (flock): processes of one node queue on it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import fcntl
+
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
@@ -57,6 +59,7 @@ def run_pipeline(
     waiting = [p.name for p in todo]
     running: dict = {}  # ref -> stage
     started: dict[str, float] = {}
+    watch: dict[str, object] = {"next": 0.0}  # running worker groups short of resources -> why
     display.start(todo)
     try:
         while waiting or running:
@@ -74,10 +77,13 @@ def run_pipeline(
                 if missing is None:  # fits: submit
                     waiting.remove(name)
                     res = dag[name].driver_resources(cfg) if not dag[name].scaling(cfg) else {"CPU": 0}
+                    # a stage driver that holds no resources (its tasks or workers do) stays on this
+                    # node: losing a worker node must not take the stage's driver along
+                    pin = {} if any(res.values()) else {"scheduling_strategy": _this_node(ray)}
                     ref = task.options(
                         num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
                         resources={k: v for k, v in res.items() if k not in ("CPU", "GPU")} or None,
-                        name=f"kiln:{name}",
+                        name=f"kiln:{name}", **pin,
                     ).remote(jobs[name])  # fmt: skip
                     running[ref] = name
                     started[name] = time.time()
@@ -95,6 +101,7 @@ def run_pipeline(
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for name in running.values():
                 display.update(name, store.progress(name, jobs[name].work_key))
+            _watch_resources(ray, dag, cfg, store, jobs, running, display, watch)
             for ref in ready:
                 name = running.pop(ref)
                 try:
@@ -113,6 +120,40 @@ def run_pipeline(
     return outcome
 
 
+WATCH_EVERY_S = 2.0
+
+
+def _watch_resources(ray, dag, cfg, store, jobs, running, display, watch) -> None:
+    """A running worker group whose nodes went away waits (Ray Train restarts it from its last
+    checkpoint once the cluster has room again): say what it waits for, in the display and in the
+    stage's progress.json, where `status` on any machine reads it; clear it when resolved."""
+    now = time.time()
+    if now < watch["next"]:
+        return
+    watch["next"] = now + WATCH_EVERY_S
+    for name in running.values():
+        if dag[name].scaling(cfg) is None:
+            continue
+        short = _unmet(ray, dag[name], cfg, None, fail=False)
+        if short == watch.get(name):
+            continue
+        watch[name] = short
+        try:
+            store.note_waiting(name, jobs[name].work_key, f"{name}: {short}" if short else None)
+        except OSError:
+            pass
+        if short:
+            display.waiting(name, short)
+        else:
+            display.update(name, store.progress(name, jobs[name].work_key))
+
+
+def _this_node(ray):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _stage_task(job: StageJob) -> dict:
     """Body of a stage's Ray task: the stage runs with the Ray context."""
     from pipeline.ray_context import RayStageContext
@@ -123,9 +164,19 @@ def _stage_task(job: StageJob) -> dict:
 def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
     return StageJob(
         stage=dag[p.name], fingerprint=p.fingerprint, work_key=p.work_key, cfg=cfg, config=p.config, inputs=p.inputs,
-        root=cfg.run.root, run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
+        root=_absolute(cfg.run.root), run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
         wandb_project=cfg.run.wandb_project, code_version=p.code, inputs_verified=True,
     )  # fmt: skip
+
+
+def _absolute(root: str) -> str:
+    """A local root as an absolute path: stage tasks on a cluster do not share the driver's cwd."""
+    if "://" in root and not root.startswith("file://"):
+        return root
+    return str(Path(root.removeprefix("file://")).resolve())
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def _init_ray(address):
@@ -134,6 +185,10 @@ def _init_ray(address):
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):  # e.g. a job's driver on its cluster
+        address = os.environ["RAY_ADDRESS"]
+    if not address or _host(address) in LOOPBACK:
+        _stay_on_loopback()
     import ray
 
     if not ray.is_initialized():
@@ -144,7 +199,24 @@ def _init_ray(address):
     return ray
 
 
-def _unmet(ray, stage, cfg, since: float | None) -> str | None:
+def _host(address: str) -> str:
+    rest = address.split("://", 1)[-1]
+    return rest.rsplit(":", 1)[0] if rest.count(":") == 1 or rest.startswith("[") else rest
+
+
+def _stay_on_loopback() -> None:
+    """Ray replaces a node address of 127.0.0.1 by the machine's interface address (and then binds
+    its GCS, raylet, agents and workers on all interfaces) unless multi-node clusters are off for
+    the process. A local run, or a driver of a cluster on this machine's loopback, turns them off,
+    so that every port it opens listens on 127.0.0.1 only (tests/test_cluster_security.py)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if "ray._private.ray_constants" in sys.modules:  # read at import: correct an early import
+        sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = (
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
+        )
+
+
+def _unmet(ray, stage, cfg, since: float | None, fail: bool = True) -> str | None:
     """None if the cluster has the resources; else what is missing ('FAIL …' once the wait is over)."""
     scaling = stage.scaling(cfg)
     need = dict(stage.driver_resources(cfg)) if scaling is None else {}
@@ -166,12 +238,12 @@ def _unmet(ray, stage, cfg, since: float | None) -> str | None:
         return None
     what = ", ".join(short)
     hint = ""
-    if scaling is not None:
-        s = stage.sections[0]
+    if scaling is not None and fail:
+        s = next((s for s in stage.sections if hasattr(getattr(cfg, s), "num_workers")), stage.sections[0])
         hint = f"; lower {s}.num_workers / {s}.cpus_per_worker / {s}.gpus_per_worker, or add nodes"
     msg = f"{stage.name} needs {what}{hint}"
     waited = time.time() - (since or time.time())
-    if waited >= cfg.run.resource_wait_s:
+    if fail and waited >= cfg.run.resource_wait_s:
         return f"FAIL {msg} (waited {waited:.0f}s, run.resource_wait_s={cfg.run.resource_wait_s:g})"
     return f"waiting for resources: {msg}"
 

@@ -14,6 +14,7 @@ offline otherwise. Only the resolved pipeline config is logged; keys and other s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import netrc
@@ -119,7 +120,10 @@ class Tracker:
             metadata={"fingerprint": fingerprint, "metrics": metrics, "uri": uri},
         )
         ref = uri if "://" in uri else f"file://{Path(uri).resolve()}"
-        art.add_reference(ref, checksum=False)
+        if ref.startswith("file://") or importlib.util.find_spec("boto3") is not None:
+            art.add_reference(ref, checksum=False)
+        # else: W&B resolves s3:// references with boto3, which Kiln does not need (it reads object
+        # stores through pyarrow); the artifact's URI stays in its metadata
         self.run.log_artifact(art, aliases=[fingerprint, "latest"])
 
     def finish(self, exit_code: int = 0) -> None:

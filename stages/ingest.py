@@ -13,8 +13,9 @@ its file (memory flat whatever the size) into a Parquet part of candidates and r
 64-bit content hashes. The driver then finds exact duplicates across files (the first in input
 order wins), and a second round of per-file tasks writes the final shards. Results come back in
 input order and every decision depends only on the data, so the output is the same byte for byte
-whichever task finishes first. Parts live in the stage's work dir: on a multi-node cluster that
-is the run root, which must then be a shared filesystem.
+whichever task finishes first. Parts live in the stage's work dir: on a multi-node cluster with a
+shared-filesystem root the tasks spread over the nodes; with an object-store root (s3://) the work
+dir is local to the stage's driver, so the runner keeps the tasks on its node (pipeline/ray_context.py).
 """
 
 from __future__ import annotations

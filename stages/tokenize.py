@@ -19,7 +19,8 @@ set weights never lands on both sides.
 Documents are cut into `tokenize.partitions` contiguous ranges, tokenized in parallel (`ctx.map`,
 one task per range), each into a raw stream per split in the work dir; the driver stitches the
 streams in range order and cuts the windows, so 1 and N partitions give the same bytes.
-As for ingest, on a multi-node cluster the work dir (run root) must be a shared filesystem.
+As for ingest, the tasks spread over a cluster's nodes with a shared-filesystem root, and stay on
+the driver's node with an object-store root.
 """
 
 from __future__ import annotations

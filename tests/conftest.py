@@ -21,6 +21,9 @@ def ray_session():
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from pipeline.runner import _stay_on_loopback
+
+    _stay_on_loopback()  # as the runner does: otherwise Ray listens on every interface
     import ray
 
     started = False

@@ -1,0 +1,262 @@
+"""Object-store artifact roots (pipeline/remote.py) against a real S3 server on loopback: commit with
+the manifest last, verification, forced re-runs, tampering, the shared work-dir state, the per-node
+cache under concurrency, and a pipeline run on an s3:// root (toy stages, in-process Ray)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import MANIFEST, ArtifactStore
+from pipeline.config import PROJECT_ROOT
+from pipeline.configlib import load
+from pipeline.context import Scaling
+from pipeline.dag import DAG, Stage
+from pipeline.plan import make_plan
+from pipeline.runner import status_rows
+from tests.s3server import S3Server
+from tests.toy_stages import ToyConfig
+
+SECRET = "kiln-remote-test-secret-0123456789"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"), access_key="AKIAKILNREMOTETEST01", secret_key=SECRET)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3env(s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+def _commit(store, stage, fp, files: dict[str, bytes]):
+    staging = store.staging(stage, fp)
+    for rel, data in files.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    return store.commit(stage, fp, staging, {"metrics": {"n": len(files)}, "config": {}})
+
+
+@pytest.mark.timeout(120)
+def test_artifacts_on_s3_commit_verify_rerun_and_tamper(s3env, tmp_path):
+    store = ArtifactStore("s3://kiln/unit", "r1", cache_dir=tmp_path / "cache-a")
+    assert store.check("a", "f1") == (
+        None,
+        "s3://kiln/unit/r1/a-f1/manifest.json is missing (the stage did not finish)",
+    )
+    art = _commit(store, "a", "f1", {"x.bin": b"x" * 1000, "sub/y.txt": b"hello"})
+    assert art.path.is_dir() and (art.path / "sub/y.txt").read_bytes() == b"hello"
+    assert store.artifact_uri("a", "f1") == "s3://kiln/unit/r1/a-f1"
+    assert not list(store.run_dir.glob(".staging/.tmp-*"))  # staging removed after the upload
+
+    other = ArtifactStore("s3://kiln/unit", "r1", cache_dir=tmp_path / "cache-b")  # another machine
+    manifest, problem = other.check("a", "f1", deep=True)
+    assert problem is None and manifest["metrics"] == {"n": 2}
+    assert (other.find("a", "f1").path / "x.bin").stat().st_size == 1000
+    assert [m["fingerprint"] for m in other.previous("a")] == ["f1"]
+
+    # a forced re-run: the old manifest goes first, then its files; none linger
+    _commit(store, "a", "f1", {"z.txt": b"new"})
+    listed = store._remote.list_files("a-f1")
+    assert sorted(listed) == [MANIFEST, "z.txt"]
+
+    # tampering: another size is seen on every check, the same size only by sha256
+    s3 = s3env.filesystem()
+    with s3.open_output_stream("kiln/unit/r1/a-f1/z.txt") as f:
+        f.write(b"newer")
+    assert "size 5 != manifest 3" in other.check("a", "f1")[1]
+    with s3.open_output_stream("kiln/unit/r1/a-f1/z.txt") as f:
+        f.write(b"NEW")
+    assert other.check("a", "f1")[1] is None
+    assert "sha256" in other.check("a", "f1", deep=True)[1]
+    # an object without its manifest is never complete
+    s3.delete_file("kiln/unit/r1/a-f1/manifest.json")
+    assert "manifest.json is missing" in other.check("a", "f1")[1]
+
+
+@pytest.mark.timeout(60)
+def test_work_state_is_shared_through_the_root(s3env, tmp_path):
+    a = ArtifactStore("s3://kiln/unit", "r2", cache_dir=tmp_path / "node-a")
+    b = ArtifactStore("s3://kiln/unit", "r2", cache_dir=tmp_path / "node-b")
+    work = a.work_dir("train", "k1")
+    work.mkdir(parents=True)
+    (work / "progress.json").write_text(json.dumps({"step": 7, "total": 10}))
+    (work / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (work / "big-local-thing.bin").write_bytes(b"0" * 100)
+    a.save_work("train", "k1")
+    assert b.progress("train", "k1") == {"step": 7, "total": 10}  # `status` anywhere
+    assert sorted(a._remote.list_files(".work/train-k1")) == ["metrics.jsonl", "progress.json"]
+
+    b.restore_work("train", "k1")  # the stage starts again on node b
+    assert (b.work_dir("train", "k1") / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    # a longer local metrics file (rows not mirrored yet) is kept
+    (work / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    a.restore_work("train", "k1")
+    assert (work / "metrics.jsonl").read_text().count("\n") == 3
+
+    b.note_waiting("train", "k1", "train: waiting for resources: 2 CPU")
+    assert a.progress("train", "k1")["waiting"] == "train: waiting for resources: 2 CPU"
+    assert a.progress("train", "k1")["step"] == 7
+    b.note_waiting("train", "k1", None)
+    assert "waiting" not in a.progress("train", "k1")
+
+    a.write_work_file("train", "k1", "worker_pids/rank1", "123 node\n")
+    assert b.read_work_file("train", "k1", "worker_pids/rank1") == "123 node\n"
+    path, fs = a.train_storage("train", "k1")
+    assert path == "kiln/unit/r2/.work/train-k1/ray" and fs is not None  # Ray Train: bucket/prefix
+
+    local = ArtifactStore(str(tmp_path / "plain"), "r2")
+    assert local.train_storage("train", "k1") == (str(local.work_dir("train", "k1") / "ray"), None)
+
+
+def _download(args):
+    root, cache, fp = args
+    store = ArtifactStore(root, "r3", cache_dir=cache)
+    art = store.find("big", fp)
+    return (art.path / "blob.bin").stat().st_size
+
+
+@pytest.mark.timeout(120)
+def test_processes_on_one_node_share_its_cache(s3env, tmp_path):
+    store = ArtifactStore("s3://kiln/unit", "r3", cache_dir=tmp_path / "writer")
+    _commit(store, "big", "f", {"blob.bin": b"b" * (8 << 20), "meta.json": b"{}"})
+    cache = tmp_path / "node-cache"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        sizes = pool.map(_download, [("s3://kiln/unit", str(cache), "f")] * 4)
+    assert sizes == [8 << 20] * 4
+    assert not list(Path(cache).glob("*/.tmp-*"))
+
+
+def _toy_dag(num_cpus=1):
+    def map_stage(section):
+        return Stage(section, "tests.test_remote_root:run_mapping", inputs=("a",), sections=(section,))
+
+    return DAG(
+        (
+            Stage("a", "tests.toy_stages:run_toy", sections=("a",)),
+            map_stage("b"),
+            Stage(
+                "c", "tests.test_remote_root:run_group", inputs=("a",), sections=("c",),
+                workers=lambda cfg: Scaling(num_workers=1, cpus_per_worker=num_cpus),
+            ),
+        )
+    )  # fmt: skip
+
+
+def run_mapping(cfg, inputs, out, ctx):
+    """Tasks that write into the work dir and the staging folder, as ingest's do."""
+    section = getattr(cfg, ctx.stage)
+    parts = ctx.work_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    items = [(str(parts / f"{i}.txt"), str(out / f"out-{i}.txt"), i) for i in range(3)]
+    results = ctx.map(_write_two, items, num_cpus=section.value)
+    ctx.log({"step": 1, "loss": 1.0})
+    ctx.progress(1, 1)
+    return {"written": sum(results)}
+
+
+def _write_two(item):
+    import os
+
+    import ray
+
+    part, final, i = item
+    Path(part).write_text(str(i))
+    Path(final).write_text(Path(part).read_text() + ray.get_runtime_context().get_node_id())
+    return os.path.getsize(final)
+
+
+def run_group(cfg, inputs, out, ctx):
+    results = ctx.run_workers(_worker, {"a_path": str(inputs["a"].path), "export": str(ctx.work_dir / "export")}, Scaling(num_workers=1, cpus_per_worker=1))  # fmt: skip
+    for f in (ctx.work_dir / "export").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return results[0]
+
+
+def _worker(arg, wctx):
+    value = json.loads((Path(arg["a_path"]) / "value.json").read_text())["value"]
+    export = Path(arg["export"])
+    export.mkdir(parents=True, exist_ok=True)
+    (export / "model.txt").write_text(f"trained on {value}")
+    wctx.report({"step": 1, "loss": 0.5})
+    return {"value": value}
+
+
+def _run_in_subprocess(s3, tmp_path: Path, overrides: list[str], only: tuple[str, ...] = ()) -> dict:
+    """The toy pipeline on its own local Ray, whose processes get the S3 settings in their
+    environment from the start, as a cluster's nodes get them from `ray start`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import json, sys\n"
+        "from pipeline.configlib import load\n"
+        "from pipeline.plan import Selection\n"
+        "from pipeline.runner import run_pipeline\n"
+        "from tests.test_remote_root import _toy_dag\n"
+        "from tests.toy_stages import ToyConfig\n"
+        "cfg = load(ToyConfig, None, json.loads(sys.argv[1]))\n"
+        "out = run_pipeline(cfg, _toy_dag(), Selection(only=tuple(json.loads(sys.argv[2]))))\n"
+        "print('RESULT ' + json.dumps({'ok': out.ok, 'errors': out.errors, 'blocked': out.blocked}))\n"
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="kr-", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, **s3.env(), "KILN_CACHE": str(tmp_path / "driver-cache"), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(overrides), json.dumps(list(only))],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=280,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(line.removeprefix("RESULT "))
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_on_an_s3_root(s3env, tmp_path):
+    root = "s3://kiln/pipeline"
+    overrides = [f"run.root={root}", "run.wandb=disabled", "a.value=5"]
+    result = _run_in_subprocess(s3env, tmp_path, overrides)
+    assert result["ok"], result
+
+    cfg = load(ToyConfig, None, overrides)
+    dag = _toy_dag()
+    other = ArtifactStore(root, cfg.run.name, cache_dir=tmp_path / "elsewhere")  # `status` elsewhere
+    rows = {r["stage"]: r for r in status_rows(make_plan(cfg, dag, other))}
+    assert {s: r["state"] for s, r in rows.items()} == {"a": "complete", "b": "complete", "c": "complete"}
+    assert rows["b"]["metrics"] == {"written": 3 * (1 + 56)}  # each task's file reached the artifact
+    c = other.find("c", rows["c"]["fingerprint"])
+    assert (c.path / "model.txt").read_text() == "trained on 5"
+    assert json.loads((c.path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 0.5
+    logs = other._remote.list_files("logs")
+    assert {"a.log", "b.log", "c.log"} <= set(logs)
+    work = other._remote.list_files(".work")
+    assert any(k.startswith("c-") and "/ray/" in k for k in work)  # Ray Train's storage on S3
+    assert any(k.startswith("b-") and k.endswith("/metrics.jsonl") for k in work)
+    assert any(k.startswith("b-") and k.endswith("/progress.json") for k in work)
+    assert not any("/outbox/" in k for k in work)  # collected and removed
+
+
+@pytest.mark.timeout(300)
+def test_tasks_that_cannot_run_beside_their_driver_fail_clearly(s3env, tmp_path):
+    overrides = ["run.root=s3://kiln/capacity", "run.wandb=disabled", "b.value=64"]
+    result = _run_in_subprocess(s3env, tmp_path, overrides, only=("a", "b"))
+    err = result["errors"]["b"]
+    assert "object store" in err and "each task needs 64" in err and "shared filesystem" in err
