@@ -78,7 +78,9 @@ def test_first_run_commits_every_artifact(done):
     manifest = plan["d"].manifest
     assert manifest["inputs"] == {"b": plan["b"].fingerprint, "c": plan["c"].fingerprint}
     assert manifest["metrics"] == {"value": 5}
-    assert manifest["config"] == {"d": {"value": 1, "steps": 3, "budget": 0, "sleep": 0.0, "fail": False}}
+    assert manifest["config"] == {
+        "d": {"value": 1, "steps": 3, "budget": 0, "sleep": 0.0, "fail": False, "meet": ""}
+    }
     assert set(manifest["files"]) == {"value.json", "metrics.jsonl"}
     assert {"versions", "git_commit", "hardware", "code_version"} <= set(manifest)
     rows = [
