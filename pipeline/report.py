@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-SKIP = {"step", "epoch", "time"}
+SKIP = {"step", "epoch", "time", "batch_crc", "prompt_crc"}  # not curves: sample-order checksums
 
 
 def write_report(run_dir: Path, plan, title: str) -> Path:

@@ -702,8 +702,11 @@ class KilnForSequenceClassification(KilnPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        per_token: bool = False,
         **kwargs,
     ) -> KilnSequenceClassifierOutput:
+        """`per_token=True` returns the head's output at every position, (B, T, num_labels): PPO's
+        value model reads one value per response token."""
         out = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -714,6 +717,8 @@ class KilnForSequenceClassification(KilnPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         scores = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        if per_token:
+            return KilnSequenceClassifierOutput(logits=scores, hidden_states=out.hidden_states)
         B, T = scores.shape[:2]
         if attention_mask is not None:
             real = attention_mask[:, -T:].bool()

@@ -26,13 +26,6 @@ from pathlib import Path
 
 from pipeline.context import Scaling
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
     tokens_dir, tok_dir = inputs["tokenize"].path, inputs["tokenizer"].path
@@ -222,7 +215,14 @@ def train_worker(arg: dict, wctx) -> dict:
         if stop.requested:
             raise SystemExit(f"pretrain: preempted (SIGTERM); checkpoint saved at step {step}")
 
-    _export(engine, config, arg, p["zero_stage"], rank)
+    T.export_engine(
+        engine,
+        lambda: KilnForCausalLM(config),
+        arg["export_dir"],
+        arg["tokenizer_dir"],
+        p["zero_stage"],
+        rank,
+    )
     return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
 
 
@@ -261,30 +261,6 @@ def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
         T.write_json(folder / "trainer_state.json", state)
     wctx.report(row, checkpoint_dir=folder)
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _export(engine, config, arg, zero_stage, rank) -> None:
-    """Hugging Face folder from the live engine (ZeRO-3 gathers the shards onto rank 0)."""
-    import torch
-
-    from stages.model import KilnForCausalLM
-
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
-        return
-    export = Path(arg["export_dir"])
-    shutil.rmtree(export, ignore_errors=True)
-    export.mkdir(parents=True)
-    model = KilnForCausalLM(config)
-    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True)
-    model.save_pretrained(export, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        src = Path(arg["tokenizer_dir"]) / name
-        if src.exists():
-            shutil.copy2(src, export / name)
 
 
 def _device(wctx):
