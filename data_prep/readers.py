@@ -34,10 +34,11 @@ class BadFileError(Exception):
         )
 
 
-def resolve_sources(patterns, roots: tuple[Path, ...]) -> list[str]:
+def resolve_sources(patterns, roots: tuple[Path, ...], key: str = "ingest.sources") -> list[str]:
     """Expand paths/globs (relative ones against each root in turn) and keep `hf:` names.
 
-    Raises ValueError listing every pattern that matches nothing or names an unsupported file."""
+    Raises ValueError listing every pattern that matches nothing or names an unsupported file
+    (each problem prefixed with `key`, the config key that named them)."""
     found, seen, problems = [], set(), []
     for pattern in patterns:
         if pattern.startswith("hf:"):
@@ -51,10 +52,10 @@ def resolve_sources(patterns, roots: tuple[Path, ...]) -> list[str]:
                 break
         if not matches:
             where = " and ".join(str(r) for r in roots)
-            problems.append(f"ingest.sources: no file matches {pattern!r} (relative to {where})")
+            problems.append(f"{key}: no file matches {pattern!r} (relative to {where})")
         for m in matches:
             if not m.endswith(SUFFIXES):
-                problems.append(f"ingest.sources: {m} is not one of {', '.join(SUFFIXES)}")
+                problems.append(f"{key}: {m} is not one of {', '.join(SUFFIXES)}")
             elif (resolved := str(Path(m).resolve())) not in seen:  # overlapping globs: read once
                 seen.add(resolved)
                 found.append(resolved)

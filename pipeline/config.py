@@ -292,6 +292,147 @@ class PretrainConfig:
             yield "checkpoint_every and eval_every: must be >= 1"
 
 
+TASK_DATA = "data_prep/sample/task"  # the tiny preset's SFT / preference / prompt sets (build_task_data.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@frozen
+class WorkerGroupConfig:
+    """What every post-training stage (sft, reward, ppo) sets the same way: its workers, DeepSpeed,
+    the optimizer and its schedule, evaluation and checkpoint cadence."""
+
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_last", "max_failures")
+
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    gpus_per_worker: float = 0
+    """GPUs per worker; 0 trains on CPU with gloo."""
+    cpus_per_worker: float = 1
+    """CPUs per worker."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    precision: Precision = "fp32"
+    """bf16, fp16 (dynamic loss scaling, GPU only) or fp32."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-4
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    eval_every: int = 50
+    """Held-out evaluation every this many steps (and at the start and the end)."""
+    max_failures: int = 2
+    """Restarts of a dead worker group from the last checkpoint before the stage fails."""
+
+    def check(self):
+        if self.num_workers < 1:
+            yield "num_workers: must be >= 1"
+        if self.precision == "fp16" and self.gpus_per_worker == 0:
+            yield "precision: fp16 (loss scaling) runs on GPUs only and gpus_per_worker=0; use bf16 or fp32 on CPU"
+        if self.checkpoint_every < 1 or self.eval_every < 1:
+            yield "checkpoint_every and eval_every: must be >= 1"
+        if not 0 <= self.min_lr <= self.lr:
+            yield f"min_lr: {self.min_lr} must be in [0, lr={self.lr}] (the cosine decays from lr to min_lr)"
+
+
+@frozen
+class TrlStageConfig(WorkerGroupConfig):
+    """The TRL trainer stages (sft, reward): their data, batch and LoRA."""
+
+    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.NOT_IN_FINGERPRINT, "max_errors")
+
+    data: tuple[str, ...] = ()
+    """Training records: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz) or `hf:NAME[:SPLIT]` in TRL's
+    standard formats (data_prep/chat_data.py)."""
+    eval_data: tuple[str, ...] = ()
+    """Held-out records; empty = hold out `eval_fraction` of `data` (by hash)."""
+    eval_fraction: float = 0.05
+    """Share of `data` held out when `eval_data` is empty."""
+    steps: int = 200
+    """Optimizer steps (a budget: raising it continues a finished run)."""
+    micro_batch_size: int = 16
+    """Examples per worker per forward/backward."""
+    global_batch_size: int = 16
+    """Examples per optimizer step; accumulation = global / (workers * micro)."""
+    max_length: int = 256
+    """Longest tokenised example (prompt + answer)."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 = full fine-tuning. The artifact holds the merged weights either way."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Module names that get LoRA adapters (every expert's projections match too)."""
+    max_errors: int = 200
+    """How many bad records data_stats.json lists with file:line (all are counted)."""
+
+    def check(self):
+        yield from super().check()
+        if self.steps < 1:
+            yield "steps: must be >= 1"
+        if not self.data:
+            yield "data: give at least one path, glob or hf: dataset"
+        if not self.eval_data and not 0.0 < self.eval_fraction < 0.5:
+            yield "eval_fraction: must be in (0, 0.5) when eval_data is empty"
+        if self.micro_batch_size < 1:
+            yield "micro_batch_size: must be >= 1"
+        elif self.num_workers >= 1 and self.global_batch_size % (self.num_workers * self.micro_batch_size):
+            per_step = self.num_workers * self.micro_batch_size
+            yield (
+                f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                f"micro_batch_size = {per_step}; use a multiple of {per_step}"
+            )
+        if self.max_length < 8:
+            yield "max_length: must be >= 8"
+        if self.lora_r < 0:
+            yield "lora_r: must be >= 0 (0 = full fine-tuning)"
+        elif self.lora_r and not self.lora_targets:
+            yield "lora_targets: LoRA needs at least one module name"
+
+
+@frozen
+class SftConfig(TrlStageConfig):
+    data: tuple[str, ...] = (f"{TASK_DATA}/sft_train.jsonl.zst",)
+    """Training records in TRL's prompt/completion or conversational `messages` format."""
+    eval_data: tuple[str, ...] = (f"{TASK_DATA}/sft_val.jsonl.zst",)
+    """Held-out records for the validation loss; empty = hold out `eval_fraction` of `data`."""
+    task_prompts: str | None = f"{TASK_DATA}/prompts_val.jsonl.zst"
+    """Held-out prompts of the shipped task (data_prep/task.py): greedy answers, checked by its program,
+    give `task_accuracy`. Null for data of another task."""
+    task_eval_size: int = 200
+    """Task prompts answered at each evaluation (the first ones of `task_prompts`)."""
+    max_new_tokens: int = 16
+    """Longest answer generated for the task accuracy (generation stops at <|end|> or EOS)."""
+
+    def check(self):
+        yield from super().check()
+        if self.task_eval_size < 1 or self.max_new_tokens < 1:
+            yield "task_eval_size and max_new_tokens: must be >= 1"
+
+
+@frozen
+class RewardConfig(TrlStageConfig):
+    init_from: Literal["pretrain", "sft"] = "pretrain"
+    """Backbone the reward model starts from (weights only): pretrain runs it beside sft; sft after it."""
+    data: tuple[str, ...] = (f"{TASK_DATA}/pref_train.jsonl.zst",)
+    """Preference pairs as {prompt?, chosen, rejected, kind?} or Anthropic HH dialogue strings; pairs
+    longer than `max_length` are dropped and counted (`too_long_pairs`)."""
+    eval_data: tuple[str, ...] = (f"{TASK_DATA}/pref_val.jsonl.zst",)
+    """Held-out pairs for pairwise accuracy and reward statistics; empty = hold out `eval_fraction` of `data`."""
+
+
 @frozen
 class PipelineConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
@@ -306,6 +447,10 @@ class PipelineConfig:
     """The GPT (MoE) decoder trained by pretrain."""
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     """DeepSpeed ZeRO pretraining on Ray Train."""
+    sft: SftConfig = dataclasses.field(default_factory=SftConfig)
+    """Supervised fine-tuning of the pretrained model (TRL SFTTrainer on DeepSpeed)."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """Reward model training on preference pairs (TRL RewardTrainer on DeepSpeed)."""
 
 
 def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):

@@ -201,5 +201,26 @@ PIPELINE = DAG(
             workers=_workers("pretrain"),
             headline="val_loss",
         ),
+        # sft and reward read only pretrain, so they train at the same time when resources allow
+        Stage(
+            "sft",
+            "stages.sft:run",
+            inputs=("pretrain",),
+            sections=("sft", "run"),
+            workers=_workers("sft"),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [*cfg.sft.data, *cfg.sft.eval_data, *filter(None, [cfg.sft.task_prompts])]
+            ),
+            headline="task_accuracy",
+        ),
+        Stage(
+            "reward",
+            "stages.reward:run",
+            inputs=lambda cfg: (cfg.reward.init_from,),  # reward.init_from: sft moves the edge
+            sections=("reward", "run"),
+            workers=_workers("reward"),
+            extra_fingerprint=lambda cfg: input_file_stats([*cfg.reward.data, *cfg.reward.eval_data]),
+            headline="pairwise_accuracy",
+        ),
     )
 )

@@ -151,7 +151,7 @@ def test_submit_runs_the_data_stages_as_a_job_and_status_reads_the_shared_root(c
     assert_no_secrets(s3, f"{BUCKET}/jobs", [cluster.base, tmp_path, *cluster.temp_dirs()], [stdout, logs])
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2400)  # may build the session's tiny pipeline first (~10 min on 2 cores)
 def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, tiny_run, tmp_path, monkeypatch):
     _, _, ref_outcome = tiny_run
     env = client_env(cluster, tmp_path)

@@ -1,0 +1,164 @@
+"""Held-out evaluation of chat models: the task's accuracy by greedy generation, a reward model's pairs.
+
+    task_accuracy(policy, tok, prompts, max_new_tokens=16)   # {"task_accuracy": 0.41, "task_prompts": 200}
+    score_pairs(reward_model, tok, pairs)                     # {"pairwise_accuracy": 0.93, "margin": ..., ...}
+
+`prompts` and `pairs` are in the normalised conversational form of data_prep/chat_data.py. Text is
+rendered with the tokenizer's chat template exactly as TRL renders it for training. Generation is
+greedy and stops at `<|end|>` (end of an assistant turn) or EOS; answers are judged by
+`data_prep.task.check`, which nothing in training sees.
+
+On a data-parallel group each rank takes every world-th item and one `all_gather_object` combines
+the results, so every rank returns the same dict. Under ZeRO-3 on several ranks, generation passes
+`synced_gpus=True` and every rank runs the same number of batches (parameters are gathered by
+collective calls, so a rank that stopped early would hang the others).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from data_prep.bpe import END
+from data_prep.task import KINDS, check, prompt_text
+
+
+def stop_ids(tok) -> list[int]:
+    """Token ids that end an answer: the end-of-turn token and EOS."""
+    ids = [tok.convert_tokens_to_ids(END), tok.eos_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None and i != tok.unk_token_id]
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 64, synced=False
+):
+    """The model's greedy answer to each prompt (messages), decoded up to the first stop token."""
+    stops = stop_ids(tok)
+    device = next(model.parameters()).device
+    was_training, side = model.training, tok.padding_side
+    model.eval()
+    tok.padding_side = "left"  # generation appends on the right: the prompts must end together
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + batch_size]]  # fmt: skip
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                pad_token_id=tok.pad_token_id, use_cache=True, synced_gpus=synced,
+            )  # fmt: skip
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+                answers.append(tok.decode(row[:cut], skip_special_tokens=True))
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def task_accuracy(model, tok, prompts, max_new_tokens: int, rank=0, world=1, synced=False) -> dict:
+    """Share of held-out prompts whose greedy answer `data_prep.task.check` accepts."""
+    mine = prompts[rank::world]
+    per_rank = math.ceil(len(prompts) / world)
+    padded = mine + [prompts[0]] * (per_rank - len(mine))  # same batch count on every rank (ZeRO-3)
+    answers = greedy_answers(model, tok, padded, max_new_tokens, synced=synced)[: len(mine)]
+    right = sum(check(prompt_text(p), a) for p, a in zip(mine, answers, strict=True))
+    sample = [(prompt_text(p), a) for p, a in zip(mine[:3], answers[:3], strict=True)]
+    right, n, samples = _sum_over_ranks((right, len(mine), sample), world)
+    return {"task_accuracy": right / max(1, n), "task_prompts": n, "task_samples": samples[:3]}
+
+
+@torch.no_grad()
+def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, world=1) -> dict:
+    """Held-out pairwise accuracy (overall, per kind of rejected answer, per class of kind), mean
+    margin, Bradley-Terry loss, and the mean and std of the rewards of every held-out answer (chosen
+    and rejected, each distinct sequence once): the normalisation statistics PPO uses."""
+    texts = {}
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            texts.setdefault(_key(p["prompt"] + p[side]), p["prompt"] + p[side])
+    every_key = sorted(texts)
+    keys = every_key[rank::world]
+    n_mine = len(keys)
+    keys += every_key[:1] * (math.ceil(len(every_key) / world) - n_mine)  # same batch count on every rank
+    scores = dict(
+        zip(keys, score_conversations(model, tok, [texts[k] for k in keys], batch_size), strict=True)
+    )
+    scores = _merge_over_ranks(scores, world)
+
+    chosen = torch.tensor([scores[_key(p["prompt"] + p["chosen"])] for p in pairs])
+    rejected = torch.tensor([scores[_key(p["prompt"] + p["rejected"])] for p in pairs])
+    margin = chosen - rejected  # (N,)
+    right = (margin > 0).float()
+    every = torch.tensor(list(scores.values()))
+    out = {
+        "pairwise_accuracy": right.mean().item(),
+        "margin": margin.mean().item(),
+        "val_loss": torch.nn.functional.softplus(-margin).mean().item(),  # -log sigmoid(margin)
+        "reward_mean": every.mean().item(),
+        "reward_std": every.std(unbiased=False).item(),
+        "eval_pairs": len(pairs),
+    }
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(f"kind_{p['kind']}", []).append(i)
+        if p["kind"] in KINDS:
+            groups.setdefault(f"class_{KINDS[p['kind']]}", []).append(i)
+    for name, idx in sorted(groups.items()):
+        out[f"pairwise_accuracy_{name.partition('_')[2]}"] = right[idx].mean().item()
+    return out
+
+
+@torch.no_grad()
+def score_conversations(model, tok, conversations: list[list[dict]], batch_size: int = 64) -> list[float]:
+    """A reward model's score of each conversation (messages), rendered by the chat template as in
+    training and read at its last token."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            ids = [
+                tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+                for c in conversations[i : i + batch_size]
+            ]
+            width = max(map(len, ids))
+            input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+            scores += model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def _key(messages) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+def gather(obj, world: int) -> list:
+    """`obj` from every rank, in rank order (one all_gather_object; no collective with one rank)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    found = [None] * world
+    dist.all_gather_object(found, obj)
+    return found
+
+
+def _sum_over_ranks(parts: tuple, world: int) -> tuple:
+    right, n, samples = 0, 0, []
+    for r, k, s in gather(parts, world):
+        right, n, samples = right + r, n + k, samples + s
+    return right, n, samples
+
+
+def _merge_over_ranks(scores: dict, world: int) -> dict:
+    merged = {}
+    for part in gather(scores, world):
+        merged.update(part)
+    return merged

@@ -1,0 +1,119 @@
+"""reward: a reward model trained on preference pairs (TRL RewardTrainer, DeepSpeed ZeRO, Ray Train workers).
+
+    python launch.py run --only reward --set reward.init_from=sft --set 'reward.data=[hf:Anthropic/hh-rlhf:train]'
+
+Inputs: {"pretrain"}, or {"sft"} with `reward.init_from: sft` (weights only). Artifact:
+
+    config.json, model.safetensors       KilnForSequenceClassification: the backbone plus a `score` head
+                                         (num_labels 1) read at the last real token, ready for PPO
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    data_stats.json                      pairs read / kept / malformed, by file:line
+    metrics.jsonl                        one row per step; one per evaluation
+
+Data (`reward.data`, `reward.eval_data`): {prompt?, chosen, rejected, kind?} in TRL's standard or
+conversational format, or Anthropic HH dialogue strings, normalised by data_prep/chat_data.py in this
+driver. Each side is rendered by the tokenizer's chat template (prompt + answer); the loss is
+Bradley-Terry, -log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022, eq. 1). Pairs longer than
+`reward.max_length` are dropped by TRL: their count is reported (`too_long_pairs`).
+
+Held-out metrics at each evaluation (and at step 0): pairwise accuracy overall, per kind of rejected
+answer and per class of kind (data_prep/task.py: well-formed-but-wrong vs damaged), mean margin,
+Bradley-Terry loss, and the mean and std of the rewards of every held-out answer. The last two go into
+the manifest (`reward_mean`, `reward_std`) so PPO can normalise rewards to mean 0, std 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from stages import trl_bridge as B
+
+log = logging.getLogger("kiln.reward")
+
+
+def run(cfg, inputs, out: Path, ctx) -> dict:
+    s = cfg.reward
+    train, held, stats = B.load_data("preference", s, "reward", cfg.run.seed, ctx.logger)
+    ctx.logger.info("reward: %d training and %d held-out pairs, from %s", len(train), len(held), s.init_from)
+    arg = {
+        "section": asdict(s),
+        "seed": cfg.run.seed,
+        "model_dir": str(inputs[s.init_from].path),
+        "train": B.with_ids(train),
+        "eval": held,
+        "export_dir": str(ctx.work_dir / "export"),
+        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
+    }
+    results = ctx.run_workers(train_worker, arg, B.scaling(s))
+    B.copy_export(arg["export_dir"], out)
+    (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    return results[0] | B.data_headline(stats)
+
+
+def train_worker(arg: dict, wctx) -> dict:
+    """One data-parallel rank: TRL's RewardTrainer under DeepSpeed, bridged to the worker context."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from stages.chat_eval import score_pairs
+
+    s, seed = arg["section"], arg["seed"]
+    B.setup_worker(wctx, s["cpus_per_worker"])
+    resume, kiln_state = B.resume_point(wctx)
+    tok = AutoTokenizer.from_pretrained(arg["model_dir"])
+    torch.manual_seed(seed)  # the new `score` head's init
+    model = AutoModelForSequenceClassification.from_pretrained(
+        arg["model_dir"], num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tok.pad_token_id
+
+    def evaluate(m) -> dict:
+        return score_pairs(m, tok, arg["eval"], rank=wctx.rank, world=wctx.world_size)
+
+    out_dir = tempfile.mkdtemp(prefix=f"kiln-reward-rank{wctx.rank}-")
+    args = RewardConfig(**B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None))
+    bridge = B.KilnBridge(
+        wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
+    )
+    lora = B.lora_config(s, "SEQ_CLS")  # peft trains the `score` head in full beside the adapters
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(arg["train"]),
+        eval_dataset=Dataset.from_list(arg["eval"]),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[bridge],
+    )
+    trainer.remove_callback(PrinterCallback)
+    B.check_deepspeed(trainer, s["zero_stage"])
+    bridge.attach(trainer)
+    too_long = len(arg["train"]) - len(trainer.train_dataset)
+    if too_long and wctx.rank == 0:
+        log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s["max_length"])
+
+    trainer.train(resume_from_checkpoint=resume)
+    B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    final = bridge.last_eval
+    headline = {k: v for k, v in final.items() if k.startswith(("pairwise_accuracy", "reward_"))}
+    return {
+        "steps": trainer.state.global_step,
+        **headline,
+        "margin": final.get("margin"),
+        "val_loss": final.get("val_loss"),
+        "eval_pairs": final.get("eval_pairs"),
+        "initial_pairwise_accuracy": bridge.baseline.get("pairwise_accuracy"),
+        "too_long_pairs": too_long,
+        "init_from": s["init_from"],
+        "lora_r": s["lora_r"],
+    }

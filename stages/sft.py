@@ -1,0 +1,153 @@
+"""sft: supervised fine-tuning of the pretrained model (TRL SFTTrainer, DeepSpeed ZeRO, Ray Train workers).
+
+    python launch.py run --only sft --set sft.steps=600 --set sft.lora_r=8
+
+Inputs: {"pretrain"} (weights and tokenizer only: a fresh optimizer, a fresh schedule). Artifact:
+
+    config.json, model.safetensors, generation_config.json   the fine-tuned KilnForCausalLM (LoRA merged in)
+    tokenizer.json, tokenizer_config.json, chat_template.jinja
+    data_stats.json                                          records read / kept / malformed, by file:line
+    metrics.jsonl                                            one row per step; one per evaluation
+
+Data (`sft.data`, `sft.eval_data`): TRL's prompt/completion or conversational messages, read and
+normalised by data_prep/chat_data.py in this driver (bad records counted, listed with file:line),
+then handed to the workers with the pipeline's seed. Loss on the completion only
+(`completion_only_loss`), each example rendered by the tokenizer artifact's chat template, which ends
+an assistant turn with `<|end|>`, so the model learns to stop. `sft.lora_r > 0` trains LoRA adapters
+(peft) and merges them into the exported weights.
+
+Held-out metrics at each evaluation (and at step 0, the pretrained model): `val_loss` on
+`sft.eval_data`, and `task_accuracy`: greedy answers to `sft.task_prompts`, stopped at `<|end|>` or
+EOS, judged by data_prep/task.py's `check`. Resume (a dead worker group, or a re-run) continues from
+the stage's own last checkpoint: TRL's DeepSpeed state, scheduler, RNG and data position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from stages import trl_bridge as B
+
+log = logging.getLogger("kiln.sft")
+
+
+def run(cfg, inputs, out: Path, ctx) -> dict:
+    s = cfg.sft
+    train, held, stats = B.load_data("sft", s, "sft", cfg.run.seed, ctx.logger)
+    prompts = _task_prompts(s.task_prompts, s.task_eval_size) if s.task_prompts else []
+    ctx.logger.info(
+        "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
+    )
+    arg = {
+        "section": asdict(s),
+        "seed": cfg.run.seed,
+        "model_dir": str(inputs["pretrain"].path),
+        "train": B.with_ids(train),
+        "eval": held,
+        "prompts": prompts,
+        "export_dir": str(ctx.work_dir / "export"),
+        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
+    }
+    results = ctx.run_workers(train_worker, arg, B.scaling(s))
+    B.copy_export(arg["export_dir"], out)
+    (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    return results[0] | B.data_headline(stats)
+
+
+def train_worker(arg: dict, wctx) -> dict:
+    """One data-parallel rank: TRL's SFTTrainer under DeepSpeed, bridged to the worker context."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from stages.chat_eval import stop_ids, task_accuracy
+
+    s, seed = arg["section"], arg["seed"]
+    B.setup_worker(wctx, s["cpus_per_worker"])
+    resume, kiln_state = B.resume_point(wctx)
+    tok = AutoTokenizer.from_pretrained(arg["model_dir"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(arg["model_dir"], dtype=torch.float32)
+    model.generation_config.eos_token_id = stop_ids(tok)  # an answer ends at <|end|> (or EOS)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    synced = s["zero_stage"] == 3 and wctx.world_size > 1
+
+    def evaluate(m) -> dict:
+        if not arg["prompts"]:
+            return {}
+        found = task_accuracy(
+            m, tok, arg["prompts"], s["max_new_tokens"], wctx.rank, wctx.world_size, synced=synced
+        )
+        if wctx.rank == 0:
+            log.info("sft: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
+        return {k: v for k, v in found.items() if k != "task_samples"}
+
+    out_dir = tempfile.mkdtemp(prefix=f"kiln-sft-rank{wctx.rank}-")
+    args = SFTConfig(
+        **B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None),
+        completion_only_loss=True,  # prompt tokens are context, not targets
+        packing=False,
+    )
+    bridge = B.KilnBridge(
+        wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
+    )
+    lora = B.lora_config(s, "CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(arg["train"]),
+        eval_dataset=Dataset.from_list(arg["eval"]),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[bridge],
+    )
+    trainer.remove_callback(PrinterCallback)
+    B.check_deepspeed(trainer, s["zero_stage"])
+    bridge.attach(trainer)
+    unused = len(arg["train"]) - len(trainer.train_dataset)  # left with no completion token by max_length
+    if unused and wctx.rank == 0:
+        log.warning("sft: %d training records have no completion token within max_length", unused)
+
+    trainer.train(resume_from_checkpoint=resume)
+    B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    final = bridge.last_eval
+    return {
+        "steps": trainer.state.global_step,
+        "train_loss": _last_train_loss(trainer),
+        "val_loss": final.get("val_loss"),
+        "task_accuracy": final.get("task_accuracy"),
+        "task_accuracy_pretrained": bridge.baseline.get("task_accuracy"),
+        "val_loss_pretrained": bridge.baseline.get("val_loss"),
+        "records_without_completion": unused,
+        "lora_r": s["lora_r"],
+    }
+
+
+def _task_prompts(path: str, n: int) -> list[list[dict]]:
+    """The first n prompts (as messages) of a prompt file: {"prompt": str | messages} per line."""
+    from data_prep.readers import read_lines, resolve_sources
+    from pipeline.config import PROJECT_ROOT
+
+    (src,) = resolve_sources([path], (Path.cwd(), PROJECT_ROOT), "sft.task_prompts")
+    prompts = []
+    for _, raw in read_lines(src, max_line_bytes=1 << 20):
+        if raw and raw.strip():
+            p = json.loads(raw)["prompt"]
+            prompts.append([{"role": "user", "content": p}] if isinstance(p, str) else p)
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def _last_train_loss(trainer) -> float | None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None

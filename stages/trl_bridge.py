@@ -1,0 +1,290 @@
+"""What the TRL stages (sft, reward) share: their data, their trainer arguments, the DeepSpeed check,
+the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the export.
+
+    train, held, stats = load_data("sft", cfg.sft, "sft", seed, logger)     # in the stage's driver
+    args = trainer_args(arg["section"], seed, wctx.world_size, out_dir, resume is None)   # in a worker
+    trainer = SFTTrainer(..., args=SFTConfig(**args, ...), callbacks=[bridge])
+    check_deepspeed(trainer, zero_stage)                                    # no silent DDP fallback
+    trainer.train(resume_from_checkpoint=resume)
+    export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, fp32, + tokenizer
+
+DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
+pretraining's (stages/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
+Ray worker too, and `check_deepspeed` fails the stage if it did not, or with another ZeRO stage.
+
+The bridge (STYLE.md point 7) does four things and nothing else:
+- TRL's training logs -> one metrics row per step (`loss`, `lr`, `grad_norm`, the trainer's own
+  metrics prefixed `train_`, `batch_crc` of the sample ids the step trained on) via `wctx.report`;
+- each evaluation -> one row (`val_loss` and the stage's held-out metrics from its `evaluate` function);
+- each checkpoint TRL saves -> `wctx.report(checkpoint_dir=...)` (every rank its own folder: Ray
+  merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 evaluation) beside it;
+- `wctx.progress(step, total)`.
+Sample ids: each training record carries a `kiln_id` column (its index in the normalised data); the
+collator is wrapped to note the ids of each micro-batch it builds, and the bridge takes this step's
+micro-batches (TRL's `current_gradient_accumulation_steps` of them) from that queue at the step's end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zlib
+from collections import deque
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from data_prep.chat_data import load_records, split_eval
+from pipeline.config import PROJECT_ROOT, ConfigError
+from pipeline.context import Scaling
+
+KILN_STATE = "kiln_state.json"
+LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch"}
+QUIET_KEYS = ("runtime", "samples_per_second", "steps_per_second", "num_tokens", "total_flos")
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def load_data(kind: str, s, section: str, seed: int, logger) -> tuple[list[dict], list[dict], dict]:
+    """(train records, held-out records, stats) of a stage's `data` / `eval_data`: every source
+    problem reported at once, bad records counted and logged with file:line, never dropped silently."""
+    roots, problems, stats = (Path.cwd(), PROJECT_ROOT), [], {}
+    loaded = {}
+    for key, sources in (("data", s.data), ("eval_data", s.eval_data)):
+        if not sources:
+            continue
+        try:
+            loaded[key], stats[key] = load_records(sources, kind, roots, s.max_errors, f"{section}.{key}")
+        except ValueError as e:
+            problems.extend(str(e).splitlines())
+    if problems:
+        raise ConfigError(problems, section)
+    train = loaded["data"]
+    held = loaded.get("eval_data")
+    if held is None:
+        train, held = split_eval(train, s.eval_fraction, seed)
+    for key, st in stats.items():
+        bad = sum(st["malformed"].values())
+        if bad:
+            first = "; ".join(f"{e['file']}:{e['line']}: {e['reason']}" for e in st["errors"][:5])
+            logger.warning("%s.%s: %d of %d records malformed %s, e.g. %s", section, key, bad, st["read"],
+                           st["malformed"], first)  # fmt: skip
+    if not train:
+        st = stats["data"]
+        raise ValueError(
+            f"{section}.data: no usable {kind} records: {st['read']} read, malformed {st['malformed']}, "
+            f"e.g. {st['errors'][:3]}. The formats: data_prep/chat_data.py"
+        )
+    if not held:
+        where = (
+            "eval_data has none" if s.eval_data else f"eval_fraction={s.eval_fraction} of data held out none"
+        )
+        raise ValueError(f"{section}.eval_data: no held-out {kind} records ({where}); give eval_data")
+    return train, held, stats
+
+
+def scaling(s) -> Scaling:
+    return Scaling(
+        num_workers=s.num_workers,
+        cpus_per_worker=s.cpus_per_worker,
+        gpus_per_worker=s.gpus_per_worker,
+        max_failures=s.max_failures,
+        checkpoints_to_keep=s.keep_last,
+    )
+
+
+def data_headline(stats: dict) -> dict:
+    """Counts that go into the manifest beside the training metrics."""
+    return {
+        "train_records": stats["data"]["kept"],
+        "malformed_records": sum(sum(st["malformed"].values()) for st in stats.values()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+
+
+def setup_worker(wctx, cpus: float) -> None:
+    """Threads as the worker's CPU share; TRL, transformers and datasets quiet in the logs."""
+    import datasets
+    import torch
+    import transformers
+
+    torch.set_num_threads(max(1, int(cpus)))
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_warning()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def trainer_args(s: dict, seed: int, world: int, output_dir: str, fresh: bool) -> dict:
+    """Keyword arguments shared by SFTConfig and RewardConfig, from the typed stage section."""
+    from stages.training import deepspeed_config
+
+    accum = s["global_batch_size"] // (world * s["micro_batch_size"])
+    gpu = s["gpus_per_worker"] > 0
+    ds = deepspeed_config(
+        zero_stage=s["zero_stage"], precision=s["precision"], micro_batch_size=s["micro_batch_size"],
+        grad_accum=accum, world_size=world, grad_clip=s["grad_clip"],
+    )  # fmt: skip
+    return dict(
+        output_dir=output_dir, deepspeed=ds, use_cpu=not gpu, seed=seed, data_seed=seed,
+        max_steps=s["steps"], per_device_train_batch_size=s["micro_batch_size"],
+        per_device_eval_batch_size=2 * s["micro_batch_size"], gradient_accumulation_steps=accum,
+        learning_rate=s["lr"], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": s["min_lr"] / s["lr"]},
+        warmup_steps=s["warmup_steps"], weight_decay=s["weight_decay"], max_grad_norm=s["grad_clip"],
+        optim="adamw_torch_fused" if gpu else "adamw_torch",
+        bf16=s["precision"] == "bf16", fp16=s["precision"] == "fp16",
+        gradient_checkpointing=s["activation_checkpointing"],
+        logging_steps=1, eval_strategy="steps", eval_steps=s["eval_every"], eval_on_start=fresh,
+        save_strategy="steps", save_steps=s["checkpoint_every"], save_total_limit=1,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False,  # keeps `kiln_id` for the sample-id record; the collators ignore it
+        max_length=s["max_length"],
+    )  # fmt: skip
+
+
+def lora_config(s: dict, task_type: str):
+    if not s["lora_r"]:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+        target_modules=list(s["lora_targets"]), task_type=task_type,
+    )  # fmt: skip
+
+
+def check_deepspeed(trainer, zero_stage: int) -> None:
+    """Fail unless accelerate runs DeepSpeed with the configured ZeRO stage (no silent DDP fallback)."""
+    from accelerate.utils import DistributedType
+
+    acc = trainer.accelerator
+    plugin = acc.state.deepspeed_plugin
+    got = (acc.distributed_type, plugin.zero_stage if plugin is not None else None)
+    if got != (DistributedType.DEEPSPEED, zero_stage):
+        raise RuntimeError(
+            f"accelerate came up as {got[0]} with ZeRO stage {got[1]}, not DeepSpeed ZeRO-{zero_stage}: "
+            "the TrainingArguments' deepspeed config was not applied (see ENVIRONMENT.md, TRL in a Ray worker)"
+        )
+
+
+def resume_point(wctx) -> tuple[str | None, dict]:
+    """(checkpoint folder to resume from or None, the kiln_state.json saved with it)."""
+    ckpt = wctx.checkpoint()
+    if ckpt is None:
+        return None, {}
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    kiln = Path(ckpt) / KILN_STATE
+    extra = json.loads(kiln.read_text()) if kiln.exists() else {}
+    wctx.resumed_from(state["global_step"])
+    return str(ckpt), extra
+
+
+def with_ids(records: list[dict]) -> list[dict]:
+    """Records with their index as `kiln_id`: the sample id the metrics record per step."""
+    return [{**r, "kiln_id": i} for i, r in enumerate(records)]
+
+
+class KilnBridge(TrainerCallback):
+    """TRL's logs, evaluations and checkpoints -> the worker context (module docstring)."""
+
+    def __init__(self, wctx, evaluate, *, wandb_run_id: str | None, baseline: dict | None = None):
+        self.wctx, self.evaluate, self.wandb_run_id = wctx, evaluate, wandb_run_id
+        self.baseline = baseline or {}  # the step-0 evaluation (carried through resumes)
+        self.trainer = None
+        self.batches: deque[list[int]] = deque()
+        self.step_ids: list[int] = []
+        self.last_eval: dict = {}
+
+    def attach(self, trainer) -> None:
+        """Wrap the trainer's collator so each micro-batch's `kiln_id`s are noted (eval sets have none)."""
+        self.trainer = trainer
+        collate, batches = trainer.data_collator, self.batches
+
+        def noting(examples):
+            if "kiln_id" in examples[0]:
+                batches.append([int(e["kiln_id"]) for e in examples])
+            return collate(examples)
+
+        trainer.data_collator = noting
+
+    def on_step_end(self, args, state, control, **kwargs):
+        n = self.trainer.current_gradient_accumulation_steps
+        mine = [i for _ in range(n) for i in self.batches.popleft()]
+        from stages.chat_eval import gather
+
+        self.step_ids = [i for part in gather(mine, self.wctx.world_size) for i in part]
+        self.wctx.progress(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # evaluation logs are reported by on_evaluate
+            return
+        row = {"step": state.global_step}
+        for k, v in logs.items():
+            if not k.startswith("train_") and not any(q in k for q in QUIET_KEYS):
+                row[LOG_KEYS.get(k, f"train_{k}")] = v
+        import numpy as np
+
+        row["batch_crc"] = zlib.crc32(np.asarray(self.step_ids, dtype=np.int64).tobytes())
+        self.wctx.report(row)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        row = {"step": state.global_step}
+        for k, v in (metrics or {}).items():
+            name = k.removeprefix("eval_")
+            if name != "epoch" and not any(q in name for q in QUIET_KEYS):
+                row["val_loss" if name == "loss" else f"val_{name}"] = v
+        row.update(self.evaluate(model))
+        if state.global_step == 0:
+            self.baseline = {k: v for k, v in row.items() if k != "step"}
+        self.last_eval = row
+        self.wctx.report(row)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)  # a rank that saved no shard still reports
+        if state.is_world_process_zero:
+            kiln = {"step": state.global_step, "wandb_run_id": self.wandb_run_id, "baseline": self.baseline}
+            (folder / KILN_STATE).write_text(json.dumps(kiln, indent=2))
+        self.wctx.report(None, checkpoint_dir=folder)
+        shutil.rmtree(
+            folder, ignore_errors=True
+        )  # reported: the copy under the stage's storage is the one kept
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def export(trainer, out_dir: str, tok, lora, rank: int) -> None:
+    """The trained model as a Hugging Face folder (fp32 safetensors + tokenizer), LoRA merged in.
+    Gathers the weights from the live engine (ZeRO-3: a collective every rank joins); rank 0 writes
+    them into a fresh model of the same class and config, so nothing of the engine leaks into it."""
+    import torch
+
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if rank != 0:
+        return
+    base = trainer.model.get_base_model() if lora is not None else trainer.model
+    config = base.config
+    config.use_cache = True  # the trainers switch it off for training
+    model = type(base)(config).float()
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
+    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True)
+    if lora is not None:
+        model = model.merge_and_unload()
+    if getattr(base, "generation_config", None) is not None and model.can_generate():
+        model.generation_config = base.generation_config
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def copy_export(export_dir: str, out: Path) -> None:
+    for f in Path(export_dir).iterdir():
+        shutil.copy2(f, Path(out) / f.name)

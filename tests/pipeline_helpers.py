@@ -1,0 +1,79 @@
+"""Helpers of the tests that run stages of the real pipeline against the session's `tiny_run`:
+find artifacts, read their metrics and weights, seed a fresh root with upstream artifacts, and start
+`launch.py` in a subprocess that a test can kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import PROJECT_ROOT
+from pipeline.dag import PIPELINE
+from pipeline.plan import Selection, make_plan
+
+UPSTREAM = ("ingest", "tokenizer", "tokenize", "pretrain")
+
+
+def plan_of(cfg, sel=None) -> dict:
+    store = ArtifactStore(str(cfg.run.root), cfg.run.name)
+    return {p.name: p for p in make_plan(cfg, PIPELINE, store, sel or Selection())}
+
+
+def artifact(cfg, stage) -> Path:
+    p = plan_of(cfg)[stage]
+    assert p.state == "complete", (stage, p.state, p.reason)
+    return Path(p.path)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def copy_upstream(ref_cfg, cfg, stages=UPSTREAM) -> None:
+    """The session run's upstream artifacts into cfg's root (the same fingerprints: nothing re-runs)."""
+    ref = plan_of(ref_cfg)
+    store = ArtifactStore(str(cfg.run.root), cfg.run.name)
+    store.run_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        shutil.copytree(ref[stage].path, store.run_dir / Path(ref[stage].path).name)
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def start_run(stage: str, root: Path, ray_tmp: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "launch.py", "run", "--only", stage, "--root", str(root), "--wandb", "offline"]
+    return subprocess.Popen(
+        cmd,
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

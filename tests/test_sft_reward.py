@@ -1,0 +1,334 @@
+"""The sft and reward stages on the tiny preset (the session's `tiny_run`): what they learned, what they
+export, their other data paths, and exact resume after a kill.
+
+Figures on the shipped task (2 cores, fp32, 1 worker each) are asserted with margins and printed
+(`pytest -s`): the reward model's held-out pairwise accuracy overall and on the well-formed-but-wrong
+pairs; the SFT model's held-out task accuracy against the pretrained model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.dag import PIPELINE
+from pipeline.plan import Selection
+from tests.pipeline_helpers import (
+    artifact,
+    copy_upstream,
+    manifest,
+    plan_of,
+    rows,
+    start_run,
+    tensors,
+    wait_for,
+)  # fmt: skip
+
+pytestmark = pytest.mark.timeout(1800)
+
+
+def changed(before, after) -> list[str]:
+    """Names of tensors in `after` that are NOT different from `before`."""
+    import torch
+
+    return [k for k, v in after.items() if torch.equal(v, before[k])]
+
+
+# ---------------------------------------------------------------------------------------------------- sft
+
+
+def test_sft_learns_the_task_and_changes_every_parameter(tiny_run):
+    _, cfg, _ = tiny_run
+    sft, pre = artifact(cfg, "sft"), artifact(cfg, "pretrain")
+    m = manifest(sft)["metrics"]
+    print(
+        f"\nSFT held-out task accuracy {m['task_accuracy']:.3f} (pretrained {m['task_accuracy_pretrained']:.3f}); "
+        f"val loss {m['val_loss']:.3f} (pretrained {m['val_loss_pretrained']:.3f}); {manifest(sft)['seconds']:.0f} s"
+    )
+    assert m["task_accuracy_pretrained"] <= 0.02  # the pretrained model cannot do it ...
+    assert m["task_accuracy"] >= 0.15  # ... the fine-tuned one often can, with room left for PPO
+    assert m["task_accuracy"] <= 0.9
+    assert m["val_loss"] < m["val_loss_pretrained"] - 2.0
+    assert m["malformed_records"] == 0 and m["steps"] == cfg.sft.steps
+
+    before, after = tensors(pre), tensors(sft)
+    assert set(after) == set(before)
+    assert changed(before, after) == []  # every trainable parameter moved (full fine-tuning)
+
+    log = rows(sft)
+    train = [r for r in log if "loss" in r]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, cfg.sft.steps + 1))  # every step once
+    assert all({"lr", "grad_norm", "batch_crc"} <= set(r) for r in train)
+    every = cfg.sft.eval_every
+    assert [r["step"] for r in evals] == list(range(0, cfg.sft.steps + 1, every))
+    assert all("task_accuracy" in r for r in evals)
+    stats = json.loads((sft / "data_stats.json").read_text())
+    assert stats["data"]["kept"] == stats["data"]["read"] > 0
+
+
+def test_sft_model_answers_and_stops_at_end_of_turn(tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import stages.model  # noqa: F401
+    from data_prep.bpe import END
+    from data_prep.task import make_prompt
+
+    _, cfg, _ = tiny_run
+    path = artifact(cfg, "sft")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    end = tok.convert_tokens_to_ids(END)
+    assert end in model.generation_config.eos_token_id  # generate() stops at <|end|> by default
+    msgs = [{"role": "user", "content": make_prompt("It is the oven of the kiln.")}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    assert end in new and len(new) < 24, tok.decode(new)  # a short answer, then the end of the turn
+
+
+# ---------------------------------------------------------------------------------------------------- reward
+
+
+def test_reward_model_judges_correctness_and_is_ready_for_ppo(tiny_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import stages.model  # noqa: F401
+    from data_prep.chat_data import load_records
+    from stages.chat_eval import score_pairs
+
+    _, cfg, _ = tiny_run
+    rm, pre = artifact(cfg, "reward"), artifact(cfg, "pretrain")
+    m = manifest(rm)["metrics"]
+    kinds = {
+        k.removeprefix("pairwise_accuracy_"): round(v, 3)
+        for k, v in m.items()
+        if k.startswith("pairwise_accuracy_")
+    }
+    print(
+        f"\nreward model held-out pairwise accuracy {m['pairwise_accuracy']:.3f}, "
+        f"well-formed-but-wrong {m['pairwise_accuracy_well_formed']:.3f}, damaged {m['pairwise_accuracy_damaged']:.3f}; "
+        f"per kind {kinds}; margin {m['margin']:.3f}; reward mean {m['reward_mean']:.3f} std {m['reward_std']:.3f}; "
+        f"{manifest(rm)['seconds']:.0f} s"
+    )
+    assert m["pairwise_accuracy"] >= 0.8
+    assert m["pairwise_accuracy_well_formed"] >= 0.6  # chance is 0.5; ~460 pairs: 0.6 is > 4 sigma above it
+    assert m["initial_pairwise_accuracy"] < 0.65
+    assert m["reward_std"] > 0 and "reward_mean" in m and m["margin"] > 0
+
+    # a sequence-classification folder with a `score` head, loaded as PPO will load it
+    model, info = AutoModelForSequenceClassification.from_pretrained(rm, output_loading_info=True)
+    assert model.config.num_labels == 1 and not info["missing_keys"] and hasattr(model, "score")
+    tok = AutoTokenizer.from_pretrained(rm)
+    pairs, _ = load_records([PROJECT_ROOT / cfg.reward.eval_data[0]], "preference")
+    again = score_pairs(model, tok, pairs)
+    assert (
+        abs(again["pairwise_accuracy"] - m["pairwise_accuracy"]) < 1e-6
+    )  # the exported weights are the trained ones
+    assert abs(again["reward_mean"] - m["reward_mean"]) < 1e-4
+
+    before, after = tensors(pre), tensors(rm)
+    backbone = {k: v for k, v in after.items() if k.startswith("model.")}
+    assert set(backbone) == {k for k in before if k.startswith("model.")}
+    assert changed(before, backbone) == []
+    torch.manual_seed(cfg.run.seed)  # the score head as the stage initialised it
+    init = AutoModelForSequenceClassification.from_pretrained(pre, num_labels=1).score.weight
+    assert not torch.equal(init, after["score.weight"])
+
+
+def test_sft_and_reward_train_at_the_same_time(tiny_run):
+    root, cfg, _ = tiny_run
+    spans = {}
+    for stage in ("sft", "reward"):
+        lines = (root / cfg.run.name / "logs" / f"{stage}.log").read_text().splitlines()
+        stamps = [_stamp(x) for x in lines if " starting" in x or " complete in " in x]
+        spans[stage] = (stamps[0], stamps[-1])
+    (a0, a1), (b0, b1) = spans["sft"], spans["reward"]
+    assert a0 < b1 and b0 < a1, spans  # the two intervals overlap
+
+
+def _stamp(line: str) -> float:
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+
+
+def test_a_silent_ddp_fallback_fails_the_stage():
+    from accelerate.utils import DistributedType
+
+    from stages.trl_bridge import check_deepspeed
+
+    def trainer(kind, stage):
+        plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
+        return SimpleNamespace(
+            accelerator=SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+        )
+
+    check_deepspeed(trainer(DistributedType.DEEPSPEED, 2), 2)
+    with pytest.raises(RuntimeError, match="not DeepSpeed ZeRO-2"):
+        check_deepspeed(trainer(DistributedType.MULTI_CPU, None), 2)
+    with pytest.raises(RuntimeError, match="ZeRO stage 3"):
+        check_deepspeed(trainer(DistributedType.DEEPSPEED, 3), 2)
+
+
+# ---------------------------------------------------------------------------------------------------- other data
+
+
+HH = [
+    (
+        "\n\nHuman: Name a hot place.\n\nAssistant: A kiln.",
+        "\n\nHuman: Name a hot place.\n\nAssistant: A fridge.",
+    ),
+    (
+        "\n\nHuman: What does a potter fire?\n\nAssistant: Clay.\n\nHuman: In what?\n\nAssistant: In a kiln.",
+        "\n\nHuman: What does a potter fire?\n\nAssistant: Clay.\n\nHuman: In what?\n\nAssistant: In a pond.",
+    ),
+]
+
+
+def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, tmp_path):
+    """Anthropic HH strings for reward and `messages` records for SFT, each with a malformed line:
+    both stages train on them (a few steps, with LoRA) and count the bad record in their manifest.
+    The exported weights are merged: the LoRA targets moved, nothing else of the backbone did."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import stages.model  # noqa: F401
+    from data_prep.chat_data import load_records, split_eval
+    from pipeline.runner import run_pipeline
+    from stages.chat_eval import score_pairs
+
+    ref_root, ref_cfg, _ = tiny_run
+    hh = tmp_path / "hh.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "chosen": c.replace("Human: ", f"Human: ({i}) ", 1),
+                "rejected": r.replace("Human: ", f"Human: ({i}) ", 1),
+            }
+        )
+        for i, (c, r) in enumerate(HH * 20)
+    ] + ['{"chosen": "no dialogue"']  # 40 distinct dialogues (the eval split is by content), one broken
+    hh.write_text("\n".join(lines) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    msgs = [
+        {"messages": [{"role": "user", "content": f"Say {w} ({i})."}, {"role": "assistant", "content": w}]}
+        for i, w in enumerate(("kiln", "clay", "glaze", "fire") * 10)
+    ]
+    chat.write_text("\n".join(json.dumps(m) for m in msgs) + '\n{"messages": [{"role": "user"}]}\n')
+    short = ["steps=4", "eval_every=2", "checkpoint_every=2", "eval_data=[]", "eval_fraction=0.2", "lora_r=4"]
+    cfg = load_config(
+        overrides=[
+            f"run.root={tmp_path / 'runs'}", "run.wandb=disabled",
+            f"reward.data=[{hh}]", f"sft.data=[{chat}]", "sft.task_prompts=null",
+            *(f"{s}.{o}" for s in ("sft", "reward") for o in short),
+        ]
+    )  # fmt: skip
+    copy_upstream(ref_cfg, cfg)
+    outcome = run_pipeline(cfg, PIPELINE, Selection(only=("sft", "reward")))
+    assert outcome.ok, (outcome.errors, outcome.blocked)
+    for stage, n_good in (("sft", 40), ("reward", 40)):
+        path = artifact(cfg, stage)
+        m = manifest(path)["metrics"]
+        assert m["malformed_records"] == 1 and m["steps"] == 4, m
+        stats = json.loads((path / "data_stats.json").read_text())
+        assert stats["data"]["read"] == n_good + 1 and stats["data"]["kept"] == n_good
+        (err,) = stats["data"]["errors"]
+        assert err["line"] == n_good + 1 and err["file"].endswith((".jsonl",))
+    assert "task_accuracy" not in rows(artifact(cfg, "sft"))[-1]  # no task prompts: no task accuracy
+    m = manifest(artifact(cfg, "reward"))["metrics"]
+    assert "pairwise_accuracy_unspecified" in m and m["lora_r"] == 4
+
+    pre = tensors(artifact(cfg, "pretrain"))
+    targets = cfg.sft.lora_targets
+    for stage in ("sft", "reward"):
+        after = tensors(artifact(cfg, stage))
+        backbone = [k for k in after if k in pre]
+        moved = {k for k in backbone if not torch.equal(pre[k], after[k])}
+        assert moved <= {k for k in backbone if k.split(".")[-2] in targets}, stage  # only LoRA targets
+        attention = {k for k in backbone if k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        assert attention <= moved, stage  # merged (an expert no token reached in 4 steps may not move)
+    # the merged reward model scores the held-out pairs as the stage's last evaluation did
+    path = artifact(cfg, "reward")
+    pairs = split_eval(load_records([hh], "preference")[0], cfg.reward.eval_fraction, cfg.run.seed)[1]
+    again = score_pairs(
+        AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path), pairs
+    )
+    assert abs(again["reward_mean"] - m["reward_mean"]) < 1e-4 and again["eval_pairs"] == m["eval_pairs"]
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("stage, kill", [("sft", "worker"), ("reward", "driver")])
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, stage, kill):
+    """Kill the stage's worker (Ray Train restarts the group) or the whole run (a re-run resumes)
+    after its first checkpoint; the finished stage logs the session run's losses (fp32, within 1e-5)
+    and the same sample ids at every step."""
+    _, ref_cfg, _ = tiny_run
+    root, ray_tmp, log = (
+        tmp_path / "runs",
+        Path(f"/tmp/kiln-{stage}-resume-{os.getpid()}"),
+        tmp_path / "run.log",
+    )
+    cfg = load_config(overrides=[f"run.root={root}"])
+    copy_upstream(ref_cfg, cfg)
+    plan = plan_of(cfg)
+    assert [n for n, p in plan.items() if p.action == "run"] == ["sft", "reward"]
+    p, ref = plan[stage], plan_of(ref_cfg)[stage]
+    assert p.fingerprint == ref.fingerprint
+    store = ArtifactStore(str(root), cfg.run.name)
+    section = getattr(cfg, stage)
+    kill_at = section.checkpoint_every + 10
+
+    def step() -> int:
+        prog = store.progress(stage, p.work_key)
+        return prog["step"] if prog else 0
+
+    proc = None
+    try:
+        proc = start_run(stage, root, ray_tmp, log)
+        wait_for(lambda: step() >= kill_at, 900, f"{stage} step {kill_at}", proc)
+        if kill == "worker":
+            pid = int((store.work_dir(stage, p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+            proc.wait(timeout=30)
+            subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
+            assert store.check(stage, p.fingerprint)[0] is None  # no artifact yet
+            proc = start_run(stage, root, ray_tmp, log)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    got, want = rows(store.find(stage, p.fingerprint).path), rows(Path(ref.path))
+    got_train, want_train = [r for r in got if "loss" in r], [r for r in want if "loss" in r]
+    assert [r["step"] for r in got_train] == list(range(1, section.steps + 1))  # no step twice, none lost
+    assert [r["batch_crc"] for r in got_train] == [
+        r["batch_crc"] for r in want_train
+    ]  # same samples per step
+    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got_train, want_train, strict=True))
+    print(f"\n{stage} resumed after a killed {kill}: largest per-step loss difference {worst:.2e}")
+    assert worst <= 1e-5, worst
+    got_eval = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+    want_eval = [(r["step"], r["val_loss"]) for r in want if "val_loss" in r]
+    assert [s for s, _ in got_eval] == [s for s, _ in want_eval]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got_eval, want_eval, strict=True)) <= 1e-5
+    run_id = manifest(store.find(stage, p.fingerprint).path)["wandb_run_id"]
+    runs = {d.name.rsplit("-", 1)[1] for d in (store.run_dir / "wandb").glob("offline-run-*")}
+    assert runs == {run_id}  # one W&B run for the stage, continued after the kill
