@@ -434,6 +434,108 @@ class RewardConfig(TrlStageConfig):
 
 
 @frozen
+class PpoConfig(WorkerGroupConfig):
+    """PPO with a KL penalty (stages/ppo.py): the policy from sft, the reward (and value) model from reward."""
+
+    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("iterations",)
+    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.NOT_IN_FINGERPRINT, "max_errors")
+
+    prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
+    """Prompts to sample responses for: paths or globs or `hf:NAME[:SPLIT]`, {"prompt": str | messages}
+    per record (or HH strings ending with a Human turn; data_prep/chat_data.py)."""
+    task_prompts: str | None = f"{TASK_DATA}/prompts_val.jsonl.zst"
+    """Held-out prompts of the shipped task: greedy answers judged by data_prep/task.py's program before,
+    during and after PPO (`task_accuracy`), a measure that training never optimises. Null for another task."""
+    task_eval_size: int = 200
+    """Task prompts answered at each evaluation."""
+    task_samples: int = 4
+    """Answers sampled per task prompt (as the rollouts are) for `task_accuracy_sampled`."""
+    iterations: int = 40
+    """PPO iterations, each a rollout then `ppo_epochs` passes over it (a budget: raising it continues)."""
+    rollout_batch_size: int = 32
+    """Prompts sampled per iteration, over all workers."""
+    mini_batch_size: int = 16
+    """Rollouts per optimizer step, over all workers; rollout_batch_size / mini_batch_size steps per epoch."""
+    micro_batch_size: int = 16
+    """Rollouts per worker per forward/backward (gradient accumulation up to the mini-batch)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch (in a fresh order each time)."""
+    max_prompt_length: int = 128
+    """Longest prompt in tokens; longer prompts are skipped and counted (`too_long_prompts`)."""
+    max_new_tokens: int = 16
+    """Longest response; one that has not ended by then is cut (and penalised by `missing_eos_penalty`)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty against the reference (the SFT model) in the rewards."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the rewards: k1 = log(pi / ref) (unbiased), k3 = (r - 1) - log r (>= 0)."""
+    kl_target: float | None = None
+    """With a target (nats per response), beta adapts toward it (Ziegler et al. 2019); null = fixed beta."""
+    kl_horizon: float = 10000
+    """Responses over which the adaptive controller moves beta by about e^0.2 under a persistent error."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    clip_eps: float = 0.2
+    """Policy ratio clip range."""
+    value_clip_eps: float = 0.2
+    """Value clip range (in units of the normalised reward)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the policy loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over each rollout batch (all workers)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the normalised score of a response that never ended (0 = off)."""
+    reward_source: Literal["model", "task"] = "model"
+    """What scores a response: the reward model (RLHF), or the shipped task's checking program
+    (data_prep/task.py: 1 right, 0 wrong; RL from a verifiable reward). With `task` the task accuracy is
+    what training optimises, no longer an independent measure."""
+    critic_init: Literal["reward", "sft"] = "reward"
+    """Value model start: the reward model, or the SFT backbone with a fresh value head."""
+    critic_lr: float = 5e-4
+    """Peak learning rate of the value model."""
+    max_errors: int = 200
+    """How many bad prompt records are listed with file:line (all are counted)."""
+
+    def check(self):
+        yield from super().check()
+        if self.iterations < 1:
+            yield "iterations: must be >= 1"
+        if not self.prompts:
+            yield "prompts: give at least one path, glob or hf: dataset"
+        if min(self.rollout_batch_size, self.mini_batch_size, self.micro_batch_size, self.ppo_epochs) < 1:
+            yield "rollout_batch_size, mini_batch_size, micro_batch_size and ppo_epochs: must be >= 1"
+        elif self.num_workers >= 1:
+            if self.rollout_batch_size % self.mini_batch_size:
+                yield (
+                    f"rollout_batch_size: {self.rollout_batch_size} is not a multiple of mini_batch_size "
+                    f"{self.mini_batch_size}"
+                )
+            per_step = self.num_workers * self.micro_batch_size
+            if self.mini_batch_size % per_step:
+                yield (
+                    f"mini_batch_size: {self.mini_batch_size} is not divisible by num_workers x "
+                    f"micro_batch_size = {per_step}; use a multiple of {per_step}"
+                )
+        if not 0 < self.top_p <= 1 or self.temperature < 0:
+            yield "top_p must be in (0, 1] and temperature >= 0"
+        if min(self.max_new_tokens, self.max_prompt_length, self.task_eval_size, self.task_samples) < 1:
+            yield "max_new_tokens, max_prompt_length, task_eval_size and task_samples: must be >= 1"
+        if self.kl_coef < 0:
+            yield "kl_coef: must be >= 0 (0 = no KL penalty)"
+        if self.kl_target is not None and not (self.kl_target > 0 and self.kl_horizon > 0):
+            yield "kl_target and kl_horizon: must be > 0 (or kl_target null for a fixed kl_coef)"
+        if self.reward_source == "task" and not self.task_prompts:
+            yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            yield "gamma and lam: must be in [0, 1]"
+
+
+@frozen
 class PipelineConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     """Run-wide settings."""
@@ -451,6 +553,8 @@ class PipelineConfig:
     """Supervised fine-tuning of the pretrained model (TRL SFTTrainer on DeepSpeed)."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """Reward model training on preference pairs (TRL RewardTrainer on DeepSpeed)."""
+    ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
+    """RLHF: PPO with a KL penalty against the SFT model, scored by the reward model."""
 
 
 def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):

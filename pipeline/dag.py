@@ -222,5 +222,16 @@ PIPELINE = DAG(
             extra_fingerprint=lambda cfg: input_file_stats([*cfg.reward.data, *cfg.reward.eval_data]),
             headline="pairwise_accuracy",
         ),
+        Stage(
+            "ppo",
+            "stages.ppo:run",
+            inputs=("sft", "reward"),
+            sections=("ppo", "run"),
+            workers=_workers("ppo"),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [*cfg.ppo.prompts, *filter(None, [cfg.ppo.task_prompts])]
+            ),
+            headline="task_accuracy",
+        ),
     )
 )

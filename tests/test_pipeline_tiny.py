@@ -103,6 +103,7 @@ def test_dry_run_explains_what_a_change_reruns(tiny_run, capsys):
     plan = plan_of(changed)
     assert {n: p.action for n, p in plan.items()} == {
         "ingest": "skip", "tokenizer": "skip", "tokenize": "run", "pretrain": "run", "sft": "run", "reward": "run",
+        "ppo": "run",
     }  # fmt: skip
     assert "tokenize.seq_len: 256 -> 128" in plan["tokenize"].reason
     assert "input re-runs: tokenize" in plan["pretrain"].reason
@@ -112,6 +113,7 @@ def test_dry_run_explains_what_a_change_reruns(tiny_run, capsys):
         "pretrain",
         "sft",
         "reward",
+        "ppo",
     ]
 
 
@@ -122,7 +124,7 @@ def test_status_json_lists_every_stage_complete(tiny_run, capsys):
     assert [r["stage"] for r in rows] == list(PIPELINE.order)
     assert all(r["state"] == "complete" and r["progress"] is None for r in rows)
     pretrain = next(r for r in rows if r["stage"] == "pretrain")
-    assert pretrain["metrics"]["val_loss"] > 0 and rows[-1]["metrics"]["pairwise_accuracy"] >= 0
+    assert pretrain["metrics"]["val_loss"] > 0 and rows[-1]["metrics"]["task_accuracy"] >= 0
 
 
 def _path(cfg, stage):

@@ -83,7 +83,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
     for stage in ("ingest", "tokenizer", "tokenize"):  # the same data: only pretraining runs
         shutil.copytree(ref_plan[stage].path, store.run_dir / Path(ref_plan[stage].path).name)
     plan = {p.name: p for p in make_plan(cfg, PIPELINE, store)}
-    assert [n for n, p in plan.items() if p.action == "run"] == ["pretrain", "sft", "reward"]
+    assert [n for n, p in plan.items() if p.action == "run"] == ["pretrain", "sft", "reward", "ppo"]
     assert plan["pretrain"].fingerprint == ref_plan["pretrain"].fingerprint
     every = cfg.pretrain.checkpoint_every
     kill_worker_at = random.choice([s for s in range(every + 5, 2 * every - 5)])

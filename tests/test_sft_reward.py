@@ -285,7 +285,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, st
     cfg = load_config(overrides=[f"run.root={root}"])
     copy_upstream(ref_cfg, cfg)
     plan = plan_of(cfg)
-    assert [n for n, p in plan.items() if p.action == "run"] == ["sft", "reward"]
+    assert [n for n, p in plan.items() if p.action == "run"] == ["sft", "reward", "ppo"]
     p, ref = plan[stage], plan_of(ref_cfg)[stage]
     assert p.fingerprint == ref.fingerprint
     store = ArtifactStore(str(root), cfg.run.name)

@@ -1,0 +1,528 @@
+"""ppo: RLHF with PPO and a KL penalty against the SFT model, scored by the reward model.
+
+    python launch.py run --only ppo --set ppo.iterations=80 --set ppo.kl_target=6
+
+Inputs: {"sft", "reward"}. The policy starts from the SFT model and a frozen copy of it is the
+reference; the reward model scores responses, normalised to mean 0, std 1 with the statistics in its
+manifest (`reward_mean`, `reward_std` on held-out data); the value model starts from the reward model
+(or from the SFT backbone with a fresh head: `ppo.critic_init`). Artifact:
+
+    config.json, model.safetensors, generation_config.json, tokenizer files   the PPO policy (KilnForCausalLM)
+    prompt_stats.json                                                         prompts read / kept / malformed / too long
+    metrics.jsonl                                                             one row per iteration
+
+One iteration, on every rank of a Ray Train group (actor and critic are DeepSpeed engines; the
+reference and reward models are frozen, ZeRO-3-sharded inference engines under ZeRO-3):
+
+    1. rollout     `rollout_batch_size` prompts in the order fixed by the seed (each rank its share),
+                   sampled with the KV cache (stages/rollout.py), one generator per prompt
+    2. experience  old logprobs, reference logprobs, values; the reward model's score (normalised,
+                   `missing_eos_penalty` off a response that never ended); per-token rewards with the
+                   KL penalty (stages/ppo_math.py); GAE; advantages whitened over all ranks
+    3. update      `ppo_epochs` passes in mini-batches (each rank's own order); clipped policy and
+                   value losses, token means over the whole mini-batch on every rank, so 2 workers
+                   take the same step as 1 worker on the same rollouts
+    4. controller  a fixed beta, or the adaptive one (Ziegler et al. 2019) toward `kl_target`
+
+Metrics per iteration: score (raw reward-model score), score_norm, reward (score_norm plus the KL
+penalty, per response), kl (k1 per response), kl_coef, entropy, policy/value loss, clip fractions,
+approx_kl, response_length, ended_frac, gen_share (the share of the iteration spent sampling).
+The shipped task's checking program judges the policy's answers to held-out prompts before the first
+iteration, every `eval_every` and at the end (`task_accuracy` greedy, `task_accuracy_sampled` as the
+rollouts sample, with the same seeds each time): nothing in training sees it.
+Resume restores both engines with their optimizers, the KL controller and the iteration; prompts and
+samples are functions of (seed, iteration), so a resumed run repeats an uninterrupted one.
+
+`ppo.reward_source: task` scores answers with the task's checking program instead of the reward
+model (RL from a verifiable reward); the task accuracy is then what training optimises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.context import Scaling
+
+log = logging.getLogger("kiln.ppo")
+
+
+def run(cfg, inputs, out: Path, ctx) -> dict:
+    p = cfg.ppo
+    reward_stats = inputs["reward"].metrics
+    missing = [k for k in ("reward_mean", "reward_std") if reward_stats.get(k) is None]
+    if missing and (p.reward_source == "model" or p.critic_init == "reward"):
+        raise ValueError(
+            f"ppo: the reward artifact's manifest has no {missing}, needed to normalise rewards; "
+            "re-run the reward stage (launch.py run --only reward)"
+        )
+    if not missing and not reward_stats["reward_std"] > 0:
+        raise ValueError(
+            f"ppo: the reward model's held-out reward_std is {reward_stats['reward_std']}: it scores every "
+            "answer alike; train it further (reward.steps) before PPO"
+        )
+    prompts, stats = _load_prompts(p, cfg.run.seed, inputs["sft"].path)
+    task = _task_prompts(p.task_prompts, p.task_eval_size) if p.task_prompts else []
+    ctx.logger.info("ppo: %d prompts (%s), %d held-out task prompts", len(prompts), _counts(stats), len(task))
+    arg = {
+        "section": asdict(p),
+        "seed": cfg.run.seed,
+        "sft_dir": str(inputs["sft"].path),
+        "reward_dir": str(inputs["reward"].path),
+        "reward_mean": reward_stats.get("reward_mean", 0.0),
+        "reward_std": reward_stats.get("reward_std", 1.0),
+        "prompts": prompts,
+        "task_prompts": task,
+        "export_dir": str(ctx.work_dir / "export"),
+        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
+    }
+    scaling = Scaling(
+        num_workers=p.num_workers,
+        cpus_per_worker=p.cpus_per_worker,
+        gpus_per_worker=p.gpus_per_worker,
+        max_failures=p.max_failures,
+        checkpoints_to_keep=p.keep_last,
+    )
+    results = ctx.run_workers(train_worker, arg, scaling)
+    for f in Path(arg["export_dir"]).iterdir():
+        shutil.copy2(f, out / f.name)
+    (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))
+    return results[0] | {"prompts": stats["kept"], "too_long_prompts": stats["too_long"]}
+
+
+def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
+    """Every prompt as {"messages", "ids"}: its chat-template token ids end with the opening of the
+    assistant's turn. Bad records counted with file:line; prompts over `max_prompt_length` tokens
+    counted and skipped."""
+    from transformers import AutoTokenizer
+
+    from data_prep.chat_data import load_records
+    from pipeline.config import PROJECT_ROOT, ConfigError
+
+    try:
+        records, stats = load_records(
+            p.prompts, "prompt", (Path.cwd(), PROJECT_ROOT), p.max_errors, "ppo.prompts"
+        )
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines(), "ppo") from None
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for r in records]  # fmt: skip
+    kept = [{"messages": r["prompt"], "ids": x} for r, x in zip(records, ids, strict=True) if len(x) <= p.max_prompt_length]  # fmt: skip
+    stats["too_long"] = len(ids) - len(kept)
+    stats["kept"] = len(kept)  # read = kept + malformed + too_long
+    if bad := sum(stats["malformed"].values()):
+        first = "; ".join(f"{e['file']}:{e['line']}: {e['reason']}" for e in stats["errors"][:5])
+        log.warning("ppo.prompts: %d of %d records malformed %s, e.g. %s", bad, stats["read"], stats["malformed"], first)  # fmt: skip
+    if len(kept) < p.rollout_batch_size:
+        raise ValueError(
+            f"ppo.prompts: {len(kept)} usable prompts ({_counts(stats)}), fewer than "
+            f"ppo.rollout_batch_size={p.rollout_batch_size}; give more prompts or lower the batch"
+        )
+    return kept, stats
+
+
+def _counts(stats: dict) -> str:
+    return f"{stats['read']} read, {stats['kept']} kept, {stats['malformed']} malformed, {stats['too_long']} too long"
+
+
+def _task_prompts(path: str, n: int) -> list[list[dict]]:
+    from data_prep.chat_data import load_records
+    from pipeline.config import PROJECT_ROOT
+
+    records, _ = load_records([path], "prompt", (Path.cwd(), PROJECT_ROOT), key="ppo.task_prompts")
+    return [r["prompt"] for r in records[:n]]
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+
+
+def train_worker(arg: dict, wctx) -> dict:
+    """One data-parallel rank of the PPO loop (module docstring). Returns the final metrics."""
+    import deepspeed
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from stages import ppo_math as M
+    from stages import training as T
+    from stages.chat_eval import stop_ids
+    from stages.pretrain import _device, _PreemptionFlag
+
+    p, seed = arg["section"], arg["seed"]
+    rank, world = wctx.rank, wctx.world_size
+    device = _device(wctx)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(p["cpus_per_worker"])))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(seed)
+
+    tok = AutoTokenizer.from_pretrained(arg["sft_dir"])
+    stops = stop_ids(tok)
+    load = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(arg["sft_dir"], **load)
+    critic_dir = arg["reward_dir"] if p["critic_init"] == "reward" else arg["sft_dir"]
+    critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, **load)
+    critic.config.pad_token_id = tok.pad_token_id
+    ref = AutoModelForCausalLM.from_pretrained(arg["sft_dir"], **load)
+    reward = None
+    if p["reward_source"] == "model":
+        reward = AutoModelForSequenceClassification.from_pretrained(arg["reward_dir"], **load)
+    if p["activation_checkpointing"]:
+        policy.gradient_checkpointing_enable()
+        critic.gradient_checkpointing_enable()
+
+    from_reward = p["critic_init"] == "reward"
+    arg["value_norm"] = (arg["reward_mean"], arg["reward_std"]) if from_reward else (0.0, 1.0)
+    local_n = p["rollout_batch_size"] // world
+    mini = p["mini_batch_size"] // world  # rollouts per rank per optimizer step
+    accum = mini // p["micro_batch_size"]
+    actor = _engine(policy, p, p["lr"], accum, world)
+    critic = _engine(critic, p, p["critic_lr"], accum, world)
+    ref, reward = _frozen(ref, p, device), reward and _frozen(reward, p, device)
+    synced = p["zero_stage"] == 3 and world > 1
+    kl_ctl = (
+        M.AdaptiveKLController(p["kl_coef"], p["kl_target"], p["kl_horizon"])
+        if p["kl_target"] is not None
+        else M.FixedKLController(p["kl_coef"])
+    )
+
+    # -- resume -------------------------------------------------------------------------------
+    it, baseline = 0, {}
+    ckpt = wctx.checkpoint()
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        for name, engine in (("actor", actor), ("critic", critic)):
+            engine.load_checkpoint(str(ckpt / name), tag=state["tag"], load_lr_scheduler_states=False)
+        kl_ctl.load_state_dict(state["kl_controller"])
+        it, baseline = state["iteration"], state["baseline"]
+        wctx.resumed_from(it)
+    else:
+        baseline = {"step": 0, **_evaluate(actor, tok, arg, p, wctx, synced)}
+        wctx.report(dict(baseline))
+
+    stop = _PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
+    total, last = p["iterations"], {}
+    while it < total:
+        t0 = time.perf_counter()
+        floor = p["min_lr"] / p["lr"] if p["lr"] > 0 else 0.0  # the critic decays by the same factor
+        frac = T.lr_at(it, lr=1.0, min_lr=floor, warmup=p["warmup_steps"], total=total)
+        for engine, peak in ((actor, p["lr"]), (critic, p["critic_lr"])):
+            for group in engine.optimizer.param_groups:
+                group["lr"] = peak * frac
+
+        # 1. rollout: this rank's share of the iteration's prompts, one generator per prompt
+        order = T.global_batch(it, p["rollout_batch_size"], len(arg["prompts"]), seed)
+        mine = range(rank * local_n, (rank + 1) * local_n)  # positions in the global rollout batch
+        prompts = [arg["prompts"][order[j]] for j in mine]
+        roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [_seed(seed, it, j) for j in mine],
+                              p, stops, tok.pad_token_id, synced)  # fmt: skip
+        t_gen = time.perf_counter() - t0
+
+        # 2. experience
+        convs = [q["messages"] for q in prompts]
+        exp, row = experience(roll, convs, actor, ref, reward, critic, tok, arg, p, kl_ctl.value, world)
+        # 3. update
+        rng = np.random.default_rng([seed, it, rank])
+        row |= ppo_update(actor, critic, exp, p, mini, world, rng)
+        # 4. controller: mean KL per response over all ranks, responses seen this iteration
+        row = T.all_reduce_mean({k: v for k, v in row.items() if v is not None}, device)
+        row["kl_coef"] = kl_ctl.value
+        kl_ctl.update(row["kl"], p["rollout_batch_size"])
+
+        it += 1
+        if it == 1:
+            baseline["score"] = row["score"]  # the SFT policy's rollouts, scored
+        dt = time.perf_counter() - t0
+        row.update(step=it, lr=p["lr"] * frac, iteration_s=dt, gen_share=t_gen / dt)
+        row["prompt_crc"] = zlib.crc32(order.tobytes())  # which prompts this iteration sampled
+        if it % p["eval_every"] == 0 or it == total:
+            row.update(_evaluate(actor, tok, arg, p, wctx, synced))
+        wctx.progress(it, total)
+        if it % p["checkpoint_every"] == 0 or it == total or stop.requested:
+            state = {"iteration": it, "kl_controller": kl_ctl.state_dict(), "baseline": baseline,
+                     "wandb_run_id": arg["wandb_run_id"]}  # fmt: skip
+            _save(actor, critic, wctx, row, state, rank)
+        else:
+            wctx.report(row)
+        last = row
+        if stop.requested:
+            raise SystemExit(f"ppo: preempted (SIGTERM); checkpoint saved at iteration {it}")
+
+    T.export_engine(actor, lambda: type(policy)(policy.config), arg["export_dir"], arg["sft_dir"], p["zero_stage"], rank)  # fmt: skip
+    if rank == 0 and (Path(arg["sft_dir"]) / "generation_config.json").exists():
+        shutil.copy2(Path(arg["sft_dir"]) / "generation_config.json", Path(arg["export_dir"]))
+    keep = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",
+            "task_accuracy", "task_accuracy_sampled")  # fmt: skip
+    out = {k: last[k] for k in keep if k in last} | {"iterations": it}
+    for k in ("task_accuracy", "task_accuracy_sampled", "score"):  # before PPO (the SFT policy)
+        if k in baseline:
+            out[f"{k}_sft"] = baseline[k]
+    return out
+
+
+def _seed(seed: int, it: int, position: int) -> int:
+    """The generator seed of the prompt at `position` of iteration `it`'s rollout batch."""
+    return (seed * 1_000_003 + it) * 100_003 + position
+
+
+def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
+    from stages.rollout import sample
+
+    return sample(model, prompts, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                  top_p=p["top_p"], stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
+
+
+def _engine(model, p, lr, accum, world):
+    import deepspeed
+
+    from stages import training as T
+
+    optimizer = T.adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p["weight_decay"])
+    config = T.deepspeed_config(
+        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
+        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
+    )  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def _frozen(model, p, device):
+    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3, else on the device."""
+    import torch
+
+    model.requires_grad_(False).eval()
+    if p["zero_stage"] == 3:
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": p["micro_batch_size"],
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": p["precision"] == "bf16"},
+            "fp16": {"enabled": p["precision"] == "fp16"},
+        }
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.module.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p["precision"], torch.float32)
+    return model.to(device=device, dtype=dtype)
+
+
+def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, world):
+    """Everything the update needs from one rollout batch, and the rollout's metrics.
+    Forward passes in micro-batches; rewards, GAE and whitening over the whole batch."""
+    import torch
+
+    from stages import ppo_math as M
+    from stages.chat_eval import score_conversations, stop_ids
+
+    P, micro, stops = roll.prompt_len, p["micro_batch_size"], stop_ids(tok)
+    rmask = roll.response_mask.float()  # (B, R)
+    old_logp, ref_logp, values = [], [], []
+    with torch.no_grad():
+        for i in range(0, roll.tokens.shape[0], micro):
+            x, m = roll.tokens[i : i + micro], roll.mask[i : i + micro]
+            old_logp.append(_logprobs(actor, x, m, P, p["temperature"]))
+            ref_logp.append(_logprobs(ref, x, m, P, p["temperature"]))
+            values.append(_values(critic, x, m, P, arg["value_norm"]))
+    old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, R)
+
+    answers = [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+    if p["reward_source"] == "task":  # the checking program: 1 right, 0 wrong (used as it is)
+        from data_prep.task import check, prompt_text
+
+        raw = torch.tensor([float(check(prompt_text(q), a)) for q, a in zip(prompts, answers, strict=True)])
+        score = raw.to(values.device)
+    else:
+        convs = [q + [{"role": "assistant", "content": a}] for q, a in zip(prompts, answers, strict=True)]
+        raw = torch.tensor(
+            score_conversations(reward, tok, convs, batch_size=micro), device=values.device
+        )  # (B,)
+        score = (raw - arg["reward_mean"]) / arg["reward_std"]
+    score = M.eos_penalty(score, roll.ended, p["missing_eos_penalty"])
+
+    kl = M.kl_estimate(old_logp, ref_logp, p["kl_estimator"])  # (B, R) what the rewards are charged
+    rewards = M.penalized_rewards(score, kl, rmask, kl_coef)
+    advantages, returns = M.gae(rewards, values, rmask, p["gamma"], p["lam"])
+    if p["whiten_advantages"]:
+        advantages = whiten(advantages, rmask, world)
+    exp = {"tokens": roll.tokens, "mask": roll.mask, "P": P, "rmask": rmask, "old_logp": old_logp,
+           "old_values": values, "advantages": advantages, "returns": returns, "value_norm": arg["value_norm"]}  # fmt: skip
+    per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
+    row = {
+        "rollout_task_accuracy": _checked(prompts, answers) if arg["task_prompts"] else None,
+        "score": raw.mean(),
+        "score_norm": score.mean(),
+        "reward": rewards.sum(1).mean(),
+        "kl": per_seq(M.kl_k1(old_logp, ref_logp)),
+        "kl_k3": per_seq(M.kl_k3(old_logp, ref_logp)),
+        "response_length": rmask.sum(1).mean(),
+        "ended_frac": roll.ended.float().mean(),
+        "values": M.masked_mean(values, rmask),
+        "returns": M.masked_mean(returns, rmask),
+    }
+    return exp, row
+
+
+def _checked(prompts: list[list[dict]], answers: list[str]) -> float:
+    """Share of sampled answers the shipped task's program accepts (a measure training never sees)."""
+    return _checked_count(prompts, answers, [True] * len(answers)) / len(answers)
+
+
+def _checked_count(prompts: list[list[dict]], answers: list[str], counted: list[bool]) -> int:
+    from data_prep.task import check, prompt_text
+
+    return sum(c and check(prompt_text(q), a) for q, a, c in zip(prompts, answers, counted, strict=True))
+
+
+def _answer(tok, tokens: list[int], stops: list[int]) -> str:
+    """A response's text without its stop token."""
+    if tokens and tokens[-1] in stops:
+        tokens = tokens[:-1]
+    return tok.decode(tokens, skip_special_tokens=True)
+
+
+def _response_logits(model, x, m, P, temperature: float):
+    """Logits predicting the response tokens x[:, P:], (B, R, V), at the sampling temperature: the
+    logprobs are then those of the distribution the rollouts were drawn from."""
+    logits = model(input_ids=x, attention_mask=m).logits[:, P - 1 : -1]
+    return logits / temperature if temperature > 0 else logits
+
+
+def _logprobs(model, x, m, P, temperature: float):
+    from stages.ppo_math import logprobs_from_logits
+
+    return logprobs_from_logits(_response_logits(model, x, m, P, temperature), x[:, P:])
+
+
+def _values(critic, x, m, P, norm: tuple[float, float]):
+    """Per-token values of the response, (B, R): the head's output at the position before each token,
+    as (output - shift) / scale. A critic started from the reward model has the reward's normalisation
+    (module docstring), so it starts out predicting normalised scores; a fresh head uses (0, 1)."""
+    shift, scale = norm
+    out = critic(input_ids=x, attention_mask=m, per_token=True).logits[:, P - 1 : -1, 0].float()
+    return (out - shift) / scale
+
+
+def whiten(x, mask, world: int):
+    """`ppo_math.masked_whiten` over the real tokens of every rank's batch (two all-reduces)."""
+    import torch
+    import torch.distributed as dist
+
+    if world == 1:
+        from stages.ppo_math import masked_whiten
+
+        return masked_whiten(x, mask)
+    keep = mask.bool()
+    s = torch.stack([torch.where(keep, x, 0).sum(), mask.sum()]).double()
+    dist.all_reduce(s)
+    mean = s[0] / s[1]
+    sq = torch.where(keep, (x.double() - mean) ** 2, 0).sum()
+    dist.all_reduce(sq)
+    var = sq / s[1] * s[1] / (s[1] - 1)
+    out = ((x.double() - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
+    return torch.where(keep, out, torch.zeros_like(out))
+
+
+def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:
+    """`ppo_epochs` passes over this rank's rollouts in mini-batches of `mini` (its share of
+    `mini_batch_size`); each mini-batch is one optimizer step of the actor and of the critic."""
+    import torch
+    import torch.distributed as dist
+
+    from stages import ppo_math as M
+
+    n, micro, P = exp["tokens"].shape[0], p["micro_batch_size"], exp["P"]
+    sums: dict[str, float] = {}
+    steps = p["ppo_epochs"] * (n // mini)
+    for _ in range(p["ppo_epochs"]):
+        order = torch.from_numpy(rng.permutation(n))
+        for k in range(0, n, mini):
+            batch = order[k : k + mini]
+            tokens = exp["rmask"][batch].sum().detach()
+            if world > 1:  # the token mean runs over the whole mini-batch, every rank's share
+                dist.all_reduce(tokens)
+            for a in range(0, mini, micro):
+                idx = batch[a : a + micro]
+                x, m, rmask = exp["tokens"][idx], exp["mask"][idx], exp["rmask"][idx]
+                logits = _response_logits(actor, x, m, P, p["temperature"])  # (b, R, V)
+                logp = M.logprobs_from_logits(logits, x[:, P:])
+                pg, stats = M.policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], rmask, p["clip_eps"], tokens)  # fmt: skip
+                entropy = M.entropy_from_logits(logits.detach() if not p["entropy_coef"] else logits, rmask)
+                loss = pg - p["entropy_coef"] * entropy * rmask.sum() / tokens
+                # DeepSpeed averages gradients over ranks; the token mean already sums them
+                actor.backward(loss * world, scale_wrt_gas=False)
+                actor.step()
+
+                values = _values(critic, x, m, P, exp["value_norm"])
+                vf, vstats = M.value_loss(values, exp["old_values"][idx], exp["returns"][idx], rmask, p["value_clip_eps"], tokens)  # fmt: skip
+                critic.backward(vf * world, scale_wrt_gas=False)
+                critic.step()
+
+                # Every statistic as a token mean over the mini-batch (like the losses): a micro-batch
+                # counts by its share of the mini-batch's tokens; times `world` before the mean over
+                # ranks, the shares sum to the mini-batch's value whatever the split into workers.
+                share = float(rmask.sum() / tokens) * world / steps
+                for name, v in {"entropy": entropy, **stats, **vstats}.items():
+                    sums[name] = sums.get(name, 0.0) + float(v) * share
+                sums["policy_loss"] = sums.get("policy_loss", 0.0) + float(pg.detach()) * world / steps
+                sums["value_loss"] = sums.get("value_loss", 0.0) + float(vf.detach()) * world / steps
+    return sums
+
+
+def _evaluate(actor, tok, arg, p, wctx, synced) -> dict:
+    """The shipped task's held-out accuracy, judged by its program (every rank joins; same result):
+    `task_accuracy` of the greedy answers, and `task_accuracy_sampled` over `task_samples` answers
+    per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
+    prompt and sample, so every evaluation draws the same noise and a change measures the policy."""
+    import math
+
+    from stages.chat_eval import _sum_over_ranks, stop_ids, task_accuracy
+    from stages.rollout import sample
+
+    prompts = arg["task_prompts"]
+    if not prompts:
+        return {}
+    rank, world = wctx.rank, wctx.world_size
+    found = task_accuracy(actor.module, tok, prompts, p["max_new_tokens"], rank, world, synced=synced)
+    if rank == 0:
+        log.info("ppo: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
+    mine = list(range(rank, len(prompts), world))
+    real = len(mine) * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
+    mine += mine[:1] * (math.ceil(len(prompts) / world) - len(mine))
+    jobs = [(i, j) for i in mine for j in range(p["task_samples"])]
+    stops, right = stop_ids(tok), 0
+    for b in range(0, len(jobs), 128):
+        batch = jobs[b : b + 128]
+        ids = [tok.apply_chat_template(prompts[i], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for i, _ in batch]  # fmt: skip
+        seeds = [_seed(arg["seed"], -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
+        roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                      top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
+        answers = [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+        counted = [b + k < real for k in range(len(batch))]
+        right += _checked_count([prompts[i] for i, _ in batch], answers, counted)
+    right, n, _ = _sum_over_ranks((right, real, []), world)
+    return {"task_accuracy": found["task_accuracy"], "task_accuracy_sampled": right / max(1, n)}
+
+
+def _save(actor, critic, wctx, row, state, rank) -> None:
+    """Both engines (with their optimizers), the loop state and this rank's RNG into a fresh folder,
+    reported to Ray Train (which keeps its copy)."""
+    from stages import training as T
+
+    folder = Path(tempfile.mkdtemp(prefix=f"kiln-ppo-{state['iteration']}-"))
+    tag = f"iter{state['iteration']:06d}"
+    actor.save_checkpoint(str(folder / "actor"), tag=tag)
+    critic.save_checkpoint(str(folder / "critic"), tag=tag)
+    T.save_rng(folder / f"rng_rank{rank}.pt")
+    if rank == 0:
+        T.write_json(folder / "trainer_state.json", state | {"tag": tag})
+    wctx.report(row, checkpoint_dir=folder)
+    shutil.rmtree(folder, ignore_errors=True)
