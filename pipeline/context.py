@@ -34,6 +34,18 @@ class Scaling:
     max_failures: int = 0
     checkpoints_to_keep: int = 2
 
+    @classmethod
+    def of(cls, section) -> Scaling:
+        """The group a training stage's config section asks for (num_workers, cpus_per_worker,
+        gpus_per_worker, max_failures, keep_last)."""
+        return cls(
+            num_workers=section.num_workers,
+            cpus_per_worker=section.cpus_per_worker,
+            gpus_per_worker=section.gpus_per_worker,
+            max_failures=section.max_failures,
+            checkpoints_to_keep=section.keep_last,
+        )
+
     def total(self) -> dict[str, float]:
         need = {
             "CPU": self.num_workers * self.cpus_per_worker,

@@ -155,16 +155,7 @@ def _sha256(path) -> str:
 
 
 def _workers(section: str) -> Callable:
-    def scaling(cfg) -> Scaling:
-        s = getattr(cfg, section)
-        return Scaling(
-            num_workers=s.num_workers,
-            cpus_per_worker=s.cpus_per_worker,
-            gpus_per_worker=s.gpus_per_worker,
-            max_failures=getattr(s, "max_failures", 0),
-        )
-
-    return scaling
+    return lambda cfg: Scaling.of(getattr(cfg, section))
 
 
 PIPELINE = DAG(

@@ -82,14 +82,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
         "export_dir": str(ctx.work_dir / "export"),
         "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
     }
-    scaling = Scaling(
-        num_workers=p.num_workers,
-        cpus_per_worker=p.cpus_per_worker,
-        gpus_per_worker=p.gpus_per_worker,
-        max_failures=p.max_failures,
-        checkpoints_to_keep=p.keep_last,
-    )
-    results = ctx.run_workers(train_worker, arg, scaling)
+    results = ctx.run_workers(train_worker, arg, Scaling.of(p))
     for f in Path(arg["export_dir"]).iterdir():
         shutil.copy2(f, out / f.name)
     (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))

@@ -41,15 +41,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
         "export_dir": str(ctx.work_dir / "export"),
         "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
     }
-    p = cfg.pretrain
-    scaling = Scaling(
-        num_workers=p.num_workers,
-        cpus_per_worker=p.cpus_per_worker,
-        gpus_per_worker=p.gpus_per_worker,
-        max_failures=p.max_failures,
-        checkpoints_to_keep=p.keep_last,
-    )
-    results = ctx.run_workers(train_worker, arg, scaling)
+    results = ctx.run_workers(train_worker, arg, Scaling.of(cfg.pretrain))
     summary = results[0]
     export = Path(arg["export_dir"])
     for f in export.iterdir():

@@ -24,11 +24,9 @@ the manifest (`reward_mean`, `reward_std`) so PPO can normalise rewards to mean 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from stages import trl_bridge as B
@@ -40,27 +38,13 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     s = cfg.reward
     train, held, stats = B.load_data("preference", s, "reward", cfg.run.seed, ctx.logger)
     ctx.logger.info("reward: %d training and %d held-out pairs, from %s", len(train), len(held), s.init_from)
-    arg = {
-        "section": asdict(s),
-        "seed": cfg.run.seed,
-        "model_dir": str(inputs[s.init_from].path),
-        "train": B.with_ids(train),
-        "eval": held,
-        "export_dir": str(ctx.work_dir / "export"),
-        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
-    }
-    results = ctx.run_workers(train_worker, arg, B.scaling(s))
-    B.copy_export(arg["export_dir"], out)
-    (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    return results[0] | B.data_headline(stats)
+    return B.run_trainer(ctx, cfg, s, inputs[s.init_from].path, train_worker, train, held, stats, out)
 
 
 def train_worker(arg: dict, wctx) -> dict:
     """One data-parallel rank: TRL's RewardTrainer under DeepSpeed, bridged to the worker context."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
@@ -85,19 +69,7 @@ def train_worker(arg: dict, wctx) -> dict:
         wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
     )
     lora = B.lora_config(s, "SEQ_CLS")  # peft trains the `score` head in full beside the adapters
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(arg["train"]),
-        eval_dataset=Dataset.from_list(arg["eval"]),
-        processing_class=tok,
-        peft_config=lora,
-        callbacks=[bridge],
-    )
-    trainer.remove_callback(PrinterCallback)
-    B.check_deepspeed(trainer, s["zero_stage"])
-    bridge.attach(trainer)
-    too_long = len(arg["train"]) - len(trainer.train_dataset)
+    trainer, too_long = B.make_trainer(RewardTrainer, model, args, arg, tok, lora, bridge)
     if too_long and wctx.rank == 0:
         log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s["max_length"])
 

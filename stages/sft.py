@@ -28,7 +28,6 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 from stages import trl_bridge as B
@@ -43,28 +42,15 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     ctx.logger.info(
         "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
     )
-    arg = {
-        "section": asdict(s),
-        "seed": cfg.run.seed,
-        "model_dir": str(inputs["pretrain"].path),
-        "train": B.with_ids(train),
-        "eval": held,
-        "prompts": prompts,
-        "export_dir": str(ctx.work_dir / "export"),
-        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
-    }
-    results = ctx.run_workers(train_worker, arg, B.scaling(s))
-    B.copy_export(arg["export_dir"], out)
-    (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    return results[0] | B.data_headline(stats)
+    return B.run_trainer(
+        ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, prompts=prompts
+    )
 
 
 def train_worker(arg: dict, wctx) -> dict:
     """One data-parallel rank: TRL's SFTTrainer under DeepSpeed, bridged to the worker context."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
@@ -100,19 +86,9 @@ def train_worker(arg: dict, wctx) -> dict:
         wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
     )
     lora = B.lora_config(s, "CAUSAL_LM")
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(arg["train"]),
-        eval_dataset=Dataset.from_list(arg["eval"]),
-        processing_class=tok,
-        peft_config=lora,
-        callbacks=[bridge],
-    )
-    trainer.remove_callback(PrinterCallback)
-    B.check_deepspeed(trainer, s["zero_stage"])
-    bridge.attach(trainer)
-    unused = len(arg["train"]) - len(trainer.train_dataset)  # left with no completion token by max_length
+    trainer, unused = B.make_trainer(
+        SFTTrainer, model, args, arg, tok, lora, bridge
+    )  # unused: no completion token
     if unused and wctx.rank == 0:
         log.warning("sft: %d training records have no completion token within max_length", unused)
 

@@ -84,14 +84,28 @@ def load_data(kind: str, s, section: str, seed: int, logger) -> tuple[list[dict]
     return train, held, stats
 
 
-def scaling(s) -> Scaling:
-    return Scaling(
-        num_workers=s.num_workers,
-        cpus_per_worker=s.cpus_per_worker,
-        gpus_per_worker=s.gpus_per_worker,
-        max_failures=s.max_failures,
-        checkpoints_to_keep=s.keep_last,
-    )
+def run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out: Path, **extra) -> dict:
+    """The driver's part of a TRL stage: hand the records to `train_worker` on the section's Ray
+    Train group, copy the exported model into the artifact with data_stats.json, and return the
+    headline metrics (rank 0's and the data counts)."""
+    import json
+    from dataclasses import asdict
+
+    arg = {
+        "section": asdict(s),
+        "seed": cfg.run.seed,
+        "model_dir": str(model_dir),
+        "train": with_ids(train),
+        "eval": held,
+        "export_dir": str(ctx.work_dir / "export"),
+        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
+        **extra,
+    }
+    results = ctx.run_workers(train_worker, arg, Scaling.of(s))
+    for f in Path(arg["export_dir"]).iterdir():
+        shutil.copy2(f, Path(out) / f.name)
+    (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    return results[0] | data_headline(stats)
 
 
 def data_headline(stats: dict) -> dict:
@@ -153,6 +167,27 @@ def lora_config(s: dict, task_type: str):
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
         target_modules=list(s["lora_targets"]), task_type=task_type,
     )  # fmt: skip
+
+
+def make_trainer(trainer_cls, model, args, arg: dict, tok, lora, bridge):
+    """A TRL trainer on the stage's records, bridged (quiet console, DeepSpeed checked, sample ids
+    noted); also how many training records TRL left out (over max_length, or nothing to learn)."""
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(arg["train"]),
+        eval_dataset=Dataset.from_list(arg["eval"]),
+        processing_class=tok,
+        peft_config=lora,
+        callbacks=[bridge],
+    )
+    trainer.remove_callback(PrinterCallback)
+    check_deepspeed(trainer, arg["section"]["zero_stage"])
+    bridge.attach(trainer)
+    return trainer, len(arg["train"]) - len(trainer.train_dataset)
 
 
 def check_deepspeed(trainer, zero_stage: int) -> None:
@@ -283,8 +318,3 @@ def export(trainer, out_dir: str, tok, lora, rank: int) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-
-
-def copy_export(export_dir: str, out: Path) -> None:
-    for f in Path(export_dir).iterdir():
-        shutil.copy2(f, Path(out) / f.name)

@@ -17,6 +17,7 @@ from data_prep.chat_data import (
     BadRecord,
     load_records,
     normalise_preference,
+    normalise_prompt,
     normalise_sft,
     parse_hh,
     split_eval,
@@ -181,6 +182,28 @@ def test_bad_sft_records_name_their_reason(record, reason):
 def test_bad_preference_records_name_their_reason(record, reason):
     with pytest.raises(BadRecord) as e:
         normalise_preference(record)
+    assert e.value.reason == reason
+
+
+def test_prompts_normalise_to_messages_ending_with_a_user_turn():
+    assert normalise_prompt({"prompt": "Q"}) == {"prompt": user("Q")}
+    hh = normalise_prompt({"prompt": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:"})
+    assert hh == {"prompt": user("A") + assistant("B") + user("C")}
+    assert normalise_prompt({"messages": user("Q")}) == {"prompt": user("Q")}
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"text": "Q"}, "missing_fields"),
+        ({"prompt": ""}, "empty"),
+        ({"prompt": user("Q") + assistant("A")}, "bad_role"),
+        ({"prompt": 3}, "bad_type"),
+    ],
+)
+def test_bad_prompt_records_name_their_reason(record, reason):
+    with pytest.raises(BadRecord) as e:
+        normalise_prompt(record)
     assert e.value.reason == reason
 
 

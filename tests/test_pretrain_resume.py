@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
-
-
-def wait_for(predicate, timeout: float, what: str, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+from tests.pipeline_helpers import wait_for
 
 
 def start_run(root: Path, tmp: Path, log: Path) -> subprocess.Popen:
