@@ -59,6 +59,23 @@ def greedy_answers(
     return answers
 
 
+def read_task_prompts(source: str, n: int, key: str) -> list[list[dict]]:
+    """The first `n` prompts (messages) of a prompt file, for `task_accuracy`; a malformed record
+    fails with its file and line (config `key`), as a held-out set must be read whole."""
+    from pathlib import Path
+
+    from data_prep.chat_data import load_records
+    from pipeline.config import PROJECT_ROOT
+
+    records, stats = load_records([source], "prompt", (Path.cwd(), PROJECT_ROOT), key=key)
+    if stats["errors"]:
+        first = stats["errors"][0]
+        raise ValueError(
+            f"{key}: {first['file']}:{first['line']}: {first['reason']} (malformed {stats['malformed']})"
+        )
+    return [r["prompt"] for r in records[:n]]
+
+
 def task_accuracy(model, tok, prompts, max_new_tokens: int, rank=0, world=1, synced=False) -> dict:
     """Share of held-out prompts whose greedy answer `data_prep.task.check` accepts."""
     mine = prompts[rank::world]

@@ -68,7 +68,9 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
             "answer alike; train it further (reward.steps) before PPO"
         )
     prompts, stats = _load_prompts(p, cfg.run.seed, inputs["sft"].path)
-    task = _task_prompts(p.task_prompts, p.task_eval_size) if p.task_prompts else []
+    from stages.chat_eval import read_task_prompts
+
+    task = read_task_prompts(p.task_prompts, p.task_eval_size, "ppo.task_prompts") if p.task_prompts else []
     ctx.logger.info("ppo: %d prompts (%s), %d held-out task prompts", len(prompts), _counts(stats), len(task))
     arg = {
         "section": asdict(p),
@@ -122,14 +124,6 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
 
 def _counts(stats: dict) -> str:
     return f"{stats['read']} read, {stats['kept']} kept, {stats['malformed']} malformed, {stats['too_long']} too long"
-
-
-def _task_prompts(path: str, n: int) -> list[list[dict]]:
-    from data_prep.chat_data import load_records
-    from pipeline.config import PROJECT_ROOT
-
-    records, _ = load_records([path], "prompt", (Path.cwd(), PROJECT_ROOT), key="ppo.task_prompts")
-    return [r["prompt"] for r in records[:n]]
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -345,7 +339,7 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     rewards = M.penalized_rewards(score, kl, rmask, kl_coef)
     advantages, returns = M.gae(rewards, values, rmask, p["gamma"], p["lam"])
     if p["whiten_advantages"]:
-        advantages = whiten(advantages, rmask, world)
+        advantages = M.masked_whiten(advantages, rmask, reduce=_sum_over_ranks if world > 1 else None)
     exp = {"tokens": roll.tokens, "mask": roll.mask, "P": P, "rmask": rmask, "old_logp": old_logp,
            "old_values": values, "advantages": advantages, "returns": returns, "value_norm": arg["value_norm"]}  # fmt: skip
     per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
@@ -404,24 +398,12 @@ def _values(critic, x, m, P, norm: tuple[float, float]):
     return (out - shift) / scale
 
 
-def whiten(x, mask, world: int):
-    """`ppo_math.masked_whiten` over the real tokens of every rank's batch (two all-reduces)."""
-    import torch
+def _sum_over_ranks(t):
+    """`ppo_math.Reduce` on the data-parallel group: the tensor summed over every rank."""
     import torch.distributed as dist
 
-    if world == 1:
-        from stages.ppo_math import masked_whiten
-
-        return masked_whiten(x, mask)
-    keep = mask.bool()
-    s = torch.stack([torch.where(keep, x, 0).sum(), mask.sum()]).double()
-    dist.all_reduce(s)
-    mean = s[0] / s[1]
-    sq = torch.where(keep, (x.double() - mean) ** 2, 0).sum()
-    dist.all_reduce(sq)
-    var = sq / s[1] * s[1] / (s[1] - 1)
-    out = ((x.double() - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
-    return torch.where(keep, out, torch.zeros_like(out))
+    dist.all_reduce(t)
+    return t
 
 
 def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:

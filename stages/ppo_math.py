@@ -23,6 +23,7 @@ Conventions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,40 +35,55 @@ KLKind = Literal["k1", "k2", "k3"]
 # Masked reductions
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over positions where `mask` is 1; over all dims if `dim` is None.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over data-parallel ranks (an all-reduce), so a statistic covers every rank's batch."""
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """Mean of `x` over positions where `mask` is 1; over all dims if `dim` is None; over every rank's
+    positions too with `reduce` (which sums the numerator and the count).
 
     `torch.where` rather than `x * mask`, so inf/nan at masked positions cannot leak into the forward value.
     An all-zero mask gives 0 (not nan): an empty microbatch then contributes nothing.
     """
     keep = mask.bool()
     total = torch.where(keep, x, torch.zeros_like(x)).sum(dim=dim)  # () or x with `dim` removed
-    count = mask.to(total.dtype).sum(dim=dim).clamp(min=1.0)
-    return total / count
+    count = mask.to(total.dtype).sum(dim=dim)
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    return total / count.clamp(min=1.0)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `x` over masked positions, a 0-d tensor; Bessel-corrected (n / (n - 1)) if `unbiased`."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """Variance of `x` over masked positions (of every rank with `reduce`), a 0-d tensor;
+    Bessel-corrected (n / (n - 1)) if `unbiased`."""
+    mean = masked_mean(x, mask, reduce=reduce)
+    var = masked_mean((x - mean) ** 2, mask, reduce=reduce)
     if unbiased:
-        n = mask.sum()
+        n = mask.sum() if reduce is None else reduce(mask.to(var.dtype).sum())
         if n < 2:  # one sync; a variance of one token is meaningless, so say so instead of returning inf
             raise ValueError(f"masked_var(unbiased=True) needs at least 2 real tokens, got {int(n)}")
         var = var * n / (n - 1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise `x` to mean 0, std 1 over the real tokens of the batch; masked positions become 0.
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None
+) -> torch.Tensor:
+    """Normalise `x` to mean 0, std 1 over the real tokens of the batch (of every rank's batch with
+    `reduce`); masked positions become 0.
 
     Advantage whitening of Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
     (openai/lm-human-preferences `whiten`). With `shift_mean=False` the mean is added back (only the scale
     changes), as used there for rewards. Deviation: the variance is the unbiased one (as in TRL);
     lm-human-preferences uses the biased `tf.nn.moments`. The difference is a factor n / (n - 1).
     """
-    mean = masked_mean(x, mask)  # ()
-    var = masked_var(x, mask, unbiased=True)  # ()
+    mean = masked_mean(x, mask, reduce=reduce)  # ()
+    var = masked_var(x, mask, unbiased=True, reduce=reduce)  # ()
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
     if not shift_mean:
         whitened = whitened + mean

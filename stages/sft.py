@@ -24,7 +24,6 @@ the stage's own last checkpoint: TRL's DeepSpeed state, scheduler, RNG and data 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -38,7 +37,11 @@ log = logging.getLogger("kiln.sft")
 def run(cfg, inputs, out: Path, ctx) -> dict:
     s = cfg.sft
     train, held, stats = B.load_data("sft", s, "sft", cfg.run.seed, ctx.logger)
-    prompts = _task_prompts(s.task_prompts, s.task_eval_size) if s.task_prompts else []
+    from stages.chat_eval import read_task_prompts
+
+    prompts = (
+        read_task_prompts(s.task_prompts, s.task_eval_size, "sft.task_prompts") if s.task_prompts else []
+    )
     ctx.logger.info(
         "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
     )
@@ -106,22 +109,6 @@ def train_worker(arg: dict, wctx) -> dict:
         "records_without_completion": unused,
         "lora_r": s["lora_r"],
     }
-
-
-def _task_prompts(path: str, n: int) -> list[list[dict]]:
-    """The first n prompts (as messages) of a prompt file: {"prompt": str | messages} per line."""
-    from data_prep.readers import read_lines, resolve_sources
-    from pipeline.config import PROJECT_ROOT
-
-    (src,) = resolve_sources([path], (Path.cwd(), PROJECT_ROOT), "sft.task_prompts")
-    prompts = []
-    for _, raw in read_lines(src, max_line_bytes=1 << 20):
-        if raw and raw.strip():
-            p = json.loads(raw)["prompt"]
-            prompts.append([{"role": "user", "content": p}] if isinstance(p, str) else p)
-        if len(prompts) == n:
-            break
-    return prompts
 
 
 def _last_train_loss(trainer) -> float | None:

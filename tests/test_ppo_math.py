@@ -54,6 +54,16 @@ def ragged_batch(seed=0, B=6, T=7, garbage=None):
 # --- masked reductions -----------------------------------------------------------------------------------
 
 
+def test_whitening_with_a_reduce_covers_every_rank():
+    """`reduce` sums statistics over ranks: two ranks holding the same batch whiten as one batch twice
+    as long (Bessel's n counts both)."""
+    x = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    both = masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:2]
+    close(masked_whiten(x, mask, reduce=lambda t: 2 * t), both)
+    close(masked_whiten(x, mask, reduce=lambda t: t), masked_whiten(x, mask))
+
+
 def test_masked_mean_and_var_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
