@@ -11,6 +11,7 @@ test that passes proves the credentials reached every process that touched the b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,3 +119,14 @@ class S3Server:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: weed and nothing else
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+@contextlib.contextmanager
+def serving(base: Path, access_key: str, secret_key: str):
+    """A started S3Server for a `with` block (a test module's fixture); stopped however the block ends."""
+    server = S3Server(base, access_key=access_key, secret_key=secret_key)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

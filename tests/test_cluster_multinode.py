@@ -34,7 +34,7 @@ from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import Selection, make_plan
 from tests.raycluster import LocalCluster, wait_for
-from tests.s3server import S3Server
+from tests.s3server import S3Server, serving
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +47,10 @@ BUCKET = "kiln"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"), access_key="AKIAKILNTESTACCESS01", secret_key=SECRET_KEY)
-    try:
-        server.start()
+    with serving(
+        tmp_path_factory.mktemp("s3"), access_key="AKIAKILNTESTACCESS01", secret_key=SECRET_KEY
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

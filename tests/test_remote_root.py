@@ -17,7 +17,7 @@ from pipeline.context import Scaling
 from pipeline.dag import DAG, Stage
 from pipeline.plan import make_plan
 from pipeline.runner import status_rows
-from tests.s3server import S3Server
+from tests.s3server import serving
 from tests.toy_stages import ToyConfig
 
 SECRET = "kiln-remote-test-secret-0123456789"
@@ -25,12 +25,10 @@ SECRET = "kiln-remote-test-secret-0123456789"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"), access_key="AKIAKILNREMOTETEST01", secret_key=SECRET)
-    try:
-        server.start()
+    with serving(
+        tmp_path_factory.mktemp("s3"), access_key="AKIAKILNREMOTETEST01", secret_key=SECRET
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
