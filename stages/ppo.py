@@ -29,7 +29,9 @@ penalty, per response), kl (k1 per response), kl_coef, entropy, policy/value los
 approx_kl, response_length, ended_frac, gen_share (the share of the iteration spent sampling).
 The shipped task's checking program judges the policy's answers to held-out prompts before the first
 iteration, every `eval_every` and at the end (`task_accuracy` greedy, `task_accuracy_sampled` as the
-rollouts sample, with the same seeds each time): nothing in training sees it.
+rollouts sample, with the same seeds each time): nothing in training sees it. Each later evaluation
+is paired with the first, answer by answer: `task_sampled_gained` went wrong -> right, `task_sampled_lost`
+right -> wrong (McNemar's test: a real change when gained - lost > 2 sqrt(gained + lost)).
 Resume restores both engines with their optimizers, the KL controller and the iteration; prompts and
 samples are functions of (seed, iteration), so a resumed run repeats an uninterrupted one.
 
@@ -190,10 +192,11 @@ def train_worker(arg: dict, wctx) -> dict:
         for name, engine in (("actor", actor), ("critic", critic)):
             engine.load_checkpoint(str(ckpt / name), tag=state["tag"], load_lr_scheduler_states=False)
         kl_ctl.load_state_dict(state["kl_controller"])
-        it, baseline = state["iteration"], state["baseline"]
+        it, baseline, before = state["iteration"], state["baseline"], state.get("task_outcomes", "")
         wctx.resumed_from(it)
     else:
-        baseline = {"step": 0, **_evaluate(actor, tok, arg, p, wctx, synced)}
+        metrics, before = _evaluate(actor, tok, arg, p, wctx, synced)  # the SFT policy
+        baseline = {"step": 0, **metrics}
         wctx.report(dict(baseline))
 
     stop = _PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
@@ -232,11 +235,12 @@ def train_worker(arg: dict, wctx) -> dict:
         row.update(step=it, lr=p["lr"] * frac, iteration_s=dt, gen_share=t_gen / dt)
         row["prompt_crc"] = zlib.crc32(order.tobytes())  # which prompts this iteration sampled
         if it % p["eval_every"] == 0 or it == total:
-            row.update(_evaluate(actor, tok, arg, p, wctx, synced))
+            metrics, after = _evaluate(actor, tok, arg, p, wctx, synced)
+            row.update(metrics, **_flips(before, after))
         wctx.progress(it, total)
         if it % p["checkpoint_every"] == 0 or it == total or stop.requested:
             state = {"iteration": it, "kl_controller": kl_ctl.state_dict(), "baseline": baseline,
-                     "wandb_run_id": arg["wandb_run_id"]}  # fmt: skip
+                     "task_outcomes": before, "wandb_run_id": arg["wandb_run_id"]}  # fmt: skip
             _save(actor, critic, wctx, row, state, rank)
         else:
             wctx.report(row)
@@ -248,7 +252,7 @@ def train_worker(arg: dict, wctx) -> dict:
     if rank == 0 and (Path(arg["sft_dir"]) / "generation_config.json").exists():
         shutil.copy2(Path(arg["sft_dir"]) / "generation_config.json", Path(arg["export_dir"]))
     keep = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",
-            "task_accuracy", "task_accuracy_sampled")  # fmt: skip
+            "task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost")  # fmt: skip
     out = {k: last[k] for k in keep if k in last} | {"iterations": it}
     for k in ("task_accuracy", "task_accuracy_sampled", "score"):  # before PPO (the SFT policy)
         if k in baseline:
@@ -360,13 +364,13 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
 
 def _checked(prompts: list[list[dict]], answers: list[str]) -> float:
     """Share of sampled answers the shipped task's program accepts (a measure training never sees)."""
-    return _checked_count(prompts, answers, [True] * len(answers)) / len(answers)
+    return sum(map(_is_right, prompts, answers)) / len(answers)
 
 
-def _checked_count(prompts: list[list[dict]], answers: list[str], counted: list[bool]) -> int:
+def _is_right(prompt: list[dict], answer: str) -> bool:
     from data_prep.task import check, prompt_text
 
-    return sum(c and check(prompt_text(q), a) for q, a, c in zip(prompts, answers, counted, strict=True))
+    return check(prompt_text(prompt), answer)
 
 
 def _answer(tok, tokens: list[int], stops: list[int]) -> str:
@@ -452,19 +456,20 @@ def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:
     return sums
 
 
-def _evaluate(actor, tok, arg, p, wctx, synced) -> dict:
+def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     """The shipped task's held-out accuracy, judged by its program (every rank joins; same result):
     `task_accuracy` of the greedy answers, and `task_accuracy_sampled` over `task_samples` answers
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
-    prompt and sample, so every evaluation draws the same noise and a change measures the policy."""
+    prompt and sample, so every evaluation draws the same noise and a change measures the policy.
+    Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
     import math
 
-    from stages.chat_eval import _sum_over_ranks, stop_ids, task_accuracy
+    from stages.chat_eval import gather, stop_ids, task_accuracy
     from stages.rollout import sample
 
     prompts = arg["task_prompts"]
     if not prompts:
-        return {}
+        return {}, ""
     rank, world = wctx.rank, wctx.world_size
     found = task_accuracy(actor.module, tok, prompts, p["max_new_tokens"], rank, world, synced=synced)
     if rank == 0:
@@ -473,7 +478,7 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> dict:
     real = len(mine) * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
     mine += mine[:1] * (math.ceil(len(prompts) / world) - len(mine))
     jobs = [(i, j) for i in mine for j in range(p["task_samples"])]
-    stops, right = stop_ids(tok), 0
+    stops, outcomes = stop_ids(tok), {}
     for b in range(0, len(jobs), 128):
         batch = jobs[b : b + 128]
         ids = [tok.apply_chat_template(prompts[i], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for i, _ in batch]  # fmt: skip
@@ -481,10 +486,28 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> dict:
         roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                       top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
         answers = [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
-        counted = [b + k < real for k in range(len(batch))]
-        right += _checked_count([prompts[i] for i, _ in batch], answers, counted)
-    right, n, _ = _sum_over_ranks((right, real, []), world)
-    return {"task_accuracy": found["task_accuracy"], "task_accuracy_sampled": right / max(1, n)}
+        for k, (job, a) in enumerate(zip(batch, answers, strict=True)):
+            if b + k < real:
+                outcomes[job] = _is_right(prompts[job[0]], a)
+    merged = {job: ok for part in gather(outcomes, world) for job, ok in part.items()}
+    bits = "".join("1" if merged[job] else "0" for job in sorted(merged))
+    metrics = {
+        "task_accuracy": found["task_accuracy"],
+        "task_accuracy_sampled": bits.count("1") / max(1, len(bits)),
+    }
+    return metrics, bits
+
+
+def _flips(before: str, after: str) -> dict:
+    """The paired comparison of two evaluations' sampled answers (same prompts, same seeds): how many
+    went wrong -> right (`task_sampled_gained`) and right -> wrong (`task_sampled_lost`). Under no change
+    in the policy's accuracy the difference is ~N(0, gained + lost) (McNemar's test), which makes
+    `(gained - lost) / sqrt(gained + lost)` the z-score of the change."""
+    if not before or len(before) != len(after):
+        return {}
+    gained = sum(a == "0" and b == "1" for a, b in zip(before, after, strict=True))
+    lost = sum(a == "1" and b == "0" for a, b in zip(before, after, strict=True))
+    return {"task_sampled_gained": gained, "task_sampled_lost": lost}
 
 
 def _save(actor, critic, wctx, row, state, rank) -> None:

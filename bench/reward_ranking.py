@@ -1,0 +1,109 @@
+"""How well a reward model ranks a policy's own answers: what PPO's rollouts ask of it.
+
+    /work/venv/bin/python bench/reward_ranking.py --policy runs/tiny/sft-<fp> --reward runs/tiny/reward-<fp>
+    ... --reward A --reward B       # several reward models, the same answers (~40 s each on 2 cores)
+
+The policy answers `--prompts` prompts of the shipped task (the ppo prompts: no reward model trained on
+them) `--samples` times each at `--temperature`, as PPO's rollouts do; the checking program labels every
+answer; each reward model scores them all. Printed per reward model:
+
+    accuracy          share of right answers (the policy's, the same for every row)
+    AUC global        P(score of a right answer > score of a wrong one), over all prompts
+    AUC in-prompt     the same over pairs of answers to the same prompt: what a policy update can use,
+                      since a prompt's offset (easy prompts' answers all score high) cancels in it
+    best-of-k         accuracy of the answer the reward model scores highest among a prompt's k, against
+                      `accuracy` (no ranking) and `any right` (a perfect one)
+
+A reward model with an in-prompt AUC near 0.5 gives PPO nothing to climb but its own errors.
+Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", type=Path, required=True, help="a causal-LM folder (sft or ppo artifact)")
+    ap.add_argument(
+        "--reward", type=Path, action="append", required=True, help="a reward artifact (repeatable)"
+    )
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    for path in (args.policy, *args.reward):
+        if not (path / "config.json").is_file():
+            sys.exit(f"{path}: no config.json there; give a model folder such as runs/tiny/reward-<fp>")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import stages.model  # noqa: F401  registers the Kiln architecture with transformers
+    from data_prep.chat_data import load_records
+    from data_prep.task import check, prompt_text
+    from pipeline.config import PROJECT_ROOT, load_config
+    from stages.chat_eval import score_conversations, stop_ids
+    from stages.ppo import _answer
+    from stages.rollout import sample
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config()
+    tok = AutoTokenizer.from_pretrained(args.policy)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy).eval()
+    records = load_records([PROJECT_ROOT / p for p in cfg.ppo.prompts], "prompt")[0][: args.prompts]
+    n, k = len(records), args.samples
+    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for r in records]  # fmt: skip
+    stops, answers = stop_ids(tok), []
+    for b in range(0, n * k, 256):
+        jobs = range(b, min(b + 256, n * k))
+        roll = sample(policy, [ids[j // k] for j in jobs], seeds=list(jobs), max_new_tokens=cfg.ppo.max_new_tokens,
+                      temperature=args.temperature, top_p=1.0, stop_ids=stops, pad_id=tok.pad_token_id)  # fmt: skip
+        answers += [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+    prompts = [records[j // k]["prompt"] for j in range(n * k)]
+    right = torch.tensor([check(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)]).view(n, k)
+    convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
+
+    print(f"policy {args.policy.name}: {n} prompts x {k} answers at temperature {args.temperature}")
+    print(
+        f"{'reward model':<28} {'accuracy':>8} {'AUC global':>10} {'AUC in-prompt':>13} {'best-of-k':>9} {'any right':>9}"
+    )
+    for path in args.reward:
+        rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
+        row = ranking(score, right)
+        print(f"{path.name:<28} {row['accuracy']:>8.3f} {row['auc_global']:>10.3f} {row['auc_in_prompt']:>13.3f} "
+              f"{row['best_of_k']:>9.3f} {row['any_right']:>9.3f}")  # fmt: skip
+
+
+def ranking(score, right) -> dict:
+    """Ranking figures of scores (n, k) against right/wrong labels (n, k); ties count a half."""
+
+    def auc(pos, neg) -> tuple[float, int]:
+        if not len(pos) or not len(neg):
+            return 0.0, 0
+        d = pos[:, None] - neg[None, :]
+        return ((d > 0).float().sum() + 0.5 * (d == 0).float().sum()).item(), d.numel()
+
+    won, pairs = 0.0, 0
+    for s, r in zip(score, right, strict=True):
+        w, p = auc(s[r], s[~r])
+        won, pairs = won + w, pairs + p
+    g, gp = auc(score[right], score[~right])
+    return {
+        "accuracy": right.float().mean().item(),
+        "auc_global": g / max(1, gp),
+        "auc_in_prompt": won / max(1, pairs),
+        "best_of_k": right.gather(1, score.argmax(1, keepdim=True)).float().mean().item(),
+        "any_right": right.any(1).float().mean().item(),
+    }
+
+
+if __name__ == "__main__":
+    main()
