@@ -74,12 +74,7 @@ def main() -> None:
 def build(corpus: Path) -> dict[str, bytes]:
     """File name -> contents (zstd-compressed JSON lines, and stats.json)."""
     sentences = select_sentences(corpus)
-    by_split: dict[str, list[str]] = collections.defaultdict(list)
-    for s in sorted(sentences, key=unit_hash):
-        split = next(name for name, upto in SPLITS if unit_hash(s) < upto)
-        if len(by_split[split]) < CAPS[split]:
-            by_split[split].append(s)
-
+    by_split = split_sentences(sentences)
     held, sft, pref, ppo = (by_split[k] for k in ("heldout", "sft", "pref", "ppo"))
     kinds = list(KINDS)
     sets = {
@@ -134,6 +129,16 @@ def select_sentences(corpus: Path) -> list[str]:
     counts = collections.Counter(w for s in found for w in s.split()[:N_WORDS])
     common = {w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_WORDS]}
     return [s for s in found if all(w in common for w in s.split()[:N_WORDS])]
+
+
+def split_sentences(sentences: list[str]) -> dict[str, list[str]]:
+    """Split name -> its sentences (in hash order, up to the split's cap)."""
+    by_split: dict[str, list[str]] = {name: [] for name, _ in SPLITS}
+    for s in sorted(sentences, key=unit_hash):
+        split = next(name for name, upto in SPLITS if unit_hash(s) < upto)
+        if len(by_split[split]) < CAPS[split]:
+            by_split[split].append(s)
+    return by_split
 
 
 def unit_hash(s: str) -> float:

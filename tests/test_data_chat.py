@@ -94,6 +94,58 @@ def test_shipped_sets_are_clean_balanced_and_disjoint():
     assert {p["prompt"][-1]["content"] for p in prompts} == held
 
 
+def test_shipped_policy_pairs_are_the_policys_wrong_answers_on_the_right_splits():
+    """pref_policy_*: the SFT policy's own wrong answers against the right one (build_policy_pairs.py),
+    from the preference split (train) and the held-out split (val) only; the counts reconcile."""
+    stats = json.loads((TASK / "policy_pairs.json").read_text())
+    splits = {
+        "pref_policy_train.jsonl.zst": "pref_train.jsonl.zst",
+        "pref_policy_val.jsonl.zst": "pref_val.jsonl.zst",
+    }
+    for name, synthetic in splits.items():
+        pairs, st = load_records([TASK / name], "preference")
+        c = stats["files"][name]
+        assert st["kept"] == st["read"] == len(pairs) == c["pairs"] and not st["malformed"]
+        assert c["answers"] == c["right"] + c["wrong"] == c["prompts"] * stats["samples_per_prompt"]
+        per_prompt: dict[str, set] = {}
+        for p in pairs:
+            prompt, rejected = p["prompt"][-1]["content"], p["rejected"][0]["content"]
+            assert (
+                p["kind"] == "policy"
+                and check(prompt, p["chosen"][0]["content"])
+                and not check(prompt, rejected)
+            )
+            per_prompt.setdefault(prompt, set()).add(rejected)
+        assert max(map(len, per_prompt.values())) <= stats["pairs_per_prompt"]
+        same_split = {p["prompt"][-1]["content"] for p in load_records([TASK / synthetic], "preference")[0]}
+        assert set(per_prompt) <= same_split  # the same sentences as the split's synthetic pairs
+
+
+def test_policy_pairs_take_the_most_frequent_distinct_wrong_answers():
+    from data_prep.build_policy_pairs import pairs
+
+    s = "The kiln fires the clay slowly."
+    got = [
+        "fires kiln The",
+        "kiln The fires",
+        "the kiln The",
+        "kiln The fires",
+        "",
+        "fires kiln The",
+        "a b c",
+        "a b c",
+    ]
+    records, counts = pairs([s, "It is what it is."], [got, ["is It", "what is It"]], per_prompt=2)
+    assert [r["rejected"][0]["content"] for r in records] == [
+        "a b c",
+        "kiln The fires",
+        "is It",
+    ]  # ties: by text
+    assert all(r["chosen"][0]["content"] == reference_answer(r["prompt"][0]["content"]) for r in records)
+    assert counts == {"answers": 10, "wrong": 7, "right": 3, "empty": 1, "prompts": 2, "prompts_all_right": 0,
+                      "pairs": 3}  # fmt: skip
+
+
 @pytest.mark.timeout(120)
 def test_shipped_sets_rebuild_byte_for_byte():
     proc = subprocess.run(

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.config import PROJECT_ROOT, TASK_DATA, load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import Selection
 from tests.pipeline_helpers import (
@@ -147,6 +147,38 @@ def test_reward_model_judges_correctness_and_is_ready_for_ppo(tiny_run):
     torch.manual_seed(cfg.run.seed)  # the score head as the stage initialised it
     init = AutoModelForSequenceClassification.from_pretrained(pre, num_labels=1).score.weight
     assert not torch.equal(init, after["score.weight"])
+
+
+def test_shipped_policy_pairs_are_what_the_sft_model_answers(tiny_run):
+    """The shipped pref_policy_* pairs are the tiny preset's SFT model's own mistakes: that model
+    (when its weights are the ones the pairs were built from) answers the first held-out prompts with
+    exactly the shipped wrong answers, and the checking program labels them as the file does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import stages.model  # noqa: F401
+    from data_prep import build_policy_pairs as bp
+    from data_prep.build_task_data import CORPUS, select_sentences, split_sentences
+    from data_prep.chat_data import load_records
+    from data_prep.task import make_prompt
+
+    _, cfg, _ = tiny_run
+    sft, stats = (
+        artifact(cfg, "sft"),
+        json.loads((PROJECT_ROOT / TASK_DATA / "policy_pairs.json").read_text()),
+    )
+    if bp.weights_sha256(sft) != stats["policy_weights_sha256"]:
+        pytest.skip(
+            f"this machine's sft weights differ from those of {stats['policy']} the pairs were built from"
+        )
+    sentences = split_sentences(select_sentences(CORPUS))["heldout"][:24]
+    model, tok = AutoModelForCausalLM.from_pretrained(sft).eval(), AutoTokenizer.from_pretrained(sft)
+    answers = bp.sample_answers(model, tok, sentences, stats["samples_per_prompt"], stats["temperature"],
+                                stats["max_new_tokens"])  # fmt: skip
+    got, counts = bp.pairs(sentences, answers, stats["pairs_per_prompt"])
+    shipped, _ = load_records([PROJECT_ROOT / TASK_DATA / bp.FILES["heldout"]], "preference")
+    asked = {make_prompt(s) for s in sentences}
+    want = [p for p in shipped if p["prompt"][-1]["content"] in asked]
+    assert counts["pairs"] == len(got) > 24 and [p["rejected"] for p in got] == [p["rejected"] for p in want]
 
 
 def test_sft_and_reward_train_at_the_same_time(tiny_run):
