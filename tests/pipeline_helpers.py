@@ -66,9 +66,11 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def start_run(stage: str, root: Path, ray_tmp: Path, log: Path) -> subprocess.Popen:
+def start_run(root: Path, ray_tmp: Path, log: Path, *selection: str) -> subprocess.Popen:
+    """`launch.py run` as a user starts it (its own session, W&B offline, Ray's files under `ray_tmp`),
+    with stage selection flags such as ("--only", "sft") or ("--until", "pretrain"); output to `log`."""
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "launch.py", "run", "--only", stage, "--root", str(root), "--wandb", "offline"]
+    cmd = [sys.executable, "launch.py", "run", *selection, "--root", str(root), "--wandb", "offline"]
     return subprocess.Popen(
         cmd,
         cwd=PROJECT_ROOT,

@@ -219,7 +219,7 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
 
     proc = None
     try:
-        proc = start_run("ppo", root, ray_tmp, log)
+        proc = start_run(root, ray_tmp, log, "--only", "ppo")
         wait_for(lambda: step() >= kill_at, 900, f"ppo iteration {kill_at}", proc)
         pid = int((store.work_dir("ppo", p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)

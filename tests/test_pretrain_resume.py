@@ -14,39 +14,15 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.config import load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
-from tests.pipeline_helpers import wait_for
-
-
-def start_run(root: Path, tmp: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "launch.py",
-        "run",
-        "--until",
-        "pretrain",
-        "--root",
-        str(root),
-        "--wandb",
-        "offline",
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+from tests.pipeline_helpers import start_run, wait_for
 
 
 def progress(store, p) -> int:
@@ -78,7 +54,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
     kill_driver_at = random.choice([s for s in range(2 * every + 5, 3 * every - 5)])
     pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
     try:
-        proc = start_run(root, ray_tmp, log)
+        proc = start_run(root, ray_tmp, log, "--until", "pretrain")
         wait_for(
             lambda: progress(store, plan["pretrain"]) >= kill_worker_at, 600, f"step {kill_worker_at}", proc
         )
@@ -92,7 +68,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
         kill_leftovers(ray_tmp)
         assert store.check("pretrain", plan["pretrain"].fingerprint)[0] is None  # no artifact yet
 
-        proc = start_run(root, ray_tmp, log)
+        proc = start_run(root, ray_tmp, log, "--until", "pretrain")
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:

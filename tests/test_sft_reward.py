@@ -330,7 +330,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, st
 
     proc = None
     try:
-        proc = start_run(stage, root, ray_tmp, log)
+        proc = start_run(root, ray_tmp, log, "--only", stage)
         wait_for(lambda: step() >= kill_at, 900, f"{stage} step {kill_at}", proc)
         if kill == "worker":
             pid = int((store.work_dir(stage, p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
@@ -340,7 +340,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, st
             proc.wait(timeout=30)
             subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
             assert store.check(stage, p.fingerprint)[0] is None  # no artifact yet
-            proc = start_run(stage, root, ray_tmp, log)
+            proc = start_run(root, ray_tmp, log, "--only", stage)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc is not None and proc.poll() is None:
