@@ -49,8 +49,7 @@ def main() -> None:
     from data_prep.chat_data import load_records
     from data_prep.task import check, prompt_text
     from pipeline.config import PROJECT_ROOT, load_config
-    from stages.chat_eval import score_conversations, stop_ids
-    from stages.ppo import _answer
+    from stages.chat_eval import decode_responses, score_conversations, stop_ids
     from stages.rollout import sample
 
     torch.set_num_threads(args.threads)
@@ -65,7 +64,7 @@ def main() -> None:
         jobs = range(b, min(b + 256, n * k))
         roll = sample(policy, [ids[j // k] for j in jobs], seeds=list(jobs), max_new_tokens=cfg.ppo.max_new_tokens,
                       temperature=args.temperature, top_p=1.0, stop_ids=stops, pad_id=tok.pad_token_id)  # fmt: skip
-        answers += [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+        answers += decode_responses(tok, roll, stops)
     prompts = [records[j // k]["prompt"] for j in range(n * k)]
     right = torch.tensor([check(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)]).view(n, k)
     convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]

@@ -47,6 +47,7 @@ from data_prep.build_task_data import (  # noqa: E402
     select_sentences,
     split_sentences,
     user,
+    write_or_check,
 )
 from data_prep.task import check, make_prompt, reference_answer  # noqa: E402
 
@@ -69,25 +70,7 @@ def main() -> None:
         sys.exit(
             f"--policy {args.policy}: no config.json there; give a model folder such as runs/tiny/sft-<fp>"
         )
-    files = build(args)
-    if args.check:
-        stale = [
-            n
-            for n, data in files.items()
-            if not (args.out / n).is_file() or (args.out / n).read_bytes() != data
-        ]
-        if stale:
-            sys.exit(
-                f"out of date: {', '.join(stale)}; run python data_prep/build_policy_pairs.py --policy ..."
-            )
-        print("up to date")
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(args.out / name)  # atomic: a reader sees the old file or the new one
-        print(f"{args.out / name}: {len(data):,} bytes")
+    write_or_check(build(args), args.out, args.check, "python data_prep/build_policy_pairs.py --policy ...")
 
 
 def build(args) -> dict[str, bytes]:
@@ -127,7 +110,7 @@ def sample_answers(
     model, tok, sentences: list[str], k: int, temperature: float, max_new: int
 ) -> list[list[str]]:
     """`k` answers per sentence's prompt, whitespace-normalised; each from its own seeded generator."""
-    from stages.chat_eval import stop_ids
+    from stages.chat_eval import decode_responses, stop_ids
     from stages.rollout import sample
 
     stops, out = stop_ids(tok), []
@@ -149,10 +132,7 @@ def sample_answers(
             stop_ids=stops,
             pad_id=tok.pad_token_id,
         )
-        texts = []
-        for row, mask in zip(roll.response, roll.response_mask, strict=True):
-            tokens = [t for t in row[mask.bool()].tolist() if t not in stops]
-            texts.append(" ".join(tok.decode(tokens, skip_special_tokens=True).split()))
+        texts = [" ".join(a.split()) for a in decode_responses(tok, roll, stops)]
         out += [texts[i : i + k] for i in range(0, len(texts), k)]
     return out
 

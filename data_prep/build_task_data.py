@@ -58,17 +58,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--check", action="store_true", help="compare with the files in --out; write nothing")
     args = ap.parse_args()
-    files = build(args.corpus)
-    if args.check:
-        stale = [n for n, data in files.items() if (args.out / n).read_bytes() != data]
+    write_or_check(build(args.corpus), args.out, args.check, "python data_prep/build_task_data.py")
+
+
+def write_or_check(files: dict[str, bytes], out: Path, check: bool, command: str) -> None:
+    """Write `files` into `out` (each atomically: a reader sees the old file or the new one), or with
+    `check` write nothing and exit naming the files that differ from what `command` would write."""
+    if check:
+        stale = [n for n, data in files.items() if not (out / n).is_file() or (out / n).read_bytes() != data]
         if stale:
-            sys.exit(f"out of date: {', '.join(stale)}; run python data_prep/build_task_data.py")
+            sys.exit(f"out of date: {', '.join(stale)}; run {command}")
         print("up to date")
         return
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        (args.out / name).write_bytes(data)
-        print(f"{args.out / name}: {len(data):,} bytes")
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
+        print(f"{out / name}: {len(data):,} bytes")
 
 
 def build(corpus: Path) -> dict[str, bytes]:

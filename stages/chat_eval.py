@@ -31,6 +31,17 @@ def stop_ids(tok) -> list[int]:
     return [i for i in dict.fromkeys(ids) if i is not None and i != tok.unk_token_id]
 
 
+def decode_responses(tok, roll, stops: list[int]) -> list[str]:
+    """The text of each response of a stages.rollout.Rollout, without its stop token."""
+    answers = []
+    for row, mask in zip(roll.response, roll.response_mask, strict=True):
+        tokens = row[mask.bool()].tolist()
+        if tokens and tokens[-1] in stops:
+            tokens = tokens[:-1]
+        answers.append(tok.decode(tokens, skip_special_tokens=True))
+    return answers
+
+
 @torch.no_grad()
 def greedy_answers(
     model, tok, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 64, synced=False

@@ -312,7 +312,7 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     import torch
 
     from stages import ppo_math as M
-    from stages.chat_eval import score_conversations, stop_ids
+    from stages.chat_eval import decode_responses, score_conversations, stop_ids
 
     P, micro, stops = roll.prompt_len, p["micro_batch_size"], stop_ids(tok)
     rmask = roll.response_mask.float()  # (B, R)
@@ -325,7 +325,7 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
             values.append(_values(critic, x, m, P, arg["value_norm"]))
     old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, R)
 
-    answers = [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+    answers = decode_responses(tok, roll, stops)
     if p["reward_source"] == "task":  # the checking program: 1 right, 0 wrong (used as it is)
         from data_prep.task import check, prompt_text
 
@@ -371,13 +371,6 @@ def _is_right(prompt: list[dict], answer: str) -> bool:
     from data_prep.task import check, prompt_text
 
     return check(prompt_text(prompt), answer)
-
-
-def _answer(tok, tokens: list[int], stops: list[int]) -> str:
-    """A response's text without its stop token."""
-    if tokens and tokens[-1] in stops:
-        tokens = tokens[:-1]
-    return tok.decode(tokens, skip_special_tokens=True)
 
 
 def _response_logits(model, x, m, P, temperature: float):
@@ -464,7 +457,7 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
     import math
 
-    from stages.chat_eval import gather, stop_ids, task_accuracy
+    from stages.chat_eval import decode_responses, gather, stop_ids, task_accuracy
     from stages.rollout import sample
 
     prompts = arg["task_prompts"]
@@ -485,7 +478,7 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
         seeds = [_seed(arg["seed"], -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
         roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                       top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
-        answers = [_answer(tok, r[m.bool()].tolist(), stops) for r, m in zip(roll.response, roll.response_mask, strict=True)]  # fmt: skip
+        answers = decode_responses(tok, roll, stops)
         for k, (job, a) in enumerate(zip(batch, answers, strict=True)):
             if b + k < real:
                 outcomes[job] = _is_right(prompts[job[0]], a)
