@@ -22,7 +22,8 @@ from transformers import (
 )
 
 from stages.hf_convert import export_model, generate_text, import_model
-from stages.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+from stages.model import KilnForCausalLM, KilnForSequenceClassification
+from tests.tiny_models import tiny
 
 torch.set_num_threads(2)
 
@@ -48,20 +49,8 @@ def tokenizer():
 
 def kiln_dir(path, tokenizer=None, classifier=False, **overrides):
     """Save a tiny Kiln model (and tokenizer) to `path`; return the model."""
-    base = dict(
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        rope_theta=500.0,
-        initializer_range=0.2,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
     torch.manual_seed(0)
-    config = KilnConfig(**{**base, **overrides})
+    config = tiny(**{"vocab_size": 300, "max_position_embeddings": 1024, **overrides})
     model = (KilnForSequenceClassification if classifier else KilnForCausalLM)(config).eval()
     model.save_pretrained(path)
     if tokenizer is not None:

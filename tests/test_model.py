@@ -33,26 +33,9 @@ from stages.model import (
     route,
     router_z_loss,
 )
+from tests.tiny_models import V, tiny
 
-V = 97  # vocabulary of the tiny models
 torch.set_num_threads(2)
-
-
-def tiny(**overrides) -> KilnConfig:
-    base = dict(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        initializer_range=0.2,  # large weights: peaky attention, so positions and masks visibly matter
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    return KilnConfig(**{**base, **overrides})
 
 
 def make(seed: int = 0, **overrides) -> KilnForCausalLM:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stages.model import KilnConfig, KilnForCausalLM
+from stages.model import KilnForCausalLM
 from stages.rollout import left_pad, nucleus, pick, sample
+from tests.tiny_models import V, tiny
 
-V = 97  # vocabulary of the tiny models
 PAD = 0
 torch.set_num_threads(2)
 
@@ -23,21 +23,8 @@ PROMPTS = [[5, 17, 42, 8, 91, 33, 60], [12, 70, 3], [44, 2, 19, 88, 27], [65]]  
 
 
 def make(seed: int = 0, **overrides) -> KilnForCausalLM:
-    base = dict(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        rope_theta=500.0,
-        initializer_range=0.2,  # large weights: peaky attention, so positions and masks visibly matter
-        pad_token_id=PAD,
-        eos_token_id=1,
-    )
     torch.manual_seed(seed)
-    return KilnForCausalLM(KilnConfig(**{**base, **overrides})).eval()
+    return KilnForCausalLM(tiny(pad_token_id=PAD, **overrides)).eval()
 
 
 def roll(model, prompts=PROMPTS, **kw):
