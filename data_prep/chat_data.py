@@ -91,6 +91,14 @@ def load_records(
     return records, stats
 
 
+def warn_malformed(logger, key: str, stats: dict) -> None:
+    """One warning when `load_records` found malformed records: how many of how many, by reason, and
+    the first few with file:line (all of them are in the stage's data stats)."""
+    if bad := sum(stats["malformed"].values()):
+        first = "; ".join(f"{e['file']}:{e['line']}: {e['reason']}" for e in stats["errors"][:5])
+        logger.warning("%s: %d of %d records malformed %s, e.g. %s", key, bad, stats["read"], stats["malformed"], first)  # fmt: skip
+
+
 MAX_LINE_BYTES = 1 << 24
 
 

@@ -99,7 +99,7 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
     counted and skipped."""
     from transformers import AutoTokenizer
 
-    from data_prep.chat_data import load_records
+    from data_prep.chat_data import load_records, warn_malformed
     from pipeline.config import PROJECT_ROOT, ConfigError
 
     try:
@@ -113,9 +113,7 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
     kept = [{"messages": r["prompt"], "ids": x} for r, x in zip(records, ids, strict=True) if len(x) <= p.max_prompt_length]  # fmt: skip
     stats["too_long"] = len(ids) - len(kept)
     stats["kept"] = len(kept)  # read = kept + malformed + too_long
-    if bad := sum(stats["malformed"].values()):
-        first = "; ".join(f"{e['file']}:{e['line']}: {e['reason']}" for e in stats["errors"][:5])
-        log.warning("ppo.prompts: %d of %d records malformed %s, e.g. %s", bad, stats["read"], stats["malformed"], first)  # fmt: skip
+    warn_malformed(log, "ppo.prompts", stats)
     if len(kept) < p.rollout_batch_size:
         raise ValueError(
             f"ppo.prompts: {len(kept)} usable prompts ({_counts(stats)}), fewer than "

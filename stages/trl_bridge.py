@@ -35,7 +35,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from data_prep.chat_data import load_records, split_eval
+from data_prep.chat_data import load_records, split_eval, warn_malformed
 from pipeline.config import PROJECT_ROOT, ConfigError
 from pipeline.context import Scaling
 
@@ -65,11 +65,7 @@ def load_data(kind: str, s, section: str, seed: int, logger) -> tuple[list[dict]
     if held is None:
         train, held = split_eval(train, s.eval_fraction, seed)
     for key, st in stats.items():
-        bad = sum(st["malformed"].values())
-        if bad:
-            first = "; ".join(f"{e['file']}:{e['line']}: {e['reason']}" for e in st["errors"][:5])
-            logger.warning("%s.%s: %d of %d records malformed %s, e.g. %s", section, key, bad, st["read"],
-                           st["malformed"], first)  # fmt: skip
+        warn_malformed(logger, f"{section}.{key}", st)
     if not train:
         st = stats["data"]
         raise ValueError(
