@@ -87,12 +87,19 @@ def read_task_prompts(source: str, n: int, key: str) -> list[list[dict]]:
     return [r["prompt"] for r in records[:n]]
 
 
+def rank_share(items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's items (every `world`-th from `rank`) padded with the first item up to
+    ceil(len / world), so that every rank runs the same number of batches (ZeRO-3 gathers parameters
+    in every forward, collectively); and how many of them are real (the rest are to be dropped)."""
+    mine = items[rank::world]
+    return mine + items[:1] * (math.ceil(len(items) / world) - len(mine)), len(mine)
+
+
 def task_accuracy(model, tok, prompts, max_new_tokens: int, rank=0, world=1, synced=False) -> dict:
     """Share of held-out prompts whose greedy answer `data_prep.task.check` accepts."""
-    mine = prompts[rank::world]
-    per_rank = math.ceil(len(prompts) / world)
-    padded = mine + [prompts[0]] * (per_rank - len(mine))  # same batch count on every rank (ZeRO-3)
-    answers = greedy_answers(model, tok, padded, max_new_tokens, synced=synced)[: len(mine)]
+    padded, n_mine = rank_share(prompts, rank, world)
+    mine = padded[:n_mine]
+    answers = greedy_answers(model, tok, padded, max_new_tokens, synced=synced)[:n_mine]
     right = sum(check(prompt_text(p), a) for p, a in zip(mine, answers, strict=True))
     sample = [(prompt_text(p), a) for p, a in zip(mine[:3], answers[:3], strict=True)]
     right, n, samples = _sum_over_ranks((right, len(mine), sample), world)
@@ -108,10 +115,7 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, wor
     for p in pairs:
         for side in ("chosen", "rejected"):
             texts.setdefault(_key(p["prompt"] + p[side]), p["prompt"] + p[side])
-    every_key = sorted(texts)
-    keys = every_key[rank::world]
-    n_mine = len(keys)
-    keys += every_key[:1] * (math.ceil(len(every_key) / world) - n_mine)  # same batch count on every rank
+    keys, _ = rank_share(sorted(texts), rank, world)  # a padded key repeats one already scored
     scores = dict(
         zip(keys, score_conversations(model, tok, [texts[k] for k in keys], batch_size), strict=True)
     )

@@ -453,9 +453,7 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
     prompt and sample, so every evaluation draws the same noise and a change measures the policy.
     Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
-    import math
-
-    from stages.chat_eval import decode_responses, gather, stop_ids, task_accuracy
+    from stages.chat_eval import decode_responses, gather, rank_share, stop_ids, task_accuracy
     from stages.rollout import sample
 
     prompts = arg["task_prompts"]
@@ -465,9 +463,8 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     found = task_accuracy(actor.module, tok, prompts, p["max_new_tokens"], rank, world, synced=synced)
     if rank == 0:
         log.info("ppo: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
-    mine = list(range(rank, len(prompts), world))
-    real = len(mine) * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
-    mine += mine[:1] * (math.ceil(len(prompts) / world) - len(mine))
+    mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
+    real = n_mine * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
     jobs = [(i, j) for i in mine for j in range(p["task_samples"])]
     stops, outcomes = stop_ids(tok), {}
     for b in range(0, len(jobs), 128):
