@@ -51,7 +51,7 @@ def copy_upstream(ref_cfg, cfg, stages=UPSTREAM) -> None:
     store = ArtifactStore(str(cfg.run.root), cfg.run.name)
     store.run_dir.mkdir(parents=True, exist_ok=True)
     for stage in stages:
-        shutil.copytree(ref[stage].path, store.run_dir / Path(ref[stage].path).name)
+        shutil.copytree(ref[stage].path, store.run_dir / Path(ref[stage].path).name, dirs_exist_ok=True)
 
 
 def wait_for(predicate, timeout: float, what: str, proc=None):

@@ -139,12 +139,19 @@ def _short_run(tiny_run, tmp_path, *overrides, keep_preset=False):
     the preset's own with `keep_preset`."""
     from pipeline.runner import run_pipeline
 
-    _, ref_cfg, _ = tiny_run
+    cfg = _short_config(tmp_path, *overrides, keep_preset=keep_preset)
+    copy_upstream(tiny_run[1], cfg, (*UPSTREAM, "sft", "reward"))
+    outcome = run_pipeline(cfg, PIPELINE, Selection(only=("ppo",)))
+    assert outcome.ok, (outcome.errors, outcome.blocked)
+    return cfg, artifact(cfg, "ppo")
+
+
+def _short_config(tmp_path, *overrides, keep_preset=False):
     short = [
         "ppo.task_prompts=null", "ppo.iterations=2", "ppo.rollout_batch_size=32", "ppo.mini_batch_size=32",
         "ppo.micro_batch_size=16", "ppo.ppo_epochs=1",
     ]  # fmt: skip
-    cfg = load_config(
+    return load_config(
         overrides=[
             f"run.root={tmp_path / 'runs'}",
             "run.wandb=disabled",
@@ -152,10 +159,6 @@ def _short_run(tiny_run, tmp_path, *overrides, keep_preset=False):
             *overrides,
         ]
     )
-    copy_upstream(ref_cfg, cfg, (*UPSTREAM, "sft", "reward"))
-    outcome = run_pipeline(cfg, PIPELINE, Selection(only=("ppo",)))
-    assert outcome.ok, (outcome.errors, outcome.blocked)
-    return cfg, artifact(cfg, "ppo")
 
 
 def test_learning_rate_0_keeps_the_policy_bit_identical(tiny_run, tmp_path):
@@ -199,6 +202,25 @@ def test_two_workers_take_the_same_first_update_as_one(tiny_run, tmp_path):
     )
     assert moved > 1e-5 and worst <= 1e-5
     assert torch.isfinite(torch.tensor(worst))
+
+
+def test_raising_iterations_continues_from_the_last_checkpoint(tiny_run, tmp_path):
+    """`ppo.iterations` is a budget: a second run with more iterations continues in the same work dir
+    from the first run's last checkpoint, with its KL controller, instead of starting over."""
+    from stages.ppo_math import AdaptiveKLController
+
+    adaptive = ("ppo.num_workers=1", "ppo.kl_target=0.01", "ppo.kl_horizon=100")  # beta moves every iteration
+    cfg, first = _short_run(tiny_run, tmp_path, *adaptive)
+    reason = plan_of(_short_config(tmp_path, *adaptive, "ppo.iterations=3"))["ppo"].reason
+    assert "ppo.iterations: 2 -> 3 (continues from step 2)" in reason, reason
+    _, longer = _short_run(tiny_run, tmp_path, *adaptive, "ppo.iterations=3")
+    a, b = iterations(first), iterations(longer)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    assert b[:2] == a  # the very rows, wall-clock times included: iterations 1 and 2 did not run again
+    ctl = AdaptiveKLController(cfg.ppo.kl_coef, 0.01, 100)
+    for row in a:
+        ctl.update(row["kl"], cfg.ppo.rollout_batch_size)
+    assert b[2]["kl_coef"] == pytest.approx(ctl.value, rel=1e-9) and ctl.value != cfg.ppo.kl_coef
 
 
 def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp_path):
