@@ -15,6 +15,12 @@ answer; each reward model scores them all. Printed per reward model:
                       `accuracy` (no ranking) and `any right` (a perfect one)
 
 A reward model with an in-prompt AUC near 0.5 gives PPO nothing to climb but its own errors.
+
+Then, per word of the answer (word 1 should be the sentence's word 3, word 3 its word 1): how often
+the policy gets that word right, and what each reward model pays for it among the wrong three-word
+answers, holding the other two words fixed (least squares of the in-prompt-centred score on the
+three right-word indicators). A word the reward model pays little or nothing for is one PPO can
+trade away for the others: compare the rows of an SFT policy and a PPO policy.
 Figures are printed, never asserted.
 """
 
@@ -47,7 +53,7 @@ def main() -> None:
 
     import stages.model  # noqa: F401  registers the Kiln architecture with transformers
     from data_prep.chat_data import load_records
-    from data_prep.task import check, prompt_text
+    from data_prep.task import N_WORDS, check, prompt_text
     from pipeline.config import PROJECT_ROOT, load_config
     from stages.chat_eval import decode_responses, score_conversations, stop_ids
     from stages.rollout import sample
@@ -73,12 +79,21 @@ def main() -> None:
     print(
         f"{'reward model':<28} {'accuracy':>8} {'AUC global':>10} {'AUC in-prompt':>13} {'best-of-k':>9} {'any right':>9}"
     )
+    scores = {}
     for path in args.reward:
         rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
+        scores[path.name] = score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
         row = ranking(score, right)
         print(f"{path.name:<28} {row['accuracy']:>8.3f} {row['auc_global']:>10.3f} {row['auc_in_prompt']:>13.3f} "
               f"{row['best_of_k']:>9.3f} {row['any_right']:>9.3f}")  # fmt: skip
+
+    words = torch.tensor([right_words(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)])
+    three = torch.tensor([len(a.split()) == N_WORDS for a in answers])
+    print("\nanswer word right:       " + "  ".join(f"word {i + 1}: {words[:, i].float().mean():.3f}" for i in range(N_WORDS)))  # fmt: skip
+    print("paid for it (among wrong three-word answers to the same prompt):")
+    for name, score in scores.items():
+        paid = word_payments(score, ~right.view(-1) & three, words)
+        print(f"  {name:<26}" + "  ".join(f"word {i + 1}: {v:+.2f}" for i, v in enumerate(paid)))
 
 
 def ranking(score, right) -> dict:
@@ -102,6 +117,30 @@ def ranking(score, right) -> dict:
         "best_of_k": right.gather(1, score.argmax(1, keepdim=True)).float().mean().item(),
         "any_right": right.any(1).float().mean().item(),
     }
+
+
+def right_words(prompt: str, answer: str) -> list[bool]:
+    """Which words of the answer are the right word in their place (padded with False)."""
+    from data_prep.task import N_WORDS, reference_answer
+
+    want, got = reference_answer(prompt).split(), answer.split()
+    return [i < len(got) and got[i] == w for i, w in enumerate(want[:N_WORDS])]
+
+
+def word_payments(score, rows, words) -> list[float]:
+    """What the reward model adds for each right word: least squares of the score (n, k) on the
+    right-word indicators (n*k, N_WORDS) over the answers `rows` (n*k,) selects, both centred within
+    each prompt (over its selected answers), so a prompt's offset drops out (fixed effects)."""
+    import torch
+
+    n, k = score.shape
+    sel = rows.view(n, k).float()
+    x = words.view(n, k, -1).float()
+    count = sel.sum(1, keepdim=True).clamp(min=1)
+    y = score - (score * sel).sum(1, keepdim=True) / count
+    x = x - (x * sel[..., None]).sum(1, keepdim=True) / count[..., None]
+    keep = rows.view(n, k)
+    return torch.linalg.lstsq(x[keep], y[keep].unsqueeze(1)).solution[:, 0].tolist()
 
 
 if __name__ == "__main__":

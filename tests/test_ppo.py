@@ -134,6 +134,26 @@ def test_reward_ranking_figures_by_hand():
     assert tied["auc_in_prompt"] == 0.5 and tied["auc_global"] == 0.5
 
 
+def test_word_payments_recover_what_a_score_pays_for_each_word():
+    import torch
+
+    from bench.reward_ranking import right_words, word_payments
+
+    prompt = "Reverse the first 3 words: The kiln fires the clay slowly."
+    assert right_words(prompt, "fires kiln The") == [True, True, True]
+    assert right_words(prompt, "fires The kiln") == [True, False, False]
+    assert right_words(prompt, "kiln") == [False, False, False]
+    g = torch.Generator().manual_seed(0)
+    words = torch.rand(40 * 4, 3, generator=g) < 0.5
+    offset = torch.randn(40, 1, generator=g).expand(40, 4).reshape(-1)  # easy prompts score high
+    score = (2.0 * words[:, 0] + 0.5 * words[:, 2] + offset).view(40, 4)
+    assert word_payments(score, torch.ones(160, dtype=torch.bool), words) == pytest.approx(
+        [2.0, 0.0, 0.5], abs=1e-4
+    )
+    some = torch.rand(160, generator=g) < 0.7  # a subset of each prompt's answers, as the wrong ones are
+    assert word_payments(score, some, words) == pytest.approx([2.0, 0.0, 0.5], abs=1e-4)
+
+
 def _short_run(tiny_run, tmp_path, *overrides, keep_preset=False):
     """The ppo stage alone on a copy of the session's upstream artifacts: a few small iterations, or
     the preset's own with `keep_preset`."""
