@@ -82,9 +82,14 @@ def main() -> None:
     scores = {}
     for path in args.reward:
         rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        scores[path.name] = score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
+        label = (
+            path.name
+            if [q.name for q in args.reward].count(path.name) == 1
+            else f"{path.parent.name}/{path.name}"
+        )
+        scores[label] = score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
         row = ranking(score, right)
-        print(f"{path.name:<28} {row['accuracy']:>8.3f} {row['auc_global']:>10.3f} {row['auc_in_prompt']:>13.3f} "
+        print(f"{label:<28} {row['accuracy']:>8.3f} {row['auc_global']:>10.3f} {row['auc_in_prompt']:>13.3f} "
               f"{row['best_of_k']:>9.3f} {row['any_right']:>9.3f}")  # fmt: skip
 
     words = torch.tensor([right_words(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)])
