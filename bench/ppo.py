@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.chat_data import load_records  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages.chat_eval import stop_ids  # noqa: E402
+from stages.chat_eval import prompt_ids, stop_ids  # noqa: E402
 from stages.rollout import left_pad, sample  # noqa: E402
 
 CFG = load_config(ROOT / "configs/tiny.yaml")
@@ -66,12 +66,6 @@ def random_policy(out: Path, texts: list[str]) -> None:
 def task_prompts() -> list[list[dict]]:
     records, _ = load_records(CFG.ppo.prompts, "prompt", (ROOT,), key="ppo.prompts")
     return [r["prompt"] for r in records]
-
-
-def chat_ids(tok, messages: list[dict]) -> list[int]:
-    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
 
 
 def real_tokens(response: torch.Tensor, stops: list[int]) -> int:
@@ -124,7 +118,7 @@ def compare_rollouts(policy_dir: Path, a) -> tuple[list[tuple], str]:
     tok = AutoTokenizer.from_pretrained(policy_dir)
     stops, pad_id = stop_ids(tok), tok.pad_token_id
     prompts = task_prompts()
-    ids = [chat_ids(tok, prompts[i % len(prompts)]) for i in range(a.batch)]
+    ids = [prompt_ids(tok, prompts[i % len(prompts)]) for i in range(a.batch)]
     kiln = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-ppo-hf-") as export:
         fmt = export_model(policy_dir, export, "auto")
@@ -177,7 +171,7 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     tok = AutoTokenizer.from_pretrained(policy_dir)
     stops = stop_ids(tok)
     prompts = task_prompts()
-    ids = [chat_ids(tok, q) for q in prompts]
+    ids = [prompt_ids(tok, q) for q in prompts]
     torch.manual_seed(0)
     policy = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     ref = copy.deepcopy(policy)

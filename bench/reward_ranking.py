@@ -55,7 +55,7 @@ def main() -> None:
     from data_prep.chat_data import load_records
     from data_prep.task import N_WORDS, check, prompt_text
     from pipeline.config import PROJECT_ROOT, load_config
-    from stages.chat_eval import decode_responses, score_conversations, stop_ids
+    from stages.chat_eval import decode_responses, prompt_ids, score_conversations, stop_ids
     from stages.rollout import sample
 
     torch.set_num_threads(args.threads)
@@ -64,7 +64,7 @@ def main() -> None:
     policy = AutoModelForCausalLM.from_pretrained(args.policy).eval()
     records = load_records([PROJECT_ROOT / p for p in cfg.ppo.prompts], "prompt")[0][: args.prompts]
     n, k = len(records), args.samples
-    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for r in records]  # fmt: skip
+    ids = [prompt_ids(tok, r["prompt"]) for r in records]
     stops, answers = stop_ids(tok), []
     for b in range(0, n * k, 256):
         jobs = range(b, min(b + 256, n * k))

@@ -113,18 +113,13 @@ def sample_answers(
     model, tok, sentences: list[str], k: int, temperature: float, max_new: int
 ) -> list[list[str]]:
     """`k` answers per sentence's prompt, whitespace-normalised; each from its own seeded generator."""
-    from stages.chat_eval import decode_responses, stop_ids
+    from stages.chat_eval import decode_responses, prompt_ids, stop_ids
     from stages.rollout import sample
 
     stops, out = stop_ids(tok), []
     for b in range(0, len(sentences), 32):
         batch = sentences[b : b + 32]
-        ids = [
-            tok.apply_chat_template(
-                user(make_prompt(s)), add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
-            for s in batch
-        ]
+        ids = [prompt_ids(tok, user(make_prompt(s))) for s in batch]
         roll = sample(
             model,
             [x for x in ids for _ in range(k)],

@@ -31,6 +31,12 @@ def stop_ids(tok) -> list[int]:
     return [i for i in dict.fromkeys(ids) if i is not None and i != tok.unk_token_id]
 
 
+def prompt_ids(tok, messages: list[dict]) -> list[int]:
+    """The token ids of a conversation rendered by the chat template up to the opening of the
+    assistant's turn: what a sampler continues."""
+    return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
+
+
 def decode_responses(tok, roll, stops: list[int]) -> list[str]:
     """The text of each response of a stages.rollout.Rollout, without its stop token."""
     answers = []

@@ -101,6 +101,7 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
 
     from data_prep.chat_data import load_records, warn_malformed
     from pipeline.config import PROJECT_ROOT, ConfigError
+    from stages.chat_eval import prompt_ids
 
     try:
         records, stats = load_records(
@@ -109,7 +110,7 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
     except ValueError as e:
         raise ConfigError(str(e).splitlines(), "ppo") from None
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for r in records]  # fmt: skip
+    ids = [prompt_ids(tok, r["prompt"]) for r in records]
     kept = [{"messages": r["prompt"], "ids": x} for r, x in zip(records, ids, strict=True) if len(x) <= p.max_prompt_length]  # fmt: skip
     stats["too_long"] = len(ids) - len(kept)
     stats["kept"] = len(kept)  # read = kept + malformed + too_long
@@ -453,7 +454,7 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
     prompt and sample, so every evaluation draws the same noise and a change measures the policy.
     Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
-    from stages.chat_eval import decode_responses, gather, rank_share, stop_ids, task_accuracy
+    from stages.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
     from stages.rollout import sample
 
     prompts = arg["task_prompts"]
@@ -466,10 +467,11 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
     real = n_mine * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
     jobs = [(i, j) for i in mine for j in range(p["task_samples"])]
+    ids_of = {i: prompt_ids(tok, prompts[i]) for i in mine}  # each prompt tokenised once, not per sample
     stops, outcomes = stop_ids(tok), {}
     for b in range(0, len(jobs), 128):
         batch = jobs[b : b + 128]
-        ids = [tok.apply_chat_template(prompts[i], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for i, _ in batch]  # fmt: skip
+        ids = [ids_of[i] for i, _ in batch]
         seeds = [_seed(arg["seed"], -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
         roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                       top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
