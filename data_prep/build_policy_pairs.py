@@ -15,10 +15,11 @@ SFT samples for the same reason. Measured with bench/reward_ranking.py on the ti
 answers (AUC of right over wrong answers to the same prompt): 0.55 for the tiny preset's reward
 model (150 steps, synthetic pairs), 0.52 after 800 steps on every synthetic kind; with these pairs
 added 0.65 after 700 steps, 0.73-0.90 after 1000 (three draws of the pairs), 0.85 after 1500; these
-pairs alone, batch 32, 800 steps: 0.86 and 0.90 (two seeds). None of those models pays for the
-answer's first word (the sentence's third), and PPO on them trades it away (BENCHMARKS.md, "Reward
-models on the policy's own answers"), so they are not in the tiny preset, whose reward stage trains
-for 150 steps beside sft. To use them:
+pairs alone, batch 32, 800 steps: 0.86 and 0.90 (two seeds); from the SFT model (`reward.init_from:
+sft`), batch 16, 600 steps: 0.89. Few of those models pay for the answer's first word (the
+sentence's third), and PPO on them trades it away (BENCHMARKS.md, "Reward models on the policy's
+own answers"), so they are not in the tiny preset, whose reward stage trains for 150 steps beside
+sft. To use them:
 
     python launch.py run --from reward --set reward.steps=1500 \
         --set 'reward.data=[data_prep/sample/task/pref_train.jsonl.zst,data_prep/sample/task/pref_policy_train.jsonl.zst]' \

@@ -66,9 +66,10 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_bound(tiny_run):
     held-out task accuracy the checking program gives is recorded and printed, before and after, with
     the paired count of sampled answers gained and lost (8 per prompt, the same seeds each time): on
     this 1.2M-parameter model the learned reward model ranks the policy's own answers too weakly for
-    the accuracy to rise with the score, and the better-ranking ones measured so far pay nothing for
-    the answer's first word, which PPO then trades away (BENCHMARKS.md; the checking program as the
-    reward does raise it: the next test)."""
+    the accuracy to rise with the score. No reward model measured so far (from the pretrained or the
+    SFT model; synthetic, policy or graded comparisons; up to 1600 steps) raises it reliably: those
+    that rank well pay nothing for the answer's first word, which PPO then trades away (BENCHMARKS.md;
+    the checking program as the reward does raise it: the next test)."""
     _, cfg, _ = tiny_run
     path = artifact(cfg, "ppo")
     m, its = manifest(path)["metrics"], iterations(path)
