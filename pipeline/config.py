@@ -529,6 +529,14 @@ class PpoConfig(WorkerGroupConfig):
             yield "kl_coef: must be >= 0 (0 = no KL penalty)"
         if self.kl_target is not None and not (self.kl_target > 0 and self.kl_horizon > 0):
             yield "kl_target and kl_horizon: must be > 0 (or kl_target null for a fixed kl_coef)"
+        elif self.kl_target is not None:
+            if not self.kl_coef > 0:
+                yield "kl_coef: must be > 0 with kl_target (the adaptive controller scales it: from 0 it stays 0)"
+            if not self.kl_horizon > 0.2 * self.rollout_batch_size:
+                yield (
+                    f"kl_horizon: must be > 0.2 x rollout_batch_size = {0.2 * self.rollout_batch_size:g}, or one "
+                    f"update can scale beta by 1 - 0.2 x {self.rollout_batch_size} / {self.kl_horizon:g} <= 0"
+                )
         if self.reward_source == "task" and not self.task_prompts:
             yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

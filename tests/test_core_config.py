@@ -151,6 +151,17 @@ def test_cross_field_checks_report_every_rule_broken():
     assert "without '/'" in one(errors, "run.name")
 
 
+def test_adaptive_kl_settings_that_would_stop_or_flip_beta_are_rejected():
+    """The adaptive controller multiplies beta by 1 + e x rollout_batch_size / kl_horizon, e in
+    [-0.2, 0.2]: from beta 0 it never moves, and a horizon under 0.2 x the batch can make it <= 0
+    (a KL then rewarded, not penalised)."""
+    errors = problems("ppo.kl_target=6", "ppo.kl_coef=0", "ppo.kl_horizon=25")
+    assert "from 0 it stays 0" in one(errors, "ppo.kl_coef")
+    assert "0.2 x rollout_batch_size = 25.6" in one(errors, "ppo.kl_horizon")  # the tiny preset's 128
+    cfg = load_config(PROJECT_ROOT / "configs" / "tiny.yaml", ["ppo.kl_target=6", "ppo.kl_horizon=26"])
+    assert cfg.ppo.kl_horizon == 26 and cfg.ppo.kl_coef > 0
+
+
 def test_preset_file_problems_are_reported_with_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("pretrain:\n  lr: fast\n  stepz: 3\ntokenize:\n  seq_len: 4\n")
