@@ -32,8 +32,10 @@ iteration, every `eval_every` and at the end (`task_accuracy` greedy, `task_accu
 rollouts sample, with the same seeds each time): nothing in training sees it. Each later evaluation
 is paired with the first, answer by answer: `task_sampled_gained` went wrong -> right, `task_sampled_lost`
 right -> wrong (McNemar's test: a real change when gained - lost > 2 sqrt(gained + lost)).
-Resume restores both engines with their optimizers, the KL controller and the iteration; prompts and
-samples are functions of (seed, iteration), so a resumed run repeats an uninterrupted one.
+Resume restores both engines with their optimizers, the KL controller, the iteration and each rank's
+global RNGs; prompts, samples and mini-batch orders are functions of (seed, iteration), so a resumed
+run repeats an uninterrupted one. Actor and critic train with dropout 0 (as TRL's `disable_dropout`):
+the update's logprobs and values are the same function of the weights as the rollout's.
 
 `ppo.reward_source: task` scores answers with the task's checking program instead of the reward
 model (RL from a verifiable reward); the task accuracy is then what training optimises.
@@ -59,12 +61,18 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     p = cfg.ppo
     reward_stats = inputs["reward"].metrics
     missing = [k for k in ("reward_mean", "reward_std") if reward_stats.get(k) is None]
-    if missing and (p.reward_source == "model" or p.critic_init == "reward"):
+    # the reward model's held-out mean and std normalise its scores, and a critic started from it
+    use = []
+    if p.reward_source == "model":
+        use.append("the rewards")
+    if p.critic_init == "reward":
+        use.append("the critic's values")
+    if use and missing:
         raise ValueError(
-            f"ppo: the reward artifact's manifest has no {missing}, needed to normalise rewards; "
+            f"ppo: the reward artifact's manifest has no {missing}, needed to normalise {' and '.join(use)}; "
             "re-run the reward stage (launch.py run --only reward)"
         )
-    if not missing and not reward_stats["reward_std"] > 0:
+    if use and not reward_stats["reward_std"] > 0:
         raise ValueError(
             f"ppo: the reward model's held-out reward_std is {reward_stats['reward_std']}: it scores every "
             "answer alike; train it further (reward.steps) before PPO"
@@ -73,6 +81,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     from stages.chat_eval import read_task_prompts
 
     task = read_task_prompts(p.task_prompts, p.task_eval_size, "ppo.task_prompts") if p.task_prompts else []
+    _check_positions(p, Path(inputs["sft"].path), prompts, task)
     ctx.logger.info("ppo: %d prompts (%s), %d held-out task prompts", len(prompts), _counts(stats), len(task))
     arg = {
         "section": asdict(p),
@@ -123,8 +132,33 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
     return kept, stats
 
 
+def _check_positions(p, sft_dir: Path, prompts: list[dict], task: list) -> None:
+    """A policy with a learned position table cannot sample past it (RoPE and ALiBi extrapolate):
+    fail here, naming the keys, rather than with an index error in a worker."""
+    conf = json.loads((sft_dir / "config.json").read_text())
+    if conf.get("position") != "learned":
+        return
+    longest = {"ppo.prompts": max(len(x["ids"]) for x in prompts)}
+    if task:
+        from transformers import AutoTokenizer
+
+        from stages.chat_eval import prompt_ids
+
+        tok = AutoTokenizer.from_pretrained(sft_dir)
+        longest["ppo.task_prompts"] = max(len(prompt_ids(tok, m)) for m in task)
+    table = conf["max_position_embeddings"]
+    for key, n in longest.items():
+        if n + p.max_new_tokens > table:
+            raise ValueError(
+                f"{key}: a prompt of {n} tokens + ppo.max_new_tokens={p.max_new_tokens} goes past the "
+                f"policy's {table} learned positions ({sft_dir.name}/config.json); lower "
+                "ppo.max_prompt_length or ppo.max_new_tokens, or give shorter prompts"
+            )
+
+
 def _counts(stats: dict) -> str:
-    return f"{stats['read']} read, {stats['kept']} kept, {stats['malformed']} malformed, {stats['too_long']} too long"
+    bad = sum(stats["malformed"].values())
+    return f"{stats['read']} read, {stats['kept']} kept, {bad} malformed, {stats['too_long']} too long"
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -155,7 +189,7 @@ def train_worker(arg: dict, wctx) -> dict:
 
     tok = AutoTokenizer.from_pretrained(arg["sft_dir"])
     stops = stop_ids(tok)
-    load = dict(dtype=torch.float32)
+    load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
     policy = AutoModelForCausalLM.from_pretrained(arg["sft_dir"], **load)
     critic_dir = arg["reward_dir"] if p["critic_init"] == "reward" else arg["sft_dir"]
     critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, **load)
@@ -164,9 +198,8 @@ def train_worker(arg: dict, wctx) -> dict:
     reward = None
     if p["reward_source"] == "model":
         reward = AutoModelForSequenceClassification.from_pretrained(arg["reward_dir"], **load)
-    if p["activation_checkpointing"]:
-        policy.gradient_checkpointing_enable()
-        critic.gradient_checkpointing_enable()
+    for model in (policy, critic):
+        _trainable(model, p["activation_checkpointing"])
 
     from_reward = p["critic_init"] == "reward"
     arg["value_norm"] = (arg["reward_mean"], arg["reward_std"]) if from_reward else (0.0, 1.0)
@@ -191,6 +224,9 @@ def train_worker(arg: dict, wctx) -> dict:
         for name, engine in (("actor", actor), ("critic", critic)):
             engine.load_checkpoint(str(ckpt / name), tag=state["tag"], load_lr_scheduler_states=False)
         kl_ctl.load_state_dict(state["kl_controller"])
+        rng = ckpt / f"rng_rank{rank}.pt"  # the global RNGs (rollouts and shuffles have their own)
+        if rng.exists():
+            T.load_rng(rng)
         it, baseline, before = state["iteration"], state["baseline"], state.get("task_outcomes", "")
         wctx.resumed_from(it)
     else:
@@ -269,6 +305,17 @@ def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
 
     return sample(model, prompts, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                   top_p=p["top_p"], stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
+
+
+def _trainable(model, checkpointing: bool):
+    """Training mode for a model PPO updates: `from_pretrained` returns eval mode, in which transformers
+    does not recompute checkpointed layers (`ppo.activation_checkpointing` would save nothing). Dropout
+    is 0 (loaded so; as TRL's `disable_dropout`), so the mode changes no output: the rollout's
+    logprobs and values and the update's are the same function of the weights."""
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
 
 
 def _engine(model, p, lr, accum, world):

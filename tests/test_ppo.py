@@ -121,6 +121,54 @@ def test_flips_count_the_paired_changes_of_two_evaluations():
     assert _flips("", "01") == {} and _flips("01", "011") == {}  # nothing to pair with
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_ppo_updates_its_models_in_training_mode_so_checkpointing_recomputes():
+    """`ppo.activation_checkpointing`: from_pretrained gives eval mode, in which transformers recomputes
+    nothing in backward. The models PPO updates are put in training mode, with dropout 0, where each
+    block runs again in backward, and their outputs stay those of eval mode."""
+    import torch
+
+    from stages.model import KilnForCausalLM
+    from stages.ppo import _trainable
+    from tests.tiny_models import V, tiny
+
+    torch.manual_seed(0)
+    model, x, calls = KilnForCausalLM(tiny(dropout=0.0)).eval(), torch.randint(2, V, (2, 8)), []
+    for block in model.model.layers:
+        block.attn.register_forward_hook(lambda *_: calls.append(1))
+    want = model(input_ids=x).logits.detach()
+
+    def attention_passes() -> int:
+        calls.clear()
+        model(input_ids=x).logits.sum().backward()
+        return len(calls)
+
+    model.gradient_checkpointing_enable()
+    assert attention_passes() == 2  # eval mode: checkpointing is silently off
+    _trainable(model, checkpointing=True)
+    assert model.training and attention_passes() == 4  # each of the 2 blocks again in backward
+    assert torch.equal(model(input_ids=x).logits, want)
+
+
+def test_prompts_past_a_learned_position_table_fail_before_training(tmp_path):
+    """With learned positions a prompt plus its response must fit the table; RoPE needs no check."""
+    import json
+
+    from stages.ppo import _check_positions
+
+    p = load_config(overrides=["ppo.max_new_tokens=16"]).ppo
+    prompts = [{"ids": [5] * n} for n in (10, 48)]
+    (tmp_path / "config.json").write_text(json.dumps({"position": "rope", "max_position_embeddings": 64}))
+    _check_positions(p, tmp_path, prompts, [])
+    (tmp_path / "config.json").write_text(json.dumps({"position": "learned", "max_position_embeddings": 64}))
+    _check_positions(p, tmp_path, prompts, [])  # 48 + 16 = 64 fits
+    prompts.append({"ids": [5] * 49})
+    with pytest.raises(
+        ValueError, match=r"ppo.prompts: a prompt of 49 tokens \+ ppo.max_new_tokens=16 goes past"
+    ):
+        _check_positions(p, tmp_path, prompts, [])
+
+
 def test_reward_ranking_figures_by_hand():
     import torch
 
