@@ -467,7 +467,9 @@ class PpoConfig(WorkerGroupConfig):
     temperature: float = 1.0
     """Sampling temperature of the rollouts (0 = greedy)."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p. Logprobs,
+    ratios and the KL use the full softmax (as TRL's do), not the truncated distribution: keep 1.0
+    unless the rollouts need it."""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty against the reference (the SFT model) in the rewards."""
     kl_estimator: Literal["k1", "k3"] = "k1"
