@@ -173,11 +173,13 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     prompts = task_prompts()
     ids = [prompt_ids(tok, q) for q in prompts]
     torch.manual_seed(0)
-    policy = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    policy = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, dropout=0.0)
     ref = copy.deepcopy(policy)
-    config = KilnConfig.from_pretrained(policy_dir, num_labels=1)
+    config = KilnConfig.from_pretrained(policy_dir, num_labels=1, dropout=0.0)
     config.pad_token_id = tok.pad_token_id
     critic, reward = KilnForSequenceClassification(config), KilnForSequenceClassification(config)
+    for model in (policy, critic):  # as the stage: training mode, dropout 0
+        S._trainable(model, p["activation_checkpointing"])
     mini = p["mini_batch_size"]
     accum = mini // p["micro_batch_size"]
     actor, critic = S._engine(policy, p, p["lr"], accum, 1), S._engine(critic, p, p["critic_lr"], accum, 1)
