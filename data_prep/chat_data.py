@@ -212,6 +212,8 @@ def normalise_prompt(record: dict) -> dict:
         turns = [m for m in parse_hh(value) if m["role"] != "assistant" or m["content"]]
     else:
         turns = _turns(value, "prompt", "user")
+    if not turns:  # an HH string with only an empty assistant turn
+        raise BadRecord("empty", "the prompt has no turns")
     if turns[-1]["role"] != "user":
         raise BadRecord("bad_role", f"a prompt must end with a user turn, ends with {turns[-1]['role']!r}")
     if not turns[-1]["content"].strip():

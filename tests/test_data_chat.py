@@ -249,6 +249,7 @@ def test_prompts_normalise_to_messages_ending_with_a_user_turn():
     [
         ({"text": "Q"}, "missing_fields"),
         ({"prompt": ""}, "empty"),
+        ({"prompt": "\n\nAssistant:"}, "empty"),  # an HH string with nothing but an empty answer
         ({"prompt": user("Q") + assistant("A")}, "bad_role"),
         ({"prompt": 3}, "bad_type"),
     ],
