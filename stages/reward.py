@@ -14,7 +14,8 @@ Data (`reward.data`, `reward.eval_data`): {prompt?, chosen, rejected, kind?} in 
 conversational format, or Anthropic HH dialogue strings, normalised by data_prep/chat_data.py in this
 driver. Each side is rendered by the tokenizer's chat template (prompt + answer); the loss is
 Bradley-Terry, -log sigmoid(r_chosen - r_rejected) (Ouyang et al. 2022, eq. 1). Pairs longer than
-`reward.max_length` are dropped by TRL: their count is reported (`too_long_pairs`).
+`reward.max_length` are dropped by TRL: their count is reported (`too_long_pairs`); held-out pairs
+over it are left out of the held-out figures (`eval_too_long_pairs`).
 
 Held-out metrics at each evaluation (and at step 0): pairwise accuracy overall, per kind of rejected
 answer and per class of kind (data_prep/task.py: well-formed-but-wrong vs damaged), mean margin,
@@ -35,10 +36,37 @@ log = logging.getLogger("kiln.reward")
 
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
+    from transformers import AutoTokenizer
+
     s = cfg.reward
     train, held, stats = B.load_data("preference", s, "reward", cfg.run.seed, ctx.logger)
-    ctx.logger.info("reward: %d training and %d held-out pairs, from %s", len(train), len(held), s.init_from)
-    return B.run_trainer(ctx, cfg, s, inputs[s.init_from].path, train_worker, train, held, stats, out)
+    model_dir = inputs[s.init_from].path
+    held, too_long = within_length(AutoTokenizer.from_pretrained(model_dir), held, s.max_length)
+    if not held:
+        raise ValueError(
+            f"reward.eval_data: all {too_long} held-out pairs are longer than reward.max_length="
+            f"{s.max_length} tokens; raise it or give shorter pairs"
+        )
+    ctx.logger.info(
+        "reward: %d training and %d held-out pairs (%d longer than max_length left out), from %s",
+        len(train), len(held), too_long, s.init_from,
+    )  # fmt: skip
+    metrics = B.run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out)
+    return metrics | {"eval_too_long_pairs": too_long}
+
+
+def within_length(tok, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """The held-out pairs whose two sides, rendered by the chat template, fit `max_length` tokens, and
+    how many did not: TRL drops longer training pairs, so the held-out figures (and the reward
+    mean and std PPO normalises with) are of answers of the lengths the model was trained on."""
+
+    def n(conversation) -> int:
+        return len(tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+
+    kept = [
+        p for p in pairs if max(n(p["prompt"] + p["chosen"]), n(p["prompt"] + p["rejected"])) <= max_length
+    ]
+    return kept, len(pairs) - len(kept)
 
 
 def train_worker(arg: dict, wctx) -> dict:

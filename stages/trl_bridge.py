@@ -101,13 +101,15 @@ def run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out: P
     for f in Path(arg["export_dir"]).iterdir():
         shutil.copy2(f, Path(out) / f.name)
     (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    return results[0] | data_headline(stats)
+    return results[0] | data_headline(stats, train, held)
 
 
-def data_headline(stats: dict) -> dict:
-    """Counts that go into the manifest beside the training metrics."""
+def data_headline(stats: dict, train: list, held: list) -> dict:
+    """Counts that go into the manifest beside the training metrics: the records handed to the
+    trainer and those held out (with `eval_fraction`, kept = train + held out), and the malformed."""
     return {
-        "train_records": stats["data"]["kept"],
+        "train_records": len(train),
+        "eval_records": len(held),
         "malformed_records": sum(sum(st["malformed"].values()) for st in stats.values()),
     }
 

@@ -181,6 +181,25 @@ def test_shipped_policy_pairs_are_what_the_sft_model_answers(tiny_run):
     assert counts["pairs"] == len(got) > 24 and [p["rejected"] for p in got] == [p["rejected"] for p in want]
 
 
+def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
+    """TRL drops training pairs over reward.max_length; the held-out figures (and the reward mean and
+    std PPO normalises with) leave out the held-out pairs over it too, and count them."""
+    from transformers import AutoTokenizer
+
+    from data_prep.build_task_data import assistant, user
+    from stages.reward import within_length
+
+    _, cfg, _ = tiny_run
+    tok = AutoTokenizer.from_pretrained(artifact(cfg, "pretrain"))
+    short = {"prompt": user("Q"), "chosen": assistant("a"), "rejected": assistant("b")}
+    long = {**short, "rejected": assistant("b " * 300)}
+    sides = [short["prompt"] + short[side] for side in ("chosen", "rejected")]
+    n = max(len(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in sides)
+    assert within_length(tok, [short, long], 256) == ([short], 1)
+    assert within_length(tok, [short], n) == ([short], 0) and within_length(tok, [short], n - 1) == ([], 1)
+    assert manifest(artifact(cfg, "reward"))["metrics"]["eval_too_long_pairs"] == 0  # the shipped pairs fit
+
+
 def test_sft_and_reward_train_at_the_same_time(tiny_run):
     root, cfg, _ = tiny_run
     spans = {}
@@ -276,6 +295,7 @@ def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, 
         assert m["malformed_records"] == 1 and m["steps"] == 4, m
         stats = json.loads((path / "data_stats.json").read_text())
         assert stats["data"]["read"] == n_good + 1 and stats["data"]["kept"] == n_good
+        assert m["train_records"] + m["eval_records"] == n_good and m["eval_records"] > 0  # eval_fraction 0.2
         (err,) = stats["data"]["errors"]
         assert err["line"] == n_good + 1 and err["file"].endswith((".jsonl",))
     assert "task_accuracy" not in rows(artifact(cfg, "sft"))[-1]  # no task prompts: no task accuracy
