@@ -37,6 +37,11 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
 
 
+def conversation_ids(tok, messages: list[dict]) -> list[int]:
+    """The token ids of a whole conversation rendered by the chat template: what a reward model scores."""
+    return tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
 def decode_responses(tok, roll, stops: list[int]) -> list[str]:
     """The text of each response of a stages.rollout.Rollout, without its stop token."""
     answers = []
@@ -160,10 +165,7 @@ def score_conversations(model, tok, conversations: list[list[dict]], batch_size:
     scores: list[float] = []
     try:
         for i in range(0, len(conversations), batch_size):
-            ids = [
-                tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
-                for c in conversations[i : i + batch_size]
-            ]
+            ids = [conversation_ids(tok, c) for c in conversations[i : i + batch_size]]
             width = max(map(len, ids))
             input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)

@@ -59,13 +59,14 @@ def within_length(tok, pairs: list[dict], max_length: int) -> tuple[list[dict], 
     """The held-out pairs whose two sides, rendered by the chat template, fit `max_length` tokens, and
     how many did not: TRL drops longer training pairs, so the held-out figures (and the reward
     mean and std PPO normalises with) are of answers of the lengths the model was trained on."""
+    from stages.chat_eval import conversation_ids
 
-    def n(conversation) -> int:
-        return len(tok.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+    def fits(p: dict) -> bool:
+        return all(
+            len(conversation_ids(tok, p["prompt"] + p[s])) <= max_length for s in ("chosen", "rejected")
+        )
 
-    kept = [
-        p for p in pairs if max(n(p["prompt"] + p["chosen"]), n(p["prompt"] + p["rejected"])) <= max_length
-    ]
+    kept = [p for p in pairs if fits(p)]
     return kept, len(pairs) - len(kept)
 
 

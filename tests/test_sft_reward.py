@@ -187,6 +187,7 @@ def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
     from transformers import AutoTokenizer
 
     from data_prep.build_task_data import assistant, user
+    from stages.chat_eval import conversation_ids
     from stages.reward import within_length
 
     _, cfg, _ = tiny_run
@@ -194,7 +195,7 @@ def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
     short = {"prompt": user("Q"), "chosen": assistant("a"), "rejected": assistant("b")}
     long = {**short, "rejected": assistant("b " * 300)}
     sides = [short["prompt"] + short[side] for side in ("chosen", "rejected")]
-    n = max(len(tok.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in sides)
+    n = max(len(conversation_ids(tok, c)) for c in sides)
     assert within_length(tok, [short, long], 256) == ([short], 1)
     assert within_length(tok, [short], n) == ([short], 0) and within_length(tok, [short], n - 1) == ([], 1)
     assert manifest(artifact(cfg, "reward"))["metrics"]["eval_too_long_pairs"] == 0  # the shipped pairs fit
