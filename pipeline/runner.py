@@ -257,6 +257,14 @@ def _worker_bundle(scaling) -> dict[str, float]:
 
 
 def _describe_failure(e: Exception, log_path) -> str:
+    """One stage's failure for the run's outcome: a training worker's own exception first (Ray
+    Train's `worker_failures`), then the workers' tracebacks; a process that died; or the stage's
+    error with its traceback as Ray gives it."""
+    cause = getattr(e, "cause", None)  # a RayTaskError's: the exception the stage raised
+    failures = getattr(cause, "worker_failures", None)
+    if failures:
+        rank, err = min(failures.items())
+        return _ANSI.sub("", f"{type(err).__name__} on worker rank {rank}: {err}\n{cause}\n(log: {log_path})")
     text = _ANSI.sub("", str(e))
     name = type(e).__name__
     if "WorkerCrashedError" in name or "died" in text.lower() and "worker" in text.lower():

@@ -179,6 +179,27 @@ def test_failing_stage_is_reported_with_its_traceback(tmp_path, ray_session, mon
     assert starts(store, plan["a"]) == 1 and starts(store, plan["b"]) == 1
 
 
+def test_a_training_workers_error_heads_the_stage_failure(tmp_path):
+    """A Ray Train worker that raises: the run's outcome starts with that worker's exception, then its
+    traceback snippet, not Ray's traceback of the stage process."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from pipeline.runner import _describe_failure
+
+    message = "sft.steps=9, but this stage's checkpoint is at 10"
+    snippet = (
+        f'[Rank 1 Error Snippet]:\n  File "stages/sft.py", line 64, in train_worker\nValueError: {message}'
+    )
+    cause = WorkerGroupError(snippet, {1: ValueError(message), 2: ValueError(message)})
+    stage_error = RayTaskError("kiln:sft", "Traceback: runner.py, trainer.fit()", cause).as_instanceof_cause()
+    got = _describe_failure(stage_error, tmp_path / "sft.log").splitlines()
+    assert got[0] == f"ValueError on worker rank 1: {message}"
+    assert 'File "stages/sft.py", line 64, in train_worker' in "\n".join(got)  # the worker's traceback
+    assert "trainer.fit()" not in "\n".join(got)  # not the stage process's
+    assert got[-1] == f"(log: {tmp_path / 'sft.log'})"
+
+
 @pytest.mark.timeout(60)
 def test_unmeetable_resources_fail_with_what_is_missing(tmp_path, ray_session):
     from pipeline.context import Scaling
