@@ -217,10 +217,11 @@ def train_worker(arg: dict, wctx) -> dict:
     )
 
     # -- resume -------------------------------------------------------------------------------
-    it, baseline = 0, {}
+    it, baseline, last = 0, {}, {}
     ckpt = wctx.checkpoint()
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        T.check_resumed(state["iteration"], p["iterations"], "ppo.iterations", ckpt)
         for name, engine in (("actor", actor), ("critic", critic)):
             engine.load_checkpoint(str(ckpt / name), tag=state["tag"], load_lr_scheduler_states=False)
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -228,6 +229,7 @@ def train_worker(arg: dict, wctx) -> dict:
         if rng.exists():
             T.load_rng(rng)
         it, baseline, before = state["iteration"], state["baseline"], state.get("task_outcomes", "")
+        last = state.get("last", {})  # the stage's headline, should no iteration be left
         wctx.resumed_from(it)
     else:
         metrics, before = _evaluate(actor, tok, arg, p, wctx, synced)  # the SFT policy
@@ -235,7 +237,7 @@ def train_worker(arg: dict, wctx) -> dict:
         wctx.report(dict(baseline))
 
     stop = _PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
-    total, last = p["iterations"], {}
+    total = p["iterations"]
     while it < total:
         t0 = time.perf_counter()
         floor = p["min_lr"] / p["lr"] if p["lr"] > 0 else 0.0  # the critic decays by the same factor
@@ -558,6 +560,6 @@ def _save(actor, critic, wctx, row, state, rank) -> None:
     critic.save_checkpoint(str(folder / "critic"), tag=tag)
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
-        T.write_json(folder / "trainer_state.json", state | {"tag": tag})
+        T.write_json(folder / "trainer_state.json", state | {"tag": tag, "last": row})
     wctx.report(row, checkpoint_dir=folder)
     shutil.rmtree(folder, ignore_errors=True)

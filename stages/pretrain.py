@@ -134,20 +134,20 @@ def train_worker(arg: dict, wctx) -> dict:
     peak = T.peak_flops(device)
 
     # -- resume -------------------------------------------------------------------------------
-    step, tokens_seen = 0, 0
+    step, tokens_seen, total = 0, 0, p["steps"]
+    last: dict = {}  # the last step's metrics row: the stage's headline
     ckpt = wctx.checkpoint()
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        T.check_resumed(state["step"], total, "pretrain.steps", ckpt)
         engine.load_checkpoint(str(ckpt), tag=state["tag"], load_lr_scheduler_states=False)
         rng = ckpt / f"rng_rank{rank}.pt"
         if rng.exists():
             T.load_rng(rng)
-        step, tokens_seen = state["step"], state["tokens_seen"]
+        step, tokens_seen, last = state["step"], state["tokens_seen"], state.get("last", {})
         wctx.resumed_from(step)
 
     stop = _PreemptionFlag()
-    total = p["steps"]
-    last: dict = {}
     while step < total:
         t0 = time.perf_counter()
         lr = T.lr_at(step, lr=p["lr"], min_lr=p["min_lr"], warmup=p["warmup_steps"], total=total)
@@ -250,7 +250,8 @@ def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
         state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id}
-        T.write_json(folder / "trainer_state.json", state)
+        # the row too: the stage's headline, should a resume find no step left
+        T.write_json(folder / "trainer_state.json", state | {"last": row})
     wctx.report(row, checkpoint_dir=folder)
     shutil.rmtree(folder, ignore_errors=True)
 

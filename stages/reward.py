@@ -81,7 +81,7 @@ def train_worker(arg: dict, wctx) -> dict:
 
     s, seed = arg["section"], arg["seed"]
     B.setup_worker(wctx, s["cpus_per_worker"])
-    resume, kiln_state = B.resume_point(wctx)
+    resume, kiln_state = B.resume_point(wctx, s["steps"], "reward.steps")
     tok = AutoTokenizer.from_pretrained(arg["model_dir"])
     torch.manual_seed(seed)  # the new `score` head's init
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -94,15 +94,13 @@ def train_worker(arg: dict, wctx) -> dict:
 
     out_dir = tempfile.mkdtemp(prefix=f"kiln-reward-rank{wctx.rank}-")
     args = RewardConfig(**B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None))
-    bridge = B.KilnBridge(
-        wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
-    )
+    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=arg["wandb_run_id"], resumed=kiln_state)
     lora = B.lora_config(s, "SEQ_CLS")  # peft trains the `score` head in full beside the adapters
     trainer, too_long = B.make_trainer(RewardTrainer, model, args, arg, tok, lora, bridge)
     if too_long and wctx.rank == 0:
         log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s["max_length"])
 
-    trainer.train(resume_from_checkpoint=resume)
+    B.train(trainer, resume)
     B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval

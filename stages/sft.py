@@ -61,7 +61,7 @@ def train_worker(arg: dict, wctx) -> dict:
 
     s, seed = arg["section"], arg["seed"]
     B.setup_worker(wctx, s["cpus_per_worker"])
-    resume, kiln_state = B.resume_point(wctx)
+    resume, kiln_state = B.resume_point(wctx, s["steps"], "sft.steps")
     tok = AutoTokenizer.from_pretrained(arg["model_dir"])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(arg["model_dir"], dtype=torch.float32)
@@ -85,9 +85,7 @@ def train_worker(arg: dict, wctx) -> dict:
         completion_only_loss=True,  # prompt tokens are context, not targets
         packing=False,
     )
-    bridge = B.KilnBridge(
-        wctx, evaluate, wandb_run_id=arg["wandb_run_id"], baseline=kiln_state.get("baseline")
-    )
+    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=arg["wandb_run_id"], resumed=kiln_state)
     lora = B.lora_config(s, "CAUSAL_LM")
     trainer, unused = B.make_trainer(
         SFTTrainer, model, args, arg, tok, lora, bridge
@@ -95,7 +93,7 @@ def train_worker(arg: dict, wctx) -> dict:
     if unused and wctx.rank == 0:
         log.warning("sft: %d training records have no completion token within max_length", unused)
 
-    trainer.train(resume_from_checkpoint=resume)
+    B.train(trainer, resume)
     B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval

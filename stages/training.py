@@ -154,6 +154,17 @@ def load_rng(path: Path) -> None:
     random.setstate((int(t["python_version"][0]), tuple(int(v) for v in t["python"]), None))
 
 
+def check_resumed(done: int, total: int, key: str, ckpt) -> None:
+    """A stage resumes from its own last checkpoint, and `key` is a budget (not in the fingerprint, so
+    raising it continues). A checkpoint already past it (the key lowered since) cannot give a model
+    of `total` steps: say so, rather than export a longer-trained model under the lower setting."""
+    if done > total:
+        raise ValueError(
+            f"{key}={total}, but this stage's checkpoint ({ckpt}) is at {done}: set {key} to {done} or "
+            f"more to finish from it, or delete the stage's work folder (<root>/<run>/.work/) to start over"
+        )
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -5,20 +5,22 @@ the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the exp
     args = trainer_args(arg["section"], seed, wctx.world_size, out_dir, resume is None)   # in a worker
     trainer = SFTTrainer(..., args=SFTConfig(**args, ...), callbacks=[bridge])
     check_deepspeed(trainer, zero_stage)                                    # no silent DDP fallback
-    trainer.train(resume_from_checkpoint=resume)
+    train(trainer, resume)                                                  # no step past max_steps
     export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, fp32, + tokenizer
 
 DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
 pretraining's (stages/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
 Ray worker too, and `check_deepspeed` fails the stage if it did not, or with another ZeRO stage.
 
-The bridge (STYLE.md point 7) does four things and nothing else:
+The bridge (STYLE.md point 7) does five things and nothing else:
 - TRL's training logs -> one metrics row per step (`loss`, `lr`, `grad_norm`, the trainer's own
   metrics prefixed `train_`, `batch_crc` of the sample ids the step trained on) via `wctx.report`;
 - each evaluation -> one row (`val_loss` and the stage's held-out metrics from its `evaluate` function);
 - each checkpoint TRL saves -> `wctx.report(checkpoint_dir=...)` (every rank its own folder: Ray
-  merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 evaluation) beside it;
-- `wctx.progress(step, total)`.
+  merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 and the latest evaluation)
+  beside it;
+- `wctx.progress(step, total)`;
+- a resume from a checkpoint at max_steps stops at train begin (`train`), with no step taken.
 Sample ids: each training record carries a `kiln_id` column (its index in the normalised data); the
 collator is wrapped to note the ids of each micro-batch it builds, and the bridge takes this step's
 micro-batches (TRL's `current_gradient_accumulation_steps` of them) from that queue at the step's end.
@@ -202,16 +204,34 @@ def check_deepspeed(trainer, zero_stage: int) -> None:
         )
 
 
-def resume_point(wctx) -> tuple[str | None, dict]:
+def resume_point(wctx, steps: int, key: str) -> tuple[str | None, dict]:
     """(checkpoint folder to resume from or None, the kiln_state.json saved with it)."""
+    from stages.training import check_resumed
+
     ckpt = wctx.checkpoint()
     if ckpt is None:
         return None, {}
     state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    check_resumed(state["global_step"], steps, key, ckpt)
     kiln = Path(ckpt) / KILN_STATE
     extra = json.loads(kiln.read_text()) if kiln.exists() else {}
     wctx.resumed_from(state["global_step"])
     return str(ckpt), extra
+
+
+class _NoStepsLeft(Exception):
+    """The checkpoint resumed from is at max_steps already (see `train`)."""
+
+
+def train(trainer, resume: str | None) -> None:
+    """`trainer.train(resume_from_checkpoint=resume)`, less one step: transformers checks max_steps
+    only after a step, so from a checkpoint already at max_steps (the worker died after its last
+    save, before the artifact was written) it would train one step more. The bridge stops it at
+    train begin instead, when the engine holds the checkpoint's weights, ready for `export`."""
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except _NoStepsLeft:
+        pass
 
 
 def with_ids(records: list[dict]) -> list[dict]:
@@ -222,13 +242,14 @@ def with_ids(records: list[dict]) -> list[dict]:
 class KilnBridge(TrainerCallback):
     """TRL's logs, evaluations and checkpoints -> the worker context (module docstring)."""
 
-    def __init__(self, wctx, evaluate, *, wandb_run_id: str | None, baseline: dict | None = None):
+    def __init__(self, wctx, evaluate, *, wandb_run_id: str | None, resumed: dict):
         self.wctx, self.evaluate, self.wandb_run_id = wctx, evaluate, wandb_run_id
-        self.baseline = baseline or {}  # the step-0 evaluation (carried through resumes)
+        # the step-0 evaluation and the latest one, carried through resumes (`resumed`: kiln_state.json)
+        self.baseline: dict = resumed.get("baseline") or {}
+        self.last_eval: dict = resumed.get("last_eval") or {}
         self.trainer = None
         self.batches: deque[list[int]] = deque()
         self.step_ids: list[int] = []
-        self.last_eval: dict = {}
 
     def attach(self, trainer) -> None:
         """Wrap the trainer's collator so each micro-batch's `kiln_id`s are noted (eval sets have none)."""
@@ -241,6 +262,10 @@ class KilnBridge(TrainerCallback):
             return collate(examples)
 
         trainer.data_collator = noting
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            raise _NoStepsLeft
 
     def on_step_end(self, args, state, control, **kwargs):
         n = self.trainer.current_gradient_accumulation_steps
@@ -278,7 +303,8 @@ class KilnBridge(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)  # a rank that saved no shard still reports
         if state.is_world_process_zero:
-            kiln = {"step": state.global_step, "wandb_run_id": self.wandb_run_id, "baseline": self.baseline}
+            kiln = {"step": state.global_step, "wandb_run_id": self.wandb_run_id, "baseline": self.baseline,
+                    "last_eval": self.last_eval}  # fmt: skip
             (folder / KILN_STATE).write_text(json.dumps(kiln, indent=2))
         self.wctx.report(None, checkpoint_dir=folder)
         shutil.rmtree(

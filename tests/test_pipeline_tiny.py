@@ -235,3 +235,52 @@ def test_pretrain_init_from_a_mixtral_folder_continues_from_its_weights(tiny_run
     reference = [json.loads(x) for x in (_path(cfg, "pretrain") / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lm_loss"] < reference[0]["lm_loss"] - 1.5  # far below a random start
     assert abs(rows[0]["lm_loss"] - reference[-1]["lm_loss"]) < 0.5  # where the exported model left off
+
+
+TRAINED = ("pretrain", "sft", "reward", "ppo")
+
+
+def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run, tmp_path):
+    """Every training stage saves a checkpoint at its last step, then exports. A run that died in
+    between (no artifacts yet) resumes each stage at its end: no step is trained again or added, and
+    the artifacts and headline metrics are the uninterrupted run's. A budget lowered below such a
+    checkpoint is refused, naming the key, and the finished artifact stays as it was."""
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+    from tests.conftest import TINY_OVERRIDES
+
+    root, cfg, _ = tiny_run
+    ref = plan_of(cfg)
+    new_root = tmp_path / "runs"
+    shutil.copytree(
+        Path(root) / cfg.run.name,
+        new_root / cfg.run.name,
+        ignore=lambda d, names: [n for n in names if n.startswith(".tmp-")],
+    )
+    for stage in TRAINED:
+        shutil.rmtree(new_root / cfg.run.name / Path(ref[stage].path).name)
+    overrides = [f"run.root={new_root}", *TINY_OVERRIDES]
+    outcome = run_pipeline(load_config(overrides=overrides), PIPELINE)
+    assert outcome.ok, outcome.errors
+    assert set(outcome.results) == set(TRAINED)
+    for stage in TRAINED:
+        got, want = Path(outcome.results[stage]["path"]), Path(ref[stage].path)
+        assert got.name == want.name
+        files, wanted = ({k: v["sha256"] for k, v in _files(d).items()} for d in (got, want))
+        assert files["model.safetensors"] == wanted["model.safetensors"], stage  # the same weights
+        assert files["metrics.jsonl"] == wanted["metrics.jsonl"], stage  # no step again, none added
+        assert outcome.results[stage]["metrics"] == ref[stage].manifest["metrics"], stage
+
+    lowered = [*overrides, f"sft.steps={cfg.sft.steps - 1}", "sft.max_failures=0"]
+    outcome = run_pipeline(load_config(overrides=lowered), PIPELINE, Selection(only=("sft",)))
+    assert not outcome.ok
+    assert f"sft.steps={cfg.sft.steps - 1}" in outcome.errors["sft"], outcome.errors
+    assert f"is at {cfg.sft.steps}" in outcome.errors["sft"]
+    store = ArtifactStore(str(new_root), cfg.run.name)
+    assert store.check("sft", ref["sft"].fingerprint, deep=True)[0] is not None  # still complete
+
+
+def _files(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())["files"]
