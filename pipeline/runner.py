@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +63,10 @@ def run_pipeline(
     started: dict[str, float] = {}
     watch: dict[str, object] = {"next": 0.0}  # running worker groups short of resources -> why
     display.start(todo)
+    ctrl_c = _CtrlC.install()
     try:
         while waiting or running:
+            ctrl_c.check()
             for name in list(waiting):
                 deps = jobs[name].inputs
                 bad = [d for d in deps if d in outcome.errors or d in outcome.blocked]
@@ -116,8 +120,39 @@ def run_pipeline(
             ray.cancel(ref, force=True)
         display.interrupted()
     finally:
+        ctrl_c.restore()
         display.stop()
     return outcome
+
+
+class _CtrlC:
+    """Ctrl-C during a run. The handler raises KeyboardInterrupt, as Python's does, and also notes the
+    press: one that lands in code that swallows exceptions (a `__del__` the garbage collector runs
+    in the main thread) still stops the run at the loop's next turn. Only the main thread, where
+    signals are handled, installs it; the handler before it is put back when the run ends."""
+
+    def __init__(self, installed: bool):
+        self.pressed, self.installed = False, installed
+        self.previous = signal.getsignal(signal.SIGINT) if installed else None
+
+    @classmethod
+    def install(cls) -> _CtrlC:
+        me = cls(installed=threading.current_thread() is threading.main_thread())
+        if me.installed:
+            signal.signal(signal.SIGINT, me._handle)
+        return me
+
+    def _handle(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self.installed:  # a handler not set from Python reads as None: put Python's default back
+            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
 
 
 WATCH_EVERY_S = 2.0

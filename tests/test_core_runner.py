@@ -179,6 +179,27 @@ def test_failing_stage_is_reported_with_its_traceback(tmp_path, ray_session, mon
     assert starts(store, plan["a"]) == 1 and starts(store, plan["b"]) == 1
 
 
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run():
+    """Python runs a signal handler wherever the main thread is; in a `__del__` the garbage collector
+    runs, its KeyboardInterrupt is swallowed. The run's handler notes the press, so the loop's next
+    turn stops anyway; the handler before the run is back afterwards."""
+    from pipeline.runner import _CtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    ctrl_c = _CtrlC.install()
+    try:
+        ctrl_c.check()  # nothing pressed yet
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # as `Exception ignored in: <function ... __del__>` does
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    finally:
+        ctrl_c.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_training_workers_error_heads_the_stage_failure(tmp_path):
     """A Ray Train worker that raises: the run's outcome starts with that worker's exception, then its
     traceback snippet, not Ray's traceback of the stage process."""
