@@ -152,7 +152,8 @@ class _CtrlC:
 
     def restore(self) -> None:
         if self.installed:  # a handler not set from Python reads as None: put Python's default back
-            signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+            previous = signal.default_int_handler if self.previous is None else self.previous
+            signal.signal(signal.SIGINT, previous)
 
 
 WATCH_EVERY_S = 2.0
@@ -292,14 +293,18 @@ def _worker_bundle(scaling) -> dict[str, float]:
 
 
 def _describe_failure(e: Exception, log_path) -> str:
-    """One stage's failure for the run's outcome: a training worker's own exception first (Ray
-    Train's `worker_failures`), then the workers' tracebacks; a process that died; or the stage's
+    """One stage's failure for the run's outcome: the training workers' own exceptions first (Ray
+    Train's `worker_failures`: each distinct one with its ranks, as a rank that raised can take the
+    others down with another error), then their tracebacks; a process that died; or the stage's
     error with its traceback as Ray gives it."""
     cause = getattr(e, "cause", None)  # a RayTaskError's: the exception the stage raised
     failures = getattr(cause, "worker_failures", None)
     if failures:
-        rank, err = min(failures.items())
-        return _ANSI.sub("", f"{type(err).__name__} on worker rank {rank}: {err}\n{cause}\n(log: {log_path})")
+        ranks: dict[str, list[int]] = {}
+        for rank, err in sorted(failures.items()):
+            ranks.setdefault(f"{type(err).__name__}: {err}", []).append(rank)
+        heads = [f"{what} (worker rank {', '.join(map(str, r))})" for what, r in ranks.items()]
+        return _ANSI.sub("", "\n".join([*heads, str(cause), f"(log: {log_path})"]))
     text = _ANSI.sub("", str(e))
     name = type(e).__name__
     if "WorkerCrashedError" in name or "died" in text.lower() and "worker" in text.lower():

@@ -226,8 +226,9 @@ class _NoStepsLeft(Exception):
 def train(trainer, resume: str | None) -> None:
     """`trainer.train(resume_from_checkpoint=resume)`, less one step: transformers checks max_steps
     only after a step, so from a checkpoint already at max_steps (the worker died after its last
-    save, before the artifact was written) it would train one step more. The bridge stops it at
-    train begin instead, when the engine holds the checkpoint's weights, ready for `export`."""
+    save, before the artifact was written) it trains one step more, unless max_steps ends an epoch.
+    The bridge stops it at train begin instead, once the engine holds the checkpoint's weights,
+    ready for `export`."""
     try:
         trainer.train(resume_from_checkpoint=resume)
     except _NoStepsLeft:

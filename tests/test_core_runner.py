@@ -201,8 +201,8 @@ def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_run():
 
 
 def test_a_training_workers_error_heads_the_stage_failure(tmp_path):
-    """A Ray Train worker that raises: the run's outcome starts with that worker's exception, then its
-    traceback snippet, not Ray's traceback of the stage process."""
+    """Ray Train workers that raise: the run's outcome starts with each distinct exception and the
+    ranks that raised it, then their traceback snippet, not Ray's traceback of the stage process."""
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
@@ -212,10 +212,14 @@ def test_a_training_workers_error_heads_the_stage_failure(tmp_path):
     snippet = (
         f'[Rank 1 Error Snippet]:\n  File "stages/sft.py", line 64, in train_worker\nValueError: {message}'
     )
-    cause = WorkerGroupError(snippet, {1: ValueError(message), 2: ValueError(message)})
+    lost = RuntimeError("Connection closed by peer")  # what a rank waiting on a collective sees
+    cause = WorkerGroupError(snippet, {0: lost, 1: ValueError(message), 2: ValueError(message)})
     stage_error = RayTaskError("kiln:sft", "Traceback: runner.py, trainer.fit()", cause).as_instanceof_cause()
     got = _describe_failure(stage_error, tmp_path / "sft.log").splitlines()
-    assert got[0] == f"ValueError on worker rank 1: {message}"
+    assert got[:2] == [
+        "RuntimeError: Connection closed by peer (worker rank 0)",
+        f"ValueError: {message} (worker rank 1, 2)",
+    ]
     assert 'File "stages/sft.py", line 64, in train_worker' in "\n".join(got)  # the worker's traceback
     assert "trainer.fit()" not in "\n".join(got)  # not the stage process's
     assert got[-1] == f"(log: {tmp_path / 'sft.log'})"

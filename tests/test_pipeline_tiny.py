@@ -261,10 +261,19 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     )
     for stage in TRAINED:
         shutil.rmtree(new_root / cfg.run.name / Path(ref[stage].path).name)
+    run_dir = new_root / cfg.run.name
+    saved = sorted(p.name for p in run_dir.glob(".work/*/ray/*/checkpoint_*"))
     overrides = [f"run.root={new_root}", *TINY_OVERRIDES]
     outcome = run_pipeline(load_config(overrides=overrides), PIPELINE)
     assert outcome.ok, outcome.errors
     assert set(outcome.results) == set(TRAINED)
+    assert sorted(p.name for p in run_dir.glob(".work/*/ray/*/checkpoint_*")) == saved  # none saved anew
+    for stage in TRAINED:
+        steps = cfg.ppo.iterations if stage == "ppo" else getattr(cfg, stage).steps
+        assert (
+            f"{stage}: resumed from its checkpoint at step {steps}"
+            in (run_dir / "logs" / f"{stage}.log").read_text()
+        )
     for stage in TRAINED:
         got, want = Path(outcome.results[stage]["path"]), Path(ref[stage].path)
         assert got.name == want.name
