@@ -146,6 +146,11 @@ class StageContext:
         self.metrics.write(row)
         self.mirror()
 
+    def resumed(self, step: int) -> None:
+        """A worker group resumed from its checkpoint at `step`: say so, and cut the metrics back to it."""
+        self.logger.info("%s: resumed from its checkpoint at step %d", self.stage, step)
+        self.metrics.truncate(step)
+
     def progress(self, step: int, total: int, **extra) -> None:
         write_json_atomic(
             self.work_dir / "progress.json", {"step": step, "total": total, "time": time.time(), **extra}
@@ -244,7 +249,7 @@ class LocalWorkerContext(WorkerContext):
         return found[-1] if found else None
 
     def resumed_from(self, step):
-        self.stage_ctx.metrics.truncate(step)
+        self.stage_ctx.resumed(step)
 
     def progress(self, step, total, **extra):
         self.stage_ctx.progress(step, total, **extra)

@@ -143,8 +143,7 @@ class RayStageContext(StageContext):
             elif kind == "progress":
                 self.progress(*payload[0])
             elif kind == "resumed":
-                self.logger.info("%s: resumed from its checkpoint at step %d", self.stage, payload[0])
-                self.metrics.truncate(payload[0])
+                self.resumed(payload[0])
             elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
                 self.mirror(force=True)
             elif kind == "result":

@@ -250,6 +250,7 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
     from tests.conftest import TINY_OVERRIDES
+    from tests.pipeline_helpers import manifest
 
     root, cfg, _ = tiny_run
     ref = plan_of(cfg)
@@ -274,10 +275,9 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
             f"{stage}: resumed from its checkpoint at step {steps}"
             in (run_dir / "logs" / f"{stage}.log").read_text()
         )
-    for stage in TRAINED:
         got, want = Path(outcome.results[stage]["path"]), Path(ref[stage].path)
         assert got.name == want.name
-        files, wanted = ({k: v["sha256"] for k, v in _files(d).items()} for d in (got, want))
+        files, wanted = ({k: v["sha256"] for k, v in manifest(d)["files"].items()} for d in (got, want))
         assert files["model.safetensors"] == wanted["model.safetensors"], stage  # the same weights
         assert files["metrics.jsonl"] == wanted["metrics.jsonl"], stage  # no step again, none added
         assert outcome.results[stage]["metrics"] == ref[stage].manifest["metrics"], stage
@@ -289,7 +289,3 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     assert f"is at {cfg.sft.steps}" in outcome.errors["sft"]
     store = ArtifactStore(str(new_root), cfg.run.name)
     assert store.check("sft", ref["sft"].fingerprint, deep=True)[0] is not None  # still complete
-
-
-def _files(artifact: Path) -> dict:
-    return json.loads((artifact / "manifest.json").read_text())["files"]
