@@ -23,6 +23,9 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, verify_files
 
+S3_ATTEMPTS = 10
+"""Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""
+
 
 class RemoteRoot:
     def __init__(self, uri: str):
@@ -36,6 +39,9 @@ class RemoteRoot:
                 endpoint_override=host or scheme, scheme=scheme if host else "https",
                 region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 allow_bucket_creation=True,
+                # A store under load can stall a request past the SDK's 3-second low-speed limit (seen
+                # with a local S3 server on 2 busy cores): retry, with backoff, more than the default 3 times.
+                retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
             )  # fmt: skip
             self.base = uri.removeprefix("s3://").rstrip("/")
         else:
