@@ -247,7 +247,7 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     checkpoint is refused, naming the key, and the finished artifact stays as it was."""
     import shutil
 
-    from pipeline.config import load_config
+    from pipeline.config import budget_keys, load_config
     from pipeline.runner import run_pipeline
     from tests.conftest import TINY_OVERRIDES
     from tests.pipeline_helpers import manifest
@@ -255,14 +255,14 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     root, cfg, _ = tiny_run
     ref = plan_of(cfg)
     new_root = tmp_path / "runs"
+    run_dir = new_root / cfg.run.name
     shutil.copytree(
         Path(root) / cfg.run.name,
-        new_root / cfg.run.name,
+        run_dir,
         ignore=lambda d, names: [n for n in names if n.startswith(".tmp-")],
     )
     for stage in TRAINED:
-        shutil.rmtree(new_root / cfg.run.name / Path(ref[stage].path).name)
-    run_dir = new_root / cfg.run.name
+        shutil.rmtree(run_dir / Path(ref[stage].path).name)
     saved = sorted(p.name for p in run_dir.glob(".work/*/ray/*/checkpoint_*"))
     overrides = [f"run.root={new_root}", *TINY_OVERRIDES]
     outcome = run_pipeline(load_config(overrides=overrides), PIPELINE)
@@ -270,7 +270,8 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     assert set(outcome.results) == set(TRAINED)
     assert sorted(p.name for p in run_dir.glob(".work/*/ray/*/checkpoint_*")) == saved  # none saved anew
     for stage in TRAINED:
-        steps = cfg.ppo.iterations if stage == "ppo" else getattr(cfg, stage).steps
+        (budget,) = budget_keys(cfg, stage)  # steps, or ppo's iterations
+        steps = getattr(getattr(cfg, stage), budget)
         assert (
             f"{stage}: resumed from its checkpoint at step {steps}"
             in (run_dir / "logs" / f"{stage}.log").read_text()
