@@ -109,6 +109,8 @@ class StageContext:
         self.logger = logger or logging.getLogger(f"kiln.{stage}")
         self.store, self.work_key, self.inputs = store, work_key, dict(inputs or {})
         self._mirrored = 0.0
+        self._step, self._total = 0, 0  # the last progress reported
+        self._checkpoint = _saved_checkpoint(self.work_dir / "progress.json")
 
     @property
     def shared_work(self) -> bool:
@@ -150,10 +152,20 @@ class StageContext:
         """A worker group resumed from its checkpoint at `step`: say so, and cut the metrics back to it."""
         self.logger.info("%s: resumed from its checkpoint at step %d", self.stage, step)
         self.metrics.truncate(step)
+        self._checkpoint = step
+
+    def checkpointed(self) -> None:
+        """Rank 0 saved a checkpoint at the step it last reported progress for. progress.json keeps
+        that step, so that planning can refuse a budget lowered below it before anything starts."""
+        self._checkpoint = self._step
+        self.progress(self._step, self._total)
 
     def progress(self, step: int, total: int, **extra) -> None:
+        self._step, self._total = step, total
+        saved = {"checkpoint": self._checkpoint} if self._checkpoint is not None else {}
         write_json_atomic(
-            self.work_dir / "progress.json", {"step": step, "total": total, "time": time.time(), **extra}
+            self.work_dir / "progress.json",
+            {"step": step, "total": total, "time": time.time(), **saved, **extra},
         )
         self.mirror()
 
@@ -165,6 +177,14 @@ class StageContext:
 
 
 LocalContext = StageContext
+
+
+def _saved_checkpoint(progress: Path) -> int | None:
+    """The step of the last checkpoint an earlier attempt of the stage recorded, if any."""
+    try:
+        return json.loads(progress.read_text()).get("checkpoint")
+    except (OSError, ValueError):
+        return None
 
 
 class WorkerContext:
@@ -186,7 +206,8 @@ class WorkerContext:
         raise NotImplementedError
 
     def progress(self, step: int, total: int, **extra) -> None:
-        """Step k of n, shown by `status` and the progress display (rank 0 only)."""
+        """Step k of n, shown by `status` and the progress display (rank 0 only). Call it before
+        reporting the checkpoint of step k: that checkpoint is recorded as step k's."""
         raise NotImplementedError
 
 
@@ -243,6 +264,8 @@ class LocalWorkerContext(WorkerContext):
                 shutil.rmtree(old)
         if metrics:
             self.stage_ctx.log(metrics)
+        if checkpoint_dir is not None:
+            self.stage_ctx.checkpointed()
 
     def checkpoint(self):
         found = sorted(self.ckpt_root.glob("checkpoint_*"))

@@ -42,7 +42,7 @@ class PlannedStage:
     manifest: dict | None = None
     progress: dict | None = None
     path: str = ""
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # why it cannot run as configured (see check_runnable)
 
 
 def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
@@ -100,6 +100,9 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
             p.reason = _why(store, p, problem, will_run & set(inputs), keyed)
         if p.action == "run":
             _verify_inputs(store, plan, p)
+            p.problems += _below_checkpoint(cfg, store, p)
+            if p.problems:
+                p.reason = "cannot run: " + "; ".join(p.problems)
         plan[name] = p
 
     # a selected stage needs its inputs either complete or produced in this run
@@ -114,6 +117,29 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
                     f"run `--until {dep}` first, or drop --only/--from"
                 )
     return [plan[n] for n in order]
+
+
+def check_runnable(plan: list[PlannedStage]) -> None:
+    """Raise PlanError, naming the config keys, if a stage to run cannot be run as configured."""
+    problems = [msg for p in plan if p.action == "run" for msg in p.problems]
+    if problems:
+        raise PlanError("\n".join(problems))
+
+
+def _below_checkpoint(cfg, store, p: PlannedStage) -> list[str]:
+    """A stage resumes from its last checkpoint and its budget keys may be raised, not lowered
+    below it: the checkpoint cannot give a model of fewer steps (stages/training.py check_resumed
+    says the same from inside the workers, for work dirs that predate this record)."""
+    saved = (p.progress or {}).get("checkpoint")
+    if saved is None or p.name not in p.config:
+        return []
+    where = store.work_uri(p.name, p.work_key)
+    return [
+        f"{p.name}.{key}={value}, but this stage's last checkpoint ({where}) is at step {saved}: "
+        f"set {p.name}.{key} to {saved} or more to finish from it, or delete that folder to start over"
+        for key in budget_keys(cfg, p.name)
+        if (value := p.config[p.name].get(key)) is not None and value < saved
+    ]
 
 
 def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> None:

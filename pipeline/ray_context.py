@@ -145,6 +145,7 @@ class RayStageContext(StageContext):
             elif kind == "resumed":
                 self.resumed(payload[0])
             elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
+                self.checkpointed()
                 self.mirror(force=True)
             elif kind == "result":
                 results[payload[0]] = payload[1]

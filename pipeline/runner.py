@@ -26,7 +26,7 @@ from pipeline.config import PROJECT_ROOT
 from pipeline.dag import DAG
 from pipeline.display import Display
 from pipeline.execute import StageJob, execute_stage
-from pipeline.plan import PlannedStage, Selection, make_plan
+from pipeline.plan import PlannedStage, Selection, check_runnable, make_plan
 
 
 @dataclass
@@ -48,6 +48,7 @@ def run_pipeline(
 ) -> Outcome:  # fmt: skip
     store = ArtifactStore(cfg.run.root, cfg.run.name)
     plan = make_plan(cfg, dag, store, sel or Selection())
+    check_runnable(plan)
     outcome = Outcome(plan)
     display = display or Display(quiet=True)
     todo = [p for p in plan if p.action == "run"]

@@ -138,6 +138,45 @@ def test_budget_key_reruns_downstream_and_keeps_the_work_dir(done):
     assert plan["d"].work_key != before["d"].work_key  # its input changed
 
 
+def test_a_budget_below_the_last_checkpoint_is_refused_before_anything_runs(done, no_ray):
+    """A stage's checkpoint at step 5 cannot give a model of 3 steps: the run stops at planning,
+    naming the key and the folder, and nothing is started or written."""
+    root, _, store, before = done
+    work = store.work_dir("b", before["b"].work_key)
+    (work / "progress.json").write_text(json.dumps({"step": 6, "total": 8, "checkpoint": 5}))
+    files = {f: f.stat().st_mtime_ns for f in (root / "toy").rglob("*") if f.is_file()}
+    cfg = toy_config(root, "b.budget=3")
+    plan = plan_of(cfg)
+    assert plan["b"].action == "run" and plan["b"].reason.startswith("cannot run: b.budget=3")
+    with pytest.raises(PlanError) as e:
+        run_pipeline(cfg, TOY_DAG)
+    assert f"b.budget=3, but this stage's last checkpoint ({work}) is at step 5" in str(e.value)
+    assert "set b.budget to 5 or more to finish from it, or delete that folder" in str(e.value)
+    assert {f: f.stat().st_mtime_ns for f in (root / "toy").rglob("*") if f.is_file()} == files
+    assert plan_of(toy_config(root, "b.budget=5"))["b"].problems == []  # at the checkpoint: it finishes
+
+
+def test_a_checkpoint_is_recorded_at_the_step_of_its_progress_and_kept_on_resume(tmp_path):
+    """What planning reads: progress.json's `checkpoint` is the step last reported before the
+    checkpoint, and a later attempt of the stage keeps it until it saves a newer one."""
+    from pipeline.context import LocalContext, LocalWorkerContext
+
+    ctx = LocalContext("b", tmp_path / "work")
+    wctx = LocalWorkerContext(ctx)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (1, 2):
+        wctx.progress(step, 4)
+    wctx.report({"step": 2, "loss": 0.5}, checkpoint_dir=folder)
+    wctx.progress(3, 4)
+    progress = tmp_path / "work" / "progress.json"
+    assert json.loads(progress.read_text())["checkpoint"] == 2
+    again = LocalContext("b", tmp_path / "work")  # the next attempt
+    again.progress(3, 4)
+    saved = json.loads(progress.read_text())
+    assert (saved["step"], saved["total"], saved["checkpoint"]) == (3, 4, 2)
+
+
 def test_from_reruns_the_stage_and_its_downstream(done):
     _, cfg, store, before = done
     plan = plan_of(cfg, Selection(start="b"))

@@ -11,7 +11,7 @@ import pytest
 import launch
 from pipeline.artifacts import ArtifactStore
 from pipeline.dag import PIPELINE
-from pipeline.plan import Selection, make_plan
+from pipeline.plan import PlanError, Selection, make_plan
 
 pytestmark = pytest.mark.timeout(
     1800
@@ -244,7 +244,7 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
     """Every training stage saves a checkpoint at its last step, then exports. A run that died in
     between (no artifacts yet) resumes each stage at its end: no step is trained again or added, and
     the artifacts and headline metrics are the uninterrupted run's. A budget lowered below such a
-    checkpoint is refused, naming the key, and the finished artifact stays as it was."""
+    checkpoint is refused at planning, naming the key, and the finished artifact stays as it was."""
     import shutil
 
     from pipeline.config import budget_keys, load_config
@@ -283,10 +283,10 @@ def test_a_run_that_died_after_its_last_checkpoints_trains_nothing_more(tiny_run
         assert files["metrics.jsonl"] == wanted["metrics.jsonl"], stage  # no step again, none added
         assert outcome.results[stage]["metrics"] == ref[stage].manifest["metrics"], stage
 
-    lowered = [*overrides, f"sft.steps={cfg.sft.steps - 1}", "sft.max_failures=0"]
-    outcome = run_pipeline(load_config(overrides=lowered), PIPELINE, Selection(only=("sft",)))
-    assert not outcome.ok
-    assert f"sft.steps={cfg.sft.steps - 1}" in outcome.errors["sft"], outcome.errors
-    assert f"is at {cfg.sft.steps}" in outcome.errors["sft"]
+    lowered = [*overrides, f"sft.steps={cfg.sft.steps - 1}"]
+    with pytest.raises(PlanError) as e:  # at planning, before any worker starts
+        run_pipeline(load_config(overrides=lowered), PIPELINE, Selection(only=("sft",)))
+    assert f"sft.steps={cfg.sft.steps - 1}, but this stage's last checkpoint" in str(e.value)
+    assert f"is at step {cfg.sft.steps}: set sft.steps to {cfg.sft.steps} or more" in str(e.value)
     store = ArtifactStore(str(new_root), cfg.run.name)
     assert store.check("sft", ref["sft"].fingerprint, deep=True)[0] is not None  # still complete
