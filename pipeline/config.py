@@ -182,9 +182,10 @@ class ModelConfig:
     capacity_factor: float | None = None
     """Expert capacity = factor * tokens * top_k / n_experts; overflow tokens skip the layer. None = no limit."""
     aux_loss_coef: float = 0.01
-    """Load-balancing loss coefficient (Switch Transformer)."""
+    """Load-balancing loss coefficient (Switch Transformer), in pretraining and SFT (TRL adds it through
+    the exported model's `router_aux_loss_coef`); the reward model and PPO train without it."""
     z_loss_coef: float = 0.001
-    """Router z-loss coefficient (ST-MoE)."""
+    """Router z-loss coefficient (ST-MoE), in pretraining only: TRL's losses have no z term."""
     tie_embeddings: bool = False
     """Share the input embedding and output projection."""
     init_std: float = 0.02
