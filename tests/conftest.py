@@ -58,3 +58,28 @@ def tiny_run(ray_session, tmp_path_factory):
     outcome = run_pipeline(cfg, PIPELINE)
     assert outcome.ok, f"the tiny pipeline failed: {outcome.errors} {outcome.blocked}"
     return root, cfg, outcome
+
+
+SHORT_PRETRAIN = ("pretrain.steps=60", "pretrain.checkpoint_every=20", "pretrain.eval_every=20")
+"""Pretraining cut short for the tests that kill it and compare with an uninterrupted run: the
+preset's data, model and workers, three checkpoints. (`steps` shapes the learning-rate schedule, so
+the session's 200-step run cannot be the reference of a 60-step one.)"""
+
+
+@pytest.fixture(scope="session")
+def short_pretrain(tiny_run, tmp_path_factory):
+    """Pretraining with SHORT_PRETRAIN, uninterrupted, on the session run's data artifacts: the
+    reference of the pretrain kill tests. Returns (root, cfg, outcome) as `tiny_run` does."""
+    from pipeline.config import load_config
+    from pipeline.dag import PIPELINE
+    from pipeline.plan import Selection
+    from pipeline.runner import run_pipeline
+    from tests.pipeline_helpers import copy_upstream
+
+    root = tmp_path_factory.mktemp("short-pretrain")
+    cfg = load_config(overrides=[f"run.root={root}", "run.wandb=disabled", *SHORT_PRETRAIN])
+    copy_upstream(tiny_run[1], cfg, ("ingest", "tokenizer", "tokenize"))
+    outcome = run_pipeline(cfg, PIPELINE, Selection(until="pretrain"))
+    assert outcome.ok, f"the short pretraining run failed: {outcome.errors} {outcome.blocked}"
+    assert [p.name for p in outcome.plan if p.action == "run"] == ["pretrain"]
+    return root, cfg, outcome

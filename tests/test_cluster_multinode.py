@@ -11,7 +11,8 @@ wrote for them. Cleanup kills exactly the processes these fixtures started, even
    the shared root; the data stages' tasks ran on the head (the object-store rule).
 2. Pretraining with one worker on each node; the second node is killed mid-run, `status` says
    what the stage waits for, the node comes back, Ray Train restarts the group from the last
-   checkpoint (in S3), and the per-step losses equal the session's undisturbed tiny run bit for bit.
+   checkpoint (in S3), and the per-step losses equal an undisturbed run's bit for bit (both the
+   preset cut to 60 steps, `SHORT_PRETRAIN`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import Selection, make_plan
+from tests.conftest import SHORT_PRETRAIN
 from tests.raycluster import LocalCluster, wait_for
 from tests.s3server import S3Server, serving
 
@@ -150,15 +152,15 @@ def test_submit_runs_the_data_stages_as_a_job_and_status_reads_the_shared_root(c
 
 
 @pytest.mark.timeout(2400)  # may build the session's tiny pipeline first (~10 min on 2 cores)
-def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, tiny_run, tmp_path, monkeypatch):
-    _, _, ref_outcome = tiny_run
+def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretrain, tmp_path, monkeypatch):
+    _, _, ref_outcome = short_pretrain
     env = client_env(cluster, tmp_path)
     for k, v in s3.env().items():  # this process reads the bucket too
         monkeypatch.setenv(k, v)
     root = f"s3://{BUCKET}/multinode"
-    cfg = load_config(overrides=[f"run.root={root}"])
+    cfg = load_config(overrides=[f"run.root={root}", *SHORT_PRETRAIN])
     store = ArtifactStore(root, cfg.run.name, cache_dir=tmp_path / "cache-test")
-    ref_plan = {p.name: p for p in ref_outcome.plan}  # as the session's run made them
+    ref_plan = {p.name: p for p in ref_outcome.plan}  # as the uninterrupted run made them
     for stage in ("ingest", "tokenizer", "tokenize"):  # the same data: only pretraining runs
         store._remote.upload(Path(ref_plan[stage].path), Path(ref_plan[stage].path).name)
     plan = {p.name: p for p in make_plan(cfg, PIPELINE, store, Selection(until="pretrain"))}
@@ -181,7 +183,9 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, tiny_run, tm
         return found
 
     log = tmp_path / "run.log"
+    sets = [a for o in SHORT_PRETRAIN for a in ("--set", o)]
     cmd = ["run", "--until", "pretrain", "--root", root, "--wandb", "offline", "--address", cluster.address]
+    cmd += sets
     proc = subprocess.Popen(
         [sys.executable, "launch.py", *cmd], cwd=PROJECT_ROOT, env=env, stdout=open(log, "ab"),
         stderr=subprocess.STDOUT, start_new_session=True,
@@ -199,7 +203,7 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, tiny_run, tm
         waiting = wait_for(lambda: progress().get("waiting"), 120, "the waiting note", proc)
         t_noted = time.time()
         assert "waiting for resources" in waiting and "2 CPU (the cluster has 1)" in waiting
-        launch(["status", "--root", root], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120)
+        launch(["status", "--root", root, *sets], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120)
         shown = (tmp_path / "status.log").read_text()  # the table goes to stderr
         assert "partial (step" in shown and "pretrain: waiting for resources" in shown, shown
 

@@ -1,9 +1,10 @@
-"""Exact resume of pretraining: a worker killed mid-run, then the driver itself, against the
-session's uninterrupted tiny run (fp32 on CPU: bitwise equal losses, identical sample ids).
+"""Exact resume of pretraining: a worker killed mid-run, then the driver itself, against an
+uninterrupted run of the same settings (fp32 on CPU: bitwise equal losses, identical sample ids).
 
 The run goes through `python launch.py run --until pretrain` in a subprocess with its own Ray, so
-that the driver can be killed too. Its data stages' artifacts are copied from the session run
-(same fingerprints), so only pretraining runs.
+that the driver can be killed too. Its data stages' artifacts are copied from the reference run
+(same fingerprints), so only pretraining runs; both are the preset cut to 60 steps
+(`SHORT_PRETRAIN`), so that the test takes a third of the preset's pretraining time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
+from tests.conftest import SHORT_PRETRAIN
 from tests.pipeline_helpers import start_run, wait_for
 
 
@@ -35,11 +37,11 @@ def kill_leftovers(tmp: Path) -> None:
     subprocess.run(["pkill", "-9", "-f", str(tmp)], check=False)
 
 
-@pytest.mark.timeout(1500)
-def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
-    ref_root, ref_cfg, _ = tiny_run
+@pytest.mark.timeout(1500)  # may build the session's tiny pipeline first
+def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path):
+    ref_root, ref_cfg, _ = short_pretrain
     root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-resume-{os.getpid()}"), tmp_path / "run.log"
-    cfg = load_config(overrides=[f"run.root={root}"])
+    cfg = load_config(overrides=[f"run.root={root}", *SHORT_PRETRAIN])
     store = ArtifactStore(str(root), cfg.run.name)
     ref_plan = {
         p.name: p for p in make_plan(ref_cfg, PIPELINE, ArtifactStore(str(ref_root), ref_cfg.run.name))
@@ -50,11 +52,13 @@ def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
     assert [n for n, p in plan.items() if p.action == "run"] == ["pretrain", "sft", "reward", "ppo"]
     assert plan["pretrain"].fingerprint == ref_plan["pretrain"].fingerprint
     every = cfg.pretrain.checkpoint_every
-    kill_worker_at = random.choice([s for s in range(every + 5, 2 * every - 5)])
-    kill_driver_at = random.choice([s for s in range(2 * every + 5, 3 * every - 5)])
+    assert cfg.pretrain.steps == 3 * every
+    kill_worker_at = random.randint(every + 3, 2 * every - 5)
+    kill_driver_at = random.randint(2 * every + 3, 3 * every - 8)  # well before the end
     pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
+    args = ["--until", "pretrain", *(a for o in SHORT_PRETRAIN for a in ("--set", o))]
     try:
-        proc = start_run(root, ray_tmp, log, "--until", "pretrain")
+        proc = start_run(root, ray_tmp, log, *args)
         wait_for(
             lambda: progress(store, plan["pretrain"]) >= kill_worker_at, 600, f"step {kill_worker_at}", proc
         )
@@ -68,7 +72,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(tiny_run, tmp_path):
         kill_leftovers(ray_tmp)
         assert store.check("pretrain", plan["pretrain"].fingerprint)[0] is None  # no artifact yet
 
-        proc = start_run(root, ray_tmp, log, "--until", "pretrain")
+        proc = start_run(root, ray_tmp, log, *args)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
