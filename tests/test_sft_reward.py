@@ -324,44 +324,38 @@ def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, 
 # ---------------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("stage, kill", [("sft", "worker"), ("reward", "driver")])
-def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, stage, kill):
-    """Kill the stage's worker (Ray Train restarts the group) or the whole run (a re-run resumes)
-    after its first checkpoint; the finished stage logs the session run's losses (fp32, within 1e-5)
-    and the same sample ids at every step."""
+def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run, tmp_path):
+    """sft and reward side by side, as the preset runs them. reward's worker is killed after its first
+    checkpoint (Ray Train restarts the group), then the whole run after sft's first checkpoint (a
+    re-run resumes what is left). Each finished stage logs the session run's losses (fp32, within
+    1e-5), the same sample ids at every step, and one W&B run."""
     _, ref_cfg, _ = tiny_run
-    root, ray_tmp, log = (
-        tmp_path / "runs",
-        Path(f"/tmp/kiln-{stage}-resume-{os.getpid()}"),
-        tmp_path / "run.log",
-    )
+    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-sft-resume-{os.getpid()}"), tmp_path / "run.log"
     cfg = load_config(overrides=[f"run.root={root}"])
     copy_upstream(ref_cfg, cfg)
-    plan = plan_of(cfg)
+    plan, ref = plan_of(cfg), plan_of(ref_cfg)
     assert [n for n, p in plan.items() if p.action == "run"] == ["sft", "reward", "ppo"]
-    p, ref = plan[stage], plan_of(ref_cfg)[stage]
-    assert p.fingerprint == ref.fingerprint
+    assert all(plan[s].fingerprint == ref[s].fingerprint for s in ("sft", "reward"))
     store = ArtifactStore(str(root), cfg.run.name)
-    section = getattr(cfg, stage)
-    kill_at = section.checkpoint_every + 10
 
-    def step() -> int:
-        prog = store.progress(stage, p.work_key)
+    def step(stage) -> int:
+        prog = store.progress(stage, plan[stage].work_key)
         return prog["step"] if prog else 0
 
     proc = None
     try:
-        proc = start_run(root, ray_tmp, log, "--only", stage)
-        wait_for(lambda: step() >= kill_at, 900, f"{stage} step {kill_at}", proc)
-        if kill == "worker":
-            pid = int((store.work_dir(stage, p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
-            proc.wait(timeout=30)
-            subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
-            assert store.check(stage, p.fingerprint)[0] is None  # no artifact yet
-            proc = start_run(root, ray_tmp, log, "--only", stage)
+        proc = start_run(root, ray_tmp, log, "--only", "sft,reward")
+        kill_at = cfg.reward.checkpoint_every + 10
+        wait_for(lambda: step("reward") >= kill_at, 900, f"reward step {kill_at}", proc)
+        pids = store.work_dir("reward", plan["reward"].work_key) / "worker_pids"
+        os.kill(int((pids / "rank0").read_text().split()[0]), signal.SIGKILL)  # Ray Train restarts it
+        kill_at = cfg.sft.checkpoint_every + 10
+        wait_for(lambda: step("sft") >= kill_at, 900, f"sft step {kill_at}", proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
+        assert store.check("sft", plan["sft"].fingerprint)[0] is None  # no artifact yet
+        proc = start_run(root, ray_tmp, log, "--only", "sft,reward")
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc is not None and proc.poll() is None:
@@ -369,19 +363,21 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, tmp_path, st
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    got, want = rows(store.find(stage, p.fingerprint).path), rows(Path(ref.path))
-    got_train, want_train = [r for r in got if "loss" in r], [r for r in want if "loss" in r]
-    assert [r["step"] for r in got_train] == list(range(1, section.steps + 1))  # no step twice, none lost
-    assert [r["batch_crc"] for r in got_train] == [
-        r["batch_crc"] for r in want_train
-    ]  # same samples per step
-    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got_train, want_train, strict=True))
-    print(f"\n{stage} resumed after a killed {kill}: largest per-step loss difference {worst:.2e}")
-    assert worst <= 1e-5, worst
-    got_eval = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
-    want_eval = [(r["step"], r["val_loss"]) for r in want if "val_loss" in r]
-    assert [s for s, _ in got_eval] == [s for s, _ in want_eval]
-    assert max(abs(a - b) for (_, a), (_, b) in zip(got_eval, want_eval, strict=True)) <= 1e-5
-    run_id = manifest(store.find(stage, p.fingerprint).path)["wandb_run_id"]
+    for stage, at in (("reward", cfg.reward.checkpoint_every), ("sft", cfg.sft.checkpoint_every)):
+        said = (store.run_dir / "logs" / f"{stage}.log").read_text()
+        assert f"{stage}: resumed from its checkpoint at step {at}" in said, stage  # the kill took effect
+        section, got = getattr(cfg, stage), rows(store.find(stage, plan[stage].fingerprint).path)
+        want = rows(Path(ref[stage].path))
+        got_train, want_train = [r for r in got if "loss" in r], [r for r in want if "loss" in r]
+        assert [r["step"] for r in got_train] == list(range(1, section.steps + 1))  # no step twice, none lost
+        assert [r["batch_crc"] for r in got_train] == [r["batch_crc"] for r in want_train]  # same samples
+        worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got_train, want_train, strict=True))
+        print(f"\n{stage} resumed after the kills: largest per-step loss difference {worst:.2e}")
+        assert worst <= 1e-5, (stage, worst)
+        got_eval = [(r["step"], r["val_loss"]) for r in got if "val_loss" in r]
+        want_eval = [(r["step"], r["val_loss"]) for r in want if "val_loss" in r]
+        assert [s for s, _ in got_eval] == [s for s, _ in want_eval]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got_eval, want_eval, strict=True)) <= 1e-5
+    run_ids = {manifest(store.find(s, plan[s].fingerprint).path)["wandb_run_id"] for s in ("sft", "reward")}
     runs = {d.name.rsplit("-", 1)[1] for d in (store.run_dir / "wandb").glob("offline-run-*")}
-    assert runs == {run_id}  # one W&B run for the stage, continued after the kill
+    assert runs == run_ids and len(run_ids) == 2  # one W&B run per stage, continued after the kills
