@@ -66,6 +66,11 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def set_flags(overrides) -> list[str]:
+    """Config overrides ("key=value", ...) as `launch.py` flags: ["--set", "key=value", ...]."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
 def start_run(root: Path, ray_tmp: Path, log: Path, *selection: str) -> subprocess.Popen:
     """`launch.py run` as a user starts it (its own session, W&B offline, Ray's files under `ray_tmp`),
     with stage selection flags such as ("--only", "sft") or ("--until", "pretrain"); output to `log`."""

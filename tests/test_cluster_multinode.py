@@ -35,6 +35,7 @@ from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import Selection, make_plan
 from tests.conftest import SHORT_PRETRAIN
+from tests.pipeline_helpers import set_flags
 from tests.raycluster import LocalCluster, wait_for
 from tests.s3server import S3Server, serving
 
@@ -183,7 +184,7 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
         return found
 
     log = tmp_path / "run.log"
-    sets = [a for o in SHORT_PRETRAIN for a in ("--set", o)]
+    sets = set_flags(SHORT_PRETRAIN)
     cmd = ["run", "--until", "pretrain", "--root", root, "--wandb", "offline", "--address", cluster.address]
     cmd += sets
     proc = subprocess.Popen(

@@ -29,6 +29,7 @@ from tests.pipeline_helpers import (
     manifest,
     plan_of,
     rows,
+    set_flags,
     start_run,
     tensors,
     wait_for,
@@ -311,6 +312,7 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
     assert p.action == "run" and p.fingerprint == plan_of(ref_cfg)["ppo"].fingerprint
     store = ArtifactStore(str(root), cfg.run.name)
     kill_at = cfg.ppo.checkpoint_every + 1
+    rank0 = store.work_dir("ppo", p.work_key) / "worker_pids" / "rank0"  # "pid node" of the rank
 
     def step() -> int:
         prog = store.progress("ppo", p.work_key)
@@ -318,9 +320,9 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
 
     proc = None
     try:
-        proc = start_run(root, ray_tmp, log, "--only", "ppo", *(a for o in RESUME for a in ("--set", o)))
+        proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
         wait_for(lambda: step() >= kill_at, 900, f"ppo iteration {kill_at}", proc)
-        pid = int((store.work_dir("ppo", p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
+        pid = int(rank0.read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
@@ -329,8 +331,7 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    restarted = int((store.work_dir("ppo", p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
-    assert restarted != pid  # the group was restarted, not left to finish
+    assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
     path = store.find("ppo", p.fingerprint).path
     got, want = iterations(path), iterations(ref_path)
     assert [r["step"] for r in got] == list(range(1, cfg.ppo.iterations + 1))  # none twice, none lost

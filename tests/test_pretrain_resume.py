@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
 from tests.conftest import SHORT_PRETRAIN
-from tests.pipeline_helpers import start_run, wait_for
+from tests.pipeline_helpers import set_flags, start_run, wait_for
 
 
 def progress(store, p) -> int:
@@ -56,7 +56,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     kill_worker_at = random.randint(every + 3, 2 * every - 5)
     kill_driver_at = random.randint(2 * every + 3, 3 * every - 8)  # well before the end
     pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
-    args = ["--until", "pretrain", *(a for o in SHORT_PRETRAIN for a in ("--set", o))]
+    args = ["--until", "pretrain", *set_flags(SHORT_PRETRAIN)]
     try:
         proc = start_run(root, ray_tmp, log, *args)
         wait_for(
