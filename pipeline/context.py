@@ -4,7 +4,8 @@ A stage is `run(cfg, inputs, out, ctx) -> metrics`. Through `ctx` it can
     ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item)
     ctx.run_workers(train_fn, arg, scaling) run train_fn(arg, wctx) on a worker group (Ray Train)
     ctx.log(row) / ctx.progress(k, n)       metrics.jsonl + W&B / step k of n for `status`
-and inside a worker, `wctx.report(metrics, checkpoint_dir)` and `wctx.checkpoint()`.
+and inside a worker, `wctx.report(metrics, checkpoint_dir)` and `wctx.checkpoint()`, then
+`wctx.resumed_from(step)` or `wctx.started_fresh()` (metrics.jsonl is cut back accordingly).
 
 `LocalContext` does all of this in-process (tests call stages directly with it); the Ray versions
 live in pipeline/ray_context.py, so stage code never imports Ray.
@@ -83,6 +84,13 @@ class MetricsLog:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.path)
 
+    def clear(self) -> None:
+        """Drop every row: the stage starts over from step 0."""
+        if self.path.exists():
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("")
+            tmp.replace(self.path)
+
 
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):  # tensors and numpy scalars
@@ -154,6 +162,18 @@ class StageContext:
         self.metrics.truncate(step)
         self._checkpoint = step
 
+    def started_fresh(self) -> None:
+        """A worker group found no checkpoint and starts from step 0: rows an earlier attempt logged
+        (killed before its first checkpoint, or before Ray Train registered it) are dropped."""
+        dropped = len(self.metrics.rows())
+        if dropped:
+            self.logger.info(
+                "%s: no checkpoint to resume from: starting over (%d metric rows of an earlier attempt dropped)",
+                self.stage, dropped,
+            )  # fmt: skip
+        self.metrics.clear()
+        self._checkpoint = None
+
     def checkpointed(self) -> None:
         """Rank 0 saved a checkpoint at the step it last reported progress for. progress.json keeps
         that step, so that planning can refuse a budget lowered below it before anything starts."""
@@ -205,6 +225,11 @@ class WorkerContext:
         """Tell the stage which step a resume starts after (metrics after it are cut)."""
         raise NotImplementedError
 
+    def started_fresh(self) -> None:
+        """Tell the stage there was no checkpoint: it starts from step 0 (every metric row is cut).
+        A stage calls either this or `resumed_from` once, before it logs anything."""
+        raise NotImplementedError
+
     def progress(self, step: int, total: int, **extra) -> None:
         """Step k of n, shown by `status` and the progress display (rank 0 only). Call it before
         reporting the checkpoint of step k: that checkpoint is recorded as step k's."""
@@ -242,6 +267,10 @@ class EnvWorkerContext(WorkerContext):
         if self.rank == 0:
             self.metrics.truncate(step)
 
+    def started_fresh(self):
+        if self.rank == 0:
+            self.metrics.clear()
+
     def progress(self, step, total, **extra):
         pass
 
@@ -273,6 +302,9 @@ class LocalWorkerContext(WorkerContext):
 
     def resumed_from(self, step):
         self.stage_ctx.resumed(step)
+
+    def started_fresh(self):
+        self.stage_ctx.started_fresh()
 
     def progress(self, step, total, **extra):
         self.stage_ctx.progress(step, total, **extra)

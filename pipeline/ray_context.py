@@ -144,6 +144,8 @@ class RayStageContext(StageContext):
                 self.progress(*payload[0])
             elif kind == "resumed":
                 self.resumed(payload[0])
+            elif kind == "started_fresh":
+                self.started_fresh()
             elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
                 self.checkpointed()
                 self.mirror(force=True)
@@ -194,6 +196,10 @@ class RayWorkerContext(WorkerContext):
     def resumed_from(self, step):
         if self.rank == 0:
             self.queue.put(("resumed", step))
+
+    def started_fresh(self):
+        if self.rank == 0:
+            self.queue.put(("started_fresh",))
 
 
 @dataclass(frozen=True)

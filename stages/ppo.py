@@ -232,6 +232,7 @@ def train_worker(arg: dict, wctx) -> dict:
         last = state.get("last", {})  # the stage's headline, should no iteration be left
         wctx.resumed_from(it)
     else:
+        wctx.started_fresh()
         metrics, before = _evaluate(actor, tok, arg, p, wctx, synced)  # the SFT policy
         baseline = {"step": 0, **metrics}
         wctx.report(dict(baseline))

@@ -146,6 +146,8 @@ def train_worker(arg: dict, wctx) -> dict:
             T.load_rng(rng)
         step, tokens_seen, last = state["step"], state["tokens_seen"], state.get("last", {})
         wctx.resumed_from(step)
+    else:
+        wctx.started_fresh()
 
     stop = _PreemptionFlag()
     while step < total:

@@ -210,6 +210,7 @@ def resume_point(wctx, steps: int, key: str) -> tuple[str | None, dict]:
 
     ckpt = wctx.checkpoint()
     if ckpt is None:
+        wctx.started_fresh()
         return None, {}
     state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
     check_resumed(state["global_step"], steps, key, ckpt)

@@ -177,6 +177,34 @@ def test_a_checkpoint_is_recorded_at_the_step_of_its_progress_and_kept_on_resume
     assert (saved["step"], saved["total"], saved["checkpoint"]) == (3, 4, 2)
 
 
+def test_an_attempt_without_a_checkpoint_starts_over_and_drops_the_rows_before(tmp_path, caplog):
+    """A group killed before its first checkpoint (or before Ray Train registered it) restarts
+    from step 0: the rows the killed attempt logged go, so no step appears twice in the artifact."""
+    from pipeline.context import LocalContext, LocalWorkerContext
+
+    first = LocalWorkerContext(LocalContext("b", tmp_path / "work"))
+    first.started_fresh()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (1, 2, 3):
+        first.progress(step, 4)
+        first.report({"step": step, "loss": 1.0 / step}, checkpoint_dir=folder if step == 2 else None)
+    assert json.loads((tmp_path / "work" / "progress.json").read_text())["checkpoint"] == 2
+    shutil.rmtree(first.ckpt_root)  # a checkpoint reported, but not one the next attempt gets
+    ctx = LocalContext("b", tmp_path / "work")  # the next attempt finds no checkpoint
+    wctx = LocalWorkerContext(ctx)
+    assert wctx.checkpoint() is None
+    with caplog.at_level("INFO", logger="kiln.b"):
+        wctx.started_fresh()
+    assert "starting over (3 metric rows of an earlier attempt dropped)" in caplog.text
+    for step in (1, 2, 3, 4):
+        wctx.report({"step": step, "loss": 0.5 / step})
+    wctx.progress(4, 4)
+    assert [r["step"] for r in ctx.metrics.rows()] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ctx.metrics.rows()] == [0.5, 0.25, 0.5 / 3, 0.125]
+    assert "checkpoint" not in json.loads((tmp_path / "work" / "progress.json").read_text())  # planning
+
+
 def test_from_reruns_the_stage_and_its_downstream(done):
     _, cfg, store, before = done
     plan = plan_of(cfg, Selection(start="b"))

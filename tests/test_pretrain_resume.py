@@ -1,5 +1,5 @@
-"""Exact resume of pretraining: a worker killed mid-run, then the driver itself, against an
-uninterrupted run of the same settings (fp32 on CPU: bitwise equal losses, identical sample ids).
+"""Exact resume of pretraining: a worker killed before the first checkpoint, another after it, then
+the driver itself, against an uninterrupted run of the same settings (fp32 on CPU: bitwise equal losses, identical sample ids).
 
 The run goes through `python launch.py run --until pretrain` in a subprocess with its own Ray, so
 that the driver can be killed too. Its data stages' artifacts are copied from the reference run
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +54,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     assert plan["pretrain"].fingerprint == ref_plan["pretrain"].fingerprint
     every = cfg.pretrain.checkpoint_every
     assert cfg.pretrain.steps == 3 * every
+    kill_first_at = random.randint(3, every - 5)  # before any checkpoint: the group starts over
     kill_worker_at = random.randint(every + 3, 2 * every - 5)
     kill_driver_at = random.randint(2 * every + 3, 3 * every - 8)  # well before the end
     pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
@@ -60,9 +62,15 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     try:
         proc = start_run(root, ray_tmp, log, *args)
         wait_for(
+            lambda: progress(store, plan["pretrain"]) >= kill_first_at, 600, f"step {kill_first_at}", proc
+        )
+        first = int((pids / "rank1").read_text().split()[0])
+        os.kill(first, signal.SIGKILL)  # Ray Train restarts the group, from step 0
+        wait_for(
             lambda: progress(store, plan["pretrain"]) >= kill_worker_at, 600, f"step {kill_worker_at}", proc
         )
         victim = int((pids / "rank1").read_text().split()[0])
+        assert victim != first
         os.kill(victim, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
         wait_for(
             lambda: progress(store, plan["pretrain"]) >= kill_driver_at, 600, f"step {kill_driver_at}", proc
@@ -86,8 +94,11 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     assert [r["batch_crc"] for r in got] == [r["batch_crc"] for r in want]  # the same sequences per step
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # fp32: bit for bit
     assert [r.get("val_loss") for r in got] == [r.get("val_loss") for r in want]
-    text = log.read_text()
-    assert "pretrain" in text
+    said = store.log_path("pretrain").read_text()  # each kill took effect, the first before a checkpoint
+    (dropped,) = re.findall(r"starting over \((\d+) metric rows of an earlier attempt dropped\)", said)
+    assert kill_first_at - 1 <= int(dropped) < every
+    resumes = re.findall(r"resumed from its checkpoint at step (\d+)", said)
+    assert len(resumes) == 2 and {int(n) for n in resumes} <= {every, 2 * every}
 
 
 def _rows(path: Path) -> list[dict]:
