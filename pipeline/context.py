@@ -117,8 +117,9 @@ class StageContext:
         self.logger = logger or logging.getLogger(f"kiln.{stage}")
         self.store, self.work_key, self.inputs = store, work_key, dict(inputs or {})
         self._mirrored = 0.0
-        self._step, self._total = 0, 0  # the last progress reported
-        self._checkpoint = _saved_checkpoint(self.work_dir / "progress.json")
+        saved = _saved_progress(self.work_dir / "progress.json")  # an earlier attempt's, if any
+        self._step, self._total = 0, saved.get("total", 0)  # the last progress reported
+        self._checkpoint = saved.get("checkpoint")  # the step of the last checkpoint saved
 
     @property
     def shared_work(self) -> bool:
@@ -168,11 +169,13 @@ class StageContext:
         dropped = len(self.metrics.rows())
         if dropped:
             self.logger.info(
-                "%s: no checkpoint to resume from: starting over (%d metric rows of an earlier attempt dropped)",
-                self.stage, dropped,
+                "%s: no checkpoint to resume from: starting over "
+                "(%d metric rows of an earlier attempt dropped)", self.stage, dropped,
             )  # fmt: skip
-        self.metrics.clear()
-        self._checkpoint = None
+        self.metrics.clear()  # not truncate(0): that would keep rows logged at step 0
+        if dropped or self._checkpoint is not None:  # status and planning: step 0, no checkpoint
+            self._checkpoint = None
+            self.progress(0, self._total)
 
     def checkpointed(self) -> None:
         """Rank 0 saved a checkpoint at the step it last reported progress for. progress.json keeps
@@ -199,12 +202,12 @@ class StageContext:
 LocalContext = StageContext
 
 
-def _saved_checkpoint(progress: Path) -> int | None:
-    """The step of the last checkpoint an earlier attempt of the stage recorded, if any."""
+def _saved_progress(progress: Path) -> dict:
+    """What an earlier attempt of the stage last wrote to progress.json ({} if nothing)."""
     try:
-        return json.loads(progress.read_text()).get("checkpoint")
+        return json.loads(progress.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 class WorkerContext:

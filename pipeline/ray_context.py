@@ -142,10 +142,12 @@ class RayStageContext(StageContext):
                 self.log(payload[0])
             elif kind == "progress":
                 self.progress(*payload[0])
-            elif kind == "resumed":
+            elif kind == "resumed":  # metrics.jsonl was cut back: the shared copy too
                 self.resumed(payload[0])
+                self.mirror(force=True)
             elif kind == "started_fresh":
                 self.started_fresh()
+                self.mirror(force=True)
             elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
                 self.checkpointed()
                 self.mirror(force=True)

@@ -205,7 +205,8 @@ def check_deepspeed(trainer, zero_stage: int) -> None:
 
 
 def resume_point(wctx, steps: int, key: str) -> tuple[str | None, dict]:
-    """(checkpoint folder to resume from or None, the kiln_state.json saved with it)."""
+    """(checkpoint folder to resume from or None, the kiln_state.json saved with it). Tells `wctx`
+    which: `resumed_from(step)` or `started_fresh()`."""
     from stages.training import check_resumed
 
     ckpt = wctx.checkpoint()

@@ -197,12 +197,14 @@ def test_an_attempt_without_a_checkpoint_starts_over_and_drops_the_rows_before(t
     with caplog.at_level("INFO", logger="kiln.b"):
         wctx.started_fresh()
     assert "starting over (3 metric rows of an earlier attempt dropped)" in caplog.text
+    progress = json.loads((tmp_path / "work" / "progress.json").read_text())
+    assert (progress["step"], progress["total"]) == (0, 4) and "checkpoint" not in progress  # planning
+    assert ctx.metrics.rows() == []
     for step in (1, 2, 3, 4):
         wctx.report({"step": step, "loss": 0.5 / step})
     wctx.progress(4, 4)
     assert [r["step"] for r in ctx.metrics.rows()] == [1, 2, 3, 4]
     assert [r["loss"] for r in ctx.metrics.rows()] == [0.5, 0.25, 0.5 / 3, 0.125]
-    assert "checkpoint" not in json.loads((tmp_path / "work" / "progress.json").read_text())  # planning
 
 
 def test_from_reruns_the_stage_and_its_downstream(done):
