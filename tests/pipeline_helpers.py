@@ -66,6 +66,29 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def registered_step(work_dir: Path) -> int:
+    """The step of the newest checkpoint Ray Train has registered for a stage's worker group: what
+    the group resumes from if a worker dies now (0: none yet). Ray Train registers a reported
+    checkpoint when its controller next polls the workers, a few seconds later; a worker killed
+    before that restarts the group from the checkpoint before. Read from the snapshot Ray Train keeps
+    beside the checkpoints; the step from each checkpoint's trainer_state.json."""
+    newest = 0
+    for snapshot in Path(work_dir).glob("ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            names = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+        for name in names:
+            try:
+                state = json.loads((snapshot.parent / name / "trainer_state.json").read_text())
+            except (OSError, ValueError):  # deleted since (keep_last)
+                continue
+            # the step's name in trainer_state.json: pretrain's, ppo's, TRL's (sft, reward); TRL
+            # reports its checkpoints without metrics, so the snapshot's own cannot say
+            newest = max(newest, state.get("step", state.get("iteration", state.get("global_step", 0))))
+    return newest
+
+
 def set_flags(overrides) -> list[str]:
     """Config overrides ("key=value", ...) as `launch.py` flags: ["--set", "key=value", ...]."""
     return [a for o in overrides for a in ("--set", o)]

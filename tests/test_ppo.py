@@ -28,7 +28,9 @@ from tests.pipeline_helpers import (
     copy_upstream,
     manifest,
     plan_of,
+    registered_step,
     rows,
+    set_flags,
     start_run,
     tensors,
     wait_for,
@@ -293,27 +295,37 @@ def test_raising_iterations_continues_from_the_last_checkpoint(tiny_run, tmp_pat
     assert b[2]["kl_coef"] == pytest.approx(ctl.value, rel=1e-9) and ctl.value != cfg.ppo.kl_coef
 
 
-def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp_path):
-    """Kill rank 0 after the first checkpoint: Ray Train restarts the group from it, and every
-    iteration's metrics equal the session run's (fp32, within 1e-5), on the same prompts."""
-    _, ref_cfg, _ = tiny_run
-    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-ppo-resume-{os.getpid()}"), tmp_path / "run.log"
-    cfg = load_config(overrides=[f"run.root={root}"])
-    copy_upstream(ref_cfg, cfg, (*UPSTREAM, "sft", "reward"))
-    p, ref = plan_of(cfg)["ppo"], plan_of(ref_cfg)["ppo"]
-    assert p.action == "run" and p.fingerprint == ref.fingerprint
-    store = ArtifactStore(str(root), cfg.run.name)
-    kill_at = cfg.ppo.checkpoint_every + 2
+RESUME = (
+    "ppo.iterations=8", "ppo.checkpoint_every=3", "ppo.eval_every=4", "ppo.rollout_batch_size=32",
+    "ppo.mini_batch_size=32", "ppo.micro_batch_size=16", "ppo.task_eval_size=64", "ppo.task_samples=2",
+)  # fmt: skip
+"""The preset's ppo (2 workers) made small for the resume test: checkpoints at 3, 6 and 8, the task
+evaluation kept."""
 
-    def step() -> int:
+
+def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp_path):
+    """Kill rank 0 once Ray Train holds the first checkpoint: it restarts the group from there, and
+    every iteration's metrics equal an uninterrupted run's (fp32, within 1e-5), on the same prompts."""
+    ref_cfg, ref_path = _short_run(tiny_run, tmp_path / "reference", *RESUME, keep_preset=True)
+    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-ppo-resume-{os.getpid()}"), tmp_path / "run.log"
+    cfg = load_config(overrides=[f"run.root={root}", *RESUME])
+    copy_upstream(ref_cfg, cfg, (*UPSTREAM, "sft", "reward"))
+    p = plan_of(cfg)["ppo"]
+    assert p.action == "run" and p.fingerprint == plan_of(ref_cfg)["ppo"].fingerprint
+    store = ArtifactStore(str(root), cfg.run.name)
+    every, work = cfg.ppo.checkpoint_every, store.work_dir("ppo", p.work_key)
+    rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
+
+    def held() -> bool:  # past the first checkpoint, and Ray Train holds it
         prog = store.progress("ppo", p.work_key)
-        return prog["step"] if prog else 0
+        return (prog["step"] if prog else 0) > every and registered_step(work) >= every
 
     proc = None
     try:
-        proc = start_run(root, ray_tmp, log, "--only", "ppo")
-        wait_for(lambda: step() >= kill_at, 900, f"ppo iteration {kill_at}", proc)
-        pid = int((store.work_dir("ppo", p.work_key) / "worker_pids" / "rank0").read_text().split()[0])
+        proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
+        wait_for(held, 900, f"ppo's checkpoint at iteration {every}", proc)
+        pid = int(rank0.read_text().split()[0])
+        assert registered_step(work) == every  # not yet the next one
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
@@ -322,12 +334,16 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    got, want = iterations(store.find("ppo", p.fingerprint).path), iterations(Path(ref.path))
+    assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
+    assert f"ppo: resumed from its checkpoint at step {every}" in store.log_path("ppo").read_text()
+    path = store.find("ppo", p.fingerprint).path
+    got, want = iterations(path), iterations(ref_path)
     assert [r["step"] for r in got] == list(range(1, cfg.ppo.iterations + 1))  # none twice, none lost
     assert [r["prompt_crc"] for r in got] == [r["prompt_crc"] for r in want]
     keys = ("score", "kl", "kl_coef", "policy_loss", "value_loss", "entropy", "response_length")
     worst = max(abs(a[k] - b[k]) for a, b in zip(got, want, strict=True) for k in keys)
     print(f"\nppo resumed after a killed worker: largest per-iteration metric difference {worst:.2e}")
     assert worst <= 1e-5, worst
-    final = manifest(store.find("ppo", p.fingerprint).path)["metrics"]
-    assert abs(final["task_accuracy"] - manifest(Path(ref.path))["metrics"]["task_accuracy"]) <= 1e-9
+    final, ref_final = manifest(path)["metrics"], manifest(ref_path)["metrics"]
+    for key in ("task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost"):
+        assert final[key] == ref_final[key], key

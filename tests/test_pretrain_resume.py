@@ -1,5 +1,6 @@
-"""Exact resume of pretraining: a worker killed before the first checkpoint, another after it, then
-the driver itself, against an uninterrupted run of the same settings (fp32 on CPU: bitwise equal losses, identical sample ids).
+"""Exact resume of pretraining: a worker killed before the first checkpoint, another after it,
+then the driver itself, against an uninterrupted run of the same settings (fp32 on CPU: bitwise
+equal losses, identical sample ids).
 
 The run goes through `python launch.py run --until pretrain` in a subprocess with its own Ray, so
 that the driver can be killed too. Its data stages' artifacts are copied from the reference run
@@ -25,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
 from tests.conftest import SHORT_PRETRAIN
-from tests.pipeline_helpers import set_flags, start_run, wait_for
+from tests.pipeline_helpers import registered_step, set_flags, start_run, wait_for
 
 
 def progress(store, p) -> int:
@@ -57,7 +58,12 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     kill_first_at = random.randint(3, every - 5)  # before any checkpoint: the group starts over
     kill_worker_at = random.randint(every + 3, 2 * every - 5)
     kill_driver_at = random.randint(2 * every + 3, 3 * every - 8)  # well before the end
-    pids = store.work_dir("pretrain", plan["pretrain"].work_key) / "worker_pids"
+    work = store.work_dir("pretrain", plan["pretrain"].work_key)
+    pids = work / "worker_pids"
+
+    def at(step: int, checkpoint: int) -> bool:  # past `step`, with Ray Train holding `checkpoint`
+        return progress(store, plan["pretrain"]) >= step and registered_step(work) >= checkpoint
+
     args = ["--until", "pretrain", *set_flags(SHORT_PRETRAIN)]
     try:
         proc = start_run(root, ray_tmp, log, *args)
@@ -66,15 +72,12 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
         )
         first = int((pids / "rank1").read_text().split()[0])
         os.kill(first, signal.SIGKILL)  # Ray Train restarts the group, from step 0
-        wait_for(
-            lambda: progress(store, plan["pretrain"]) >= kill_worker_at, 600, f"step {kill_worker_at}", proc
-        )
-        victim = int((pids / "rank1").read_text().split()[0])
-        assert victim != first
+        wait_for(lambda: at(kill_worker_at, every), 600, f"step {kill_worker_at}", proc)
+        victim, held = int((pids / "rank1").read_text().split()[0]), registered_step(work)
+        assert victim != first and held == every, (victim, first, held)
         os.kill(victim, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
-        wait_for(
-            lambda: progress(store, plan["pretrain"]) >= kill_driver_at, 600, f"step {kill_driver_at}", proc
-        )
+        wait_for(lambda: at(kill_driver_at, 2 * every), 600, f"step {kill_driver_at}", proc)
+        assert registered_step(work) == 2 * every
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)
         kill_leftovers(ray_tmp)
@@ -98,7 +101,7 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     (dropped,) = re.findall(r"starting over \((\d+) metric rows of an earlier attempt dropped\)", said)
     assert kill_first_at - 1 <= int(dropped) < every
     resumes = re.findall(r"resumed from its checkpoint at step (\d+)", said)
-    assert len(resumes) == 2 and {int(n) for n in resumes} <= {every, 2 * every}
+    assert resumes == [str(every), str(2 * every)]
 
 
 def _rows(path: Path) -> list[dict]:

@@ -28,6 +28,7 @@ from tests.pipeline_helpers import (
     copy_upstream,
     manifest,
     plan_of,
+    registered_step,
     rows,
     start_run,
     tensors,
@@ -338,19 +339,19 @@ def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run,
     assert all(plan[s].fingerprint == ref[s].fingerprint for s in ("sft", "reward"))
     store = ArtifactStore(str(root), cfg.run.name)
 
-    def step(stage) -> int:
+    def past_first_checkpoint(stage) -> bool:  # 10 steps past it, and Ray Train holds it
+        work, every = store.work_dir(stage, plan[stage].work_key), getattr(cfg, stage).checkpoint_every
         prog = store.progress(stage, plan[stage].work_key)
-        return prog["step"] if prog else 0
+        return (prog["step"] if prog else 0) >= every + 10 and registered_step(work) >= every
 
     proc = None
     try:
         proc = start_run(root, ray_tmp, log, "--only", "sft,reward")
-        kill_at = cfg.reward.checkpoint_every + 10
-        wait_for(lambda: step("reward") >= kill_at, 900, f"reward step {kill_at}", proc)
+        wait_for(lambda: past_first_checkpoint("reward"), 900, "reward's first checkpoint", proc)
         pids = store.work_dir("reward", plan["reward"].work_key) / "worker_pids"
+        assert registered_step(pids.parent) == cfg.reward.checkpoint_every  # not yet the next one
         os.kill(int((pids / "rank0").read_text().split()[0]), signal.SIGKILL)  # Ray Train restarts it
-        kill_at = cfg.sft.checkpoint_every + 10
-        wait_for(lambda: step("sft") >= kill_at, 900, f"sft step {kill_at}", proc)
+        wait_for(lambda: past_first_checkpoint("sft"), 900, "sft's first checkpoint", proc)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)
         subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
