@@ -27,23 +27,33 @@ S3_ATTEMPTS = 10
 """Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""
 
 
+def s3_filesystem(uri: str):
+    """pyarrow's S3 filesystem for an s3:// root. A store under load can stall a request past the
+    SDK's 3-second low-speed limit (seen with a local S3 server on 2 busy cores), so requests are
+    retried with backoff S3_ATTEMPTS times, not pyarrow's 3. At `AWS_ENDPOINT_URL` (an S3-compatible
+    server) when it is set; else at AWS, in the bucket's own region, as `FileSystem.from_uri` finds it."""
+    from pyarrow import fs
+
+    retry = fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        return fs.S3FileSystem(region=fs.resolve_s3_region(bucket), retry_strategy=retry)
+    scheme, _, host = endpoint.partition("://")
+    return fs.S3FileSystem(
+        endpoint_override=host or scheme, scheme=scheme if host else "https",
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        allow_bucket_creation=True, retry_strategy=retry,
+    )  # fmt: skip
+
+
 class RemoteRoot:
     def __init__(self, uri: str):
         from pyarrow import fs
 
         self.uri_root = uri.rstrip("/")
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        if uri.startswith("s3://") and endpoint:
-            scheme, _, host = endpoint.partition("://")
-            self.fs = fs.S3FileSystem(
-                endpoint_override=host or scheme, scheme=scheme if host else "https",
-                region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                allow_bucket_creation=True,
-                # A store under load can stall a request past the SDK's 3-second low-speed limit (seen
-                # with a local S3 server on 2 busy cores): retry, with backoff, more than the default 3 times.
-                retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
-            )  # fmt: skip
-            self.base = uri.removeprefix("s3://").rstrip("/")
+        if uri.startswith("s3://"):
+            self.fs, self.base = s3_filesystem(uri), uri.removeprefix("s3://").rstrip("/")
         else:
             self.fs, self.base = fs.FileSystem.from_uri(uri)
             self.base = self.base.rstrip("/")

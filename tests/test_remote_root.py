@@ -258,3 +258,33 @@ def test_tasks_that_cannot_run_beside_their_driver_fail_clearly(s3env, tmp_path)
     result = _run_in_subprocess(s3env, tmp_path, overrides, only=("a", "b"))
     err = result["errors"]["b"]
     assert "object store" in err and "each task needs 64" in err and "shared filesystem" in err
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:9000"])
+def test_an_s3_root_retries_requests_at_aws_as_at_a_compatible_server(endpoint, monkeypatch):
+    """AWS itself (no AWS_ENDPOINT_URL; not reachable here, so only the configuration is checked)
+    and an S3-compatible server both retry a request S3_ATTEMPTS times, not pyarrow's 3; at AWS the
+    root is in the bucket's own region, as `FileSystem.from_uri` would find it."""
+    from pyarrow import fs
+
+    from pipeline.remote import S3_ATTEMPTS, RemoteRoot
+
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    else:
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    made, real, looked_up = [], fs.S3FileSystem, []
+    monkeypatch.setattr(fs, "S3FileSystem", lambda **kw: made.append(kw) or real(**kw))
+    monkeypatch.setattr(fs, "resolve_s3_region", lambda bucket: looked_up.append(bucket) or "eu-west-1")
+    root = RemoteRoot("s3://kiln-runs/team/")
+    assert root.base == "kiln-runs/team" and root.uri("tiny") == "s3://kiln-runs/team/tiny"
+    ((options,),) = [tuple(made)]
+    assert options["retry_strategy"].max_attempts == S3_ATTEMPTS > 3
+    if endpoint:
+        assert (options["endpoint_override"], options["scheme"]) == ("127.0.0.1:9000", "http")
+        assert root.fs.region == "us-east-1" and looked_up == []
+    else:
+        assert "endpoint_override" not in options
+        assert root.fs.region == "eu-west-1" and looked_up == ["kiln-runs"]
