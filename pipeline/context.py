@@ -79,17 +79,17 @@ class MetricsLog:
 
     def truncate(self, last_step: int) -> None:
         """Drop rows after `last_step` (the checkpoint resumed from), so no step appears twice."""
-        keep = [r for r in self.rows() if r.get("step", -1) <= last_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        self._rewrite([r for r in self.rows() if r.get("step", -1) <= last_step])
 
     def clear(self) -> None:
         """Drop every row: the stage starts over from step 0."""
         if self.path.exists():
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("")
-            tmp.replace(self.path)
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(self.path)
 
 
 def _plain(v: Any) -> Any:
