@@ -89,6 +89,14 @@ def registered_step(work_dir: Path) -> int:
     return newest
 
 
+def reached(store: ArtifactStore, p, step: int, checkpoint: int = 0) -> bool:
+    """Stage `p` (a plan entry) has reported step `step`, and Ray Train holds its checkpoint at
+    `checkpoint` or later: the moment a kill test may strike."""
+    prog = store.progress(p.name, p.work_key)
+    work = store.work_dir(p.name, p.work_key)
+    return (prog["step"] if prog else 0) >= step and (not checkpoint or registered_step(work) >= checkpoint)
+
+
 def set_flags(overrides) -> list[str]:
     """Config overrides ("key=value", ...) as `launch.py` flags: ["--set", "key=value", ...]."""
     return [a for o in overrides for a in ("--set", o)]

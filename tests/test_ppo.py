@@ -28,6 +28,7 @@ from tests.pipeline_helpers import (
     copy_upstream,
     manifest,
     plan_of,
+    reached,
     registered_step,
     rows,
     set_flags,
@@ -316,14 +317,12 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
     every, work = cfg.ppo.checkpoint_every, store.work_dir("ppo", p.work_key)
     rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
 
-    def held() -> bool:  # past the first checkpoint, and Ray Train holds it
-        prog = store.progress("ppo", p.work_key)
-        return (prog["step"] if prog else 0) > every and registered_step(work) >= every
-
     proc = None
     try:
         proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
-        wait_for(held, 900, f"ppo's checkpoint at iteration {every}", proc)
+        wait_for(
+            lambda: reached(store, p, every + 1, every), 900, f"ppo's checkpoint at iteration {every}", proc
+        )
         pid = int(rank0.read_text().split()[0])
         assert registered_step(work) == every  # not yet the next one
         os.kill(pid, signal.SIGKILL)

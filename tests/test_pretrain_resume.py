@@ -26,12 +26,7 @@ from pipeline.config import load_config
 from pipeline.dag import PIPELINE
 from pipeline.plan import make_plan
 from tests.conftest import SHORT_PRETRAIN
-from tests.pipeline_helpers import registered_step, set_flags, start_run, wait_for
-
-
-def progress(store, p) -> int:
-    prog = store.progress("pretrain", p.work_key)
-    return prog["step"] if prog else 0
+from tests.pipeline_helpers import reached, registered_step, set_flags, start_run, wait_for
 
 
 def kill_leftovers(tmp: Path) -> None:
@@ -58,25 +53,20 @@ def test_killed_worker_and_killed_driver_resume_exactly(short_pretrain, tmp_path
     kill_first_at = random.randint(3, every - 5)  # before any checkpoint: the group starts over
     kill_worker_at = random.randint(every + 3, 2 * every - 5)
     kill_driver_at = random.randint(2 * every + 3, 3 * every - 8)  # well before the end
-    work = store.work_dir("pretrain", plan["pretrain"].work_key)
+    pre = plan["pretrain"]
+    work = store.work_dir("pretrain", pre.work_key)
     pids = work / "worker_pids"
-
-    def at(step: int, checkpoint: int) -> bool:  # past `step`, with Ray Train holding `checkpoint`
-        return progress(store, plan["pretrain"]) >= step and registered_step(work) >= checkpoint
-
     args = ["--until", "pretrain", *set_flags(SHORT_PRETRAIN)]
     try:
         proc = start_run(root, ray_tmp, log, *args)
-        wait_for(
-            lambda: progress(store, plan["pretrain"]) >= kill_first_at, 600, f"step {kill_first_at}", proc
-        )
+        wait_for(lambda: reached(store, pre, kill_first_at), 600, f"step {kill_first_at}", proc)
         first = int((pids / "rank1").read_text().split()[0])
         os.kill(first, signal.SIGKILL)  # Ray Train restarts the group, from step 0
-        wait_for(lambda: at(kill_worker_at, every), 600, f"step {kill_worker_at}", proc)
+        wait_for(lambda: reached(store, pre, kill_worker_at, every), 600, f"step {kill_worker_at}", proc)
         victim, held = int((pids / "rank1").read_text().split()[0]), registered_step(work)
         assert victim != first and held == every, (victim, first, held)
         os.kill(victim, signal.SIGKILL)  # Ray Train restarts the group from the last checkpoint
-        wait_for(lambda: at(kill_driver_at, 2 * every), 600, f"step {kill_driver_at}", proc)
+        wait_for(lambda: reached(store, pre, kill_driver_at, 2 * every), 600, f"step {kill_driver_at}", proc)
         assert registered_step(work) == 2 * every
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
         proc.wait(timeout=30)

@@ -280,7 +280,7 @@ def test_an_s3_root_retries_requests_at_aws_as_at_a_compatible_server(endpoint, 
     monkeypatch.setattr(fs, "resolve_s3_region", lambda bucket: looked_up.append(bucket) or "eu-west-1")
     root = RemoteRoot("s3://kiln-runs/team/")
     assert root.base == "kiln-runs/team" and root.uri("tiny") == "s3://kiln-runs/team/tiny"
-    ((options,),) = [tuple(made)]
+    (options,) = made
     assert options["retry_strategy"].max_attempts == S3_ATTEMPTS > 3
     if endpoint:
         assert (options["endpoint_override"], options["scheme"]) == ("127.0.0.1:9000", "http")

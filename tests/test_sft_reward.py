@@ -28,6 +28,7 @@ from tests.pipeline_helpers import (
     copy_upstream,
     manifest,
     plan_of,
+    reached,
     registered_step,
     rows,
     start_run,
@@ -340,9 +341,8 @@ def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run,
     store = ArtifactStore(str(root), cfg.run.name)
 
     def past_first_checkpoint(stage) -> bool:  # 10 steps past it, and Ray Train holds it
-        work, every = store.work_dir(stage, plan[stage].work_key), getattr(cfg, stage).checkpoint_every
-        prog = store.progress(stage, plan[stage].work_key)
-        return (prog["step"] if prog else 0) >= every + 10 and registered_step(work) >= every
+        every = getattr(cfg, stage).checkpoint_every
+        return reached(store, plan[stage], every + 10, every)
 
     proc = None
     try:
