@@ -55,8 +55,7 @@ def load(schema: type, path: str | Path | None = None, overrides: list[str] = ()
             continue
         _set_dotted(raw, key.strip(), _parse_scalar(value), errors)
     cfg = _build(schema, raw, "", errors)
-    if not errors:
-        errors.extend(_check_tree(cfg, ""))
+    errors.extend(_check_tree(cfg, "", tuple(errors)))
     if errors:
         if overrides:
             source += " with --set " + " ".join(overrides)
@@ -258,13 +257,17 @@ def _name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_tree(cfg: Any, path: str) -> list[str]:
-    """Run each section's `check()` (cross-field rules), children first."""
+def _check_tree(cfg: Any, path: str, build_errors: tuple[str, ...]) -> list[str]:
+    """Run each section's `check()` (cross-field and range rules), children first, so that they are
+    reported together with the build errors; but not in a section with a build error in it (an unknown
+    key, a bad value, in it or in a section inside it): its check() would judge the default that
+    stands in for the user's value and report nonsense. Errors start with their key path, which tells
+    whose they are."""
+    if not dataclasses.is_dataclass(cfg):
+        return []  # a section that could not be built at all
     errors = []
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            errors.extend(_check_tree(value, f"{path}{f.name}."))
-    if hasattr(cfg, "check"):
+        errors.extend(_check_tree(getattr(cfg, f.name), f"{path}{f.name}.", build_errors))
+    if hasattr(cfg, "check") and not any(e.startswith(path) for e in build_errors):
         errors.extend(f"{path}{msg}" for msg in cfg.check())
     return errors

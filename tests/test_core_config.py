@@ -222,3 +222,51 @@ def test_cli_rejects_bad_set_before_running(tmp_path):
     assert not (tmp_path / "tmp").exists()
     assert not (tmp_path / "runs").exists()
     assert "Traceback" not in out
+
+
+def test_unknown_keys_type_errors_and_range_errors_are_reported_in_one_pass():
+    errors = problems("pretrain.lr=abc", "ppo.kl_coef=-1", "sft.nope=3")
+    assert len(errors) == 3, errors
+    assert "expected a number, got 'abc'" in one(errors, "pretrain.lr")
+    assert "must be >= 0" in one(errors, "ppo.kl_coef")
+    assert "unknown key" in one(errors, "sft.nope")
+
+
+def test_a_section_with_a_bad_value_of_its_own_gets_no_range_error_judged_on_a_default():
+    """min_chars=x falls back to its default 64, which max_chars=10 breaks: that is not the user's
+    mistake, so only the type error is reported; other sections are still checked."""
+    errors = problems("ingest.min_chars=x", "ingest.max_chars=10", "tokenize.seq_len=4")
+    assert len(errors) == 2, errors
+    assert "expected an integer, got 'x'" in one(errors, "ingest.min_chars")
+    assert "must be >= 8" in one(errors, "tokenize.seq_len")
+    errors = problems("ingest.min_chrs=100", "ingest.max_chars=80")  # a typo is a problem of its own too
+    assert len(errors) == 1 and "did you mean 'ingest.min_chars'?" in one(errors, "ingest.min_chrs")
+
+
+@pytest.mark.timeout(120)
+def test_cli_dry_run_reports_every_kind_of_config_problem_at_once(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "launch.py"),
+            "run",
+            "--dry-run",
+            "--set",
+            "pretrain.lr=abc",
+            "--set",
+            "ppo.kl_coef=-1",
+            "--set",
+            "sft.nope=3",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2, out
+    assert "3 problem(s)" in out
+    assert "pretrain.lr: expected a number, got 'abc'" in out
+    assert "ppo.kl_coef: must be >= 0" in out
+    assert "sft.nope: unknown key" in out
+    assert "Traceback" not in out
