@@ -2,13 +2,16 @@
 
     python launch.py                                   # run configs/tiny.yaml on a local Ray instance
     python launch.py run configs/tiny.yaml --set pretrain.steps=400 --until pretrain
-    python launch.py run --dry-run                     # resolved config, DAG, why each stage runs
-    python launch.py status --json                     # complete / partial (step k of n) / missing
+    python launch.py run --dry-run [--json]            # resolved config, DAG, why each stage runs
+    python launch.py run --rebuild-changed             # also rebuild stages whose code changed since
+    python launch.py status [--json | --wide]          # complete / partial (step k of n) / damaged / missing
     python launch.py submit --address http://HEAD:8265 --root s3://bucket/kiln   # as a Ray job
     python launch.py export pretrain out/ --format llama
     python launch.py generate sft --prompt "Hello"
 
-Exit code 0 only when every selected stage is complete.
+Plans, tables and JSON go to stdout; progress, logs and warnings to stderr. Exit codes: 0 when every
+selected stage is complete (for `--dry-run`: a valid plan), 1 when one is not (failed, partial,
+damaged, missing), 2 for usage and config errors.
 """
 
 from __future__ import annotations
@@ -55,11 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
     run.add_argument("--wandb", choices=["online", "offline", "disabled"], help="W&B mode (run.wandb)")
     run.add_argument("--dry-run", action="store_true", help="print config, DAG and what would run; exit")
+    run.add_argument("--json", action="store_true", help="with --dry-run: the plan as a JSON list on stdout")
+    run.add_argument(
+        "--rebuild-changed", action="store_true",
+        help="rebuild complete stages whose code changed since they were built (and their downstream)",
+    )  # fmt: skip
     run.set_defaults(func=cmd_run)
 
-    status = sub.add_parser("status", help="state of each stage: complete / partial / missing")
+    status = sub.add_parser("status", help="state of each stage: complete / partial / damaged / missing")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable list of stages")
+    status.add_argument("--wide", action="store_true", help="every metric and the full artifact path")
     status.add_argument("--verify", action="store_true", help="also check every file's sha256")
     status.set_defaults(func=cmd_status)
 
@@ -111,7 +120,8 @@ def _selection(args):
     from pipeline.plan import Selection
 
     only = tuple(s.strip() for s in args.only.split(",") if s.strip()) if args.only else ()
-    return Selection(only=only, start=args.start, until=args.until)
+    rebuild = getattr(args, "rebuild_changed", False)
+    return Selection(only=only, start=args.start, until=args.until, rebuild_changed=rebuild)
 
 
 def cmd_run(args, console) -> int:
@@ -123,14 +133,22 @@ def cmd_run(args, console) -> int:
 
     cfg = _load(args)
     sel = _selection(args)
+    if args.json and not args.dry_run:
+        console.print("[red]error:[/red] --json goes with --dry-run (or use `status --json`)")
+        return 2
     if args.dry_run:
-        return _dry_run(cfg, sel, console)
+        return _dry_run(cfg, sel, args.json)
     outcome = run_pipeline(cfg, PIPELINE, sel, address=args.address, display=Display(console))
     store = ArtifactStore(cfg.run.root, cfg.run.name)
     plan = make_plan(cfg, PIPELINE, store, sel) if outcome.results else outcome.plan
     headline = {s.name: s.headline for s in PIPELINE.stages}
-    console.print(summary_table(outcome.plan, outcome, headline))
-    if store.run_dir.is_dir():
+    _stdout().print(
+        summary_table(outcome.plan, outcome, headline, f"{cfg.run.root.rstrip('/')}/{cfg.run.name}")
+    )
+    _print_notes(console, {p.name: p.notes for p in plan})
+    if any(p.code_changed for p in plan):
+        console.print("kept as built; `run --rebuild-changed` rebuilds them, `--from STAGE` one on purpose")
+    if (outcome.results or outcome.errors) and store.run_dir.is_dir():  # nothing ran: nothing to redraw
         from pipeline.report import write_report
 
         report = write_report(store.run_dir, plan, f"kiln run {cfg.run.name}")
@@ -141,18 +159,45 @@ def cmd_run(args, console) -> int:
     return 0 if outcome.ok and all(p.state == "complete" for p in selected) else 1
 
 
-def _dry_run(cfg, sel, console) -> int:
-    import yaml
-    from rich.table import Table
+def _print_notes(console, notes: dict[str, list[str]]) -> None:
+    """One line per note, naming the stages it applies to."""
+    by_note: dict[str, list[str]] = {}
+    for name, texts in notes.items():
+        for text in texts:
+            by_note.setdefault(text, []).append(name)
+    for text, names in by_note.items():
+        console.print(f"[yellow]note:[/yellow] {', '.join(names)}: {text}", highlight=False)
 
+
+def _stdout():
+    from rich.console import Console
+
+    return Console()
+
+
+def _dry_run(cfg, sel, as_json: bool) -> int:
     from pipeline.artifacts import ArtifactStore
-    from pipeline.config import to_dict
     from pipeline.dag import PIPELINE
     from pipeline.plan import make_plan
 
-    console.print("[bold]resolved config[/bold]")
-    console.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False)
     plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), sel)
+    ok = not any(p.problems for p in plan if p.action == "run")
+    if as_json:
+        rows = [
+            {"stage": p.name, "state": p.state, "action": p.action, "reason": p.reason, "notes": p.notes,
+             "fingerprint": p.fingerprint, "problems": p.problems}
+            for p in plan
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0 if ok else 2
+    import yaml
+    from rich.table import Table
+
+    from pipeline.config import to_dict
+
+    out = _stdout()
+    out.print("[bold]resolved config[/bold]")
+    out.print(yaml.safe_dump(to_dict(cfg), sort_keys=False), highlight=False)
     table = Table(title="DAG")
     for col in ("stage", "inputs", "state", "action", "why", "resources"):
         table.add_column(col, overflow="fold")
@@ -162,9 +207,10 @@ def _dry_run(cfg, sel, console) -> int:
         res = scaling.total() if scaling else stage.driver_resources(cfg)
         if scaling:
             res = f"{scaling.num_workers} workers: {res}"
-        table.add_row(p.name, ", ".join(p.inputs), p.state, p.action, p.reason, str(res))
-    console.print(table)
-    return 0
+        why = "\n".join([p.reason, *(f"note: {n}" for n in p.notes)]).strip()
+        table.add_row(p.name, ", ".join(p.inputs), p.state, p.action, why, str(res))
+    out.print(table)
+    return 0 if ok else 2
 
 
 def cmd_submit(args, console) -> int:
@@ -193,27 +239,43 @@ def cmd_status(args, console) -> int:
     cfg = _load(args)
     plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), deep=args.verify)
     rows = status_rows(plan)
+    selected = [p for p in plan if p.action != "unselected"]
+    code = 0 if all(p.state == "complete" for p in selected) else 1
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return code
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"kiln status: {cfg.run.root.rstrip('/')}/{cfg.run.name}")
-    for col in ("stage", "state", "fingerprint", "metrics", "path"):
+    headline = {s.name: s.headline for s in PIPELINE.stages}
+    table = Table(title=f"kiln status: {cfg.run.root.rstrip('/')}/{cfg.run.name}", box=box.SIMPLE_HEAD)
+    for col in ("stage", "state", "time", "metrics" if args.wide else "headline", "artifact"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        state = r["state"]
-        prog = r["progress"] or {}
+        state, prog = r["state"], r["progress"] or {}
         if "step" in prog:
             state += f" (step {prog['step']} of {prog.get('total')})"
         if prog.get("waiting"):  # e.g. a worker group that lost a node, until it has room again
             state += f"; {prog['waiting']}"
-        metrics = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items()
+        shown = (
+            r["metrics"]
+            if args.wide
+            else {k: r["metrics"][k] for k in [headline[r["stage"]]] if k in r["metrics"]}
         )
-        table.add_row(r["stage"], state, r["fingerprint"], metrics, r["path"])
-    console.print(table)
-    return 0
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        seconds = f"{r['seconds']:.0f}s" if r["seconds"] is not None else ""
+        where = r["path"] if args.wide else r["fingerprint"]
+        table.add_row(r["stage"], state, seconds, metrics, where)
+    out = _stdout()
+    out.print(table)
+    for r in rows:
+        if r["damaged"]:
+            out.print(
+                f"{r['stage']}: damaged: {r['damaged']['file']} {r['damaged']['reason']}", highlight=False
+            )
+        for note in r["notes"]:
+            out.print(f"{r['stage']}: note: {note}", highlight=False)
+    return code
 
 
 def _model_artifact(args, console):

@@ -50,6 +50,22 @@ class ArtifactError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why an artifact is not complete. `damaged`: its manifest exists but does not hold (a file
+    missing, of another size or sha256, or the manifest unreadable); otherwise it was never finished."""
+
+    reason: str
+    file: str | None = None
+    damaged: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.file} {self.reason}" if self.file else self.reason
+
+
+NO_ARTIFACT = Problem("no artifact")
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,16 +106,20 @@ def describe_files(folder: Path) -> dict[str, dict]:
     return files
 
 
-def verify_files(folder: Path, files: dict[str, dict], deep: bool) -> str | None:
+def verify_files(folder: Path, files: dict[str, dict], deep: bool) -> Problem | None:
     """None if every listed file is there with its size (and sha256 when deep); else what is wrong."""
     for rel, meta in files.items():
         p = folder / rel
         if not p.is_file():
-            return f"{p} is missing"
+            return Problem("is missing", str(p), damaged=True)
         if p.stat().st_size != meta["size"]:
-            return f"{p} has {p.stat().st_size} bytes, manifest says {meta['size']}"
+            return Problem(
+                f"has {p.stat().st_size} bytes, manifest says {meta['size']}", str(p), damaged=True
+            )
         if deep and sha256_file(p) != meta["sha256"]:
-            return f"{p} does not match its sha256 in the manifest (modified or corrupt)"
+            return Problem(
+                "does not match its sha256 in the manifest (modified or corrupt)", str(p), damaged=True
+            )
     return None
 
 
@@ -234,19 +254,19 @@ class ArtifactStore:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def check(self, stage: str, fp: str, deep: bool = False) -> tuple[dict | None, str | None]:
-        """(manifest, None) when complete; (None, reason) otherwise. Sizes always, sha256 when deep."""
+    def check(self, stage: str, fp: str, deep: bool = False) -> tuple[dict | None, Problem | None]:
+        """(manifest, None) when complete; (None, problem) otherwise. Sizes always, sha256 when deep."""
         if self.remote:
             return self._remote.check(self.name(stage, fp), deep)
         folder = self.run_dir / self.name(stage, fp)
         if not folder.is_dir():
-            return None, "no artifact"
+            return None, NO_ARTIFACT
         try:
             manifest = read_json(folder / MANIFEST)
         except FileNotFoundError:
-            return None, f"{folder / MANIFEST} is missing (the stage did not finish)"
+            return None, Problem("is missing (the stage did not finish)", str(folder / MANIFEST))
         except ValueError:
-            return None, f"{folder / MANIFEST} is not valid JSON"
+            return None, Problem("is not valid JSON", str(folder / MANIFEST), damaged=True)
         problem = verify_files(folder, manifest.get("files", {}), deep)
         return (None, problem) if problem else (manifest, None)
 
@@ -295,6 +315,37 @@ class ArtifactStore:
             shutil.rmtree(trash, ignore_errors=True)
         staging.rename(final)
         return Artifact(stage, fp, final, manifest)
+
+    def rename_artifact(self, stage: str, old_fp: str, new_fp: str, manifest: dict) -> None:
+        """Move a complete artifact to another fingerprint, its rewritten manifest last (a legacy
+        artifact adopted under its new identity; pipeline/legacy.py)."""
+        old, new = self.name(stage, old_fp), self.name(stage, new_fp)
+        if self.remote:
+            self._remote.move_tree(old, new, keep_last=MANIFEST)
+            self._remote.write_bytes(
+                f"{new}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode()
+            )
+            return
+        final = self.run_dir / new
+        if final.exists():  # an unfinished folder of the same name: never complete, never read
+            shutil.rmtree(final)
+        (self.run_dir / old).rename(final)
+        write_json_atomic(final / MANIFEST, manifest)
+
+    def rename_work(self, stage: str, old_key: str, new_key: str) -> None:
+        """Move a stage's work dir (checkpoints, progress) to another key, if it has one there."""
+        old, new = self._work_rel(stage, old_key), self._work_rel(stage, new_key)
+        if self.remote:
+            self._remote.move_tree(old, new)
+        src, dst = self.work_dir(stage, old_key), self.work_dir(stage, new_key)
+        if src.is_dir() and not dst.exists():
+            src.rename(dst)
+
+    def remove_work(self, stage: str, work_key: str) -> None:
+        """Delete a stage's working state (a rebuild starts over, not from its checkpoints)."""
+        if self.remote:
+            self._remote.delete_tree(self._work_rel(stage, work_key))
+        shutil.rmtree(self.work_dir(stage, work_key), ignore_errors=True)
 
     def clean_stale(self) -> None:
         """Remove staging/trash folders left by a crash (never complete, never read)."""

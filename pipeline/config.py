@@ -5,12 +5,18 @@
     cfg.pretrain.lr
 
 Every field has its docstring right below it (`python launch.py run --help-config` lists them).
-Two kinds of keys are treated specially by the artifact store:
-- `NOT_IN_FINGERPRINT`: bookkeeping that does not change what a stage produces (where to write,
-  how often to checkpoint). Changing them re-runs nothing.
+Three kinds of keys are treated specially by the artifact store:
+- `PLACEMENT_KEYS`: how and where a stage runs, not what it makes (workers, CPUs and GPUs per worker,
+  micro-batch with the global batch fixed, ZeRO stage, offload, checkpoint cadence, where to write
+  and report). They are in neither the artifact's fingerprint nor the work dir's key: changing them
+  re-runs nothing, and a partial stage continues under the new placement.
+- `CHECKPOINT_LAYOUT`: the placement keys an in-stage checkpoint is tied to (today: the world size
+  and the ZeRO stage). A partial stage whose checkpoint was written under other values is refused
+  when the run is planned, naming the keys (pipeline/plan.py).
 - `BUDGET_KEYS`: how long to train, not what to train. They are part of the artifact's fingerprint
   (training longer gives a new model, and its downstream re-runs) but not of the stage's work dir,
-  so raising `pretrain.steps` after a finished run continues from its last checkpoint. Cross-field rules live in each section's `check()`; all problems are reported at once.
+  so raising `pretrain.steps` after a finished run continues from its last checkpoint.
+Cross-field rules live in each section's `check()`; all problems are reported at once.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 @frozen
 class RunConfig:
     # Stages that read `run` depend on its seed only.
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         "name",
         "root",
         "wandb",
@@ -63,6 +69,8 @@ class RunConfig:
 
 @frozen
 class IngestConfig:
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("num_cpus",)
+
     sources: tuple[str, ...] = ("data_prep/sample/pile_sample.jsonl.zst",)
     """Input shards: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz), relative to the working directory
     or the project; or `hf:NAME[:SPLIT]` for a `datasets` hub dataset (needs a network)."""
@@ -101,6 +109,8 @@ class IngestConfig:
 
 @frozen
 class TokenizerConfig:
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("num_cpus",)
+
     path: str | None = None
     """An existing Hugging Face tokenizer folder to use instead of training one."""
     vocab_size: int = 4096
@@ -124,6 +134,8 @@ class TokenizerConfig:
 
 @frozen
 class TokenizeConfig:
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("partitions", "num_cpus")
+
     seq_len: int = 256
     """Tokens the model sees per sequence; each packed window holds seq_len + 1 tokens (inputs + shifted labels)."""
     val_fraction: float = 0.02
@@ -211,7 +223,14 @@ class ModelConfig:
 @frozen
 class PretrainConfig:
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_last", "max_failures")
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
+        "num_workers", "gpus_per_worker", "cpus_per_worker", "micro_batch_size", "zero_stage",
+        "offload_optimizer", "offload_params", "activation_checkpointing",
+        "checkpoint_every", "keep_last", "max_failures",
+    )  # fmt: skip
+    # DeepSpeed saves one shard per rank, laid out by ZeRO stage: such a checkpoint loads only under
+    # the same world size and stage.
+    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
 
     steps: int = 200
     """Optimizer steps to train for (a budget: raising it continues a finished run)."""
@@ -302,7 +321,11 @@ class WorkerGroupConfig:
     """What every post-training stage (sft, reward, ppo) sets the same way: its workers, DeepSpeed,
     the optimizer and its schedule, evaluation and checkpoint cadence."""
 
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("checkpoint_every", "keep_last", "max_failures")
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
+        "num_workers", "gpus_per_worker", "cpus_per_worker", "zero_stage", "activation_checkpointing",
+        "checkpoint_every", "keep_last", "max_failures",
+    )  # fmt: skip
+    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
 
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
@@ -351,7 +374,11 @@ class TrlStageConfig(WorkerGroupConfig):
     """The TRL trainer stages (sft, reward): their data, batch and LoRA."""
 
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.NOT_IN_FINGERPRINT, "max_errors")
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
+        *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors",
+    )  # fmt: skip
+    # accelerate's saved data position counts each rank's micro-batches
+    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.CHECKPOINT_LAYOUT, "micro_batch_size")
 
     data: tuple[str, ...] = ()
     """Training records: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz) or `hf:NAME[:SPLIT]` in TRL's
@@ -439,7 +466,9 @@ class PpoConfig(WorkerGroupConfig):
     """PPO with a KL penalty (stages/ppo.py): the policy from sft, the reward (and value) model from reward."""
 
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("iterations",)
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.NOT_IN_FINGERPRINT, "max_errors")
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
+        *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors",
+    )  # fmt: skip
 
     prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
     """Prompts to sample responses for: paths or globs or `hf:NAME[:SPLIT]`, {"prompt": str | messages}
@@ -578,8 +607,12 @@ def section_dict(cfg, sections: tuple[str, ...]) -> dict:
     return {name: to_dict(getattr(cfg, name)) for name in sections}
 
 
-def unfingerprinted_keys(cfg, section: str) -> tuple[str, ...]:
-    return getattr(type(getattr(cfg, section)), "NOT_IN_FINGERPRINT", ())
+def placement_keys(cfg, section: str) -> tuple[str, ...]:
+    return getattr(type(getattr(cfg, section)), "PLACEMENT_KEYS", ())
+
+
+def checkpoint_layout_keys(cfg, section: str) -> tuple[str, ...]:
+    return getattr(type(getattr(cfg, section)), "CHECKPOINT_LAYOUT", ())
 
 
 def budget_keys(cfg, section: str) -> tuple[str, ...]:

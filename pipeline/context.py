@@ -107,7 +107,7 @@ class StageContext:
 
     def __init__(
         self, stage: str, work_dir: Path, tracker=None, logger: logging.Logger | None = None,
-        store=None, work_key: str | None = None, inputs: dict[str, str] | None = None,
+        store=None, work_key: str | None = None, inputs: dict[str, str] | None = None, layout: dict | None = None,
     ):  # fmt: skip
         self.stage = stage
         self.work_dir = Path(work_dir)
@@ -116,6 +116,7 @@ class StageContext:
         self.metrics = MetricsLog(self.work_dir / "metrics.jsonl", tracker)
         self.logger = logger or logging.getLogger(f"kiln.{stage}")
         self.store, self.work_key, self.inputs = store, work_key, dict(inputs or {})
+        self.layout = dict(layout or {})  # the placement a checkpoint is tied to, recorded beside it
         self._mirrored = 0.0
         saved = _saved_progress(self.work_dir / "progress.json")  # an earlier attempt's, if any
         self._step, self._total = 0, saved.get("total", 0)  # the last progress reported
@@ -185,7 +186,9 @@ class StageContext:
 
     def progress(self, step: int, total: int, **extra) -> None:
         self._step, self._total = step, total
-        saved = {"checkpoint": self._checkpoint} if self._checkpoint is not None else {}
+        saved = {}
+        if self._checkpoint is not None:  # planning refuses a resume under another layout
+            saved = {"checkpoint": self._checkpoint, "layout": self.layout}
         write_json_atomic(
             self.work_dir / "progress.json",
             {"step": step, "total": total, "time": time.time(), **saved, **extra},

@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.context import Scaling
+from pipeline.fingerprint import stage_version
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Stage:
     inputs: tuple[str, ...] | Callable = ()
     """Upstream stage names, or a function of the config returning them (an edge moved by config)."""
     sections: tuple[str, ...] = ()
-    """Config sections the stage reads: they, minus budget keys, go into its fingerprint."""
+    """Config sections the stage reads: they, minus placement keys, go into its fingerprint."""
     resources: Callable | None = None
     """cfg -> {"CPU": n, ...} for the stage's own driver task (default: 1 CPU)."""
     workers: Callable | None = None
@@ -39,6 +40,11 @@ class Stage:
     @property
     def module(self) -> str:
         return self.fn.partition(":")[0]
+
+    @property
+    def version(self) -> int:
+        """The `VERSION` its module declares: part of its fingerprint (pipeline/fingerprint.py)."""
+        return stage_version(self.module)
 
     def input_names(self, cfg) -> tuple[str, ...]:
         return tuple(self.inputs(cfg)) if callable(self.inputs) else self.inputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -58,6 +59,11 @@ class Display:
             if not self.quiet:
                 self.console.print(f"[red]{name} {state}:[/red] {detail}", highlight=False)
 
+    def note(self, text: str) -> None:
+        """A line worth knowing that changes nothing (an artifact adopted, a stage's code edited)."""
+        if not self.quiet:
+            self.console.print(f"[yellow]note:[/yellow] {text}", highlight=False)
+
     def interrupted(self) -> None:
         self.console.print(
             "[yellow]Interrupted: running stages were stopped. No artifact was half-written; "
@@ -68,9 +74,10 @@ class Display:
         self.progress.stop()
 
 
-def summary_table(plan, outcome, headline: dict[str, str]) -> Table:
-    table = Table(title="kiln run", show_lines=False)
-    for col in ("stage", "state", "wall time", "headline", "artifact"):
+def summary_table(plan, outcome, headline: dict[str, str], run_dir: str = "") -> Table:
+    """One row per stage; the artifact is `<run_dir>/<stage>-<fingerprint>` (its fingerprint shown)."""
+    table = Table(title=f"kiln run: {run_dir}" if run_dir else "kiln run", box=box.SIMPLE_HEAD)
+    for col in ("stage", "state", "time", "headline", "artifact"):
         table.add_column(col, overflow="fold")
     for p in plan:
         if p.action == "unselected" and p.state != "complete":
@@ -95,5 +102,5 @@ def summary_table(plan, outcome, headline: dict[str, str]) -> Table:
             if isinstance(value, float)
             else (f"{key}={value}" if value is not None else "")
         )
-        table.add_row(p.name, state, f"{seconds:.1f}s" if seconds is not None else "", shown, p.path)
+        table.add_row(p.name, state, f"{seconds:.1f}s" if seconds is not None else "", shown, p.fingerprint)
     return table

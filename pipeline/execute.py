@@ -46,7 +46,11 @@ class StageJob:
     run_name: str
     wandb_mode: str
     wandb_project: str
-    code_version: str
+    version: int  # the stage's declared VERSION
+    code_version: str  # its code, recorded (not keyed): one hash, and file by file
+    code_files: dict[str, str]
+    layout: dict  # the placement its checkpoints are tied to (progress.json records it with them)
+    fresh: bool = False  # a rebuild: remove the work dir's checkpoints first
     inputs_verified: bool = False  # the planner already checked the inputs' sha256
 
 
@@ -64,6 +68,9 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             raise ArtifactError(f"{stage} needs the {name} artifact ({fp}), which is not usable: {why}")
         inputs[name] = art
     work_dir = store.work_dir(stage, job.work_key)
+    if job.fresh:
+        logger.info("stage %s is rebuilt: its earlier work dir %s is removed", stage, work_dir)
+        store.remove_work(stage, job.work_key)
     store.restore_work(stage, job.work_key)  # a shared root's copy: the stage may have run elsewhere
     tracker = Tracker.start(
         stage=stage,
@@ -77,8 +84,9 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
         wandb_dir=store.run_dir,
     )
     ctx = make_context(
-        stage, work_dir, tracker=tracker, logger=logger, store=store, work_key=job.work_key, inputs=job.inputs
-    )
+        stage, work_dir, tracker=tracker, logger=logger, store=store, work_key=job.work_key, inputs=job.inputs,
+        layout=job.layout,
+    )  # fmt: skip
     staging = store.staging(stage, job.fingerprint)
     logger.info("stage %s (%s) starting; inputs %s", stage, job.fingerprint, job.inputs)
     try:
@@ -88,7 +96,9 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             "config": job.config,
             "inputs": job.inputs,
             "metrics": metrics,
+            "version": job.version,
             "code_version": job.code_version,
+            "code_files": job.code_files,
             "versions": library_versions(),
             "git_commit": git_commit(),
             "hardware": hardware(),

@@ -1,9 +1,14 @@
-"""Fingerprints: what decides whether a stage's artifact can be reused.
+"""Fingerprints: what decides whether a stage's artifact can be reused, and what its code was.
 
-fingerprint = hash(stage name, the config sections it reads minus budget keys, its inputs'
-fingerprints, its code version). The code version hashes the source of the stage module and of
-every project module it imports, found by reading `import` statements (no module is imported here,
-so planning a run costs milliseconds, not the seconds `import torch` takes).
+    fingerprint = hash(stage name, the config sections it reads minus placement keys,
+                       its inputs' fingerprints, the stage's declared VERSION)
+
+The code is not part of it: a comment in a shared module must not throw away days of pretraining.
+Whoever changes what a stage produces bumps `VERSION = N` at the top of the stage's module (README,
+"Changing a stage"). The code is still recorded: `code_files` hashes the stage module and every
+project module it imports, found by reading `import` statements; the manifest keeps it, and planning
+names the files that changed since an artifact was built. Nothing here imports a stage module, so
+planning a run costs milliseconds, not the seconds `import torch` takes.
 """
 
 from __future__ import annotations
@@ -11,28 +16,71 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import re
+import tomllib
 from functools import cache
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("pipeline", "stages", "data_prep")
 
 
 def digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def stage_fingerprint(stage: str, config: dict, inputs: dict[str, str], code: str) -> str:
-    return digest({"stage": stage, "config": config, "inputs": inputs, "code": code})[:16]
+def stage_fingerprint(stage: str, config: dict, inputs: dict[str, str], version: int) -> str:
+    return digest({"stage": stage, "config": config, "inputs": inputs, "version": version})[:16]
+
+
+@cache
+def project_packages() -> tuple[str, ...]:
+    """The project's top-level packages, as pyproject.toml lists them for packaging: one list, so a
+    new package is hashed as soon as it is shipped."""
+    with open(PROJECT_ROOT / "pyproject.toml", "rb") as f:
+        include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
+    return tuple(sorted({pattern.rstrip("*").rstrip(".") for pattern in include}))
+
+
+def stage_version(module: str) -> int:
+    """The `VERSION = N` a stage module declares at its top level (read, not imported)."""
+    path = _module_file(module)
+    if path is None:
+        raise ValueError(f"stage module {module} not found under {PROJECT_ROOT}")
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["VERSION"]
+            and isinstance(node.value, ast.Constant)
+            and type(node.value.value) is int
+        ):
+            return node.value.value
+    raise ValueError(
+        f"{path.relative_to(PROJECT_ROOT)}: a stage module declares `VERSION = <int>` at its top level "
+        "(bump it when what the stage produces changes)"
+    )
+
+
+def code_files(module: str) -> dict[str, str]:
+    """{project-relative path: sha256[:16]} of `module` and every project module it imports."""
+    out = {}
+    for name in project_imports(module):
+        path = _module_file(name)
+        out[path.relative_to(PROJECT_ROOT).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return dict(sorted(out.items()))
 
 
 def code_version(module: str) -> str:
-    """Hash of `module`'s source and of every project module it imports, transitively."""
+    """One hash of `module`'s source and of every project module it imports, transitively."""
     h = hashlib.sha256()
     for name in sorted(project_imports(module)):
         path = _module_file(name)
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def changed_files(built: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Files whose hash differs between two `code_files` records (added and removed ones too)."""
+    return sorted(f for f in built.keys() | now.keys() if built.get(f) != now.get(f))
 
 
 @cache
@@ -49,22 +97,34 @@ def project_imports(module: str) -> frozenset[str]:
     return frozenset(seen)
 
 
+_IMPORT = re.compile(
+    r"^[ \t]*(?:from[ \t]+(\.*[\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n#;]*)|import[ \t]+([^\n#;]*))", re.M
+)
+"""Import statements, at any depth (in-function imports too), read as text: a regular expression
+finds them in milliseconds where walking the syntax tree of every module took most of a second.
+An import that only appears in a docstring counts too, which makes the record more cautious, not less."""
+
+
 def _direct_imports(module: str) -> list[str]:
     path = _module_file(module)
-    tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.extend(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            found.append(base)
-            found.extend(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
-    return [m for m in found if m.split(".")[0] in PROJECT_PACKAGES]
+    for m in _IMPORT.finditer(path.read_text()):
+        base, names, plain = m.groups()
+        if plain is not None:
+            found.extend(n.split()[0] for n in plain.split(",") if n.strip())
+            continue
+        if base.startswith("."):  # relative import
+            level = len(base) - len(base.lstrip("."))
+            parts = package.split(".")
+            rest = base[level:]
+            base = ".".join(parts[: len(parts) - level + 1] + ([rest] if rest else []))
+        found.append(base)
+        for n in re.sub(r"#[^\n]*", "", names).strip("() \n").split(","):
+            if n.split():
+                found.append(f"{base}.{n.split()[0]}")  # `from pkg import module`
+    packages = project_packages()
+    return [m for m in found if m.split(".")[0] in packages]
 
 
 @cache

@@ -1,20 +1,25 @@
 """Planning a run: each stage's fingerprint, its state, and why it will (or will not) run.
 
     plan = make_plan(cfg, dag, store, Selection(until="pretrain"))
-    for p in plan: print(p.name, p.state, p.action, p.reason)
+    for p in plan: print(p.name, p.state, p.action, p.reason, p.notes)
 
-Planning reads configs, source files and manifests only: no Ray, no torch, so a run with nothing
-to do and `status` answer in well under a second.
+A stage's identity is its name, its config minus placement keys, its inputs' fingerprints and its
+declared VERSION (pipeline/fingerprint.py). Its code is recorded, not keyed: a complete artifact
+whose code changed since it was built is kept and noted, and rebuilt only on request
+(`Selection(rebuild_changed=True)`, `--from`). Planning reads configs, source files and manifests
+only: no Ray, no torch, so a run with nothing to do and `status` answer in well under a second.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
+from pipeline import legacy
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import budget_keys, section_dict, unfingerprinted_keys
+from pipeline.config import budget_keys, checkpoint_layout_keys, placement_keys, section_dict
 from pipeline.dag import DAG
-from pipeline.fingerprint import code_version, stage_fingerprint
+from pipeline.fingerprint import changed_files, code_files, code_version, stage_fingerprint
 
 
 class PlanError(ValueError):
@@ -24,31 +29,42 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Selection:
     only: tuple[str, ...] = ()
-    start: str | None = None  # --from: re-run this stage and everything downstream
+    start: str | None = None  # --from: rebuild this stage and everything downstream
     until: str | None = None
+    rebuild_changed: bool = False  # --rebuild-changed: rebuild complete stages whose code changed
 
 
 @dataclass
 class PlannedStage:
     name: str
-    fingerprint: str  # names the artifact: config (budget included), inputs, code
+    fingerprint: str  # names the artifact: config (budget included, placement not), inputs, version
     work_key: str  # names the work dir: the same without budget keys, so a longer run continues
-    config: dict  # the sections the stage reads, budget keys included
-    code: str
+    config: dict  # the sections the stage reads, budget and placement keys included
+    version: int  # the VERSION its module declares
+    code: str  # one hash of its code (the stage module and the project modules it imports)
+    code_files: dict[str, str]  # that code, file by file (path -> sha256[:16])
     inputs: dict[str, str]
-    state: str  # complete | partial | missing
+    state: str  # complete | partial | damaged | missing
     action: str = "skip"  # run | skip | unselected
     reason: str = ""
+    notes: list[str] = field(default_factory=list)  # worth knowing, changes nothing (code edited since)
     manifest: dict | None = None
     progress: dict | None = None
     path: str = ""
+    damage: dict | None = None  # state damaged: {"file", "reason"}
     problems: list[str] = field(default_factory=list)  # why it cannot run as configured (see check_runnable)
+    fresh: bool = False  # a rebuild: the stage starts over (its checkpoints are removed first)
+    adopt: legacy.Adoption | None = None  # built before stage versions: taken over under this identity
+
+    @property
+    def code_changed(self) -> bool:
+        return any(n.startswith("code changed") for n in self.notes)
 
 
 def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
-    """(config the stage reads, the part of it that decides reuse: budget keys removed)."""
+    """(config the stage reads, the part of it that decides reuse: placement keys removed)."""
     full = section_dict(cfg, stage.sections)
-    keyed = {s: _drop(d, unfingerprinted_keys(cfg, s)) for s, d in full.items()}
+    keyed = {s: _drop(d, placement_keys(cfg, s)) for s, d in full.items()}
     if stage.extra_fingerprint is not None:
         keyed["_extra"] = stage.extra_fingerprint(cfg)
     return full, keyed
@@ -64,10 +80,10 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         if name is not None and name not in dag.by_name:
             raise PlanError(f"unknown stage {name!r}; stages are: {', '.join(order)}")
     selected = set(sel.only) if sel.only else set(order)
-    forced: set[str] = set()
+    forced: dict[str, str] = {}  # stage -> why it is rebuilt
     if sel.start:
-        forced = dag.downstream(cfg, sel.start)
-        selected &= forced
+        forced = dict.fromkeys(dag.downstream(cfg, sel.start), f"--from {sel.start}")
+        selected &= set(forced)
     if sel.until:
         selected &= dag.upstream(cfg, sel.until) | {sel.until}
 
@@ -76,33 +92,24 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         stage = dag[name]
         full, keyed = fingerprinted_config(cfg, stage)
         inputs = {dep: plan[dep].fingerprint for dep in stage.input_names(cfg)}
-        code = code_version(stage.module)
-        fp = stage_fingerprint(name, keyed, inputs, code)
+        try:
+            version = stage.version
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        fp = stage_fingerprint(name, keyed, inputs, version)
         unbudgeted = {s: _drop(d, budget_keys(cfg, s)) if s != "_extra" else d for s, d in keyed.items()}
-        work_key = stage_fingerprint(name, unbudgeted, inputs, code)
-        manifest, problem = store.check(name, fp, deep=deep)
-        state = "complete" if manifest else "missing"
-        p = PlannedStage(name, fp, work_key, full, code, inputs, state, manifest=manifest)
-        p.path = store.artifact_uri(name, fp)
-        if manifest is None:
-            p.progress = store.progress(name, work_key)
-            if p.progress:
-                p.state = "partial"
-        will_run = {d for d, q in plan.items() if q.action == "run"}
-        if name not in selected:
-            p.action = "unselected"
-        elif name in forced:
-            p.action, p.reason = "run", f"--from {sel.start}"
-        elif manifest is not None:
-            p.action, p.reason = "skip", "complete"
-        else:
-            p.action = "run"
-            p.reason = _why(store, p, problem, will_run & set(inputs), keyed)
-        if p.action == "run":
-            _verify_inputs(store, plan, p)
-            p.problems += _below_checkpoint(cfg, store, p)
-            if p.problems:
-                p.reason = "cannot run: " + "; ".join(p.problems)
+        work_key = stage_fingerprint(name, unbudgeted, inputs, version)
+        files = code_files(stage.module)
+        p = PlannedStage(
+            name, fp, work_key, full, version, code_version(stage.module), files, inputs, "missing"
+        )
+        _set_state(store, p, deep, partial(legacy.find, cfg, stage, store, p, plan))
+        if p.state == "complete":
+            p.notes += _code_notes(p)
+        if sel.rebuild_changed and p.code_changed and name in selected:
+            for s in dag.downstream(cfg, name):
+                forced.setdefault(s, f"code changed, rebuilt (--rebuild-changed): {name}")
+        _decide(cfg, store, sel, selected, forced, plan, p, keyed)
         plan[name] = p
 
     # a selected stage needs its inputs either complete or produced in this run
@@ -119,11 +126,90 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
     return [plan[n] for n in order]
 
 
+def _set_state(store, p: PlannedStage, deep: bool, find_legacy) -> None:
+    """complete (or adoptable, which counts as complete) / damaged / partial / missing."""
+    manifest, problem = store.check(p.name, p.fingerprint, deep=deep)
+    p.path = store.artifact_uri(p.name, p.fingerprint)
+    if manifest is not None:
+        p.state, p.manifest = "complete", manifest
+        return
+    if problem.damaged:
+        p.state, p.damage = "damaged", {"file": problem.file, "reason": problem.reason}
+        return
+    adoption = find_legacy()
+    if adoption is not None:
+        p.state, p.manifest, p.adopt = "complete", adoption.manifest, adoption
+        p.path = store.artifact_uri(p.name, adoption.old_fingerprint)
+        p.notes.append(
+            f"built before stage versions as {p.name}-{adoption.old_fingerprint}: "
+            f"`run` adopts it as {p.name}-{p.fingerprint} without recomputing"
+        )
+        return
+    p.progress = store.progress(p.name, p.work_key)
+    if p.progress:
+        p.state = "partial"
+
+
+def _decide(cfg, store, sel, selected, forced, plan, p: PlannedStage, keyed) -> None:
+    """The stage's action and the reason for it."""
+    will_run = {d for d, q in plan.items() if q.action == "run"}
+    if p.name not in selected:
+        p.action = "unselected"
+    elif p.name in forced:
+        p.action, p.reason = "run", forced[p.name]
+        if p.state == "complete":
+            p.fresh = True
+            p.reason += " (starts over: its checkpoints are removed)"
+    elif p.state == "complete":
+        p.action, p.reason = "skip", "complete"
+    else:
+        p.action = "run"
+        p.reason = _why(store, p, will_run & set(p.inputs), keyed)
+    if p.action == "run":
+        _verify_inputs(store, plan, p)
+        if not p.fresh:
+            p.problems += _below_checkpoint(cfg, store, p) + _other_layout(cfg, store, p)
+        if p.problems:
+            p.reason = "cannot run: " + "; ".join(p.problems)
+
+
 def check_runnable(plan: list[PlannedStage]) -> None:
     """Raise PlanError, naming the config keys, if a stage to run cannot be run as configured."""
     problems = [msg for p in plan if p.action == "run" for msg in p.problems]
     if problems:
         raise PlanError("\n".join(problems))
+
+
+def adopt_legacy(store: ArtifactStore, plan: list[PlannedStage], log=print) -> list[str]:
+    """Take over the artifacts built before stage versions that this plan reuses (`run` only:
+    planning itself writes nothing). Returns the stages adopted."""
+    done = []
+    for p in plan:
+        if p.adopt is None or p.action == "run":
+            continue
+        legacy.adopt(store, p)
+        log(
+            f"{p.name}: adopted {p.name}-{p.adopt.old_fingerprint}, built before stage versions, as {p.name}-{p.fingerprint}"
+        )
+        p.notes = [n for n in p.notes if not n.startswith("built before stage versions")]
+        p.path, p.manifest, p.adopt = store.artifact_uri(p.name, p.fingerprint), p.adopt.manifest, None
+        done.append(p.name)
+    return done
+
+
+def checkpoint_layout(cfg, sections) -> dict:
+    """{section.key: value} of the placement keys an in-stage checkpoint is tied to."""
+    return {f"{s}.{k}": getattr(getattr(cfg, s), k) for s in sections for k in checkpoint_layout_keys(cfg, s)}
+
+
+def _code_notes(p: PlannedStage) -> list[str]:
+    built = (p.manifest or {}).get("code_files")
+    if built is not None:
+        changed = changed_files(built, p.code_files)
+        return [f"code changed since it was built: {', '.join(changed)}"] if changed else []
+    if (p.manifest or {}).get("code_version") not in (None, p.code):
+        return ["code changed since it was built (this manifest predates per-file code records)"]
+    return []
 
 
 def _below_checkpoint(cfg, store, p: PlannedStage) -> list[str]:
@@ -142,6 +228,27 @@ def _below_checkpoint(cfg, store, p: PlannedStage) -> list[str]:
     ]
 
 
+def _other_layout(cfg, store, p: PlannedStage) -> list[str]:
+    """A checkpoint loads only under the placement it was written with (the world size, the ZeRO
+    stage): placement keys are not in the work dir's key, so say so before anything starts."""
+    prog = p.progress or {}
+    saved, written = prog.get("checkpoint"), prog.get("layout")
+    if saved is None or not written:
+        return []
+    now = checkpoint_layout(cfg, p.config)
+    diffs = {k: v for k, v in written.items() if k in now and now[k] != v}
+    if not diffs:
+        return []
+    where = store.work_uri(p.name, p.work_key)
+    keep = " ".join(f"--set {k}={v}" for k, v in diffs.items())
+    return [
+        f"{p.name}: its checkpoint at step {saved} ({where}) was written with "
+        + ", ".join(f"{k}={v}" for k, v in diffs.items())
+        + f" and cannot be resumed with {', '.join(f'{k}={now[k]}' for k in diffs)}: keep the old "
+        f"placement ({keep}) to resume from it, or delete that folder to start the stage over"
+    ]
+
+
 def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> None:
     """sha256 of the complete inputs a running stage will consume; a damaged one is rebuilt first
     (same fingerprint, so what was built from it before stays valid)."""
@@ -149,19 +256,21 @@ def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> Non
         q = plan[dep]
         if q.state != "complete" or q.action == "run":
             continue
-        manifest, problem = store.check(dep, q.fingerprint, deep=True)
+        stored = q.adopt.old_fingerprint if q.adopt else q.fingerprint
+        manifest, problem = store.check(dep, stored, deep=True)
         if manifest is not None:
             continue
         if q.action == "unselected":
             raise PlanError(
                 f"{p.name} needs the {dep} artifact, which is damaged ({problem}): run `--from {dep}`"
             )
-        q.state, q.manifest, q.action, q.reason = "missing", None, "run", f"damaged artifact: {problem}"
+        q.state, q.manifest, q.action, q.reason = "damaged", None, "run", f"damaged artifact: {problem}"
+        q.damage, q.adopt = {"file": problem.file, "reason": problem.reason}, None
 
 
-def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], keyed: dict) -> str:
-    if problem and problem != "no artifact":  # a damaged artifact, whatever its work dir holds
-        return f"incomplete artifact: {problem}"
+def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict) -> str:
+    if p.state == "damaged":
+        return f"damaged artifact: {p.damage['file']} {p.damage['reason']}"
     prog = p.progress or {}
     if p.state == "partial" and prog.get("step", 0) < prog.get("total", 0):
         return f"partial: resumes at step {prog.get('step')} of {prog.get('total')}"
@@ -187,8 +296,8 @@ def _why(store, p: PlannedStage, problem: str | None, rerun_inputs: set[str], ke
         diffs[-1] += f" (continues from step {prog.get('step')})"
     if diffs:
         reasons.append("config changed: " + "; ".join(diffs))
-    if last.get("code_version") != p.code:
-        reasons.append("code changed")
-    if "_extra" in keyed and not diffs and not changed_inputs and last.get("code_version") == p.code:
+    if last.get("version", p.version) != p.version:
+        reasons.append(f"stage version {last.get('version')} -> {p.version}")
+    if "_extra" in keyed and not (diffs or changed_inputs) and last.get("version", p.version) == p.version:
         reasons.append("input files changed")
     return ", ".join(reasons) or "settings changed"

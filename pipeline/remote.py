@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, verify_files
+from pipeline.artifacts import MANIFEST, Problem, verify_files
 
 S3_ATTEMPTS = 10
 """Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""
@@ -76,17 +76,20 @@ class RemoteRoot:
             except ValueError:
                 return None
 
-    def check(self, name: str, deep: bool) -> tuple[dict | None, str | None]:
+    def check(self, name: str, deep: bool) -> tuple[dict | None, Problem | None]:
         manifest = self._read_manifest(name)
         if manifest is None:
-            return None, f"{self.uri(name)}/{MANIFEST} is missing (the stage did not finish)"
+            return None, Problem("is missing (the stage did not finish)", f"{self.uri(name)}/{MANIFEST}")
         infos = {
             i.path.removeprefix(f"{self.base}/{name}/"): i.size
             for i in self.fs.get_file_info(_selector(f"{self.base}/{name}"))
         }
         for rel, meta in manifest.get("files", {}).items():
             if infos.get(rel) != meta["size"]:
-                return None, f"{self.uri(name)}/{rel}: size {infos.get(rel)} != manifest {meta['size']}"
+                reason = f"has {infos.get(rel)} bytes, manifest says {meta['size']}"
+                if infos.get(rel) is None:
+                    reason = "is missing"
+                return None, Problem(reason, f"{self.uri(name)}/{rel}", damaged=True)
         if deep:
             with _TempDownload(self, name) as local:
                 problem = verify_files(local, manifest["files"], deep=True)
@@ -191,6 +194,17 @@ class RemoteRoot:
             with self.fs.open_input_stream(f"{self.base}/{rel}/{f}") as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
         return files
+
+    def move_tree(self, src: str, dst: str, keep_last: str | None = None) -> None:
+        """Every object under `src/` to `dst/` (copied, then the source deleted; object stores have
+        no rename). `keep_last` (a manifest) is deleted from `src` first and not copied: the caller
+        writes the new one once everything else is in place."""
+        files = self.list_files(src)
+        if keep_last in files:  # the source is incomplete from here on: never two complete copies
+            self.fs.delete_file(f"{self.base}/{src}/{keep_last}")
+        for f in sorted(set(files) - {keep_last}):
+            self.fs.copy_file(f"{self.base}/{src}/{f}", f"{self.base}/{dst}/{f}")
+        self.delete_tree(src)
 
     def delete_tree(self, rel: str) -> None:
         from pyarrow import fs

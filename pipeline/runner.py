@@ -51,6 +51,7 @@ def run_pipeline(
     check_runnable(plan)
     outcome = Outcome(plan)
     display = display or Display(quiet=True)
+    adopt_legacy(store, plan, log=display.note)
     todo = [p for p in plan if p.action == "run"]
     if not todo:
         return outcome  # nothing to do: Ray is not even started
@@ -202,7 +203,8 @@ def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
     return StageJob(
         stage=dag[p.name], fingerprint=p.fingerprint, work_key=p.work_key, cfg=cfg, config=p.config, inputs=p.inputs,
         root=_absolute(cfg.run.root), run_name=cfg.run.name, wandb_mode=wandb_mode or cfg.run.wandb,
-        wandb_project=cfg.run.wandb_project, code_version=p.code, inputs_verified=True,
+        wandb_project=cfg.run.wandb_project, version=p.version, code_version=p.code, code_files=p.code_files,
+        layout=checkpoint_layout(cfg, p.config), fresh=p.fresh, inputs_verified=True,
     )  # fmt: skip
 
 
@@ -319,7 +321,7 @@ def _describe_failure(e: Exception, log_path) -> str:
 
 
 def status_rows(plan: list[PlannedStage]) -> list[dict]:
-    """`status --json`: one row per stage."""
+    """`status --json`: one row per stage (`damaged` names the file and the reason)."""
     return [
         {
             "stage": p.name,
@@ -328,6 +330,9 @@ def status_rows(plan: list[PlannedStage]) -> list[dict]:
             "path": p.path,
             "metrics": (p.manifest or {}).get("metrics", {}),
             "progress": p.progress if p.state == "partial" else None,
+            "damaged": p.damage,
+            "notes": p.notes,
+            "seconds": (p.manifest or {}).get("seconds"),
         }
         for p in plan
     ]

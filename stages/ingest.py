@@ -29,6 +29,10 @@ from data_prep.readers import resolve_sources
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import PROJECT_ROOT
 
+VERSION = 1
+"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
 
 class IngestError(RuntimeError):
     pass

@@ -26,6 +26,10 @@ from pathlib import Path
 
 from pipeline.context import Scaling
 
+VERSION = 1
+"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
     tokens_dir, tok_dir = inputs["tokenize"].path, inputs["tokenizer"].path

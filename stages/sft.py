@@ -31,6 +31,10 @@ from pathlib import Path
 
 from stages import trl_bridge as B
 
+VERSION = 1
+"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
 log = logging.getLogger("kiln.sft")
 
 

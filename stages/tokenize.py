@@ -34,6 +34,10 @@ from data_prep.documents import doc_shards
 from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_partitions
 from pipeline.artifacts import write_json_atomic
 
+VERSION = 1
+"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
 WINDOW_RULE = (
     "per split, each document's tokens followed by eos_id, in document order; "
     "sequence i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)] (stride seq_len+1, no overlap); "

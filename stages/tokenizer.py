@@ -31,6 +31,10 @@ from data_prep.documents import doc_shards, sample_texts
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import PROJECT_ROOT
 
+VERSION = 1
+"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
 HELDOUT_BYTES = 1_000_000  # held-out text for chars/token and the round-trip check
 
 

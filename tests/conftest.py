@@ -7,6 +7,7 @@ runner's `_init_ray` reuses an initialised Ray, so tests that run the pipeline j
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -83,3 +84,38 @@ def short_pretrain(tiny_run, tmp_path_factory):
     assert outcome.ok, f"the short pretraining run failed: {outcome.errors} {outcome.blocked}"
     assert [p.name for p in outcome.plan if p.action == "run"] == ["pretrain"]
     return root, cfg, outcome
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory, ray_session):
+    """Root of a complete run of the toy DAG (tests/toy_stages.py, name "toy"), made once per session."""
+    from pipeline.runner import run_pipeline
+    from tests.toy_stages import TOY_DAG, toy_config
+
+    root = tmp_path_factory.mktemp("template")
+    outcome = run_pipeline(toy_config(root), TOY_DAG)
+    assert outcome.ok, outcome.errors
+    assert set(outcome.results) == {"a", "b", "c", "d"}
+    return root
+
+
+@pytest.fixture
+def done(template, tmp_path):
+    """A private copy of the complete run: (root, cfg, store, plan)."""
+    from pipeline.artifacts import ArtifactStore
+    from tests.toy_stages import plan_of, toy_config
+
+    shutil.copytree(template / "toy", tmp_path / "toy")
+    cfg = toy_config(tmp_path)
+    return tmp_path, cfg, ArtifactStore(str(tmp_path), "toy"), plan_of(cfg)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the runner starts Ray (a run with nothing to do never should)."""
+    from pipeline import runner
+
+    def refuse(address):
+        raise AssertionError("Ray was started although nothing had to run")
+
+    monkeypatch.setattr(runner, "_init_ray", refuse)

@@ -115,6 +115,27 @@ def test_multinode_preset_loads_and_plans(tmp_path):
         assert "configs/multinode-moe.yaml" in (CLUSTER / recipe).read_text()
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml")))
+def test_every_preset_dry_runs_as_json_without_its_data_or_cluster(preset, tmp_path):
+    """A cluster preset plans on a laptop: its data and nodes need not exist to see the plan."""
+    done = subprocess.run(
+        [sys.executable, "launch.py", "run", f"configs/{preset}", "--root", str(tmp_path), "--dry-run", "--json"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["stage"] for r in rows] == [
+        "ingest",
+        "tokenizer",
+        "tokenize",
+        "pretrain",
+        "sft",
+        "reward",
+        "ppo",
+    ]
+    assert all(r["action"] == "run" and r["state"] == "missing" for r in rows)
+
+
 def test_cluster_docs():
     readme = (PROJECT_ROOT / "README.md").read_text()
     assert "## Run on a cluster" in readme

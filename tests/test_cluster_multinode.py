@@ -204,8 +204,8 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
         waiting = wait_for(lambda: progress().get("waiting"), 120, "the waiting note", proc)
         t_noted = time.time()
         assert "waiting for resources" in waiting and "2 CPU (the cluster has 1)" in waiting
-        launch(["status", "--root", root, *sets], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120)
-        shown = (tmp_path / "status.log").read_text()  # the table goes to stderr
+        st = launch(["status", "--root", root, *sets], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120)
+        shown = st.stdout.decode()  # the table goes to stdout
         assert "partial (step" in shown and "pretrain: waiting for resources" in shown, shown
 
         start_node_b(cluster)

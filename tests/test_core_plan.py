@@ -1,7 +1,7 @@
 """Resume and selection on the toy DAG (a -> b -> d, a -> c -> d) with real Ray and real artifacts.
 
-One complete run is made per module and copied into each test's own root, so each test starts
-from "everything complete" in a few milliseconds.
+One complete run is made per test session (conftest.py `template`) and copied into each test's own
+root (`done`), so each test starts from "everything complete" in a few milliseconds.
 """
 
 from __future__ import annotations
@@ -14,60 +14,23 @@ import shutil
 import pytest
 
 import launch
-from pipeline import runner
 from pipeline.artifacts import ArtifactStore
-from pipeline.plan import PlanError, Selection, make_plan
+from pipeline.plan import PlanError, Selection
 from pipeline.report import write_report
 from pipeline.runner import run_pipeline, status_rows
-from tests.toy_stages import TOY_DAG, events, json_list_in, patch_cli, toy_config
+from tests.toy_stages import TOY_DAG, actions, events, json_list_in, patch_cli, plan_of, toy_config
 
 pytestmark = pytest.mark.timeout(120)  # every test here may wait on Ray (the template run)
-
-
-def plan_of(cfg, sel=None, deep=False) -> dict:
-    store = ArtifactStore(cfg.run.root, cfg.run.name)
-    return {p.name: p for p in make_plan(cfg, TOY_DAG, store, sel or Selection(), deep=deep)}
-
-
-def actions(plan: dict) -> dict[str, str]:
-    return {name: p.action for name, p in plan.items()}
 
 
 def value(path) -> int:
     return json.loads((path / "value.json").read_text())["value"]
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, ray_session):
-    """Root of a complete toy run (name "toy"), made once."""
-    root = tmp_path_factory.mktemp("template")
-    outcome = run_pipeline(toy_config(root), TOY_DAG)
-    assert outcome.ok, outcome.errors
-    assert set(outcome.results) == {"a", "b", "c", "d"}
-    return root
-
-
-@pytest.fixture
-def done(template, tmp_path):
-    """A private copy of the complete run: (root, cfg, store, plan)."""
-    shutil.copytree(template / "toy", tmp_path / "toy")
-    cfg = toy_config(tmp_path)
-    return tmp_path, cfg, ArtifactStore(str(tmp_path), "toy"), plan_of(cfg)
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    def refuse(address):
-        raise AssertionError("Ray was started although nothing had to run")
-
-    monkeypatch.setattr(runner, "_init_ray", refuse)
-
-
-def cli_json(monkeypatch, capsys, root, *args) -> list[dict]:
+def cli_json(monkeypatch, capsys, root, *args, rc: int = 0) -> list[dict]:
     patch_cli(monkeypatch)
     capsys.readouterr()
-    rc = launch.main(["status", "--json", "--root", str(root), "--name", "toy", *args])
-    assert rc == 0
+    assert launch.main(["status", "--json", "--root", str(root), "--name", "toy", *args]) == rc
     return json_list_in(capsys.readouterr().out)
 
 
@@ -79,10 +42,11 @@ def test_first_run_commits_every_artifact(done):
     assert manifest["inputs"] == {"b": plan["b"].fingerprint, "c": plan["c"].fingerprint}
     assert manifest["metrics"] == {"value": 5}
     assert manifest["config"] == {
-        "d": {"value": 1, "steps": 3, "budget": 0, "sleep": 0.0, "fail": False, "meet": ""}
+        "d": {"value": 1, "steps": 3, "workers": 1, "budget": 0, "sleep": 0.0, "fail": False, "meet": ""}
     }
     assert set(manifest["files"]) == {"value.json", "metrics.jsonl"}
     assert {"versions", "git_commit", "hardware", "code_version"} <= set(manifest)
+    assert manifest["version"] == 1 and "tests/toy_stages.py" in manifest["code_files"]
     rows = [
         json.loads(line) for line in (store.find("d", plan["d"].fingerprint).path / "metrics.jsonl").open()
     ]
@@ -120,13 +84,46 @@ def test_changed_config_reruns_the_stage_and_its_downstream_only(done):
 
 
 @pytest.mark.timeout(60)
-def test_unfingerprinted_key_reruns_nothing(done, no_ray):
+def test_placement_keys_rerun_nothing(done, no_ray):
     root, _, _, before = done
-    cfg = toy_config(root, "b.steps=7")
+    cfg = toy_config(root, "b.steps=7", "b.workers=4", "run.resource_wait_s=5")
     plan = plan_of(cfg)
     assert actions(plan) == dict.fromkeys("abcd", "skip")
     assert {n: p.fingerprint for n, p in plan.items()} == {n: p.fingerprint for n, p in before.items()}
+    assert {n: p.work_key for n, p in plan.items()} == {n: p.work_key for n, p in before.items()}
     assert run_pipeline(cfg, TOY_DAG).results == {}
+
+
+def test_a_checkpoint_of_another_layout_is_refused_with_the_choices(done, no_ray):
+    """A partial stage whose checkpoint was written by 2 workers cannot resume on 1 (placement is
+    not in the work dir's key): planning says so, naming the keys and both ways out."""
+    root, _, store, before = done
+    shutil.rmtree(store.run_dir / f"b-{before['b'].fingerprint}")  # b is partial, with a checkpoint
+    work = store.work_dir("b", before["b"].work_key)
+    saved = {"step": 2, "total": 3, "checkpoint": 2, "layout": {"b.workers": 2}}
+    (work / "progress.json").write_text(json.dumps(saved))
+    cfg = toy_config(root, "b.budget=2")  # a budget the checkpoint does not pass
+    with pytest.raises(PlanError) as e:
+        run_pipeline(cfg, TOY_DAG)
+    assert str(e.value) == (
+        f"b: its checkpoint at step 2 ({work}) was written with b.workers=2 and cannot be resumed with "
+        "b.workers=1: keep the old placement (--set b.workers=2) to resume from it, or delete that "
+        "folder to start the stage over"
+    )
+    assert plan_of(toy_config(root, "b.budget=2", "b.workers=2"))["b"].problems == []
+    assert plan_of(toy_config(root, "b.budget=2", "b.steps=9", "b.workers=2"))["b"].problems == []
+
+
+def test_a_checkpoint_records_the_layout_it_was_written_with(tmp_path):
+    from pipeline.context import LocalContext, LocalWorkerContext
+
+    wctx = LocalWorkerContext(LocalContext("b", tmp_path / "work", layout={"b.workers": 2}))
+    wctx.progress(1, 3)
+    assert "layout" not in json.loads((tmp_path / "work" / "progress.json").read_text())  # no checkpoint yet
+    (tmp_path / "ckpt").mkdir()
+    wctx.report({"step": 1}, checkpoint_dir=tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "work" / "progress.json").read_text())
+    assert (saved["checkpoint"], saved["layout"]) == (1, {"b.workers": 2})
 
 
 def test_budget_key_reruns_downstream_and_keeps_the_work_dir(done):
@@ -211,11 +208,15 @@ def test_from_reruns_the_stage_and_its_downstream(done):
     _, cfg, store, before = done
     plan = plan_of(cfg, Selection(start="b"))
     assert actions(plan) == {"a": "unselected", "b": "run", "c": "unselected", "d": "run"}
-    assert plan["b"].reason == "--from b"
+    assert plan["b"].reason == "--from b (starts over: its checkpoints are removed)"
+    assert plan["b"].fresh and plan["d"].fresh
+    marker = store.work_dir("b", before["b"].work_key) / "checkpoint-marker"
+    marker.write_text("a checkpoint of the build before")
     outcome = run_pipeline(cfg, TOY_DAG, Selection(start="b"))
     assert outcome.ok, outcome.errors
     assert set(outcome.results) == {"b", "d"}
-    assert len([e for e in events(store, before["b"]) if "start" in e]) == 2
+    assert not marker.exists()  # a rebuild starts over: the work dir went, events.jsonl with it
+    assert len([e for e in events(store, before["b"]) if "start" in e]) == 1
     assert len([e for e in events(store, before["c"]) if "start" in e]) == 1
     manifest, problem = store.check("b", before["b"].fingerprint, deep=True)
     assert problem is None and manifest["created"] > before["b"].manifest["created"]  # replaced
@@ -268,11 +269,15 @@ def test_same_size_tamper_is_caught_by_sha256(done, monkeypatch, capsys):
     assert store.check("b", plan["b"].fingerprint)[0] is not None
     # ... sha256 finds it, naming the file
     manifest, problem = store.check("b", plan["b"].fingerprint, deep=True)
-    assert manifest is None and str(target) in problem and "sha256" in problem
+    assert manifest is None and problem.file == str(target) and "sha256" in problem.reason
     deep = plan_of(cfg, deep=True)
-    assert deep["b"].state != "complete" and deep["a"].state == "complete"
-    rows = {r["stage"]: r for r in cli_json(monkeypatch, capsys, root, "--verify")}
-    assert rows["b"]["state"] != "complete" and rows["c"]["state"] == "complete"
+    assert deep["b"].state == "damaged" and deep["a"].state == "complete"
+    rows = {r["stage"]: r for r in cli_json(monkeypatch, capsys, root, "--verify", rc=1)}
+    assert rows["b"]["state"] == "damaged" and rows["c"]["state"] == "complete"
+    assert rows["b"]["damaged"] == {
+        "file": str(target),
+        "reason": "does not match its sha256 in the manifest (modified or corrupt)",
+    }
     rows = {r["stage"]: r for r in cli_json(monkeypatch, capsys, root)}
     assert rows["b"]["state"] == "complete"  # without --verify only sizes are checked
 
@@ -302,12 +307,13 @@ def test_damaged_artifact_is_incomplete_and_rebuilt(done, damage):
     else:
         target.unlink()
     manifest, problem = store.check("b", plan["b"].fingerprint)
-    assert manifest is None and str(target) in problem
+    assert manifest is None and problem.damaged and problem.file == str(target)
     assert store.find("b", plan["b"].fingerprint) is None
 
     replan = plan_of(cfg)
     assert actions(replan) == {"a": "skip", "b": "run", "c": "skip", "d": "skip"}  # same fingerprint
-    assert replan["b"].reason.startswith("incomplete artifact:") and str(target) in replan["b"].reason
+    assert replan["b"].state == "damaged" and replan["b"].damage["file"] == str(target)
+    assert replan["b"].reason.startswith("damaged artifact:") and str(target) in replan["b"].reason
 
     outcome = run_pipeline(cfg, TOY_DAG)
     assert outcome.ok and set(outcome.results) == {"b"}

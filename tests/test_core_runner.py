@@ -11,7 +11,7 @@ import time
 import pytest
 
 import launch
-from pipeline.artifacts import ArtifactStore
+from pipeline.artifacts import NO_ARTIFACT, ArtifactStore
 from pipeline.dag import DAG, Stage
 from pipeline.plan import Selection, make_plan
 from pipeline.runner import run_pipeline, status_rows
@@ -91,7 +91,7 @@ def test_killed_stage_leaves_no_artifact_and_resumes_alone(tmp_path, ray_session
     assert not outcome.ok
 
     # no complete artifact of b, not even a folder under its name
-    assert store.check("b", b.fingerprint) == (None, "no artifact")
+    assert store.check("b", b.fingerprint) == (None, NO_ARTIFACT)
     assert not (store.run_dir / f"b-{b.fingerprint}").exists()
     assert store.check("c", plan["c"].fingerprint)[0] is not None
 
@@ -107,7 +107,7 @@ def test_killed_stage_leaves_no_artifact_and_resumes_alone(tmp_path, ray_session
     assert 2 <= step < 40 and rows["b"]["progress"]["total"] == 40
     patch_cli(monkeypatch, *slow_b)
     capsys.readouterr()
-    assert launch.main(["status", "--json", "--root", str(tmp_path), "--name", "toy"]) == 0
+    assert launch.main(["status", "--json", "--root", str(tmp_path), "--name", "toy"]) == 1  # b is partial
     cli_rows = {r["stage"]: r for r in json_list_in(capsys.readouterr().out)}
     assert cli_rows["b"]["state"] == "partial"
     assert cli_rows["b"]["progress"]["step"] == step and cli_rows["b"]["progress"]["total"] == 40

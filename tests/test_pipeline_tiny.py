@@ -29,7 +29,8 @@ def test_every_stage_completes_with_verified_artifacts(tiny_run):
     assert {n: p.state for n, p in plan.items()} == {n: "complete" for n in PIPELINE.order}
     for p in plan.values():
         m = p.manifest
-        assert m["fingerprint"] == p.fingerprint and m["code_version"] == p.code
+        assert m["fingerprint"] == p.fingerprint and m["code_version"] == p.code and m["version"] == p.version
+        assert m["code_files"] == p.code_files and p.notes == []
         assert {"torch", "deepspeed", "ray", "transformers"} <= set(m["versions"])
         assert m["hardware"]["cpus"] and "config" in m
 
@@ -81,14 +82,18 @@ def test_pretrained_model_is_a_transformers_model(tiny_run):
     assert out.shape[1] == ids.shape[1] + 8
 
 
-def test_second_run_runs_nothing_and_writes_the_report(tiny_run, monkeypatch, capsys):
+def test_second_run_runs_nothing_and_leaves_the_report_alone(tiny_run, monkeypatch, capsys):
     root, cfg, _ = tiny_run
     monkeypatch.setattr("pipeline.runner._init_ray", _no_ray)
+    report = root / cfg.run.name / "report.html"
+    had = report.read_bytes() if report.exists() else None
+    capsys.readouterr()
     code = launch.main(["run", "--root", str(root), "--wandb", "offline"])
     assert code == 0
     assert all(p.action == "skip" for p in plan_of(cfg).values())
-    report = (root / cfg.run.name / "report.html").read_text()
-    assert all(name in report for name in PIPELINE.order) and "data:image/png;base64" in report
+    out = capsys.readouterr().out  # the summary table, on stdout
+    assert all(name in out for name in PIPELINE.order) and "complete (reused)" in out
+    assert (report.read_bytes() if report.exists() else None) == had  # nothing ran: nothing redrawn
 
 
 def test_dry_run_explains_what_a_change_reruns(tiny_run, capsys):

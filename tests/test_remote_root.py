@@ -49,10 +49,9 @@ def _commit(store, stage, fp, files: dict[str, bytes]):
 @pytest.mark.timeout(120)
 def test_artifacts_on_s3_commit_verify_rerun_and_tamper(s3env, tmp_path):
     store = ArtifactStore("s3://kiln/unit", "r1", cache_dir=tmp_path / "cache-a")
-    assert store.check("a", "f1") == (
-        None,
-        "s3://kiln/unit/r1/a-f1/manifest.json is missing (the stage did not finish)",
-    )
+    manifest, problem = store.check("a", "f1")
+    assert manifest is None and not problem.damaged
+    assert str(problem) == "s3://kiln/unit/r1/a-f1/manifest.json is missing (the stage did not finish)"
     art = _commit(store, "a", "f1", {"x.bin": b"x" * 1000, "sub/y.txt": b"hello"})
     assert art.path.is_dir() and (art.path / "sub/y.txt").read_bytes() == b"hello"
     assert store.artifact_uri("a", "f1") == "s3://kiln/unit/r1/a-f1"
@@ -73,11 +72,13 @@ def test_artifacts_on_s3_commit_verify_rerun_and_tamper(s3env, tmp_path):
     s3 = s3env.filesystem()
     with s3.open_output_stream("kiln/unit/r1/a-f1/z.txt") as f:
         f.write(b"newer")
-    assert "size 5 != manifest 3" in other.check("a", "f1")[1]
+    problem = other.check("a", "f1")[1]
+    assert problem.damaged and problem.file == "s3://kiln/unit/r1/a-f1/z.txt"
+    assert problem.reason == "has 5 bytes, manifest says 3"
     with s3.open_output_stream("kiln/unit/r1/a-f1/z.txt") as f:
         f.write(b"NEW")
     assert other.check("a", "f1")[1] is None
-    assert "sha256" in other.check("a", "f1", deep=True)[1]
+    assert "sha256" in str(other.check("a", "f1", deep=True)[1])
     # an object without its manifest is never complete
     s3.delete_file("kiln/unit/r1/a-f1/manifest.json")
     assert "manifest.json is missing" in other.check("a", "f1")[1]

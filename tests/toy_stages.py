@@ -13,16 +13,22 @@ from pipeline.dag import DAG, Stage
 
 frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
+VERSION = 1
+"""The toy stages' declared version (part of their fingerprints)."""
+
 
 @frozen
 class ToySection:
-    NOT_IN_FINGERPRINT: ClassVar[tuple[str, ...]] = ("steps",)
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("steps", "workers")
+    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("workers",)
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("budget",)
 
     value: int = 1
     """What the stage writes."""
     steps: int = 3
-    """How many steps (not fingerprinted: changing it re-runs nothing)."""
+    """How many steps (a placement key: changing it re-runs nothing)."""
+    workers: int = 1
+    """A placement key that checkpoints are tied to (as a training stage's world size is)."""
     budget: int = 0
     """A budget key: in the artifact's fingerprint, not in the work dir's key."""
     sleep: float = 0.0
@@ -104,6 +110,19 @@ def toy_config(root, *overrides, name: str = "toy"):
 
     base = [f"run.root={root}", f"run.name={name}", "run.wandb=disabled"]
     return load(ToyConfig, None, [*base, *overrides])
+
+
+def plan_of(cfg, sel=None, deep=False) -> dict:
+    """The toy DAG's plan for `cfg`, by stage name."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.plan import Selection, make_plan
+
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    return {p.name: p for p in make_plan(cfg, TOY_DAG, store, sel or Selection(), deep=deep)}
+
+
+def actions(plan: dict) -> dict[str, str]:
+    return {name: p.action for name, p in plan.items()}
 
 
 def events(store, plan_entry) -> list[dict]:

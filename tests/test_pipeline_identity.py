@@ -1,0 +1,139 @@
+"""Stage identity on the session's tiny run: code edits keep finished stages, a damaged shard is
+named, and a run built before stage versions is adopted without recomputing anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import launch
+from pipeline import legacy
+from pipeline.config import PROJECT_ROOT, load_config, section_dict
+from pipeline.dag import PIPELINE
+from tests.pipeline_helpers import copy_upstream, plan_of
+
+pytestmark = pytest.mark.timeout(1800)  # the session's tiny pipeline is built first (~10 min)
+
+
+def _launch(project: Path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "launch.py", *args], cwd=project, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_path):
+    root, _, _ = tiny_run
+    scratch = tmp_path / "checkout"
+    for rel in ("pipeline", "stages", "data_prep", "configs"):
+        shutil.copytree(PROJECT_ROOT / rel, scratch / rel, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel in ("launch.py", "pyproject.toml"):
+        shutil.copy(PROJECT_ROOT / rel, scratch)
+    for rel in ("pipeline/config.py", "stages/model.py"):
+        with open(scratch / rel, "a") as f:
+            f.write("# a comment\n")
+
+    done = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {r["stage"]: r for r in json.loads(done.stdout)}
+    assert {s: r["action"] for s, r in rows.items()} == dict.fromkeys(PIPELINE.order, "skip")
+    assert rows["ingest"]["notes"] == ["code changed since it was built: pipeline/config.py"]
+    assert rows["pretrain"]["notes"] == [
+        "code changed since it was built: pipeline/config.py, stages/model.py"
+    ]
+
+    rebuild = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json", "--rebuild-changed")
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert [r["action"] for r in json.loads(rebuild.stdout)] == ["run"] * len(PIPELINE.order)
+
+
+def test_a_flipped_byte_in_a_token_shard_is_damaged_and_named(tiny_run, tmp_path, capsys):
+    cfg = load_config(overrides=[f"run.root={tmp_path}"])
+    copy_upstream(tiny_run[1], cfg, ("ingest", "tokenizer", "tokenize"))
+    tokenize = Path(plan_of(cfg)["tokenize"].path)
+    shard = sorted(p for p in tokenize.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    capsys.readouterr()
+    assert launch.main(["status", "--root", str(tmp_path), "--json"]) == 1  # pretrain on are missing
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tokenize"]["state"] == "complete"  # the sizes hold: only sha256 sees it
+    assert launch.main(["status", "--root", str(tmp_path), "--json", "--verify"]) == 1
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["tokenize"]["state"] == "damaged"
+    assert rows["tokenize"]["damaged"] == {
+        "file": str(shard),
+        "reason": "does not match its sha256 in the manifest (modified or corrupt)",
+    }
+    assert rows["ingest"]["state"] == "complete" and rows["pretrain"]["state"] == "missing"
+
+
+def test_status_of_the_default_run_fits_80_columns(tiny_run, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert launch.main(["status", "--root", str(tiny_run[0])]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 80, out
+    assert "val_loss=" in out and "pairwise_accuracy=" in out
+
+
+def _as_legacy(cfg) -> dict[str, str]:
+    """Rewrite a copied run as the code before stage versions wrote it: folders named by the old
+    fingerprints, manifests without version and per-file code records. Returns stage -> old fp."""
+    plan = plan_of(cfg)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    old: dict[str, str] = {}
+    for name in PIPELINE.order:
+        p, stage = plan[name], PIPELINE[name]
+        full = section_dict(cfg, stage.sections)
+        keyed = {
+            s: {k: v for k, v in d.items() if k not in legacy.UNKEYED.get(s, ())} for s, d in full.items()
+        }
+        if stage.extra_fingerprint is not None:
+            keyed["_extra"] = stage.extra_fingerprint(cfg)
+        inputs = {dep: old[dep] for dep in p.inputs}
+        old[name] = legacy.old_fingerprint(name, keyed, inputs, p.code)
+        folder = run_dir / f"{name}-{old[name]}"
+        Path(p.path).rename(folder)
+        m = json.loads((folder / "manifest.json").read_text())
+        for key in ("version", "code_files"):
+            m.pop(key)
+        m.update(fingerprint=old[name], inputs=inputs)
+        (folder / "manifest.json").write_text(json.dumps(m))
+    return old
+
+
+def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(tiny_run, tmp_path, monkeypatch):
+    cfg = load_config(overrides=[f"run.root={tmp_path}", "run.wandb=disabled"])
+    copy_upstream(tiny_run[1], cfg, PIPELINE.order)
+    new = {n: p.fingerprint for n, p in plan_of(cfg).items()}
+    old = _as_legacy(cfg)
+    pretrain_work = tmp_path / "tiny" / ".work" / f"pretrain-{plan_of(cfg)['pretrain'].adopt.old_work_key}"
+    (pretrain_work / "ray").mkdir(parents=True)  # its checkpoints, to continue from on a raised budget
+
+    plan = plan_of(cfg)
+    assert {n: (p.state, p.action) for n, p in plan.items()} == dict.fromkeys(
+        PIPELINE.order, ("complete", "skip")
+    )
+    assert {n: p.fingerprint for n, p in plan.items()} == new
+    assert plan["ppo"].notes[0] == (
+        f"built before stage versions as ppo-{old['ppo']}: `run` adopts it as ppo-{new['ppo']} without recomputing"
+    )
+
+    monkeypatch.setattr("pipeline.runner._init_ray", _no_ray)
+    assert launch.main(["run", "--root", str(tmp_path), "--wandb", "disabled"]) == 0
+    after = plan_of(cfg)
+    assert all(p.state == "complete" and p.adopt is None for p in after.values())
+    assert {n: p.manifest["adopted_from"] for n, p in after.items()} == old
+    assert after["ppo"].manifest["inputs"] == {"sft": new["sft"], "reward": new["reward"]}
+    assert (tmp_path / "tiny" / ".work" / f"pretrain-{after['pretrain'].work_key}" / "ray").is_dir()
+    assert not list((tmp_path / "tiny").glob(f"*-{old['pretrain']}"))
+
+
+def _no_ray(*a, **k):
+    raise AssertionError("adopting artifacts must not start Ray")
