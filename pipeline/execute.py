@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import diskspace
 from pipeline.artifacts import ArtifactError, ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.context import StageContext
@@ -106,10 +107,16 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             "seconds": round(time.time() - started, 2),
         }
         art = store.commit(stage, job.fingerprint, staging, manifest)
-    except BaseException:
+    except BaseException as e:
         logger.error("stage %s failed:\n%s", stage, traceback.format_exc())
+        full = diskspace.detect(e, store.run_dir, staging)  # before the cleanup frees space
         shutil.rmtree(staging, ignore_errors=True)
         tracker.finish(exit_code=1)
+        if full:  # say so, with what to do; its partial work is removed unless it holds checkpoints
+            err = diskspace.disk_full_error(e, full, store, stage, work_dir, inputs)
+            logger.error("%s", err)
+            _save_state(store, stage, job.work_key)
+            raise err from e
         _save_state(store, stage, job.work_key)
         raise
     tracker.summary(metrics)

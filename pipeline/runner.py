@@ -24,9 +24,10 @@ from pathlib import Path
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.dag import DAG
+from pipeline.diskspace import DiskFullError
 from pipeline.display import Display
 from pipeline.execute import StageJob, execute_stage
-from pipeline.plan import PlannedStage, Selection, check_runnable, make_plan
+from pipeline.plan import PlannedStage, Selection, adopt_legacy, check_runnable, checkpoint_layout, make_plan
 
 
 @dataclass
@@ -299,8 +300,10 @@ def _describe_failure(e: Exception, log_path) -> str:
     """One stage's failure for the run's outcome: the training workers' own exceptions first (Ray
     Train's `worker_failures`: each distinct one with its ranks, as a rank that raised can take the
     others down with another error), then their tracebacks; a process that died; or the stage's
-    error with its traceback as Ray gives it."""
+    error with its traceback as Ray gives it. A full disk's message says all (its traceback is in the log)."""
     cause = getattr(e, "cause", None)  # a RayTaskError's: the exception the stage raised
+    if isinstance(cause, DiskFullError):
+        return f"{cause}\n(log: {log_path})"
     failures = getattr(cause, "worker_failures", None)
     if failures:
         ranks: dict[str, list[int]] = {}
