@@ -1,7 +1,17 @@
-"""The static run report: `<root>/<run>/report.html` with each stage's headline numbers and curves.
+"""The static run report: `<root>/<run>/report.html`, led by each stage's headline numbers and curves.
 
-Curves come from each artifact's metrics.jsonl (any numeric column against `step`), drawn with
-matplotlib and embedded as PNG, so the file can be mailed or opened from a shared drive as is.
+    write_report(store.run_dir, plan, "kiln run tiny")    # -> <run_dir>/report.html
+
+A table of every stage with its headline numbers (NUMBERS), then a section per complete stage: its
+headline chart (CHARTS: the columns a user looks at first, those missing left out) and, folded in
+`<details>`, every metric: all the manifest's numbers and a grid of every numeric metrics.jsonl
+column against `step`. Images are PNG embedded as base64, so the file can be mailed or opened from a
+shared drive as is.
+
+Drawing (matplotlib, seconds) happens once per artifact: the PNGs are cached under
+`<run_dir>/.work/report/<stage>/`, keyed by the sha256 of the artifact's metrics.jsonl in its manifest
+(a forced rebuild keeps the fingerprint but changes the file). With every image cached, matplotlib is
+not imported.
 """
 
 from __future__ import annotations
@@ -10,22 +20,40 @@ import base64
 import html
 import io
 import json
+import os
+import uuid
 from pathlib import Path
 
 SKIP = {"step", "epoch", "time", "batch_crc", "prompt_crc"}  # not curves: sample-order checksums
+CACHE_VERSION = 1  # raise when the drawing changes, so that cached images are redrawn
+
+NUMBERS = {  # stage: the manifest metrics shown in the table (a stage not listed shows all of them)
+    "ingest": ("docs_kept", "docs_dropped", "duplicates", "bad_records"),
+    "tokenizer": ("vocab_size", "chars_per_token", "heldout_roundtrip_failures"),
+    "tokenize": ("train_tokens", "val_tokens", "tail_tokens_dropped"),
+    "pretrain": ("val_loss", "val_ppl", "loss", "steps"),
+    "sft": ("val_loss", "task_accuracy", "task_accuracy_pretrained"),
+    "reward": ("pairwise_accuracy", "initial_pairwise_accuracy", "margin"),
+    "ppo": ("task_accuracy", "task_accuracy_sft", "task_accuracy_sampled", "score", "score_sft", "kl"),
+}
+CHARTS = {  # stage: {panel title: its columns ("a|b": a, else b)}; the panels of a stage share the step axis
+    "pretrain": {"loss (train and held-out)": ("loss", "val_loss")},
+    "sft": {"held-out loss": ("val_loss",), "task accuracy (held-out prompts)": ("task_accuracy",)},
+    "reward": {"held-out pairwise accuracy": ("pairwise_accuracy|val_accuracy",)},
+    "ppo": {
+        "proxy: reward-model score": ("score",),
+        "gold: task accuracy": ("task_accuracy", "task_accuracy_sampled"),
+        "KL to the SFT policy": ("kl",),
+    },
+}
 
 
 def write_report(run_dir: Path, plan, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     parts = [
         f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-        "img{max-width:100%}</style>",
+        "img{max-width:100%}summary{cursor:pointer;color:#555}</style>",
         f"<h1>{html.escape(title)}</h1>",
         "<table><tr><th>stage</th><th>state</th><th>headline metrics</th><th>artifact</th></tr>",
     ]
@@ -34,23 +62,57 @@ def write_report(run_dir: Path, plan, title: str) -> Path:
         manifest = p.manifest
         if manifest is None and p.path and Path(p.path, "manifest.json").is_file():
             manifest = json.loads(Path(p.path, "manifest.json").read_text())
-        state = "complete" if manifest else p.state
-        metrics = (manifest or {}).get("metrics", {})
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
+        metrics = {
+            k: v for k, v in (manifest or {}).get("metrics", {}).items() if not isinstance(v, (dict, list))
+        }
+        shown = {k: metrics[k] for k in NUMBERS.get(p.name, ()) if k in metrics} or metrics
         parts.append(
-            f"<tr><td>{p.name}</td><td>{state}</td><td>{html.escape(shown)}</td>"
-            f"<td><code>{html.escape(p.path)}</code></td></tr>"
+            f"<tr><td>{html.escape(p.name)}</td><td>{'complete' if manifest else p.state}</td>"
+            f"<td>{html.escape(_numbers(shown))}</td><td><code>{html.escape(p.path)}</code></td></tr>"
         )
-        rows = _rows(Path(p.path) / "metrics.jsonl") if manifest else []
-        if rows:
-            sections.append(f"<h2>{p.name}</h2>" + _curves(plt, rows))
+        if manifest:
+            sections.append(_section(run_dir, p, manifest, metrics))
     parts.append("</table>")
     parts.extend(sections)
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out)
+    _write_atomic(out, "\n".join(parts).encode())
     return out
+
+
+def _section(run_dir: Path, p, manifest: dict, metrics: dict) -> str:
+    """A complete stage: its headline chart, then every metric folded."""
+    sha = manifest.get("files", {}).get("metrics.jsonl", {}).get("sha256")
+    headline, grid = _images(run_dir / ".work" / "report", p.name, Path(p.path) / "metrics.jsonl", sha)
+    numbers = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in metrics.items()
+    )
+    return (
+        f"<h2>{html.escape(p.name)}</h2>"
+        + _img(headline)
+        + f"<details><summary>every metric of {html.escape(p.name)}</summary>"
+        + (f"<table>{numbers}</table>" if numbers else "")
+        + _img(grid)
+        + "</details>"
+    )
+
+
+def _images(cache: Path, name: str, path: Path, sha: str | None) -> tuple[bytes, bytes]:
+    """(headline PNG, grid PNG) of a stage's metrics.jsonl, b"" where there is nothing to draw; drawn
+    once per `sha` and kept in `cache/<stage>/` (an empty file: nothing to draw)."""
+    if sha is None:
+        return b"", b""
+    stem = f"{sha[:16]}-v{CACHE_VERSION}"
+    files = cache / name / f"{stem}.headline.png", cache / name / f"{stem}.grid.png"
+    if all(f.is_file() for f in files):
+        return files[0].read_bytes(), files[1].read_bytes()
+    rows = _rows(path)
+    images = _headline(rows, CHARTS.get(name, {})), _grid(rows)
+    for f, data in zip(files, images, strict=True):
+        _write_atomic(f, data)
+    for old in (cache / name).glob("*.png"):  # an earlier build's images of this stage
+        if old not in files:
+            old.unlink(missing_ok=True)
+    return images
 
 
 def _rows(path: Path) -> list[dict]:
@@ -60,25 +122,91 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
-def _curves(plt, rows: list[dict]) -> str:
-    keys = sorted({k for r in rows for k, v in r.items() if k not in SKIP and isinstance(v, (int, float))})
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if _number(r.get(key))]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _headline(rows: list[dict], panels: dict[str, tuple[str, ...]]) -> bytes:
+    keys = _columns(rows)
+    panels = {title: [c for spec in cols for c in _logged(spec, keys)] for title, cols in panels.items()}
+    panels = {title: cols for title, cols in panels.items() if cols}
+    if not panels:
+        return b""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * max(2, len(panels)), 3), sharex=True, squeeze=False)
+    for ax, (title, cols) in zip(axes.flat, panels.items(), strict=True):
+        for col in cols:
+            xs, ys = _series(rows, col)
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=col)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
+def _grid(rows: list[dict]) -> bytes:
+    keys = sorted(_columns(rows))
     if not keys:
-        return ""
+        return b""
+    plt = _pyplot()
     cols = 3
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(12, 2.8 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        xs, ys = _series(rows, key)
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
+    return _png(plt, fig)
+
+
+def _logged(spec: str, keys: set[str]) -> list[str]:
+    """The first of a column spec's alternatives ("a|b") that was logged: [column], or []."""
+    return [c for c in spec.split("|") if c in keys][:1]
+
+
+def _columns(rows: list[dict]) -> set[str]:
+    return {k for r in rows for k, v in r.items() if k not in SKIP and _number(v)}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(plt, fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return buf.getvalue()
+
+
+def _img(png: bytes) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _numbers(metrics: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
 
 
 def _fmt(v) -> str:

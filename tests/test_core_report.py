@@ -1,0 +1,170 @@
+"""The run report on hand-made artifact folders: headline charts lead, every metric folded below, images
+drawn once per metrics.jsonl (by its sha256 in the manifest) and reused without importing matplotlib."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+
+from pipeline import report
+from pipeline.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _rows(n: int, every: int, train: dict, evaluation: dict) -> list[dict]:
+    """Rows as the stages log them: a training row per step, an evaluation row every `every` steps."""
+    rows = []
+    for step in range(n + 1):
+        if step:
+            rows.append({"step": step, "batch_crc": 7, **{k: v / step for k, v in train.items()}})
+        if step % every == 0:
+            rows.append({"step": step, **{k: v * (1 + step / n) for k, v in evaluation.items()}})
+    return rows
+
+
+METRICS = {  # each stage's manifest metrics
+    "ingest": {"docs_kept": 90, "docs_dropped": 10, "duplicates": 1, "bad_records": 0, "text_bytes": 9},
+    "pretrain": {"val_loss": 4.5, "val_ppl": 90.0, "steps": 12},
+    "sft": {"val_loss": 2.0, "task_accuracy": 0.25},
+    "reward": {"pairwise_accuracy": 0.8},
+    "ppo": {"task_accuracy": 0.3, "score": 1.5},
+}
+ROWS = {  # metrics.jsonl (a data stage has none); ppo logs no task_accuracy_sampled: its chart shows the rest
+    "pretrain": _rows(12, 4, {"loss": 9, "lr": 1e-3}, {"val_loss": 5}),
+    "sft": _rows(8, 4, {"loss": 3}, {"val_loss": 2, "task_accuracy": 0.2}),
+    "reward": _rows(8, 4, {"loss": 1}, {"pairwise_accuracy": 0.6, "val_accuracy": 0.6}),  # the first drawn
+    "ppo": _rows(6, 3, {"score": 1, "kl": 0.1, "entropy": 2}, {"task_accuracy": 0.2}),
+}
+HEADLINE = {  # stage: the columns of its headline chart, as drawn
+    "pretrain": ["loss", "val_loss"],
+    "sft": ["val_loss", "task_accuracy"],
+    "reward": ["pairwise_accuracy"],
+    "ppo": ["score", "task_accuracy", "kl"],
+}
+
+
+def write_artifact(run_dir, name: str, metrics: dict, rows: list[dict] | None) -> types.SimpleNamespace:
+    folder = run_dir / f"{name}-0123456789abcdef"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if rows is not None:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        (folder / "metrics.jsonl").write_bytes(data)
+        files["metrics.jsonl"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"stage": name, "fingerprint": "0123456789abcdef", "files": files, "metrics": metrics}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return types.SimpleNamespace(
+        name=name, state="complete", manifest=manifest, path=str(folder), fingerprint="0123456789abcdef"
+    )
+
+
+def plan_of(run_dir) -> list:
+    """The plan entries of a run dir's artifacts, manifests read back (as planning does)."""
+    plan = []
+    for name in METRICS:
+        (folder,) = run_dir.glob(f"{name}-*")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        plan.append(types.SimpleNamespace(name=name, state="complete", manifest=manifest, path=str(folder)))
+    return plan
+
+
+def cached(run_dir) -> dict[str, int]:
+    cache = run_dir / ".work" / "report"
+    return {p.relative_to(cache).as_posix(): p.stat().st_mtime_ns for p in cache.rglob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory):
+    """One report of the hand-made run, drawn with the labels of every line plotted noted."""
+    from matplotlib.axes import Axes
+
+    run_dir = tmp_path_factory.mktemp("root") / "tiny"
+    plan = [write_artifact(run_dir, name, METRICS[name], ROWS.get(name)) for name in METRICS]
+    missing = run_dir / "eval-0123456789abcdef"  # a stage not run yet: a table row, no section
+    plan.append(types.SimpleNamespace(name="eval", state="missing", manifest=None, path=str(missing)))
+    labels, plot = [], Axes.plot
+
+    def noted(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Axes, "plot", noted)
+        out = report.write_report(run_dir, plan, "kiln run <tiny>")
+    return run_dir, plan, out.read_text(), labels
+
+
+def sections(html: str) -> dict[str, str]:
+    return dict(re.findall(r"<h2>(\w+)</h2>(.*?)(?=<h2>|$)", html, re.S))
+
+
+def test_headline_charts_lead_and_every_metric_is_folded(drawn):
+    run_dir, _, html, labels = drawn
+    assert "<title>kiln run &lt;tiny&gt;</title>" in html
+    table, _, _ = html.partition("<h2>")
+    assert "docs_kept=90, docs_dropped=10, duplicates=1, bad_records=0</td>" in table  # not text_bytes
+    assert "val_loss=4.5, val_ppl=90, steps=12</td>" in table
+    assert "<td>eval</td><td>missing</td><td></td>" in table
+    by_stage = sections(html)
+    assert list(by_stage) == list(METRICS)
+    # a data stage: no curves, its numbers (all of them) folded
+    assert "<img" not in by_stage["ingest"] and "<td>text_bytes</td>" in by_stage["ingest"]
+    for name in HEADLINE:
+        headline, folded = by_stage[name].split("<details>")
+        assert headline.count("<img") == 1  # the headline chart, above the fold
+        assert folded.count("<img") == 1 and "</details>" in folded  # the grid of every column, folded
+    # the headline lines of each stage, in plan order, then the grid's (unlabelled) lines
+    headline_labels = [label for label in labels if label]
+    assert headline_labels == [c for name in HEADLINE for c in HEADLINE[name]]
+    grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 4}  # every numeric column but step and checksums
+    assert labels.count(None) == sum(grids.values())
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == 2 * len(HEADLINE)
+    assert len(cached(run_dir)) == 2 * len(HEADLINE)  # headline and grid of each stage with a metrics.jsonl
+
+
+def test_second_report_reuses_the_cache_without_matplotlib(drawn):
+    run_dir, plan, html, _ = drawn
+    before = cached(run_dir)
+    entries = json.dumps([vars(p) for p in plan])  # the plan, to a fresh interpreter
+    code = (
+        "import json, sys, time, types\nfrom pathlib import Path\nfrom pipeline.report import write_report\n"
+        "plan = [types.SimpleNamespace(**p) for p in json.loads(sys.argv[2])]\n"
+        "t0 = time.perf_counter()\nwrite_report(Path(sys.argv[1]), plan, 'kiln run <tiny>')\n"
+        "mpl = [m for m in sys.modules if m.startswith('matplotlib')]\n"
+        "print(json.dumps([time.perf_counter() - t0, mpl]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir), entries], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    seconds, matplotlib = json.loads(out.stdout)
+    assert matplotlib == []
+    assert seconds < 0.1
+    assert cached(run_dir) == before  # nothing redrawn
+    assert (run_dir / "report.html").read_text() == html
+
+
+def test_a_changed_metrics_file_is_redrawn(drawn, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(drawn[0], run_dir)
+    before = cached(run_dir)
+    rows = ROWS["pretrain"][:-3]  # a forced rebuild: same fingerprint, another metrics.jsonl
+    write_artifact(run_dir, "pretrain", METRICS["pretrain"], rows)
+    report.write_report(run_dir, plan_of(run_dir), "kiln run tiny")
+    after = cached(run_dir)
+    assert {n: t for n, t in after.items() if not n.startswith("pretrain/")} == {
+        n: t for n, t in before.items() if not n.startswith("pretrain/")
+    }  # the other stages' images kept as they were
+    new = sorted(n for n in after if n.startswith("pretrain/"))
+    assert len(new) == 2 and not set(new) & set(before)  # the old build's images replaced
+    sha = hashlib.sha256((run_dir / "pretrain-0123456789abcdef" / "metrics.jsonl").read_bytes()).hexdigest()
+    assert all(n.startswith(f"pretrain/{sha[:16]}-") for n in new)
