@@ -289,7 +289,8 @@ def _model_artifact(args, console):
         raise PlanError(f"unknown stage {args.stage!r}; stages are: {', '.join(PIPELINE.order)}")
     store = ArtifactStore(cfg.run.root, cfg.run.name)
     planned = {p.name: p for p in make_plan(cfg, PIPELINE, store)}[args.stage]
-    art = store.find(args.stage, planned.fingerprint)
+    stored = planned.adopt.old_fingerprint if planned.adopt else planned.fingerprint  # not yet adopted
+    art = store.find(args.stage, stored)
     if art is None:  # the config or code changed since: the newest complete one, said out loud
         for manifest in store.previous(args.stage):
             art = store.find(args.stage, manifest["fingerprint"])
