@@ -204,7 +204,9 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
         waiting = wait_for(lambda: progress().get("waiting"), 120, "the waiting note", proc)
         t_noted = time.time()
         assert "waiting for resources" in waiting and "2 CPU (the cluster has 1)" in waiting
-        st = launch(["status", "--root", root, *sets], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120)
+        st = launch(
+            ["status", "--root", root, *sets], {**env, "COLUMNS": "400"}, tmp_path / "status.log", 120
+        )
         shown = st.stdout.decode()  # the table goes to stdout
         assert "partial (step" in shown and "pretrain: waiting for resources" in shown, shown
 
