@@ -123,6 +123,13 @@ def verify_files(folder: Path, files: dict[str, dict], deep: bool) -> Problem | 
     return None
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
 class ArtifactStore:
     """Artifacts of one pipeline run, on a local path or an object store."""
 
@@ -316,28 +323,43 @@ class ArtifactStore:
         staging.rename(final)
         return Artifact(stage, fp, final, manifest)
 
-    def rename_artifact(self, stage: str, old_fp: str, new_fp: str, manifest: dict) -> None:
-        """Move a complete artifact to another fingerprint, its rewritten manifest last (a legacy
-        artifact adopted under its new identity; pipeline/legacy.py)."""
+    def adopt_artifact(self, stage: str, old_fp: str, new_fp: str, manifest: dict) -> None:
+        """Give a complete artifact another fingerprint (a legacy one adopted; pipeline/legacy.py):
+        its files linked (copied on an object store) under the new name, the rewritten manifest
+        last, then the old folder removed. A crash leaves the old artifact complete (adopted again
+        next time), or both."""
         old, new = self.name(stage, old_fp), self.name(stage, new_fp)
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
         if self.remote:
-            self._remote.move_tree(old, new, keep_last=MANIFEST)
-            self._remote.write_bytes(
-                f"{new}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode()
-            )
+            self._remote.copy_tree(old, new, skip=MANIFEST)
+            self._remote.write_bytes(f"{new}/{MANIFEST}", text.encode())
+            self._remote.delete_tree(old)
             return
-        final = self.run_dir / new
-        if final.exists():  # an unfinished folder of the same name: never complete, never read
+        src, final = self.run_dir / old, self.run_dir / new
+        staging = self.run_dir / f".tmp-{new}-{uuid.uuid4().hex[:8]}"
+        for f in sorted(src.rglob("*")):
+            if f.is_file() and f.name != MANIFEST:
+                (staging / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(f, staging / f.relative_to(src))
+        write_json_atomic(staging / MANIFEST, manifest)
+        if final.exists():  # an unfinished folder of that name: never complete, never read
             shutil.rmtree(final)
-        (self.run_dir / old).rename(final)
-        write_json_atomic(final / MANIFEST, manifest)
+        staging.rename(final)
+        shutil.rmtree(src)
 
-    def rename_work(self, stage: str, old_key: str, new_key: str) -> None:
-        """Move a stage's work dir (checkpoints, progress) to another key, if it has one there."""
-        old, new = self._work_rel(stage, old_key), self._work_rel(stage, new_key)
-        if self.remote:
-            self._remote.move_tree(old, new)
+    def adopt_work(self, stage: str, old_key: str, new_key: str) -> None:
+        """Give a stage's work dir (checkpoints, progress) another key, unless one is there already.
+        Ray Train keeps the checkpoints under `ray/<work dir name>/`: that folder is renamed first."""
+        old, new = self.name(stage, old_key), self.name(stage, new_key)
+        rename = {f"ray/{old}/": f"ray/{new}/"}
+        if self.remote and not self._remote.list_files(self._work_rel(stage, new_key)):
+            self._remote.copy_tree(
+                self._work_rel(stage, old_key), self._work_rel(stage, new_key), rename=rename
+            )
+            self._remote.delete_tree(self._work_rel(stage, old_key))
         src, dst = self.work_dir(stage, old_key), self.work_dir(stage, new_key)
+        if (src / "ray" / old).is_dir() and not (src / "ray" / new).exists():
+            (src / "ray" / old).rename(src / "ray" / new)
         if src.is_dir() and not dst.exists():
             src.rename(dst)
 

@@ -223,6 +223,10 @@ class ModelConfig:
 @frozen
 class PretrainConfig:
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
+    # The data order follows the global batch, so these change no step's sequences. They are not
+    # bit-for-bit neutral: sums run in another order, an MoE model's load-balancing loss and expert
+    # capacity are per micro-batch, and `val_loss` averages eval_batches x workers x micro-batch
+    # sequences. What one changes to fit a cluster does not make another model by name.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         "num_workers", "gpus_per_worker", "cpus_per_worker", "micro_batch_size", "zero_stage",
         "offload_optimizer", "offload_params", "activation_checkpointing",
@@ -466,6 +470,8 @@ class PpoConfig(WorkerGroupConfig):
     """PPO with a KL penalty (stages/ppo.py): the policy from sft, the reward (and value) model from reward."""
 
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("iterations",)
+    # As for pretraining, not bit-for-bit neutral: each rank shuffles its own share of a rollout
+    # batch into mini-batches, so the world size decides which rollouts share an update.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors",
     )  # fmt: skip

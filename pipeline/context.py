@@ -121,6 +121,7 @@ class StageContext:
         saved = _saved_progress(self.work_dir / "progress.json")  # an earlier attempt's, if any
         self._step, self._total = 0, saved.get("total", 0)  # the last progress reported
         self._checkpoint = saved.get("checkpoint")  # the step of the last checkpoint saved
+        self._checkpoint_layout = saved.get("layout")  # what it was saved under (unknown if older)
 
     @property
     def shared_work(self) -> bool:
@@ -162,7 +163,7 @@ class StageContext:
         """A worker group resumed from its checkpoint at `step`: say so, and cut the metrics back to it."""
         self.logger.info("%s: resumed from its checkpoint at step %d", self.stage, step)
         self.metrics.truncate(step)
-        self._checkpoint = step
+        self._checkpoint, self._checkpoint_layout = step, self.layout  # it loaded: the layouts agree
 
     def started_fresh(self) -> None:
         """A worker group found no checkpoint and starts from step 0: rows an earlier attempt logged
@@ -181,14 +182,14 @@ class StageContext:
     def checkpointed(self) -> None:
         """Rank 0 saved a checkpoint at the step it last reported progress for. progress.json keeps
         that step, so that planning can refuse a budget lowered below it before anything starts."""
-        self._checkpoint = self._step
+        self._checkpoint, self._checkpoint_layout = self._step, self.layout
         self.progress(self._step, self._total)
 
     def progress(self, step: int, total: int, **extra) -> None:
         self._step, self._total = step, total
         saved = {}
         if self._checkpoint is not None:  # planning refuses a resume under another layout
-            saved = {"checkpoint": self._checkpoint, "layout": self.layout}
+            saved = {"checkpoint": self._checkpoint, "layout": self._checkpoint_layout}
         write_json_atomic(
             self.work_dir / "progress.json",
             {"step": step, "total": total, "time": time.time(), **saved, **extra},

@@ -3,9 +3,10 @@
 Until stage versions, a fingerprint hashed the stage's code (every project module it imports) and
 its config minus a shorter list of unkeyed keys. Such an artifact's manifest holds what built it:
 its config, its inputs' fingerprints and that code hash. Planning recomputes the old fingerprint
-from the current config (placement keys as the manifest has them) and that record; where it
-matches, the artifact is what this config would build, and `run` renames it (and its work dir, so
-a raised budget still continues from its checkpoints) to its new fingerprint, saying so.
+from that record (with today's input files), which proves the record is the artifact's; where the
+recorded config is the current one but for placement keys, the artifact is what this config would
+build, and `run` moves it (and its work dir, so a raised budget still continues from its
+checkpoints) to its new fingerprint, saying so.
 
     adoption = find(cfg, stage, store, planned, plan)   # planning: read-only
     adopt(store, planned)                               # `run`: the rename, manifest last
@@ -13,9 +14,10 @@ a raised budget still continues from its checkpoints) to its new fingerprint, sa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from pipeline.config import budget_keys, placement_keys, section_dict
+from pipeline.config import budget_keys, placement_keys, section_dict, to_dict
 from pipeline.fingerprint import digest
 
 UNKEYED = {
@@ -37,31 +39,29 @@ class Adoption:
 
 def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
     """The artifact built before stage versions that this config would build now, if any.
-    `plan` holds the upstream stages already planned (an input must have been adopted too)."""
+    `plan` holds the upstream stages already planned: each input must be such an artifact too,
+    adopted in this plan or in an earlier run (its manifest says `adopted_from`)."""
     old_inputs = {}
     for dep in planned.inputs:
         q = plan[dep]
-        if q.adopt is None:
+        old = q.adopt.old_fingerprint if q.adopt else (q.manifest or {}).get("adopted_from")
+        if old is None:
             return None
-        old_inputs[dep] = q.adopt.old_fingerprint
+        old_inputs[dep] = old
     extra = stage.extra_fingerprint(cfg) if stage.extra_fingerprint is not None else None
+    now = section_dict(cfg, stage.sections)
     for m in store.previous(stage.name):
         if "version" in m or "code_version" not in m:
             continue  # built with stage versions already, or not by Kiln
-        full = section_dict(cfg, stage.sections)
-        for s, d in full.items():  # placement is not identity: take it as it was
-            built = m.get("config", {}).get(s, {})
-            d.update({k: built[k] for k in placement_keys(cfg, s) if k in built})
-        keyed = {s: {k: v for k, v in d.items() if k not in UNKEYED.get(s, ())} for s, d in full.items()}
+        built = m.get("config", {})
+        keyed = {s: {k: v for k, v in d.items() if k not in UNKEYED.get(s, ())} for s, d in built.items()}
         if extra is not None:
-            keyed["_extra"] = extra
+            keyed["_extra"] = extra  # today's input files: the old fingerprint holds only if unchanged
         if old_fingerprint(stage.name, keyed, old_inputs, m["code_version"]) != m.get("fingerprint"):
+            continue  # another config, other inputs, or input files changed since
+        if not _same_identity(cfg, now, built):
             continue
-        unbudgeted = {
-            s: {k: v for k, v in d.items() if k not in budget_keys(cfg, s)} if s != "_extra" else d
-            for s, d in keyed.items()
-        }
-        work_key = old_fingerprint(stage.name, unbudgeted, old_inputs, m["code_version"])
+        unbudgeted = {s: _drop(d, budget_keys(cfg, s)) if s != "_extra" else d for s, d in keyed.items()}
         adopted = {
             **m,
             "fingerprint": planned.fingerprint,
@@ -69,15 +69,42 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
             "version": planned.version,
             "adopted_from": m["fingerprint"],
         }
+        work_key = old_fingerprint(stage.name, unbudgeted, old_inputs, m["code_version"])
         return Adoption(m["fingerprint"], work_key, adopted)
     return None
 
 
+def _same_identity(cfg, now: dict, built: dict) -> bool:
+    """The config the artifact was built with (`built`, authenticated by its old fingerprint) is the
+    current one but for placement keys. A key added since counts as the same while it holds its
+    default (the behaviour the artifact was built with); a key removed since is ignored."""
+    for section, values in now.items():
+        then = built.get(section)
+        if then is None:
+            return False
+        defaults = {f.name: f for f in dataclasses.fields(getattr(cfg, section))}
+        for key, value in _drop(values, placement_keys(cfg, section)).items():
+            if key in then:
+                if then[key] != value:
+                    return False
+            elif value != to_dict(_default(defaults[key])):
+                return False
+    return True
+
+
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _drop(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
 def adopt(store, planned) -> None:
-    """Rename the artifact (manifest rewritten last) and its work dir to the new identity."""
+    """Move the work dir, then the artifact (each crash-safe: pipeline/artifacts.py) to the new identity."""
     a = planned.adopt
-    store.rename_work(planned.name, a.old_work_key, planned.work_key)
-    store.rename_artifact(planned.name, a.old_fingerprint, planned.fingerprint, a.manifest)
+    store.adopt_work(planned.name, a.old_work_key, planned.work_key)
+    store.adopt_artifact(planned.name, a.old_fingerprint, planned.fingerprint, a.manifest)
 
 
 def old_fingerprint(stage: str, config: dict, inputs: dict, code: str) -> str:

@@ -55,10 +55,7 @@ class PlannedStage:
     problems: list[str] = field(default_factory=list)  # why it cannot run as configured (see check_runnable)
     fresh: bool = False  # a rebuild: the stage starts over (its checkpoints are removed first)
     adopt: legacy.Adoption | None = None  # built before stage versions: taken over under this identity
-
-    @property
-    def code_changed(self) -> bool:
-        return any(n.startswith("code changed") for n in self.notes)
+    code_changed: bool = False  # complete, but its code changed since it was built (a note says which)
 
 
 def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
@@ -105,11 +102,12 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         )
         _set_state(store, p, deep, partial(legacy.find, cfg, stage, store, p, plan))
         if p.state == "complete":
-            p.notes += _code_notes(p)
+            changed = _code_notes(p)
+            p.notes, p.code_changed = p.notes + changed, bool(changed)
         if sel.rebuild_changed and p.code_changed and name in selected:
             for s in dag.downstream(cfg, name):
                 forced.setdefault(s, f"code changed, rebuilt (--rebuild-changed): {name}")
-        _decide(cfg, store, sel, selected, forced, plan, p, keyed)
+        _decide(cfg, store, selected, forced, plan, p, keyed)
         plan[name] = p
 
     # a selected stage needs its inputs either complete or produced in this run
@@ -138,6 +136,10 @@ def _set_state(store, p: PlannedStage, deep: bool, find_legacy) -> None:
         return
     adoption = find_legacy()
     if adoption is not None:
+        _, problem = store.check(p.name, adoption.old_fingerprint, deep=deep)
+        if problem is not None:  # damaged: not adopted, rebuilt under its new identity
+            p.state, p.damage = "damaged", {"file": problem.file, "reason": problem.reason}
+            return
         p.state, p.manifest, p.adopt = "complete", adoption.manifest, adoption
         p.path = store.artifact_uri(p.name, adoption.old_fingerprint)
         p.notes.append(
@@ -150,16 +152,17 @@ def _set_state(store, p: PlannedStage, deep: bool, find_legacy) -> None:
         p.state = "partial"
 
 
-def _decide(cfg, store, sel, selected, forced, plan, p: PlannedStage, keyed) -> None:
+def _decide(cfg, store, selected, forced, plan, p: PlannedStage, keyed) -> None:
     """The stage's action and the reason for it."""
     will_run = {d for d, q in plan.items() if q.action == "run"}
     if p.name not in selected:
         p.action = "unselected"
-    elif p.name in forced:
-        p.action, p.reason = "run", forced[p.name]
-        if p.state == "complete":
-            p.fresh = True
-            p.reason += " (starts over: its checkpoints are removed)"
+    elif p.name in forced:  # a rebuild: whatever checkpoints it has were trained on what it replaces
+        p.action, p.reason, p.fresh = (
+            "run",
+            forced[p.name] + " (starts over: its checkpoints are removed)",
+            True,
+        )
     elif p.state == "complete":
         p.action, p.reason = "skip", "complete"
     else:
@@ -214,7 +217,7 @@ def _code_notes(p: PlannedStage) -> list[str]:
 
 def _below_checkpoint(cfg, store, p: PlannedStage) -> list[str]:
     """A stage resumes from its last checkpoint and its budget keys may be raised, not lowered
-    below it: the checkpoint cannot give a model of fewer steps (stages/training.py check_resumed
+    below it: the checkpoint cannot give a model of fewer steps (kiln/training.py check_resumed
     says the same from inside the workers, for work dirs that predate this record)."""
     saved = (p.progress or {}).get("checkpoint")
     if saved is None or p.name not in p.config:

@@ -195,21 +195,22 @@ class RemoteRoot:
                 shutil.copyfileobj(src, out, 1 << 20)
         return files
 
-    def move_tree(self, src: str, dst: str, keep_last: str | None = None) -> None:
-        """Every object under `src/` to `dst/` (copied, then the source deleted; object stores have
-        no rename). `keep_last` (a manifest) is deleted from `src` first and not copied: the caller
-        writes the new one once everything else is in place."""
-        files = self.list_files(src)
-        if keep_last in files:  # the source is incomplete from here on: never two complete copies
-            self.fs.delete_file(f"{self.base}/{src}/{keep_last}")
-        for f in sorted(set(files) - {keep_last}):
-            self.fs.copy_file(f"{self.base}/{src}/{f}", f"{self.base}/{dst}/{f}")
-        self.delete_tree(src)
+    def copy_tree(self, src: str, dst: str, skip: str | None = None, rename: dict | None = None) -> None:
+        """Every object under `src/` to `dst/` (server-side copies), but `skip`; a relative path
+        starting with a key of `rename` gets its value as prefix instead."""
+        for f in sorted(self.list_files(src)):
+            if f == skip:
+                continue
+            to = next((new + f[len(old) :] for old, new in (rename or {}).items() if f.startswith(old)), f)
+            self.fs.copy_file(f"{self.base}/{src}/{f}", f"{self.base}/{dst}/{to}")
 
     def delete_tree(self, rel: str) -> None:
+        """Every object under `rel/`, its manifest first (so it is never read as complete meanwhile)."""
         from pyarrow import fs
 
         path = f"{self.base}/{rel}"
+        if self.fs.get_file_info(f"{path}/{MANIFEST}").type == fs.FileType.File:
+            self.fs.delete_file(f"{path}/{MANIFEST}")
         if self.fs.get_file_info(path).type == fs.FileType.Directory:
             self.fs.delete_dir(path)
 

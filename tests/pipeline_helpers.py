@@ -20,9 +20,10 @@ from pipeline.plan import Selection, make_plan
 UPSTREAM = ("ingest", "tokenizer", "tokenize", "pretrain")
 
 
-def plan_of(cfg, sel=None) -> dict:
+def plan_of(cfg, sel=None, deep=False) -> dict:
+    """The pipeline's plan for `cfg`, by stage name (deep: every file's sha256 checked)."""
     store = ArtifactStore(str(cfg.run.root), cfg.run.name)
-    return {p.name: p for p in make_plan(cfg, PIPELINE, store, sel or Selection())}
+    return {p.name: p for p in make_plan(cfg, PIPELINE, store, sel or Selection(), deep=deep)}
 
 
 def artifact(cfg, stage) -> Path:

@@ -124,6 +124,10 @@ def test_a_checkpoint_records_the_layout_it_was_written_with(tmp_path):
     wctx.report({"step": 1}, checkpoint_dir=tmp_path / "ckpt")
     saved = json.loads((tmp_path / "work" / "progress.json").read_text())
     assert (saved["checkpoint"], saved["layout"]) == (1, {"b.workers": 2})
+    # the next attempt runs on 3 workers (it found no checkpoint yet): the record stays the checkpoint's
+    LocalContext("b", tmp_path / "work", layout={"b.workers": 3}).progress(2, 3)
+    saved = json.loads((tmp_path / "work" / "progress.json").read_text())
+    assert (saved["checkpoint"], saved["layout"]) == (1, {"b.workers": 2})
 
 
 def test_budget_key_reruns_downstream_and_keeps_the_work_dir(done):
@@ -220,6 +224,17 @@ def test_from_reruns_the_stage_and_its_downstream(done):
     assert len([e for e in events(store, before["c"]) if "start" in e]) == 1
     manifest, problem = store.check("b", before["b"].fingerprint, deep=True)
     assert problem is None and manifest["created"] > before["b"].manifest["created"]  # replaced
+
+
+def test_from_starts_a_partial_stage_over_too(done):
+    """Its checkpoints were trained on what the rebuild replaces: --from never resumes them."""
+    _, cfg, store, before = done
+    shutil.rmtree(store.run_dir / f"b-{before['b'].fingerprint}")
+    work = store.work_dir("b", before["b"].work_key)
+    (work / "progress.json").write_text(json.dumps({"step": 2, "total": 3, "checkpoint": 2}))
+    plan = plan_of(cfg, Selection(start="a"))
+    assert plan["b"].state == "partial" and plan["b"].fresh
+    assert plan["b"].reason == "--from a (starts over: its checkpoints are removed)"
 
 
 def test_only_and_until_select_stages(tmp_path, ray_session):

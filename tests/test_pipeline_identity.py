@@ -108,30 +108,39 @@ def _as_legacy(cfg) -> dict[str, str]:
     return old
 
 
-def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(tiny_run, tmp_path, monkeypatch):
+def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
+    """The real artifacts, moved: every file still verifies, and pretrain's work dir (Ray Train keeps
+    checkpoints under ray/<work dir name>/) moves with it, so a raised budget continues from it.
+    (tests/test_core_legacy.py checks the recognition against manifests the old code wrote.)"""
     cfg = load_config(overrides=[f"run.root={tmp_path}", "run.wandb=disabled"])
     copy_upstream(tiny_run[1], cfg, PIPELINE.order)
     new = {n: p.fingerprint for n, p in plan_of(cfg).items()}
     old = _as_legacy(cfg)
-    pretrain_work = tmp_path / "tiny" / ".work" / f"pretrain-{plan_of(cfg)['pretrain'].adopt.old_work_key}"
-    (pretrain_work / "ray").mkdir(parents=True)  # its checkpoints, to continue from on a raised budget
-
-    plan = plan_of(cfg)
-    assert {n: (p.state, p.action) for n, p in plan.items()} == dict.fromkeys(
+    planned = plan_of(cfg)
+    old_key, new_key = planned["pretrain"].adopt.old_work_key, planned["pretrain"].work_key
+    checkpoint = (
+        tmp_path / "tiny" / ".work" / f"pretrain-{old_key}" / "ray" / f"pretrain-{old_key}" / "checkpoint_1"
+    )
+    checkpoint.mkdir(parents=True)
+    assert {n: (p.state, p.action) for n, p in planned.items()} == dict.fromkeys(
         PIPELINE.order, ("complete", "skip")
     )
-    assert {n: p.fingerprint for n, p in plan.items()} == new
-    assert plan["ppo"].notes[0] == (
-        f"built before stage versions as ppo-{old['ppo']}: `run` adopts it as ppo-{new['ppo']} without recomputing"
-    )
+    assert {n: p.fingerprint for n, p in planned.items()} == new
 
     monkeypatch.setattr("pipeline.runner._init_ray", _no_ray)
+    capsys.readouterr()
     assert launch.main(["run", "--root", str(tmp_path), "--wandb", "disabled"]) == 0
-    after = plan_of(cfg)
+    assert f"ppo: adopted ppo-{old['ppo']}, built before stage versions, as ppo-{new['ppo']}" in " ".join(
+        capsys.readouterr().err.split()
+    )
+    after = plan_of(cfg, deep=True)  # every file's sha256
     assert all(p.state == "complete" and p.adopt is None for p in after.values())
     assert {n: p.manifest["adopted_from"] for n, p in after.items()} == old
-    assert after["ppo"].manifest["inputs"] == {"sft": new["sft"], "reward": new["reward"]}
-    assert (tmp_path / "tiny" / ".work" / f"pretrain-{after['pretrain'].work_key}" / "ray").is_dir()
+    assert (
+        tmp_path / "tiny" / ".work" / f"pretrain-{new_key}" / "ray" / f"pretrain-{new_key}" / "checkpoint_1"
+    ).is_dir()
     assert not list((tmp_path / "tiny").glob(f"*-{old['pretrain']}"))
 
 

@@ -11,16 +11,12 @@ import pytest
 import launch
 from pipeline.artifacts import ArtifactStore
 from pipeline.dag import PIPELINE
-from pipeline.plan import PlanError, Selection, make_plan
+from pipeline.plan import PlanError, Selection
+from tests.pipeline_helpers import plan_of
 
 pytestmark = pytest.mark.timeout(
     1800
 )  # the first test builds the session's tiny pipeline (~10 min on 2 cores)
-
-
-def plan_of(cfg, sel=None, deep=False):
-    store = ArtifactStore(cfg.run.root, cfg.run.name)
-    return {p.name: p for p in make_plan(cfg, PIPELINE, store, sel or Selection(), deep=deep)}
 
 
 def test_every_stage_completes_with_verified_artifacts(tiny_run):

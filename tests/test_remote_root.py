@@ -22,6 +22,9 @@ from tests.toy_stages import ToyConfig
 
 SECRET = "kiln-remote-test-secret-0123456789"
 
+VERSION = 1
+"""The version of the stages this module defines (run_mapping, run_group)."""
+
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
@@ -81,7 +84,41 @@ def test_artifacts_on_s3_commit_verify_rerun_and_tamper(s3env, tmp_path):
     assert "sha256" in str(other.check("a", "f1", deep=True)[1])
     # an object without its manifest is never complete
     s3.delete_file("kiln/unit/r1/a-f1/manifest.json")
-    assert "manifest.json is missing" in other.check("a", "f1")[1]
+    assert "manifest.json is missing" in str(other.check("a", "f1")[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("root", ["s3", "local"])
+def test_adopting_an_artifact_moves_it_with_its_work_dir(s3env, tmp_path, root):
+    """An artifact built before stage versions, taken over under its new fingerprint: every file
+    and the rewritten manifest there, nothing left under the old name; the work dir's Ray Train
+    folder (named after the work dir) renamed with it."""
+    store = ArtifactStore(
+        "s3://kiln/unit" if root == "s3" else str(tmp_path / "root"), "r3", cache_dir=tmp_path / "c"
+    )
+    art = _commit(store, "a", "old", {"x.bin": b"x" * 100, "sub/y.txt": b"hello"})
+    if root == "s3":
+        store._remote.write_bytes(".work/a-k0/ray/a-k0/checkpoint_1/state.bin", b"state")
+        store._remote.write_bytes(".work/a-k0/progress.json", b'{"step": 3}')
+    else:
+        (store.work_dir("a", "k0") / "ray" / "a-k0" / "checkpoint_1").mkdir(parents=True)
+        (store.work_dir("a", "k0") / "progress.json").write_text('{"step": 3}')
+    store.adopt_work("a", "k0", "k1")
+    store.adopt_artifact("a", "old", "new", {**art.manifest, "fingerprint": "new", "adopted_from": "old"})
+
+    manifest, problem = store.check("a", "new", deep=True)
+    assert problem is None and manifest["adopted_from"] == "old"
+    assert store.check("a", "old")[0] is None
+    assert store.progress("a", "k1") == {"step": 3}
+    if root == "s3":
+        assert sorted(store._remote.list_files(".work/a-k1")) == [
+            "progress.json",
+            "ray/a-k1/checkpoint_1/state.bin",
+        ]
+        assert store._remote.list_files(".work/a-k0") == {} and store._remote.list_files("a-old") == {}
+    else:
+        assert (store.work_dir("a", "k1") / "ray" / "a-k1" / "checkpoint_1").is_dir()
+        assert not store.work_dir("a", "k0").exists() and not (store.run_dir / "a-old").exists()
 
 
 @pytest.mark.timeout(60)
