@@ -34,22 +34,30 @@ UNKEYED = {
 class Adoption:
     old_fingerprint: str
     old_work_key: str
-    manifest: dict  # as it will read once adopted
+    manifest: dict | None  # as it will read once adopted; None: only its work dir is taken over
 
 
 def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
-    """The artifact built before stage versions that this config would build now, if any.
-    `plan` holds the upstream stages already planned: each input must be such an artifact too,
-    adopted in this plan or in an earlier run (its manifest says `adopted_from`)."""
+    """The artifact built before stage versions that this config would build now, if any; or, for a
+    config that differs from one only in budget keys (a raised `pretrain.steps`), that artifact's
+    work dir, so the longer run continues from its checkpoints. `plan` holds the upstream stages
+    already planned: each input must be such an artifact too, adopted in this plan or in an
+    earlier run (its manifest says `adopted_from`)."""
     old_inputs = {}
     for dep in planned.inputs:
         q = plan[dep]
-        old = q.adopt.old_fingerprint if q.adopt else (q.manifest or {}).get("adopted_from")
+        old = (
+            q.adopt.old_fingerprint
+            if q.adopt and q.adopt.manifest
+            else (q.manifest or {}).get("adopted_from")
+        )
         if old is None:
             return None
         old_inputs[dep] = old
     extra = stage.extra_fingerprint(cfg) if stage.extra_fingerprint is not None else None
     now = section_dict(cfg, stage.sections)
+    budgets = {s: budget_keys(cfg, s) for s in now}
+    work_only = None
     for m in store.previous(stage.name):
         if "version" in m or "code_version" not in m:
             continue  # built with stage versions already, or not by Kiln
@@ -59,9 +67,13 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
             keyed["_extra"] = extra  # today's input files: the old fingerprint holds only if unchanged
         if old_fingerprint(stage.name, keyed, old_inputs, m["code_version"]) != m.get("fingerprint"):
             continue  # another config, other inputs, or input files changed since
-        if not _same_identity(cfg, now, built):
+        if not _same_identity(cfg, now, built, ignore=budgets):
             continue
-        unbudgeted = {s: _drop(d, budget_keys(cfg, s)) if s != "_extra" else d for s, d in keyed.items()}
+        unbudgeted = {s: _drop(d, budgets[s]) if s != "_extra" else d for s, d in keyed.items()}
+        work_key = old_fingerprint(stage.name, unbudgeted, old_inputs, m["code_version"])
+        if not _same_identity(cfg, now, built):
+            work_only = work_only or Adoption(m["fingerprint"], work_key, None)
+            continue
         adopted = {
             **m,
             "fingerprint": planned.fingerprint,
@@ -69,21 +81,22 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
             "version": planned.version,
             "adopted_from": m["fingerprint"],
         }
-        work_key = old_fingerprint(stage.name, unbudgeted, old_inputs, m["code_version"])
         return Adoption(m["fingerprint"], work_key, adopted)
-    return None
+    return work_only
 
 
-def _same_identity(cfg, now: dict, built: dict) -> bool:
+def _same_identity(cfg, now: dict, built: dict, ignore: dict | None = None) -> bool:
     """The config the artifact was built with (`built`, authenticated by its old fingerprint) is the
-    current one but for placement keys. A key added since counts as the same while it holds its
-    default (the behaviour the artifact was built with); a key removed since is ignored."""
+    current one but for placement keys (and `ignore`: section -> keys). A key added since counts as
+    the same while it holds its default (the behaviour the artifact was built with); a key removed
+    since is ignored."""
     for section, values in now.items():
         then = built.get(section)
         if then is None:
             return False
         defaults = {f.name: f for f in dataclasses.fields(getattr(cfg, section))}
-        for key, value in _drop(values, placement_keys(cfg, section)).items():
+        skip = (*placement_keys(cfg, section), *(ignore or {}).get(section, ()))
+        for key, value in _drop(values, skip).items():
             if key in then:
                 if then[key] != value:
                     return False
@@ -104,7 +117,16 @@ def adopt(store, planned) -> None:
     """Move the work dir, then the artifact (each crash-safe: pipeline/artifacts.py) to the new identity."""
     a = planned.adopt
     store.adopt_work(planned.name, a.old_work_key, planned.work_key)
-    store.adopt_artifact(planned.name, a.old_fingerprint, planned.fingerprint, a.manifest)
+    if a.manifest is not None:
+        store.adopt_artifact(planned.name, a.old_fingerprint, planned.fingerprint, a.manifest)
+
+
+def old_fingerprint_of(q) -> str | None:
+    """The fingerprint a planned stage's artifact had before stage versions, if it was built then
+    (being adopted in this plan, or adopted in an earlier run)."""
+    if q.adopt is not None and q.adopt.manifest is not None:
+        return q.adopt.old_fingerprint
+    return (q.manifest or {}).get("adopted_from")
 
 
 def old_fingerprint(stage: str, config: dict, inputs: dict, code: str) -> str:

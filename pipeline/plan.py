@@ -135,6 +135,14 @@ def _set_state(store, p: PlannedStage, deep: bool, find_legacy) -> None:
         p.state, p.damage = "damaged", {"file": problem.file, "reason": problem.reason}
         return
     adoption = find_legacy()
+    if adoption is not None and adoption.manifest is None:  # only its work dir: it continues from it
+        p.adopt = adoption
+        p.progress = store.progress(p.name, adoption.old_work_key)
+        p.state = "partial" if p.progress else "missing"
+        p.notes.append(
+            f"continues from the work dir of {p.name}-{adoption.old_fingerprint}, built before stage versions"
+        )
+        return
     if adoption is not None:
         _, problem = store.check(p.name, adoption.old_fingerprint, deep=deep)
         if problem is not None:  # damaged: not adopted, rebuilt under its new identity
@@ -167,7 +175,7 @@ def _decide(cfg, store, selected, forced, plan, p: PlannedStage, keyed) -> None:
         p.action, p.reason = "skip", "complete"
     else:
         p.action = "run"
-        p.reason = _why(store, p, will_run & set(p.inputs), keyed)
+        p.reason = _why(store, p, will_run & set(p.inputs), keyed, plan)
     if p.action == "run":
         _verify_inputs(store, plan, p)
         if not p.fresh:
@@ -184,18 +192,25 @@ def check_runnable(plan: list[PlannedStage]) -> None:
 
 
 def adopt_legacy(store: ArtifactStore, plan: list[PlannedStage], log=print) -> list[str]:
-    """Take over the artifacts built before stage versions that this plan reuses (`run` only:
-    planning itself writes nothing). Returns the stages adopted."""
+    """Take over what was built before stage versions (`run` only: planning itself writes nothing):
+    the artifacts this plan reuses, and the work dirs of the stages it continues. Returns the stages."""
     done = []
     for p in plan:
-        if p.adopt is None or p.action == "run":
+        a = p.adopt
+        if a is None or (a.manifest is not None and p.action == "run") or (a.manifest is None and p.fresh):
             continue
         legacy.adopt(store, p)
-        log(
-            f"{p.name}: adopted {p.name}-{p.adopt.old_fingerprint}, built before stage versions, as {p.name}-{p.fingerprint}"
-        )
-        p.notes = [n for n in p.notes if not n.startswith("built before stage versions")]
-        p.path, p.manifest, p.adopt = store.artifact_uri(p.name, p.fingerprint), p.adopt.manifest, None
+        if a.manifest is None:
+            log(
+                f"{p.name}: continues from the work dir of {p.name}-{a.old_fingerprint}, built before stage versions"
+            )
+        else:
+            log(
+                f"{p.name}: adopted {p.name}-{a.old_fingerprint}, built before stage versions, as {p.name}-{p.fingerprint}"
+            )
+            p.path, p.manifest = store.artifact_uri(p.name, p.fingerprint), a.manifest
+        p.notes = [n for n in p.notes if "before stage versions" not in n]
+        p.adopt = None
         done.append(p.name)
     return done
 
@@ -259,7 +274,7 @@ def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> Non
         q = plan[dep]
         if q.state != "complete" or q.action == "run":
             continue
-        stored = q.adopt.old_fingerprint if q.adopt else q.fingerprint
+        stored = legacy.old_fingerprint_of(q) if q.adopt else q.fingerprint
         manifest, problem = store.check(dep, stored, deep=True)
         if manifest is not None:
             continue
@@ -271,7 +286,7 @@ def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> Non
         q.damage, q.adopt = {"file": problem.file, "reason": problem.reason}, None
 
 
-def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict) -> str:
+def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict, plan: dict) -> str:
     if p.state == "damaged":
         return f"damaged artifact: {p.damage['file']} {p.damage['reason']}"
     prog = p.progress or {}
@@ -284,7 +299,11 @@ def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict) -> str:
         return "never run"
     last = previous[0]
     reasons = []
-    changed_inputs = [d for d, fp in p.inputs.items() if last.get("inputs", {}).get(d) != fp]
+    changed_inputs = [
+        d
+        for d, fp in p.inputs.items()
+        if last.get("inputs", {}).get(d) not in (fp, legacy.old_fingerprint_of(plan[d]))
+    ]
     if changed_inputs:
         reasons.append("inputs changed: " + ", ".join(changed_inputs))
     old_cfg = last.get("config", {})

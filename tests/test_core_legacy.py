@@ -20,6 +20,13 @@ from tests.pipeline_helpers import plan_of
 
 LEGACY = Path(__file__).parent / "data" / "legacy_run"
 OLD = {p.name.split("-")[0]: p.name.split("-")[1] for p in LEGACY.iterdir()}
+OLD_WORK = {
+    "pretrain": "bbd94e00dd4680c5",
+    "sft": "3f419b51930648a9",
+    "reward": "c4bf90a394e4e7c4",
+    "ppo": "87fe29550bb8cbed",
+}
+"""The work dirs that run's training stages used (keyed without budget keys), as that code named them."""
 
 
 @pytest.fixture
@@ -40,6 +47,7 @@ def test_every_stage_of_the_old_run_is_recognised(legacy_root):
         PIPELINE.order, ("complete", "skip")
     )
     assert {n: p.adopt.old_fingerprint for n, p in plan.items()} == OLD
+    assert {n: plan[n].adopt.old_work_key for n in OLD_WORK} == OLD_WORK
     assert plan["ppo"].adopt.manifest["inputs"] == {
         "reward": plan["reward"].fingerprint,
         "sft": plan["sft"].fingerprint,
@@ -85,3 +93,29 @@ def test_run_adopts_in_place_says_so_and_continues_across_runs(legacy_root, monk
     assert sorted(p.name for p in (legacy_root / "tiny").iterdir() if p.name[0] != ".") == sorted(
         f"{n}-{p.fingerprint}" for n, p in after.items()
     ) + ["logs"] * ((legacy_root / "tiny" / "logs").exists())
+
+
+def test_a_raised_budget_continues_from_the_old_work_dir(legacy_root):
+    """Not the artifact (another number of steps), but its checkpoints: the longer run resumes there."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.plan import adopt_legacy, make_plan
+
+    old_work = legacy_root / "tiny" / ".work" / f"pretrain-{OLD_WORK['pretrain']}"
+    (old_work / "ray" / old_work.name / "checkpoint_1").mkdir(parents=True)
+    (old_work / "progress.json").write_text(json.dumps({"step": 200, "total": 200, "checkpoint": 200}))
+    cfg = load_config(overrides=[f"run.root={legacy_root}", "pretrain.steps=210"])
+    plan = {p.name: p for p in make_plan(cfg, PIPELINE, ArtifactStore(str(legacy_root), "tiny"))}
+    p = plan["pretrain"]
+    assert (p.state, p.action) == ("partial", "run") and p.adopt.manifest is None
+    assert p.reason == "config changed: pretrain.steps: 200 -> 210 (continues from step 200)"
+    assert plan["tokenize"].adopt.manifest is not None and plan["sft"].action == "run"  # sft: new input
+
+    said = []
+    adopt_legacy(ArtifactStore(str(legacy_root), "tiny"), list(plan.values()), log=said.append)
+    assert (
+        f"pretrain: continues from the work dir of pretrain-{OLD['pretrain']}, built before stage versions"
+        in said
+    )
+    new_work = legacy_root / "tiny" / ".work" / f"pretrain-{p.work_key}"
+    assert (new_work / "ray" / new_work.name / "checkpoint_1").is_dir() and not old_work.exists()
+    assert not (legacy_root / "tiny" / f"pretrain-{p.fingerprint}").exists()  # the artifact is not its
