@@ -195,27 +195,22 @@ def test_every_config_field_has_a_docstring():
     assert len(all_keys(PipelineConfig)) > 50
 
 
-@pytest.mark.timeout(120)
-def test_cli_rejects_bad_set_before_running(tmp_path):
+def cli(cwd, *args) -> tuple[int, str]:
+    """`launch.py ARGS` in `cwd`: (exit code, stdout and stderr as one line, however the console wraps)."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "launch.py"),
-            "run",
-            "--set",
-            "pretrain.lrr=1",
-            "--set",
-            "tokenize.seq_len=x",
-            "--root",
-            "tmp",
-        ],
-        cwd=tmp_path,
+        [sys.executable, str(PROJECT_ROOT / "launch.py"), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=110,
     )
-    out = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
-    assert proc.returncode == 2, out
+    return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+
+
+@pytest.mark.timeout(120)
+def test_cli_rejects_bad_set_before_running(tmp_path):
+    rc, out = cli(tmp_path, "run", "--set", "pretrain.lrr=1", "--set", "tokenize.seq_len=x", "--root", "tmp")
+    assert rc == 2, out
     assert "2 problem(s)" in out
     assert "pretrain.lrr: unknown key; did you mean 'pretrain.lr'?" in out
     assert "tokenize.seq_len: expected an integer, got 'x'" in out
@@ -245,26 +240,18 @@ def test_a_section_with_a_bad_value_of_its_own_gets_no_range_error_judged_on_a_d
 
 @pytest.mark.timeout(120)
 def test_cli_dry_run_reports_every_kind_of_config_problem_at_once(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "launch.py"),
-            "run",
-            "--dry-run",
-            "--set",
-            "pretrain.lr=abc",
-            "--set",
-            "ppo.kl_coef=-1",
-            "--set",
-            "sft.nope=3",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=110,
+    rc, out = cli(
+        tmp_path,
+        "run",
+        "--dry-run",
+        "--set",
+        "pretrain.lr=abc",
+        "--set",
+        "ppo.kl_coef=-1",
+        "--set",
+        "sft.nope=3",
     )
-    out = " ".join((proc.stdout + proc.stderr).split())
-    assert proc.returncode == 2, out
+    assert rc == 2, out
     assert "3 problem(s)" in out
     assert "pretrain.lr: expected a number, got 'abc'" in out
     assert "ppo.kl_coef: must be >= 0" in out
