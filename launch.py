@@ -318,7 +318,7 @@ def cmd_export(args, console) -> int:
     if out.exists() and any(out.iterdir()):
         console.print(f"[red]error:[/red] {out} exists and is not empty; choose a new folder")
         return 2
-    from stages.hf_convert import export_model
+    from kiln.hf_convert import export_model
 
     try:
         fmt = export_model(art.path, out, args.format)
@@ -333,7 +333,7 @@ def cmd_generate(args, console) -> int:
     art = _model_artifact(args, console)
     if art is None:
         return 1
-    from stages.hf_convert import generate_text
+    from kiln.hf_convert import generate_text
 
     texts = generate_text(
         art.path, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

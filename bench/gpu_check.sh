@@ -5,7 +5,7 @@
 #
 #   bash bench/gpu_check.sh            # on a GPU machine with torch; wheels in .whl/ are installed first
 #
-# The lent GPU machine has torch and transformers but not deepspeed (ENVIRONMENT.md): carry them as
+# The lent GPU machine has torch and transformers but not deepspeed: carry them as
 # wheels in .whl/ (deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection,
 # transformers of the project's version); see BENCHMARKS.md for the download line.
 set -euo pipefail

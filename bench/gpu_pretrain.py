@@ -109,8 +109,8 @@ def hf_twin(model_cfg: ModelConfig):
     """HF Llama (dense) or Mixtral (MoE) of the same architecture, through the export path's config mapping."""
     from transformers import AutoModelForCausalLM
 
-    from stages.hf_convert import to_hf_config
-    from stages.model import build_config
+    from kiln.hf_convert import to_hf_config
+    from kiln.model import build_config
 
     fmt = "mixtral" if model_cfg.n_experts else "llama"
     hf_config = to_hf_config(build_config(asdict(model_cfg), VOCAB, 0, 1), fmt)
@@ -121,7 +121,7 @@ def flash_in_use(model_cfg: ModelConfig) -> bool:
     """True if our attention runs with only the flash SDPA backend allowed (it raises otherwise)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from stages.model import KilnForCausalLM, build_config
+    from kiln.model import KilnForCausalLM, build_config
 
     model = KilnForCausalLM(build_config(asdict(model_cfg), VOCAB, 0, 1)).to(DEVICE).to(torch.bfloat16)
     x = torch.randint(2, VOCAB, (2, SEQ), device=DEVICE)
@@ -149,7 +149,7 @@ def main() -> None:
             ModelConfig(**small, n_experts=0),
             ModelConfig(**small, n_experts=4, top_k=2, moe_d_ff=64),
         )
-    from stages.model import KilnForCausalLM, build_config
+    from kiln.model import KilnForCausalLM, build_config
 
     tokens = synthetic_tokens(
         Path(tempfile.mkdtemp(prefix="kiln-tokens-")),

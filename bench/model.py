@@ -10,7 +10,7 @@ CUDA (bf16): d_model 1024, 8 layers, 16 / 4 heads, vocab 32000, dense d_ff 2816,
 8 x seq 1024; generation 8 prompts of 32 tokens, 256 new tokens. Training also runs once under
 sdpa_kernel(FLASH_ATTENTION), which fails unless the FlashAttention kernel takes our attention.
 Training: forward + backward, the same weights and batch for both models (HF gets Kiln's weights through
-stages/hf_convert.py), runs interleaved, best of N after a warm-up: the minimum, because a shared machine is noisy
+kiln/hf_convert.py), runs interleaved, best of N after a warm-up: the minimum, because a shared machine is noisy
 and noise only ever adds time. Generation: best of 3 (cache) / 2 (no cache).
 Goals: training >= 1.0x HF; the KV cache >= 5x no cache.
 """
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.hf_convert import to_hf_config, to_hf_state_dict  # noqa: E402
-from stages.model import KilnConfig, KilnForCausalLM  # noqa: E402
+from kiln.hf_convert import to_hf_config, to_hf_state_dict  # noqa: E402
+from kiln.model import KilnConfig, KilnForCausalLM  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@
     /work/venv/bin/python bench/ppo.py                             # a random model of configs/tiny.yaml
     python bench/ppo.py --batch 64 --max-new-tokens 16 --repeats 3 # ~20 s on 2 cores (1 thread)
 
-1. Rollout speed, one process, the same weights, prompts and settings on both sides: stages/rollout.py's
+1. Rollout speed, one process, the same weights, prompts and settings on both sides: kiln/rl/rollout.py's
    `sample` on the Kiln policy against `transformers`' `generate(do_sample=True, top_k=0, use_cache=True)`
-   on the same weights exported by stages/hf_convert.py ("auto": Llama or Mixtral) and loaded with
+   on the same weights exported by kiln/hf_convert.py ("auto": Llama or Mixtral) and loaded with
    AutoModelForCausalLM (a logits check first). Prompts: the shipped task's (ppo.prompts of
    configs/tiny.yaml) through the tokenizer's chat template, left-padded, `--batch` of them; both stop at
    stop_ids(tok) or after `--max-new-tokens`; temperature and top_p default to the ppo section's. tokens/s
@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_prep.chat_data import load_records  # noqa: E402
+from kiln.chat_eval import prompt_ids, stop_ids  # noqa: E402
+from kiln.rl.rollout import left_pad, rollout_seed, sample  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages.chat_eval import prompt_ids, stop_ids  # noqa: E402
-from stages.rollout import left_pad, sample  # noqa: E402
 
 CFG = load_config(ROOT / "configs/tiny.yaml")
 
@@ -54,7 +54,7 @@ CFG = load_config(ROOT / "configs/tiny.yaml")
 def random_policy(out: Path, texts: list[str]) -> None:
     """A random Kiln model of configs/tiny.yaml and a BPE trained on `texts`, saved to `out`."""
     from data_prep.bpe import train_bpe
-    from stages.model import KilnForCausalLM, build_config
+    from kiln.model import KilnForCausalLM, build_config
 
     tok = train_bpe(texts, vocab_size=CFG.tokenizer.vocab_size, min_frequency=2)
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def real_tokens(response: torch.Tensor, stops: list[int]) -> int:
 
 
 def ours(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[float, int, int]:
-    """(seconds, real response tokens, generated steps) of one call of stages.rollout.sample."""
+    """(seconds, real response tokens, generated steps) of one call of kiln.rl.rollout.sample."""
     seeds = [rep * len(ids) + i for i in range(len(ids))]
     t0 = time.perf_counter()
     roll = sample(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -112,8 +112,8 @@ def logits_gap(kiln, hf_model, ids: list[list[int]], pad_id: int) -> float:
 def compare_rollouts(policy_dir: Path, a) -> tuple[list[tuple], str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.hf_convert import export_model
-    from stages.model import KilnForCausalLM
+    from kiln.hf_convert import export_model
+    from kiln.model import KilnForCausalLM
 
     tok = AutoTokenizer.from_pretrained(policy_dir)
     stops, pad_id = stop_ids(tok), tok.pad_token_id
@@ -135,7 +135,7 @@ def compare_rollouts(policy_dir: Path, a) -> tuple[list[tuple], str]:
             result = call(model, ids, a, stops, pad_id, rep)
             if rep >= a.warmup:
                 runs[name].append(result)
-    rows = [summary("stages.rollout.sample", runs["ours"], a.batch)]
+    rows = [summary("kiln.rl.rollout.sample", runs["ours"], a.batch)]
     return rows + [summary("transformers generate", runs["hf"], a.batch)], note
 
 
@@ -159,9 +159,9 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     import numpy as np
     from transformers import AutoTokenizer
 
+    from kiln import training as T
+    from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
     from stages import ppo as S
-    from stages import training as T
-    from stages.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     os.environ["LOCAL_RANK"] = "0"
@@ -179,11 +179,11 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     config.pad_token_id = tok.pad_token_id
     critic, reward = KilnForSequenceClassification(config), KilnForSequenceClassification(config)
     for model in (policy, critic):  # as the stage: training mode, dropout 0
-        S._trainable(model, p["activation_checkpointing"])
+        T.trainable(model, p["activation_checkpointing"])
     mini = p["mini_batch_size"]
     accum = mini // p["micro_batch_size"]
-    actor, critic = S._engine(policy, p, p["lr"], accum, 1), S._engine(critic, p, p["critic_lr"], accum, 1)
-    ref, reward = S._frozen(ref, p, torch.device("cpu")), S._frozen(reward, p, torch.device("cpu"))
+    actor, critic = T.engine(policy, p, p["lr"], accum, 1), T.engine(critic, p, p["critic_lr"], accum, 1)
+    ref, reward = T.frozen(ref, p, torch.device("cpu")), T.frozen(reward, p, torch.device("cpu"))
     # experience() also checks the sampled answers with the task's program when there are task prompts
     arg = {
         "reward_mean": 0.0,
@@ -196,7 +196,7 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     for it in range(a.ppo_iterations):
         order = T.global_batch(it, n, len(prompts), seed)
         t0 = time.perf_counter()
-        seeds = [S._seed(seed, it, j) for j in range(n)]
+        seeds = [rollout_seed(seed, it, j) for j in range(n)]
         roll = S.sample_rollout(
             actor.module, [ids[j] for j in order], seeds, p, stops, tok.pad_token_id, False
         )

@@ -62,8 +62,8 @@ def plain_throughput(tokens: Path, steps: int) -> float:
     import torch
 
     from data_prep.packed import PackedTokens
-    from stages import training as T
-    from stages.model import KilnForCausalLM, build_config
+    from kiln import training as T
+    from kiln.model import KilnForCausalLM, build_config
 
     torch.set_num_threads(2)
     p = TINY.pretrain

@@ -63,8 +63,8 @@ def main(out: Path, stage: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from stages import training as T
-    from stages.model import KilnForCausalLM, build_config
+    from kiln import training as T
+    from kiln.model import KilnForCausalLM, build_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

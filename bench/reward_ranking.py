@@ -51,12 +51,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import stages.model  # noqa: F401  registers the Kiln architecture with transformers
+    import kiln.model  # noqa: F401  registers the Kiln architecture with transformers
     from data_prep.chat_data import load_records
     from data_prep.task import N_WORDS, check, prompt_text
+    from kiln.chat_eval import decode_responses, prompt_ids, score_conversations, stop_ids
+    from kiln.rl.rollout import sample
     from pipeline.config import PROJECT_ROOT, load_config
-    from stages.chat_eval import decode_responses, prompt_ids, score_conversations, stop_ids
-    from stages.rollout import sample
 
     torch.set_num_threads(args.threads)
     cfg = load_config()

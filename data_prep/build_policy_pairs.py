@@ -82,7 +82,7 @@ def build(args) -> dict[str, bytes]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.model  # noqa: F401  registers the Kiln architecture with transformers
+    import kiln.model  # noqa: F401  registers the Kiln architecture with transformers
 
     torch.manual_seed(0)  # nothing random is drawn from it; sampling has per-answer generators
     tok = AutoTokenizer.from_pretrained(args.policy)
@@ -114,8 +114,8 @@ def sample_answers(
     model, tok, sentences: list[str], k: int, temperature: float, max_new: int
 ) -> list[list[str]]:
     """`k` answers per sentence's prompt, whitespace-normalised; each from its own seeded generator."""
-    from stages.chat_eval import decode_responses, prompt_ids, stop_ids
-    from stages.rollout import sample
+    from kiln.chat_eval import decode_responses, prompt_ids, stop_ids
+    from kiln.rl.rollout import sample
 
     stops, out = stop_ids(tok), []
     for b in range(0, len(sentences), 32):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.files import write_json_atomic
 
 
 @dataclass(frozen=True)

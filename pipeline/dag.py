@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.context import Scaling
+from pipeline.files import sha256_file
 from pipeline.fingerprint import stage_version
 
 
@@ -137,23 +138,13 @@ def input_file_stats(patterns) -> list:
                 continue
             inside = Path(path).resolve().is_relative_to(PROJECT_ROOT)
             if inside and st.st_size <= PROJECT_FILE_HASH_LIMIT:
-                stats.append([path, st.st_size, "sha256:" + _sha256(path)])
+                stats.append([path, st.st_size, "sha256:" + sha256_file(path)])
             else:
                 stats.append([path, st.st_size, int(st.st_mtime)])
     return stats
 
 
 PROJECT_FILE_HASH_LIMIT = 256 << 20
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

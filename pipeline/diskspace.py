@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from shutil import disk_usage
 
-from pipeline.artifacts import MANIFEST, WORK_STATE, read_json
+from pipeline.artifacts import WORK_STATE
+from pipeline.files import MANIFEST, read_json
 
 LOW_SPACE = 64 << 20
 """A failed stage with less than this free on the run dir's filesystem is taken to have run out of

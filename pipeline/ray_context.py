@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from pipeline.context import Scaling, StageContext, WorkerContext
+from pipeline.files import is_remote
 
 log = logging.getLogger("kiln.ray")
 
@@ -227,7 +228,7 @@ class _Placement:
 
     @property
     def remote(self) -> bool:
-        return self.root is not None and "://" in self.root and not self.root.startswith("file://")
+        return self.root is not None and is_remote(self.root)
 
     @property
     def outbox(self) -> str:

@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, Problem, verify_files
+from pipeline.files import MANIFEST, Problem, verify_files
 
 S3_ATTEMPTS = 10
 """Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""

@@ -27,6 +27,7 @@ from pipeline.dag import DAG
 from pipeline.diskspace import DiskFullError
 from pipeline.display import Display
 from pipeline.execute import StageJob, execute_stage
+from pipeline.files import is_remote
 from pipeline.plan import PlannedStage, Selection, adopt_legacy, check_runnable, checkpoint_layout, make_plan
 
 
@@ -95,13 +96,13 @@ def run_pipeline(
                     running[ref] = name
                     started[name] = time.time()
                     display.begin(name)
-                elif missing.startswith("FAIL"):
+                elif missing.give_up:
                     waiting.remove(name)
-                    outcome.errors[name] = missing.removeprefix("FAIL ")
+                    outcome.errors[name] = missing.message
                     display.finish(name, "failed", outcome.errors[name])
                 else:
                     started.setdefault(name, time.time())
-                    display.waiting(name, missing)
+                    display.waiting(name, missing.message)
             if not running:
                 time.sleep(0.5) if waiting else None
                 continue
@@ -173,7 +174,8 @@ def _watch_resources(ray, dag, cfg, store, jobs, running, display, watch) -> Non
     for name in running.values():
         if dag[name].scaling(cfg) is None:
             continue
-        short = _unmet(ray, dag[name], cfg, None, fail=False)
+        unmet = _unmet(ray, dag[name], cfg, None, fail=False)
+        short = unmet.message if unmet else None
         if short == watch.get(name):
             continue
         watch[name] = short
@@ -211,7 +213,7 @@ def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
 
 def _absolute(root: str) -> str:
     """A local root as an absolute path: stage tasks on a cluster do not share the driver's cwd."""
-    if "://" in root and not root.startswith("file://"):
+    if is_remote(root):
         return root
     return str(Path(root.removeprefix("file://")).resolve())
 
@@ -256,8 +258,16 @@ def _stay_on_loopback() -> None:
         )
 
 
-def _unmet(ray, stage, cfg, since: float | None, fail: bool = True) -> str | None:
-    """None if the cluster has the resources; else what is missing ('FAIL …' once the wait is over)."""
+@dataclass(frozen=True)
+class Unmet:
+    """What a stage waits for from the cluster; `give_up` once it waited `run.resource_wait_s`."""
+
+    message: str
+    give_up: bool = False
+
+
+def _unmet(ray, stage, cfg, since: float | None, fail: bool = True) -> Unmet | None:
+    """None if the cluster has the resources; else what is missing."""
     scaling = stage.scaling(cfg)
     need = dict(stage.driver_resources(cfg)) if scaling is None else {}
     if scaling is not None:
@@ -284,8 +294,10 @@ def _unmet(ray, stage, cfg, since: float | None, fail: bool = True) -> str | Non
     msg = f"{stage.name} needs {what}{hint}"
     waited = time.time() - (since or time.time())
     if fail and waited >= cfg.run.resource_wait_s:
-        return f"FAIL {msg} (waited {waited:.0f}s, run.resource_wait_s={cfg.run.resource_wait_s:g})"
-    return f"waiting for resources: {msg}"
+        return Unmet(
+            f"{msg} (waited {waited:.0f}s, run.resource_wait_s={cfg.run.resource_wait_s:g})", give_up=True
+        )
+    return Unmet(f"waiting for resources: {msg}")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -6,7 +6,7 @@ Inputs: none (reads `ingest.sources`: paths/globs of .jsonl / .jsonl.zst / .json
 the working directory, then the project; or `hf:NAME[:SPLIT]`). Artifact:
 
     docs/part-<file>-<k>.parquet   columns text, source (meta.pile_set_name), id (content hash)
-    stats.json                     read, kept, dropped by reason, files, errors (DESIGN.md contract)
+    stats.json                     read, kept, dropped by reason, files, errors (every count reconciles)
 
 One task per input file (`ctx.map`), so a cluster spreads the shards over its nodes; each streams
 its file (memory flat whatever the size) into a Parquet part of candidates and returns their
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from data_prep.cleaning import BAD_RECORD, CleanTask, WriteTask, clean_file, find_duplicates, write_docs
 from data_prep.readers import resolve_sources
-from pipeline.artifacts import write_json_atomic
 from pipeline.config import PROJECT_ROOT
+from pipeline.files import write_json_atomic
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a

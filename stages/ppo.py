@@ -15,10 +15,10 @@ One iteration, on every rank of a Ray Train group (actor and critic are DeepSpee
 reference and reward models are frozen, ZeRO-3-sharded inference engines under ZeRO-3):
 
     1. rollout     `rollout_batch_size` prompts in the order fixed by the seed (each rank its share),
-                   sampled with the KV cache (stages/rollout.py), one generator per prompt
+                   sampled with the KV cache (kiln/rl/rollout.py), one generator per prompt
     2. experience  old logprobs, reference logprobs, values; the reward model's score (normalised,
                    `missing_eos_penalty` off a response that never ended); per-token rewards with the
-                   KL penalty (stages/ppo_math.py); GAE; advantages whitened over all ranks
+                   KL penalty (kiln/rl/ppo_math.py); GAE; advantages whitened over all ranks
     3. update      `ppo_epochs` passes in mini-batches (each rank's own order); clipped policy and
                    value losses, token means over the whole mini-batch on every rank, so 2 workers
                    take the same step as 1 worker on the same rollouts
@@ -82,7 +82,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
             "answer alike; train it further (reward.steps) before PPO"
         )
     prompts, stats = _load_prompts(p, cfg.run.seed, inputs["sft"].path)
-    from stages.chat_eval import read_task_prompts
+    from kiln.chat_eval import read_task_prompts
 
     task = read_task_prompts(p.task_prompts, p.task_eval_size, "ppo.task_prompts") if p.task_prompts else []
     _check_positions(p, Path(inputs["sft"].path), prompts, task)
@@ -113,8 +113,8 @@ def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
     from transformers import AutoTokenizer
 
     from data_prep.chat_data import load_records, warn_malformed
+    from kiln.chat_eval import prompt_ids
     from pipeline.config import PROJECT_ROOT, ConfigError
-    from stages.chat_eval import prompt_ids
 
     try:
         records, stats = load_records(
@@ -146,7 +146,7 @@ def _check_positions(p, sft_dir: Path, prompts: list[dict], task: list) -> None:
     if task:
         from transformers import AutoTokenizer
 
-        from stages.chat_eval import prompt_ids
+        from kiln.chat_eval import prompt_ids
 
         tok = AutoTokenizer.from_pretrained(sft_dir)
         longest["ppo.task_prompts"] = max(len(prompt_ids(tok, m)) for m in task)
@@ -175,15 +175,15 @@ def train_worker(arg: dict, wctx) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
-    from stages import ppo_math as M
-    from stages import training as T
-    from stages.chat_eval import stop_ids
-    from stages.pretrain import _device, _PreemptionFlag
+    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln import training as T
+    from kiln.chat_eval import stop_ids
+    from kiln.rl import ppo_math as M
+    from kiln.rl.rollout import rollout_seed
 
     p, seed = arg["section"], arg["seed"]
     rank, world = wctx.rank, wctx.world_size
-    device = _device(wctx)
+    device = T.worker_device(wctx)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(p["cpus_per_worker"])))
     if not torch.distributed.is_initialized():
@@ -203,16 +203,16 @@ def train_worker(arg: dict, wctx) -> dict:
     if p["reward_source"] == "model":
         reward = AutoModelForSequenceClassification.from_pretrained(arg["reward_dir"], **load)
     for model in (policy, critic):
-        _trainable(model, p["activation_checkpointing"])
+        T.trainable(model, p["activation_checkpointing"])
 
     from_reward = p["critic_init"] == "reward"
     arg["value_norm"] = (arg["reward_mean"], arg["reward_std"]) if from_reward else (0.0, 1.0)
     local_n = p["rollout_batch_size"] // world
     mini = p["mini_batch_size"] // world  # rollouts per rank per optimizer step
     accum = mini // p["micro_batch_size"]
-    actor = _engine(policy, p, p["lr"], accum, world)
-    critic = _engine(critic, p, p["critic_lr"], accum, world)
-    ref, reward = _frozen(ref, p, device), reward and _frozen(reward, p, device)
+    actor = T.engine(policy, p, p["lr"], accum, world)
+    critic = T.engine(critic, p, p["critic_lr"], accum, world)
+    ref, reward = T.frozen(ref, p, device), reward and T.frozen(reward, p, device)
     synced = p["zero_stage"] == 3 and world > 1
     kl_ctl = (
         M.AdaptiveKLController(p["kl_coef"], p["kl_target"], p["kl_horizon"])
@@ -241,7 +241,7 @@ def train_worker(arg: dict, wctx) -> dict:
         baseline = {"step": 0, **metrics}
         wctx.report(dict(baseline))
 
-    stop = _PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
+    stop = T.PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
     total = p["iterations"]
     while it < total:
         t0 = time.perf_counter()
@@ -255,7 +255,7 @@ def train_worker(arg: dict, wctx) -> dict:
         order = T.global_batch(it, p["rollout_batch_size"], len(arg["prompts"]), seed)
         mine = range(rank * local_n, (rank + 1) * local_n)  # positions in the global rollout batch
         prompts = [arg["prompts"][order[j]] for j in mine]
-        roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [_seed(seed, it, j) for j in mine],
+        roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [rollout_seed(seed, it, j) for j in mine],
                               p, stops, tok.pad_token_id, synced)  # fmt: skip
         t_gen = time.perf_counter() - t0
 
@@ -302,61 +302,11 @@ def train_worker(arg: dict, wctx) -> dict:
     return out
 
 
-def _seed(seed: int, it: int, position: int) -> int:
-    """The generator seed of the prompt at `position` of iteration `it`'s rollout batch."""
-    return (seed * 1_000_003 + it) * 100_003 + position
-
-
 def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
-    from stages.rollout import sample
+    from kiln.rl.rollout import sample
 
     return sample(model, prompts, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                   top_p=p["top_p"], stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
-
-
-def _trainable(model, checkpointing: bool):
-    """Training mode for a model PPO updates: `from_pretrained` returns eval mode, in which transformers
-    does not recompute checkpointed layers (`ppo.activation_checkpointing` would save nothing). Dropout
-    is 0 (loaded so; as TRL's `disable_dropout`), so the mode changes no output: the rollout's
-    logprobs and values and the update's are the same function of the weights."""
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    return model
-
-
-def _engine(model, p, lr, accum, world):
-    import deepspeed
-
-    from stages import training as T
-
-    optimizer = T.adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p["weight_decay"])
-    config = T.deepspeed_config(
-        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
-        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
-    )  # fmt: skip
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
-
-
-def _frozen(model, p, device):
-    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3, else on the device."""
-    import torch
-
-    model.requires_grad_(False).eval()
-    if p["zero_stage"] == 3:
-        import deepspeed
-
-        config = {
-            "train_micro_batch_size_per_gpu": p["micro_batch_size"],
-            "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": p["precision"] == "bf16"},
-            "fp16": {"enabled": p["precision"] == "fp16"},
-        }
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.module.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p["precision"], torch.float32)
-    return model.to(device=device, dtype=dtype)
 
 
 def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, world):
@@ -364,8 +314,8 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     Forward passes in micro-batches; rewards, GAE and whitening over the whole batch."""
     import torch
 
-    from stages import ppo_math as M
-    from stages.chat_eval import decode_responses, score_conversations, stop_ids
+    from kiln.chat_eval import decode_responses, score_conversations, stop_ids
+    from kiln.rl import ppo_math as M
 
     P, micro, stops = roll.prompt_len, p["micro_batch_size"], stop_ids(tok)
     rmask = roll.response_mask.float()  # (B, R)
@@ -434,7 +384,7 @@ def _response_logits(model, x, m, P, temperature: float):
 
 
 def _logprobs(model, x, m, P, temperature: float):
-    from stages.ppo_math import logprobs_from_logits
+    from kiln.rl.ppo_math import logprobs_from_logits
 
     return logprobs_from_logits(_response_logits(model, x, m, P, temperature), x[:, P:])
 
@@ -462,7 +412,7 @@ def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:
     import torch
     import torch.distributed as dist
 
-    from stages import ppo_math as M
+    from kiln.rl import ppo_math as M
 
     n, micro, P = exp["tokens"].shape[0], p["micro_batch_size"], exp["P"]
     sums: dict[str, float] = {}
@@ -508,8 +458,8 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
     prompt and sample, so every evaluation draws the same noise and a change measures the policy.
     Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
-    from stages.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
-    from stages.rollout import sample
+    from kiln.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
+    from kiln.rl.rollout import rollout_seed, sample
 
     prompts = arg["task_prompts"]
     if not prompts:
@@ -526,7 +476,9 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     for b in range(0, len(jobs), 128):
         batch = jobs[b : b + 128]
         ids = [ids_of[i] for i, _ in batch]
-        seeds = [_seed(arg["seed"], -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
+        seeds = [
+            rollout_seed(arg["seed"], -1 - j, i) for i, j in batch
+        ]  # iteration -1 - j: never a rollout's
         roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
                       top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
         answers = decode_responses(tok, roll, stops)
@@ -557,7 +509,7 @@ def _flips(before: str, after: str) -> dict:
 def _save(actor, critic, wctx, row, state, rank) -> None:
     """Both engines (with their optimizers), the loop state and this rank's RNG into a fresh folder,
     reported to Ray Train (which keeps its copy)."""
-    from stages import training as T
+    from kiln import training as T
 
     folder = Path(tempfile.mkdtemp(prefix=f"kiln-ppo-{state['iteration']}-"))
     tag = f"iter{state['iteration']:06d}"

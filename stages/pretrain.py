@@ -5,7 +5,7 @@
 `run` checks the configuration against the token shards and the tokenizer before any worker starts,
 then runs `train_worker` on `pretrain.num_workers` workers. Each worker is an explicit loop:
 micro-steps -> clip -> step -> schedule -> log -> eval -> checkpoint. Data order is index arithmetic
-(stages/training.py), so a resume at step k trains on exactly the sequences an uninterrupted run
+(kiln/training.py), so a resume at step k trains on exactly the sequences an uninterrupted run
 would. Checkpoints hold DeepSpeed's engine state plus a small JSON of loop state (step, tokens seen,
 W&B run id) and per-rank RNG state; they are reported to Ray Train, which restarts a dead group from
 the last one. At the end the model is exported from the live engine (gathered under ZeRO-3) as a
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import tempfile
 import time
 import zlib
@@ -98,12 +97,12 @@ def train_worker(arg: dict, wctx) -> dict:
     import torch
 
     from data_prep.packed import PackedTokens
-    from stages import training as T
-    from stages.model import KilnForCausalLM, build_config
+    from kiln import training as T
+    from kiln.model import KilnForCausalLM, build_config
 
     p, seed = arg["pretrain"], arg["seed"]
     rank, world = wctx.rank, wctx.world_size
-    device = _device(wctx)
+    device = T.worker_device(wctx)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)
@@ -111,7 +110,7 @@ def train_worker(arg: dict, wctx) -> dict:
     # -- model, optimizer, engine --------------------------------------------------------------
     vocab = arg["vocab"]
     if p["init_from"]:  # the architecture is the checkpoint's; the model section is not used
-        from stages.hf_convert import import_model
+        from kiln.hf_convert import import_model
 
         model = import_model(p["init_from"])
         config = model.config
@@ -153,7 +152,7 @@ def train_worker(arg: dict, wctx) -> dict:
     else:
         wctx.started_fresh()
 
-    stop = _PreemptionFlag()
+    stop = T.PreemptionFlag()
     while step < total:
         t0 = time.perf_counter()
         lr = T.lr_at(step, lr=p["lr"], min_lr=p["min_lr"], warmup=p["warmup_steps"], total=total)
@@ -231,7 +230,7 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
     import numpy as np
     import torch
 
-    from stages import training as T
+    from kiln import training as T
 
     n = min(len(val), p["eval_batches"] * world * p["micro_batch_size"])
     ids = np.arange(n)[rank::world]
@@ -248,7 +247,7 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
 
 def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
     """DeepSpeed checkpoint + loop state + RNG into a fresh folder, reported (Ray copies it)."""
-    from stages import training as T
+    from kiln import training as T
 
     folder = Path(tempfile.mkdtemp(prefix=f"kiln-ckpt-{step}-"))
     tag = f"step{step:08d}"
@@ -260,28 +259,3 @@ def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
         T.write_json(folder / "trainer_state.json", state | {"last": row})
     wctx.report(row, checkpoint_dir=folder)
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _device(wctx):
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(wctx.local_rank)
-        return torch.device("cuda", wctx.local_rank)
-    return torch.device("cpu")
-
-
-class _PreemptionFlag:
-    """SIGTERM (a preemption notice) asks the loop to checkpoint at the end of the step, then exit.
-    Signal handlers can only be installed from the main thread; elsewhere (Ray Train runs the loop
-    in a thread) preemption is Ray's to handle, through the last reported checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages import trl_bridge as B
+from kiln import trl_bridge as B
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
@@ -63,7 +63,7 @@ def within_length(tok, pairs: list[dict], max_length: int) -> tuple[list[dict], 
     """The held-out pairs whose two sides, rendered by the chat template, fit `max_length` tokens, and
     how many did not: TRL drops longer training pairs, so the held-out figures (and the reward
     mean and std PPO normalises with) are of answers of the lengths the model was trained on."""
-    from stages.chat_eval import conversation_ids
+    from kiln.chat_eval import conversation_ids
 
     def fits(p: dict) -> bool:
         return all(
@@ -80,8 +80,8 @@ def train_worker(arg: dict, wctx) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
-    from stages.chat_eval import score_pairs
+    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln.chat_eval import score_pairs
 
     s, seed = arg["section"], arg["seed"]
     B.setup_worker(wctx, s["cpus_per_worker"])

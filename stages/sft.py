@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages import trl_bridge as B
+from kiln import trl_bridge as B
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
@@ -41,7 +41,7 @@ log = logging.getLogger("kiln.sft")
 def run(cfg, inputs, out: Path, ctx) -> dict:
     s = cfg.sft
     train, held, stats = B.load_data("sft", s, "sft", cfg.run.seed, ctx.logger)
-    from stages.chat_eval import read_task_prompts
+    from kiln.chat_eval import read_task_prompts
 
     prompts = (
         read_task_prompts(s.task_prompts, s.task_eval_size, "sft.task_prompts") if s.task_prompts else []
@@ -60,8 +60,8 @@ def train_worker(arg: dict, wctx) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
-    from stages.chat_eval import stop_ids, task_accuracy
+    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln.chat_eval import stop_ids, task_accuracy
 
     s, seed = arg["section"], arg["seed"]
     B.setup_worker(wctx, s["cpus_per_worker"])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from data_prep.documents import doc_shards
 from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_partitions
-from pipeline.artifacts import write_json_atomic
+from pipeline.files import write_json_atomic
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a

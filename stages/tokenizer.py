@@ -28,8 +28,8 @@ from pathlib import Path
 
 from data_prep.bpe import END, adopt_tokenizer, special_ids, train_bpe
 from data_prep.documents import doc_shards, sample_texts
-from pipeline.artifacts import write_json_atomic
 from pipeline.config import PROJECT_ROOT
+from pipeline.files import write_json_atomic
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a

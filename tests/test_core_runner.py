@@ -11,8 +11,9 @@ import time
 import pytest
 
 import launch
-from pipeline.artifacts import NO_ARTIFACT, ArtifactStore
+from pipeline.artifacts import ArtifactStore
 from pipeline.dag import DAG, Stage
+from pipeline.files import NO_ARTIFACT
 from pipeline.plan import Selection, make_plan
 from pipeline.runner import run_pipeline, status_rows
 from tests.toy_stages import TOY_DAG, events, json_list_in, patch_cli, toy_config

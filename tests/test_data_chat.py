@@ -303,8 +303,8 @@ def test_sources_that_match_nothing_are_all_reported(tmp_path):
 def test_stage_data_problems_are_reported_before_training(tmp_path):
     import logging
 
+    from kiln.trl_bridge import load_data
     from pipeline.config import ConfigError, load_config
-    from stages.trl_bridge import load_data
 
     cfg = load_config(
         overrides=[f"sft.data=[{tmp_path}/missing.jsonl]", f"sft.eval_data=[{tmp_path}/gone.jsonl]"]
@@ -343,8 +343,8 @@ def test_hub_datasets_are_read_through_datasets(tmp_path):
 def test_trainer_arguments_follow_the_typed_config():
     from dataclasses import asdict
 
+    from kiln.trl_bridge import trainer_args
     from pipeline.config import load_config
-    from stages.trl_bridge import trainer_args
 
     cfg = load_config(overrides=["sft.precision=bf16", "sft.zero_stage=3", "sft.micro_batch_size=4"])
     args = trainer_args(asdict(cfg.sft), 7, world=2, output_dir="/tmp/x", fresh=True)

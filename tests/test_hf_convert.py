@@ -1,4 +1,4 @@
-"""stages/hf_convert.py: Kiln -> plain Llama / Mixtral checkpoints and back, refusals, generate_text.
+"""kiln/hf_convert.py: Kiln -> plain Llama / Mixtral checkpoints and back, refusals, generate_text.
 
 /work/venv/bin/pytest tests/test_hf_convert.py -x -q        # ~15 s on 2 cores
 """
@@ -21,8 +21,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from stages.hf_convert import export_model, generate_text, import_model
-from stages.model import KilnForCausalLM, KilnForSequenceClassification
+from kiln.hf_convert import export_model, generate_text, import_model
+from kiln.model import KilnForCausalLM, KilnForSequenceClassification
 from tests.tiny_models import tiny
 
 torch.set_num_threads(2)

@@ -1,4 +1,4 @@
-"""Numerics of stages/model.py: parity with HF Llama / Mixtral, KV cache, positions, MoE routing and losses.
+"""Numerics of kiln/model.py: parity with HF Llama / Mixtral, KV cache, positions, MoE routing and losses.
 
 /work/venv/bin/pytest tests/test_model.py -x -q        # ~30 s on 2 cores
 """
@@ -20,8 +20,8 @@ from transformers import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-import stages.model as kiln
-from stages.model import (
+import kiln.model as kiln
+from kiln.model import (
     KilnConfig,
     KilnForCausalLM,
     KilnForSequenceClassification,
@@ -61,7 +61,7 @@ def left_padded(seed: int = 1):
 
 def hf_twin(model: KilnForCausalLM):
     """An HF Llama (dense) or Mixtral (MoE) model with the Kiln model's weights, mapped here by hand (independent
-    of stages/hf_convert.py) into transformers 5's in-memory layout (Mixtral experts fused)."""
+    of kiln/hf_convert.py) into transformers 5's in-memory layout (Mixtral experts fused)."""
     c = model.config
     common = dict(
         vocab_size=c.vocab_size,

@@ -33,7 +33,7 @@ def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_p
         shutil.copytree(PROJECT_ROOT / rel, scratch / rel, ignore=shutil.ignore_patterns("__pycache__"))
     for rel in ("launch.py", "pyproject.toml"):
         shutil.copy(PROJECT_ROOT / rel, scratch)
-    for rel in ("pipeline/config.py", "stages/model.py"):
+    for rel in ("pipeline/config.py", "kiln/model.py"):
         with open(scratch / rel, "a") as f:
             f.write("# a comment\n")
 
@@ -42,9 +42,7 @@ def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_p
     rows = {r["stage"]: r for r in json.loads(done.stdout)}
     assert {s: r["action"] for s, r in rows.items()} == dict.fromkeys(PIPELINE.order, "skip")
     assert rows["ingest"]["notes"] == ["code changed since it was built: pipeline/config.py"]
-    assert rows["pretrain"]["notes"] == [
-        "code changed since it was built: pipeline/config.py, stages/model.py"
-    ]
+    assert rows["pretrain"]["notes"] == ["code changed since it was built: pipeline/config.py, kiln/model.py"]
 
     rebuild = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json", "--rebuild-changed")
     assert rebuild.returncode == 0, rebuild.stderr

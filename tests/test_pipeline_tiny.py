@@ -66,7 +66,7 @@ def test_pretrained_model_is_a_transformers_model(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
 
     _, cfg, _ = tiny_run
     path = _path(cfg, "pretrain")
@@ -140,7 +140,7 @@ def test_export_writes_a_mixtral_folder_plain_transformers_serves(tiny_run, tmp_
     import torch
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-    import stages.model  # noqa: F401
+    import kiln.model  # noqa: F401
 
     root, cfg, _ = tiny_run
     out = tmp_path / "served"

@@ -131,7 +131,7 @@ def test_ppo_updates_its_models_in_training_mode_so_checkpointing_recomputes():
     block runs again in backward, and their outputs stay those of eval mode."""
     import torch
 
-    from stages.model import KilnForCausalLM
+    from kiln.model import KilnForCausalLM
     from stages.ppo import _trainable
     from tests.tiny_models import V, tiny
 
@@ -280,7 +280,7 @@ def test_two_workers_take_the_same_first_update_as_one(tiny_run, tmp_path):
 def test_raising_iterations_continues_from_the_last_checkpoint(tiny_run, tmp_path):
     """`ppo.iterations` is a budget: a second run with more iterations continues in the same work dir
     from the first run's last checkpoint, with its KL controller, instead of starting over."""
-    from stages.ppo_math import AdaptiveKLController
+    from kiln.rl.ppo_math import AdaptiveKLController
 
     adaptive = ("ppo.num_workers=1", "ppo.kl_target=0.01", "ppo.kl_horizon=100")  # beta moves every iteration
     cfg, first = _short_run(tiny_run, tmp_path, *adaptive)

@@ -1,4 +1,4 @@
-"""Pure-function tests for stages/ppo_math.py on hand-built tensors: `pytest tests/test_ppo_math.py`.
+"""Pure-function tests for kiln/rl/ppo_math.py on hand-built tensors: `pytest tests/test_ppo_math.py`.
 
 Expected numbers are worked out by hand in the comments next to them.
 """
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from stages.ppo_math import (
+from kiln.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     entropy_from_logits,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import training as T
+from kiln import training as T
 from tests.dist.common import CASES, PRETRAIN, SEED, STEPS, VOCAB, model_for, tokens_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def losses(out: Path, case: str) -> list[float]:
 def reference_losses(tokens: Path, case: str) -> list[float]:
     """The same training, written as a plain loop: one process, the whole global batch."""
     from data_prep.packed import PackedTokens
-    from stages.model import KilnForCausalLM, build_config
+    from kiln.model import KilnForCausalLM, build_config
 
     pcfg = replace(PRETRAIN, **CASES[case])
     torch.manual_seed(SEED)

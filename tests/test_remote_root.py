@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import MANIFEST, ArtifactStore
+from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.configlib import load
 from pipeline.context import Scaling
 from pipeline.dag import DAG, Stage
+from pipeline.files import MANIFEST
 from pipeline.plan import make_plan
 from pipeline.runner import status_rows
 from tests.s3server import serving

@@ -1,4 +1,4 @@
-"""The PPO sampler of stages/rollout.py on tiny random models: greedy rollouts equal a hand-written
+"""The PPO sampler of kiln/rl/rollout.py on tiny random models: greedy rollouts equal a hand-written
 no-cache decode and `generate`, a response depends only on its prompt, seed and weights, stop tokens
 end a row (padding and masks after it), `nucleus` keeps the smallest top-p set, `pick` draws from the
 tempered nucleus distribution, and `synced=False` needs no torch.distributed.
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stages.model import KilnForCausalLM
-from stages.rollout import left_pad, nucleus, pick, sample
+from kiln.model import KilnForCausalLM
+from kiln.rl.rollout import left_pad, nucleus, pick, sample
 from tests.tiny_models import V, tiny
 
 PAD = 0

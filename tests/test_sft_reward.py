@@ -83,7 +83,7 @@ def test_sft_model_answers_and_stops_at_end_of_turn(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.model  # noqa: F401
+    import kiln.model  # noqa: F401
     from data_prep.bpe import END
     from data_prep.task import make_prompt
 
@@ -108,9 +108,9 @@ def test_reward_model_judges_correctness_and_is_ready_for_ppo(tiny_run):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import stages.model  # noqa: F401
+    import kiln.model  # noqa: F401
     from data_prep.chat_data import load_records
-    from stages.chat_eval import score_pairs
+    from kiln.chat_eval import score_pairs
 
     _, cfg, _ = tiny_run
     rm, pre = artifact(cfg, "reward"), artifact(cfg, "pretrain")
@@ -157,7 +157,7 @@ def test_shipped_policy_pairs_are_what_the_sft_model_answers(tiny_run):
     exactly the shipped wrong answers, and the checking program labels them as the file does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.model  # noqa: F401
+    import kiln.model  # noqa: F401
     from data_prep import build_policy_pairs as bp
     from data_prep.build_task_data import CORPUS, select_sentences, split_sentences
     from data_prep.chat_data import load_records
@@ -189,7 +189,7 @@ def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
     from transformers import AutoTokenizer
 
     from data_prep.build_task_data import assistant, user
-    from stages.chat_eval import conversation_ids
+    from kiln.chat_eval import conversation_ids
     from stages.reward import within_length
 
     _, cfg, _ = tiny_run
@@ -221,7 +221,7 @@ def _stamp(line: str) -> float:
 def test_a_silent_ddp_fallback_fails_the_stage():
     from accelerate.utils import DistributedType
 
-    from stages.trl_bridge import check_deepspeed
+    from kiln.trl_bridge import check_deepspeed
 
     def trainer(kind, stage):
         plugin = SimpleNamespace(zero_stage=stage) if stage is not None else None
@@ -258,10 +258,10 @@ def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    import stages.model  # noqa: F401
+    import kiln.model  # noqa: F401
     from data_prep.chat_data import load_records, split_eval
+    from kiln.chat_eval import score_pairs
     from pipeline.runner import run_pipeline
-    from stages.chat_eval import score_pairs
 
     ref_root, ref_cfg, _ = tiny_run
     hh = tmp_path / "hh.jsonl"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.model import KilnConfig
+from kiln.model import KilnConfig
 
 V = 97  # vocabulary of the tiny models
 

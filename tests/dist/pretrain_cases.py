@@ -35,7 +35,7 @@ def main(out: Path) -> None:
         }  # fmt: skip
         train_worker(arg, EnvWorkerContext(out / name))
         dist.barrier()
-    # gloo can abort at interpreter exit after the work is done (ENVIRONMENT.md): leave cleanly.
+    # gloo can abort at interpreter exit after the work is done (a known PyTorch gloo shutdown race): leave cleanly.
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

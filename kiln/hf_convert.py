@@ -6,7 +6,7 @@
 
 A Kiln model is exactly Llama when it is dense with RoPE, RMSNorm, SwiGLU and no biases, and exactly Mixtral when,
 in addition, every layer is a top-k (k >= 2) MoE without a capacity limit. The exported folder then loads with
-plain `transformers` (no `import stages.model`), vLLM or llama.cpp's converters. Anything else is refused with the
+plain `transformers` (no `import kiln.model`), vLLM or llama.cpp's converters. Anything else is refused with the
 pipeline key that prevents it. Weight names, for layer i:
 
     Kiln                                   Llama                              Mixtral (on disk)
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
 
 log = logging.getLogger(__name__)
 

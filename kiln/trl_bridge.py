@@ -9,10 +9,11 @@ the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the exp
     export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, fp32, + tokenizer
 
 DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
-pretraining's (stages/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
+pretraining's (kiln/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
 Ray worker too, and `check_deepspeed` fails the stage if it did not, or with another ZeRO stage.
 
-The bridge (STYLE.md point 7) does five things and nothing else:
+The bridge (one small TrainerCallback, the whole of our extension of TRL's trainers) does five
+things and nothing else:
 - TRL's training logs -> one metrics row per step (`loss`, `lr`, `grad_norm`, the trainer's own
   metrics prefixed `train_`, `batch_crc` of the sample ids the step trained on) via `wctx.report`;
 - each evaluation -> one row (`val_loss` and the stage's held-out metrics from its `evaluate` function);
@@ -133,7 +134,7 @@ def setup_worker(wctx, cpus: float) -> None:
 
 def trainer_args(s: dict, seed: int, world: int, output_dir: str, fresh: bool) -> dict:
     """Keyword arguments shared by SFTConfig and RewardConfig, from the typed stage section."""
-    from stages.training import deepspeed_config
+    from kiln.training import deepspeed_config
 
     accum = s["global_batch_size"] // (world * s["micro_batch_size"])
     gpu = s["gpus_per_worker"] > 0
@@ -200,14 +201,14 @@ def check_deepspeed(trainer, zero_stage: int) -> None:
     if got != (DistributedType.DEEPSPEED, zero_stage):
         raise RuntimeError(
             f"accelerate came up as {got[0]} with ZeRO stage {got[1]}, not DeepSpeed ZeRO-{zero_stage}: "
-            "the TrainingArguments' deepspeed config was not applied (see ENVIRONMENT.md, TRL in a Ray worker)"
+            "the TrainingArguments' deepspeed config was not applied (inside a Ray worker accelerate comes up as plain DDP unless DeepSpeed is asked for)"
         )
 
 
 def resume_point(wctx, steps: int, key: str) -> tuple[str | None, dict]:
     """(checkpoint folder to resume from or None, the kiln_state.json saved with it). Tells `wctx`
     which: `resumed_from(step)` or `started_fresh()`."""
-    from stages.training import check_resumed
+    from kiln.training import check_resumed
 
     ckpt = wctx.checkpoint()
     if ckpt is None:
@@ -273,7 +274,7 @@ class KilnBridge(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         n = self.trainer.current_gradient_accumulation_steps
         mine = [i for _ in range(n) for i in self.batches.popleft()]
-        from stages.chat_eval import gather
+        from kiln.chat_eval import gather
 
         self.step_ids = [i for part in gather(mine, self.wctx.world_size) for i in part]
         self.wctx.progress(state.global_step, state.max_steps)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import signal
 from functools import lru_cache
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def export_engine(engine, make_model, out_dir, tokenizer_dir, zero_stage: int, r
     `make_model()`, a fresh module of the same class and config, so nothing of the engine leaks in."""
     import shutil
 
-    from stages.hf_convert import TOKENIZER_FILES
+    from kiln.hf_convert import TOKENIZER_FILES
 
     if zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
@@ -221,3 +222,72 @@ def peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def worker_device(wctx):
+    """This worker's device: its local GPU (made current), or the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(wctx.local_rank)
+        return torch.device("cuda", wctx.local_rank)
+    return torch.device("cpu")
+
+
+class PreemptionFlag:
+    """SIGTERM (a preemption notice) asks the loop to checkpoint at the end of the step, then exit.
+    Signal handlers can only be installed from the main thread; elsewhere (Ray Train runs the loop
+    in a thread) preemption is Ray's to handle, through the last reported checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def trainable(model, checkpointing: bool):
+    """Training mode for a model that is updated: `from_pretrained` returns eval mode, in which
+    transformers does not recompute checkpointed layers (activation checkpointing would save nothing). Dropout
+    is 0 (loaded so; as TRL's `disable_dropout`), so the mode changes no output: the rollout's
+    logprobs and values and the update's are the same function of the weights."""
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def engine(model, p, lr, accum, world):
+    """A DeepSpeed training engine around `model` with AdamW, as section `p` configures it."""
+    import deepspeed
+
+    optimizer = adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p["weight_decay"])
+    config = deepspeed_config(
+        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
+        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
+    )  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def frozen(model, p, device):
+    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3, else on the device."""
+    model.requires_grad_(False).eval()
+    if p["zero_stage"] == 3:
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": p["micro_batch_size"],
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": p["precision"] == "bf16"},
+            "fp16": {"enabled": p["precision"] == "fp16"},
+        }
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.module.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p["precision"], torch.float32)
+    return model.to(device=device, dtype=dtype)

@@ -43,7 +43,7 @@ def conversation_ids(tok, messages: list[dict]) -> list[int]:
 
 
 def decode_responses(tok, roll, stops: list[int]) -> list[str]:
-    """The text of each response of a stages.rollout.Rollout, without its stop token."""
+    """The text of each response of a kiln.rl.rollout.Rollout, without its stop token."""
     answers = []
     for row, mask in zip(roll.response, roll.response_mask, strict=True):
         tokens = row[mask.bool()].tolist()

@@ -131,3 +131,8 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
 
         dist.all_reduce(left)
     return int(left) == 0
+
+
+def rollout_seed(seed: int, it: int, position: int) -> int:
+    """The generator seed of the prompt at `position` of iteration `it`'s rollout batch."""
+    return (seed * 1_000_003 + it) * 100_003 + position

@@ -1,9 +1,9 @@
 """Kiln's GPT decoder: one readable file, a `transformers` model so TRL, `AutoModel…` and `generate()` work.
 
-    from stages.model import KilnForCausalLM, build_config
+    from kiln.model import KilnForCausalLM, build_config
     model = KilnForCausalLM(build_config(cfg.model.__dict__, vocab_size=16000, pad_token_id=0, eos_token_id=1))
     out = model(input_ids, labels=input_ids)          # out.loss, out.lm_loss, out.aux_loss, out.z_loss, out.moe_stats
-    model.save_pretrained(d); AutoModelForCausalLM.from_pretrained(d)   # after `import stages.model`
+    model.save_pretrained(d); AutoModelForCausalLM.from_pretrained(d)   # after `import kiln.model`
 
 Architecture: pre-norm blocks (RMSNorm or LayerNorm); attention with `num_key_value_heads` (MHA / GQA / MQA)
 through `F.scaled_dot_product_attention`; positions by RoPE (Su et al. 2021), ALiBi (Press et al. 2021) or a
@@ -137,7 +137,8 @@ def build_config(
         moe_every=model["moe_every"],
         moe_intermediate_size=model["moe_d_ff"],
         capacity_factor=model["capacity_factor"],
-        # A dense model keeps both coefficients at 0 so TRL's aux-loss path stays off (ENVIRONMENT.md).
+        # A dense model keeps both coefficients at 0 so TRL's aux-loss path stays off (TRL turns it on
+        # for a config with output_router_logits and a non-zero router_aux_loss_coef).
         router_aux_loss_coef=model["aux_loss_coef"] if moe else 0.0,
         router_z_loss_coef=model["z_loss_coef"] if moe else 0.0,
         output_router_logits=moe,
@@ -678,7 +679,7 @@ class KilnForCausalLM(KilnPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        # Router outputs are a training signal; with a KV cache they also broke HF Mixtral (ENVIRONMENT.md).
+        # Router outputs are a training signal; with a KV cache they also broke HF Mixtral's generate().
         inputs["output_router_logits"] = False
         return inputs
 
@@ -737,7 +738,7 @@ class KilnForSequenceClassification(KilnPreTrainedModel):
         return KilnSequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
-# Registration at import (idempotent): `AutoModelForCausalLM.from_pretrained(dir)` works after `import stages.model`.
+# Registration at import (idempotent): `AutoModelForCausalLM.from_pretrained(dir)` works after `import kiln.model`.
 AutoConfig.register("kiln", KilnConfig, exist_ok=True)
 AutoModel.register(KilnConfig, KilnModel, exist_ok=True)
 AutoModelForCausalLM.register(KilnConfig, KilnForCausalLM, exist_ok=True)
