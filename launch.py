@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--from", dest="start", help="re-run this stage and everything downstream")
     submit.add_argument("--until", help="stop after this stage")
     submit.add_argument("--wandb", choices=["online", "offline", "disabled"], help="W&B mode (run.wandb)")
+    submit.add_argument(
+        "--rebuild-changed",
+        action="store_true",
+        help="rebuild complete stages whose code changed since they were built",
+    )
     submit.add_argument("--python", default="python", help="interpreter on the head (default: python)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.set_defaults(func=cmd_submit)

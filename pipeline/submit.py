@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT
+from pipeline.files import is_remote
 
 EXCLUDES = [
     "runs/", ".venv/", "venv/", "wandb/", ".git/", ".whl/", ".gpu/", "build/", "*.egg-info/",
@@ -68,7 +69,7 @@ def entrypoint(args, cfg, python: str = "python") -> str:
             "travels to the cluster; copy it into configs/"
         ) from None
     root = cfg.run.root
-    if "://" not in root and not Path(root).is_absolute():
+    if not is_remote(root) and not Path(root.removeprefix("file://")).is_absolute():
         raise SubmitError(
             f"--root {root}: a job needs a root every node and this machine can reach, not a folder "
             "inside its temporary working directory: use s3://bucket/prefix or an absolute path on a "
@@ -83,6 +84,8 @@ def entrypoint(args, cfg, python: str = "python") -> str:
             cmd += [flag, value]
     if args.wandb:
         cmd += ["--wandb", args.wandb]
+    if getattr(args, "rebuild_changed", False):
+        cmd += ["--rebuild-changed"]
     cmd += ["--address", "auto"]
     return shlex.join(cmd)
 

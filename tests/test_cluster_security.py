@@ -91,7 +91,7 @@ def _loopback(address: str) -> bool:
 def _submit_args(**kw):
     ns = argparse.Namespace(
         config=None, set=[], root=None, name=None, only=None, start=None, until=None, wandb=None,
-        address="http://127.0.0.1:9", python="python", no_wait=False,
+        rebuild_changed=False, address="http://127.0.0.1:9", python="python", no_wait=False,
     )  # fmt: skip
     for k, v in kw.items():
         setattr(ns, k, v)
@@ -108,11 +108,11 @@ def test_submit_refuses_roots_and_configs_a_cluster_cannot_use(tmp_path):
     with pytest.raises(SubmitError, match="inside the project"):
         entrypoint(_submit_args(config=str(outside)), load_config(outside, ["run.root=s3://b/p"]))
 
-    args = _submit_args(set=["pretrain.steps=3"], until="tokenize", wandb="offline")
+    args = _submit_args(set=["pretrain.steps=3"], until="tokenize", wandb="offline", rebuild_changed=True)
     cmd = entrypoint(args, load_config(None, ["pretrain.steps=3", "run.root=s3://b/p"]))
     assert cmd == (
         "python launch.py run configs/tiny.yaml --set pretrain.steps=3 --root s3://b/p --name tiny "
-        "--until tokenize --wandb offline --address auto"
+        "--until tokenize --wandb offline --rebuild-changed --address auto"
     )
     # the CLI: a config error or an unknown stage fails before any connection (port 9 is closed)
     for extra, expected in (
