@@ -92,7 +92,7 @@ def test_status_fits_80_columns_and_wide_shows_every_metric(done, monkeypatch, c
 def edited_project(tmp_path, monkeypatch):
     """A scratch copy of the project's code as fingerprint.py reads it, to edit."""
     scratch = tmp_path / "project"
-    for rel in ("pipeline", "stages", "data_prep", "tests"):
+    for rel in (*fingerprint.project_packages(), "tests"):
         shutil.copytree(PROJECT_ROOT / rel, scratch / rel, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT_ROOT / "pyproject.toml", scratch)
     monkeypatch.setattr(fingerprint, "PROJECT_ROOT", scratch)

@@ -81,6 +81,7 @@ def test_pretrained_model_is_a_transformers_model(tiny_run):
 def test_second_run_runs_nothing_and_leaves_the_report_alone(tiny_run, monkeypatch, capsys):
     root, cfg, _ = tiny_run
     monkeypatch.setattr("pipeline.runner._init_ray", _no_ray)
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
     report = root / cfg.run.name / "report.html"
     had = report.read_bytes() if report.exists() else None
     capsys.readouterr()

@@ -132,7 +132,7 @@ def test_ppo_updates_its_models_in_training_mode_so_checkpointing_recomputes():
     import torch
 
     from kiln.model import KilnForCausalLM
-    from stages.ppo import _trainable
+    from kiln.training import trainable
     from tests.tiny_models import V, tiny
 
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def test_ppo_updates_its_models_in_training_mode_so_checkpointing_recomputes():
 
     model.gradient_checkpointing_enable()
     assert attention_passes() == 2  # eval mode: checkpointing is silently off
-    _trainable(model, checkpointing=True)
+    trainable(model, checkpointing=True)
     assert model.training and attention_passes() == 4  # each of the 2 blocks again in backward
     assert torch.equal(model(input_ids=x).logits, want)
 
