@@ -44,7 +44,7 @@ def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_p
     rows = {r["stage"]: r for r in json.loads(done.stdout)}
     assert {s: r["action"] for s, r in rows.items()} == dict.fromkeys(PIPELINE.order, "skip")
     assert rows["ingest"]["notes"] == ["code changed since it was built: pipeline/config.py"]
-    assert rows["pretrain"]["notes"] == ["code changed since it was built: pipeline/config.py, kiln/model.py"]
+    assert rows["pretrain"]["notes"] == ["code changed since it was built: kiln/model.py, pipeline/config.py"]
 
     rebuild = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json", "--rebuild-changed")
     assert rebuild.returncode == 0, rebuild.stderr
