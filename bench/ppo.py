@@ -202,7 +202,8 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
         )
         t1 = time.perf_counter()
         convs = [prompts[j] for j in order]
-        exp, _ = S.experience(roll, convs, actor, ref, reward, critic, tok, arg, p, p["kl_coef"], 1)
+        models = S.Models(actor=actor, critic=critic, ref=ref, reward=reward)
+        exp, _ = S.experience(roll, convs, models, tok, arg, p, p["kl_coef"], 1)
         t2 = time.perf_counter()
         S.ppo_update(actor, critic, exp, p, mini, 1, np.random.default_rng([seed, it, 0]))
         t3 = time.perf_counter()

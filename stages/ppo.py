@@ -49,14 +49,46 @@ import shutil
 import tempfile
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.context import Scaling
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
+
+
+@dataclass
+class Models:
+    """The four models of a PPO rank: the policy and value model it trains (DeepSpeed engines), the
+    frozen reference (the SFT policy) the KL is measured against, and the reward model."""
+
+    actor: object
+    critic: object
+    ref: object
+    reward: object
+
+
+@dataclass
+class Experience:
+    """What the update needs from one rollout batch (this rank's B rollouts: P prompt tokens, left
+    padded, then R response tokens), computed once before the update's epochs."""
+
+    tokens: Tensor  # (B, P + R) long: prompt and response token ids
+    mask: Tensor  # (B, P + R) long: 1 on real tokens
+    P: int  # the padded prompt width: responses start at column P
+    rmask: Tensor  # (B, R) float: the response part of `mask` (1 on generated tokens, 0 after the end)
+    old_logp: Tensor  # (B, R) the rollout policy's logprob of each response token
+    old_values: Tensor  # (B, R) the critic's value at the position before each response token
+    advantages: Tensor  # (B, R) GAE advantages, whitened over the batch when configured
+    returns: Tensor  # (B, R) GAE returns: the critic's target
+    value_norm: tuple[float, float]  # (shift, scale): a value is (critic output - shift) / scale
+
 
 log = logging.getLogger("kiln.ppo")
 
@@ -261,7 +293,9 @@ def train_worker(arg: dict, wctx) -> dict:
 
         # 2. experience
         convs = [q["messages"] for q in prompts]
-        exp, row = experience(roll, convs, actor, ref, reward, critic, tok, arg, p, kl_ctl.value, world)
+        exp, row = experience(
+            roll, convs, Models(actor, critic, ref, reward), tok, arg, p, kl_ctl.value, world
+        )
         # 3. update
         rng = np.random.default_rng([seed, it, rank])
         row |= ppo_update(actor, critic, exp, p, mini, world, rng)
@@ -309,7 +343,9 @@ def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
                   top_p=p["top_p"], stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
 
 
-def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, world):
+def experience(
+    roll, prompts, models: Models, tok, arg, p, kl_coef: float, world: int
+) -> tuple[Experience, dict]:
     """Everything the update needs from one rollout batch, and the rollout's metrics.
     Forward passes in micro-batches; rewards, GAE and whitening over the whole batch."""
     import torch
@@ -323,9 +359,9 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     with torch.no_grad():
         for i in range(0, roll.tokens.shape[0], micro):
             x, m = roll.tokens[i : i + micro], roll.mask[i : i + micro]
-            old_logp.append(_logprobs(actor, x, m, P, p["temperature"]))
-            ref_logp.append(_logprobs(ref, x, m, P, p["temperature"]))
-            values.append(_values(critic, x, m, P, arg["value_norm"]))
+            old_logp.append(_logprobs(models.actor, x, m, P, p["temperature"]))
+            ref_logp.append(_logprobs(models.ref, x, m, P, p["temperature"]))
+            values.append(_values(models.critic, x, m, P, arg["value_norm"]))
     old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, R)
 
     answers = decode_responses(tok, roll, stops)
@@ -337,7 +373,7 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     else:
         convs = [q + [{"role": "assistant", "content": a}] for q, a in zip(prompts, answers, strict=True)]
         raw = torch.tensor(
-            score_conversations(reward, tok, convs, batch_size=micro), device=values.device
+            score_conversations(models.reward, tok, convs, batch_size=micro), device=values.device
         )  # (B,)
         score = (raw - arg["reward_mean"]) / arg["reward_std"]
     score = M.eos_penalty(score, roll.ended, p["missing_eos_penalty"])
@@ -347,8 +383,10 @@ def experience(roll, prompts, actor, ref, reward, critic, tok, arg, p, kl_coef, 
     advantages, returns = M.gae(rewards, values, rmask, p["gamma"], p["lam"])
     if p["whiten_advantages"]:
         advantages = M.masked_whiten(advantages, rmask, reduce=_sum_over_ranks if world > 1 else None)
-    exp = {"tokens": roll.tokens, "mask": roll.mask, "P": P, "rmask": rmask, "old_logp": old_logp,
-           "old_values": values, "advantages": advantages, "returns": returns, "value_norm": arg["value_norm"]}  # fmt: skip
+    exp = Experience(
+        tokens=roll.tokens, mask=roll.mask, P=P, rmask=rmask, old_logp=old_logp, old_values=values,
+        advantages=advantages, returns=returns, value_norm=arg["value_norm"],
+    )  # fmt: skip
     per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
     row = {
         "rollout_task_accuracy": _checked(prompts, answers) if arg["task_prompts"] else None,
@@ -406,7 +444,7 @@ def _sum_over_ranks(t):
     return t
 
 
-def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:
+def ppo_update(actor, critic, exp: Experience, p, mini: int, world: int, rng) -> dict:
     """`ppo_epochs` passes over this rank's rollouts in mini-batches of `mini` (its share of
     `mini_batch_size`); each mini-batch is one optimizer step of the actor and of the critic."""
     import torch
@@ -414,30 +452,30 @@ def ppo_update(actor, critic, exp, p, mini: int, world: int, rng) -> dict:
 
     from kiln.rl import ppo_math as M
 
-    n, micro, P = exp["tokens"].shape[0], p["micro_batch_size"], exp["P"]
+    n, micro, P = exp.tokens.shape[0], p["micro_batch_size"], exp.P
     sums: dict[str, float] = {}
     steps = p["ppo_epochs"] * (n // mini)
     for _ in range(p["ppo_epochs"]):
         order = torch.from_numpy(rng.permutation(n))
         for k in range(0, n, mini):
             batch = order[k : k + mini]
-            tokens = exp["rmask"][batch].sum().detach()
+            tokens = exp.rmask[batch].sum().detach()
             if world > 1:  # the token mean runs over the whole mini-batch, every rank's share
                 dist.all_reduce(tokens)
             for a in range(0, mini, micro):
                 idx = batch[a : a + micro]
-                x, m, rmask = exp["tokens"][idx], exp["mask"][idx], exp["rmask"][idx]
+                x, m, rmask = exp.tokens[idx], exp.mask[idx], exp.rmask[idx]
                 logits = _response_logits(actor, x, m, P, p["temperature"])  # (b, R, V)
                 logp = M.logprobs_from_logits(logits, x[:, P:])
-                pg, stats = M.policy_loss(logp, exp["old_logp"][idx], exp["advantages"][idx], rmask, p["clip_eps"], tokens)  # fmt: skip
+                pg, stats = M.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], rmask, p["clip_eps"], tokens)  # fmt: skip
                 entropy = M.entropy_from_logits(logits.detach() if not p["entropy_coef"] else logits, rmask)
                 loss = pg - p["entropy_coef"] * entropy * rmask.sum() / tokens
                 # DeepSpeed averages gradients over ranks; the token mean already sums them
                 actor.backward(loss * world, scale_wrt_gas=False)
                 actor.step()
 
-                values = _values(critic, x, m, P, exp["value_norm"])
-                vf, vstats = M.value_loss(values, exp["old_values"][idx], exp["returns"][idx], rmask, p["value_clip_eps"], tokens)  # fmt: skip
+                values = _values(critic, x, m, P, exp.value_norm)
+                vf, vstats = M.value_loss(values, exp.old_values[idx], exp.returns[idx], rmask, p["value_clip_eps"], tokens)  # fmt: skip
                 critic.backward(vf * world, scale_wrt_gas=False)
                 critic.step()
 
