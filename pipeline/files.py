@@ -1,6 +1,6 @@
 """Files of an artifact: its manifest, what is wrong with it, atomic JSON; and what a root is.
 
-Shared by the artifact store (pipeline/artifacts.py) and its object-store side (pipeline/remote.py).
+Shared by the artifact store (pipeline/artifacts.py) and its roots (pipeline/roots.py, pipeline/remote.py).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ re-run with the same name and storage path (the stage's work dir) resumes from i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -74,7 +75,7 @@ class RayStageContext(StageContext):
             driver_run_dir=str(self.store.run_dir) if self.store else None,
         )  # fmt: skip
         if not self.shared_work:
-            self.store._remote.delete_tree(where.outbox)  # nothing left from an earlier attempt
+            self.store.files.delete_tree(where.outbox)  # nothing left from an earlier attempt
         storage_path, storage_fs = (
             self.store.train_storage(self.stage, self.work_key)
             if self.store
@@ -122,10 +123,10 @@ class RayStageContext(StageContext):
             drainer.join()
             ray.kill(queue.actor)
         if not self.shared_work:  # files the ranks on other nodes wrote into their work dirs
-            got = self.store._remote.download_tree(where.outbox, self.work_dir)
+            got = self.store.files.download_tree(where.outbox, self.work_dir)
             if got:
                 self.logger.info("%s: %d file(s) from workers on other nodes", self.stage, len(got))
-            self.store._remote.delete_tree(where.outbox)
+            self.store.files.delete_tree(where.outbox)
         return [results.get(r) for r in range(scaling.num_workers)]
 
     def _drain(self, queue, results, stop):
@@ -242,14 +243,13 @@ class _Placement:
     def announce(self, wctx) -> None:
         """worker_pids/rank<r> = "pid node_id" in the stage's work dir: where each rank runs, for
         operators (and for tests that kill one)."""
-        text = f"{os.getpid()} {wctx.node_id}\n"
+        text, rel = f"{os.getpid()} {wctx.node_id}\n", f"worker_pids/rank{wctx.rank}"
         try:
-            if not self.remote:
-                path = Path(self.work_dir) / "worker_pids" / f"rank{wctx.rank}"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(text)
-            else:
-                self._store().write_work_file(self.stage, self.work_key, f"worker_pids/rank{wctx.rank}", text)
+            if self.root is None:  # a context without a store: the work dir is this machine's
+                (Path(self.work_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(self.work_dir) / rel).write_text(text)
+            else:  # through the root: the driver's work dir (NFS), or the object store
+                self._store().write_work_file(self.stage, self.work_key, rel, text)
         except OSError as e:  # informational only
             log.warning("could not record rank %d's pid: %s", wctx.rank, e)
 
@@ -275,7 +275,7 @@ class _Placement:
                 and p.stat().st_mtime >= since - 1
                 and not rel.startswith(("ray/", "worker_pids/"))
             ):
-                store._remote.upload_file(p, f"{self.outbox}/{rel}")
+                store.files.upload_file(p, f"{self.outbox}/{rel}")
         log.info("rank %d sent its work-dir files back through %s", rank, store.root)
 
 

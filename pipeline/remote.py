@@ -8,6 +8,7 @@ root, downloaded once per artifact and checked against the manifest.
 The run's working state lives under the same prefix (`.work/<stage>-<key>/`: Ray Train checkpoints
 through `storage_filesystem`, and copies of progress.json, metrics.jsonl, wandb_run.json; `logs/`),
 so any node, and `status` on any machine, sees it; pipeline/artifacts.py decides what goes where.
+`RemoteRoot` is the object-store `Root` (pipeline/roots.py): the interface the artifact store uses.
 
 S3 credentials come from the usual places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws,
 instance roles) through pyarrow; `AWS_ENDPOINT_URL` points at an S3-compatible server.
@@ -22,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.files import MANIFEST, Problem, verify_files
+from pipeline.roots import Root, move_dir
 
 S3_ATTEMPTS = 10
 """Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""
@@ -47,8 +49,13 @@ def s3_filesystem(uri: str):
     )  # fmt: skip
 
 
-class RemoteRoot:
-    def __init__(self, uri: str):
+class RemoteRoot(Root):
+    """A run's folder on an object store; `run_dir` is its cache on this machine, in `cache_dir`
+    (default: $KILN_CACHE, else ~/.cache/kiln), in a folder keyed by the run's URI."""
+
+    remote = True
+
+    def __init__(self, uri: str, cache_dir: str | Path | None = None):
         from pyarrow import fs
 
         self.uri_root = uri.rstrip("/")
@@ -57,6 +64,9 @@ class RemoteRoot:
         else:
             self.fs, self.base = fs.FileSystem.from_uri(uri)
             self.base = self.base.rstrip("/")
+        cache = Path(cache_dir or os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+        self.run_dir = cache / self.cache_key()
+        self.staging_dir = self.run_dir / ".staging"
 
     def cache_key(self) -> str:
         return hashlib.sha256(self.uri_root.encode()).hexdigest()[:16]
@@ -113,6 +123,9 @@ class RemoteRoot:
             tmp.rename(dest)
         return dest
 
+    def local_path(self, name: str) -> Path:
+        return self.download(name, self.run_dir)
+
     def _copy_down(self, name: str, dest: Path) -> None:
         from pyarrow import fs
 
@@ -139,17 +152,32 @@ class RemoteRoot:
             ):
                 shutil.copyfileobj(src, out, 1 << 20)
 
-    def previous(self, stage: str) -> list[dict]:
+    def commit(self, staging: Path, name: str, manifest: dict) -> dict | None:
+        """Upload (the manifest last), drop the staging folder, and read the manifest back."""
+        self.upload(staging, name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return self.check(name, deep=False)[0]
+
+    def move_artifact(self, old: str, new: str, manifest: dict) -> None:
+        """Server-side copies of its files, the manifest written last, then `old` deleted."""
+        self.copy_tree(old, new, skip=MANIFEST)
+        self.write_json(f"{new}/{MANIFEST}", manifest)
+        self.delete_tree(old)
+
+    def manifests(self, prefix: str) -> list[dict]:
         from pyarrow import fs
 
         found = []
         for info in self.fs.get_file_info(fs.FileSelector(self.base, allow_not_found=True)):
             name = info.path.rsplit("/", 1)[-1]
-            if info.type == fs.FileType.Directory and name.startswith(f"{stage}-"):
+            if info.type == fs.FileType.Directory and name.startswith(prefix):
                 manifest = self._read_manifest(name)
                 if manifest:
                     found.append(manifest)
-        return sorted(found, key=lambda m: m.get("created", 0), reverse=True)
+        return found
+
+    def train_storage(self, rel: str) -> tuple[str, object | None]:
+        return f"{self.base}/{rel}", self.fs
 
     # -- single files under the run prefix (work dirs, logs) -------------------------------------
 
@@ -170,9 +198,24 @@ class RemoteRoot:
         with self.fs.open_output_stream(f"{self.base}/{rel}") as out:
             out.write(data)
 
+    def write_json(self, rel: str, data) -> None:
+        self.write_bytes(rel, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
     def upload_file(self, local: Path, rel: str) -> None:
         with open(local, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as out:
             shutil.copyfileobj(src, out, 1 << 20)
+
+    def push(self, rel: str) -> None:
+        if (self.run_dir / rel).is_file():
+            self.upload_file(self.run_dir / rel, rel)
+
+    def pull(self, rel: str, keep_longer: bool = False) -> None:
+        mine = self.run_dir / rel
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        data = self.read_bytes(rel)
+        if data is None or (keep_longer and mine.is_file() and mine.stat().st_size > len(data)):
+            return
+        mine.write_bytes(data)
 
     def list_files(self, rel: str) -> dict[str, int]:
         """Files under `rel/` (relative to it) -> size."""
@@ -203,6 +246,12 @@ class RemoteRoot:
                 continue
             to = next((new + f[len(old) :] for old, new in (rename or {}).items() if f.startswith(old)), f)
             self.fs.copy_file(f"{self.base}/{src}/{f}", f"{self.base}/{dst}/{to}")
+
+    def move_tree(self, src: str, dst: str, rename: dict[str, str]) -> None:
+        if not self.list_files(dst):
+            self.copy_tree(src, dst, rename=rename)
+            self.delete_tree(src)
+        move_dir(self.run_dir / src, self.run_dir / dst, rename)
 
     def delete_tree(self, rel: str) -> None:
         """Every object under `rel/`, its manifest first (so it is never read as complete meanwhile)."""

@@ -163,7 +163,7 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
     store = ArtifactStore(root, cfg.run.name, cache_dir=tmp_path / "cache-test")
     ref_plan = {p.name: p for p in ref_outcome.plan}  # as the uninterrupted run made them
     for stage in ("ingest", "tokenizer", "tokenize"):  # the same data: only pretraining runs
-        store._remote.upload(Path(ref_plan[stage].path), Path(ref_plan[stage].path).name)
+        store.files.upload(Path(ref_plan[stage].path), Path(ref_plan[stage].path).name)
     plan = {p.name: p for p in make_plan(cfg, PIPELINE, store, Selection(until="pretrain"))}
     assert [n for n, p in plan.items() if p.action == "run"] == ["pretrain"]
     assert plan["pretrain"].fingerprint == ref_plan["pretrain"].fingerprint
@@ -243,7 +243,7 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
         i.path for i in files.get_file_info(fs.FileSelector(f"{BUCKET}/multinode/tiny/.work", recursive=True))
     ]
     assert any("/ray/" in p and "/checkpoint_" in p for p in checkpoints)  # Ray Train wrote to S3
-    assert "pretrain.log" in store._remote.list_files("logs")  # the stage log, in the shared root
+    assert "pretrain.log" in store.files.list_files("logs")  # the stage log, in the shared root
     assert_no_secrets(
         s3, f"{BUCKET}/multinode", [cluster.base, tmp_path, *cluster.temp_dirs()], [log.read_text()]
     )

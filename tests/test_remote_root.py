@@ -69,7 +69,7 @@ def test_artifacts_on_s3_commit_verify_rerun_and_tamper(s3env, tmp_path):
 
     # a forced re-run: the old manifest goes first, then its files; none linger
     _commit(store, "a", "f1", {"z.txt": b"new"})
-    listed = store._remote.list_files("a-f1")
+    listed = store.files.list_files("a-f1")
     assert sorted(listed) == [MANIFEST, "z.txt"]
 
     # tampering: another size is seen on every check, the same size only by sha256
@@ -99,8 +99,8 @@ def test_adopting_an_artifact_moves_it_with_its_work_dir(s3env, tmp_path, root):
     )
     art = _commit(store, "a", "old", {"x.bin": b"x" * 100, "sub/y.txt": b"hello"})
     if root == "s3":
-        store._remote.write_bytes(".work/a-k0/ray/a-k0/checkpoint_1/state.bin", b"state")
-        store._remote.write_bytes(".work/a-k0/progress.json", b'{"step": 3}')
+        store.files.write_bytes(".work/a-k0/ray/a-k0/checkpoint_1/state.bin", b"state")
+        store.files.write_bytes(".work/a-k0/progress.json", b'{"step": 3}')
     else:
         (store.work_dir("a", "k0") / "ray" / "a-k0" / "checkpoint_1").mkdir(parents=True)
         (store.work_dir("a", "k0") / "progress.json").write_text('{"step": 3}')
@@ -112,11 +112,11 @@ def test_adopting_an_artifact_moves_it_with_its_work_dir(s3env, tmp_path, root):
     assert store.check("a", "old")[0] is None
     assert store.progress("a", "k1") == {"step": 3}
     if root == "s3":
-        assert sorted(store._remote.list_files(".work/a-k1")) == [
+        assert sorted(store.files.list_files(".work/a-k1")) == [
             "progress.json",
             "ray/a-k1/checkpoint_1/state.bin",
         ]
-        assert store._remote.list_files(".work/a-k0") == {} and store._remote.list_files("a-old") == {}
+        assert store.files.list_files(".work/a-k0") == {} and store.files.list_files("a-old") == {}
     else:
         assert (store.work_dir("a", "k1") / "ray" / "a-k1" / "checkpoint_1").is_dir()
         assert not store.work_dir("a", "k0").exists() and not (store.run_dir / "a-old").exists()
@@ -133,7 +133,7 @@ def test_work_state_is_shared_through_the_root(s3env, tmp_path):
     (work / "big-local-thing.bin").write_bytes(b"0" * 100)
     a.save_work("train", "k1")
     assert b.progress("train", "k1") == {"step": 7, "total": 10}  # `status` anywhere
-    assert sorted(a._remote.list_files(".work/train-k1")) == ["metrics.jsonl", "progress.json"]
+    assert sorted(a.files.list_files(".work/train-k1")) == ["metrics.jsonl", "progress.json"]
 
     b.restore_work("train", "k1")  # the stage starts again on node b
     assert (b.work_dir("train", "k1") / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
@@ -282,9 +282,9 @@ def test_pipeline_on_an_s3_root(s3env, tmp_path):
     c = other.find("c", rows["c"]["fingerprint"])
     assert (c.path / "model.txt").read_text() == "trained on 5"
     assert json.loads((c.path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 0.5
-    logs = other._remote.list_files("logs")
+    logs = other.files.list_files("logs")
     assert {"a.log", "b.log", "c.log"} <= set(logs)
-    work = other._remote.list_files(".work")
+    work = other.files.list_files(".work")
     assert any(k.startswith("c-") and "/ray/" in k for k in work)  # Ray Train's storage on S3
     assert any(k.startswith("b-") and k.endswith("/metrics.jsonl") for k in work)
     assert any(k.startswith("b-") and k.endswith("/progress.json") for k in work)
