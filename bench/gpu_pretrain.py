@@ -15,7 +15,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ MOE = ModelConfig(
 
 def stage_run(model_cfg: ModelConfig, precision: str, tokens: Path, steps: int, micro: int) -> dict:
     """The pretraining stage's worker loop under torchrun; median tokens/s and MFU after warm-up."""
-    from stages.pretrain import train_worker
+    from stages.pretrain import PretrainJob, Vocab, train_worker
 
     pcfg = PretrainConfig(
         steps=steps, num_workers=1, gpus_per_worker=1, zero_stage=2, precision=precision, micro_batch_size=micro,
@@ -62,13 +61,12 @@ def stage_run(model_cfg: ModelConfig, precision: str, tokens: Path, steps: int, 
         eval_batches=1,
     )  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="kiln-gpu-"))
-    arg = {
-        "model": asdict(model_cfg), "pretrain": asdict(pcfg), "seed": 0, "tokens_dir": str(tokens),
-        "tokenizer_dir": str(tokens), "vocab": {"size": VOCAB, "pad": 0, "eos": 1, "bos": None},
-        "export_dir": str(work / "export"), "wandb_run_id": None,
-    }  # fmt: skip
+    job = PretrainJob(
+        section=pcfg, model=model_cfg, seed=0, tokens_dir=tokens, tokenizer_dir=tokens,
+        vocab=Vocab(size=VOCAB, pad=0, eos=1, bos=None), export_dir=work / "export", wandb_run_id=None,
+    )  # fmt: skip
     wctx = EnvWorkerContext(work)
-    train_worker(arg, wctx)
+    train_worker(job, wctx)
     rows = wctx.metrics.rows()[5:]  # skip warm-up steps
     out = {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
@@ -113,7 +111,7 @@ def hf_twin(model_cfg: ModelConfig):
     from kiln.model import build_config
 
     fmt = "mixtral" if model_cfg.n_experts else "llama"
-    hf_config = to_hf_config(build_config(asdict(model_cfg), VOCAB, 0, 1), fmt)
+    hf_config = to_hf_config(build_config(model_cfg, VOCAB, 0, 1), fmt)
     return fmt.capitalize(), AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
 
 
@@ -123,7 +121,7 @@ def flash_in_use(model_cfg: ModelConfig) -> bool:
 
     from kiln.model import KilnForCausalLM, build_config
 
-    model = KilnForCausalLM(build_config(asdict(model_cfg), VOCAB, 0, 1)).to(DEVICE).to(torch.bfloat16)
+    model = KilnForCausalLM(build_config(model_cfg, VOCAB, 0, 1)).to(DEVICE).to(torch.bfloat16)
     x = torch.randint(2, VOCAB, (2, SEQ), device=DEVICE)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.no_grad():
@@ -159,7 +157,7 @@ def main() -> None:
     )
     rows = []
     for name, mcfg in (("dense", DENSE), ("moe", MOE)):
-        ours = KilnForCausalLM(build_config(asdict(mcfg), VOCAB, 0, 1))
+        ours = KilnForCausalLM(build_config(mcfg, VOCAB, 0, 1))
         total, active = ours.num_parameters_total(), ours.num_parameters_active()
         hf_name, hf = hf_twin(mcfg)
         for precision in precisions:

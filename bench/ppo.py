@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def random_policy(out: Path, texts: list[str]) -> None:
 
     tok = train_bpe(texts, vocab_size=CFG.tokenizer.vocab_size, min_frequency=2)
     torch.manual_seed(0)
-    config = build_config(asdict(CFG.model), len(tok), tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
+    config = build_config(CFG.model, len(tok), tok.pad_token_id, tok.eos_token_id, tok.bos_token_id)
     KilnForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -167,7 +166,7 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     os.environ["LOCAL_RANK"] = "0"
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    p = asdict(CFG.ppo)
+    p = CFG.ppo
     tok = AutoTokenizer.from_pretrained(policy_dir)
     stops = stop_ids(tok)
     prompts = task_prompts()
@@ -179,20 +178,19 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
     config.pad_token_id = tok.pad_token_id
     critic, reward = KilnForSequenceClassification(config), KilnForSequenceClassification(config)
     for model in (policy, critic):  # as the stage: training mode, dropout 0
-        T.trainable(model, p["activation_checkpointing"])
-    mini = p["mini_batch_size"]
-    accum = mini // p["micro_batch_size"]
-    actor, critic = T.engine(policy, p, p["lr"], accum, 1), T.engine(critic, p, p["critic_lr"], accum, 1)
+        T.trainable(model, p.activation_checkpointing)
+    mini = p.mini_batch_size
+    accum = mini // p.micro_batch_size
+    actor, critic = T.engine(policy, p, p.lr, accum, 1), T.engine(critic, p, p.critic_lr, accum, 1)
     ref, reward = T.frozen(ref, p, torch.device("cpu")), T.frozen(reward, p, torch.device("cpu"))
     # experience() also checks the sampled answers with the task's program when there are task prompts
-    arg = {
-        "reward_mean": 0.0,
-        "reward_std": 1.0,
-        "value_norm": (0.0, 1.0),
-        "task_prompts": bool(p["task_prompts"]),
-    }
+    job = S.PpoJob(
+        section=p, seed=CFG.run.seed, export_dir=policy_dir, wandb_run_id=None, sft_dir=policy_dir,
+        reward_dir=policy_dir, reward_mean=0.0, reward_std=1.0, value_norm=(0.0, 1.0), prompts=[],
+        task_prompts=prompts if p.task_prompts else [],
+    )  # fmt: skip
     times: dict[str, list[float]] = {"gen": [], "experience": [], "update": []}
-    seed, n = CFG.run.seed, p["rollout_batch_size"]
+    seed, n = CFG.run.seed, p.rollout_batch_size
     for it in range(a.ppo_iterations):
         order = T.global_batch(it, n, len(prompts), seed)
         t0 = time.perf_counter()
@@ -203,7 +201,7 @@ def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
         t1 = time.perf_counter()
         convs = [prompts[j] for j in order]
         models = S.Models(actor=actor, critic=critic, ref=ref, reward=reward)
-        exp, _ = S.experience(roll, convs, models, tok, arg, p, p["kl_coef"], 1)
+        exp, _ = S.experience(roll, convs, models, tok, job, p.kl_coef, 1)
         t2 = time.perf_counter()
         S.ppo_update(actor, critic, exp, p, mini, 1, np.random.default_rng([seed, it, 0]))
         t3 = time.perf_counter()

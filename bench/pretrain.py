@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,20 +37,19 @@ def stage_throughput(tokens: Path, steps: int) -> tuple[float, float]:
 
     from pipeline.context import Scaling
     from pipeline.ray_context import RayStageContext
-    from stages.pretrain import train_worker
+    from stages.pretrain import PretrainJob, Vocab, train_worker
 
     os.environ["PYTHONPATH"] = str(ROOT)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     pcfg = replace(TINY.pretrain, steps=steps, checkpoint_every=10**6, eval_every=10**6, warmup_steps=5)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-pretrain-"))
-    arg = {
-        "model": asdict(TINY.model), "pretrain": asdict(pcfg), "seed": 0, "tokens_dir": str(tokens),
-        "tokenizer_dir": str(tokens), "vocab": {"size": 4096, "pad": 1, "eos": 0, "bos": 0},
-        "export_dir": str(work / "export"), "wandb_run_id": None,
-    }  # fmt: skip
+    job = PretrainJob(
+        section=pcfg, model=TINY.model, seed=0, tokens_dir=tokens, tokenizer_dir=tokens,
+        vocab=Vocab(size=4096, pad=1, eos=0, bos=0), export_dir=work / "export", wandb_run_id=None,
+    )  # fmt: skip
     ctx = RayStageContext("pretrain", work)
     t0 = time.perf_counter()
-    ctx.run_workers(train_worker, arg, Scaling(num_workers=2, cpus_per_worker=1))
+    ctx.run_workers(train_worker, job, Scaling(num_workers=2, cpus_per_worker=1))
     wall = time.perf_counter() - t0
     ray.shutdown()
     rows = ctx.metrics.rows()[5:]
@@ -68,7 +67,7 @@ def plain_throughput(tokens: Path, steps: int) -> float:
     torch.set_num_threads(2)
     p = TINY.pretrain
     torch.manual_seed(0)
-    model = KilnForCausalLM(build_config(asdict(TINY.model), 4096, 1, 0, 0))
+    model = KilnForCausalLM(build_config(TINY.model, 4096, 1, 0, 0))
     opt = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     data = PackedTokens(tokens, "train")
     times = []

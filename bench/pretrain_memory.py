@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -71,13 +70,13 @@ def main(out: Path, stage: int) -> None:
     results = {}
     gc.collect()
     torch.manual_seed(0)
-    model = KilnForCausalLM(build_config(asdict(MODEL), VOCAB, 0, 1))
+    model = KilnForCausalLM(build_config(MODEL, VOCAB, 0, 1))
     psi = sum(p.numel() for p in model.parameters())
     del model
     gc.collect()
     before = tensor_bytes()
     torch.manual_seed(0)
-    model = KilnForCausalLM(build_config(asdict(MODEL), VOCAB, 0, 1))
+    model = KilnForCausalLM(build_config(MODEL, VOCAB, 0, 1))
     opt = T.adamw(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     cfg = T.deepspeed_config(
         zero_stage=stage,

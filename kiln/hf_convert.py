@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+from kiln.model_fields import pipeline_key
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,32 @@ def standard_format_blockers(config: KilnConfig, fmt: str) -> list[str]:
     pipeline's `model:` section. Empty when the export is exact."""
     c, name = config, fmt.capitalize()
     reasons = []
+
+    def blocks(field: str, why: str) -> None:  # field: KilnConfig's name; shown as the YAML key and value
+        value = getattr(c, field)
+        shown = str(value).lower() if isinstance(value, bool) else value  # YAML spells booleans true / false
+        reasons.append(f"{pipeline_key(field)}={shown}: {why}")
+
     if c.position != "rope":
-        reasons.append(f"model.position={c.position}: {name} uses RoPE")
+        blocks("position", f"{name} uses RoPE")
     if c.norm != "rmsnorm":
-        reasons.append(f"model.norm={c.norm}: {name} uses RMSNorm")
+        blocks("norm", f"{name} uses RMSNorm")
     if c.activation != "swiglu":
-        reasons.append(f"model.activation={c.activation}: {name} uses SwiGLU")
+        blocks("activation", f"{name} uses SwiGLU")
     if c.bias:
-        reasons.append(f"model.bias=true: {name} has no biases")
+        blocks("bias", f"{name} has no biases")
     if fmt == "llama" and c.num_experts:
-        reasons.append(f"model.n_experts={c.num_experts}: Llama is dense (use mixtral)")
+        blocks("num_experts", "Llama is dense (use mixtral)")
     if fmt == "mixtral":
         if not c.num_experts:
-            reasons.append("model.n_experts=0: Mixtral is a mixture of experts (use llama)")
+            blocks("num_experts", "Mixtral is a mixture of experts (use llama)")
         else:
             if c.moe_every != 1:
-                reasons.append(f"model.moe_every={c.moe_every}: Mixtral has experts on every layer")
+                blocks("moe_every", "Mixtral has experts on every layer")
             if c.capacity_factor is not None:
-                reasons.append(f"model.capacity_factor={c.capacity_factor}: Mixtral never drops tokens")
+                blocks("capacity_factor", "Mixtral never drops tokens")
             if c.num_experts_per_tok == 1:
-                reasons.append("model.top_k=1: Switch routing scales by the router probability, Mixtral by 1")
+                blocks("num_experts_per_tok", "Switch routing scales by the router probability, Mixtral by 1")
     return reasons
 
 

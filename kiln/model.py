@@ -1,7 +1,7 @@
 """Kiln's GPT decoder: one readable file, a `transformers` model so TRL, `AutoModel…` and `generate()` work.
 
     from kiln.model import KilnForCausalLM, build_config
-    model = KilnForCausalLM(build_config(cfg.model.__dict__, vocab_size=16000, pad_token_id=0, eos_token_id=1))
+    model = KilnForCausalLM(build_config(cfg.model, vocab_size=16000, pad_token_id=0, eos_token_id=1))
     out = model(input_ids, labels=input_ids)          # out.loss, out.lm_loss, out.aux_loss, out.z_loss, out.moe_stats
     model.save_pretrained(d); AutoModelForCausalLM.from_pretrained(d)   # after `import kiln.model`
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+
+from kiln.model_fields import HF_NAMES, hf_values, model_problems
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------- config
 
@@ -89,19 +95,13 @@ class KilnConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         errors = []
-        H, KV = self.num_attention_heads, self.num_key_value_heads
-        if self.hidden_size % H or H % KV:
-            errors.append(f"hidden_size={self.hidden_size} must divide by heads={H}, heads by kv heads={KV}")
-        if self.position == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
-            errors.append("RoPE needs an even head dimension")
         for key, allowed in (("activation", ("swiglu", "gelu")), ("norm", ("rmsnorm", "layernorm")),
                              ("position", ("rope", "alibi", "learned"))):  # fmt: skip
             if getattr(self, key) not in allowed:
-                errors.append(f"{key}={getattr(self, key)!r} is not one of {allowed}")
-        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
-            errors.append(f"num_experts_per_tok={self.num_experts_per_tok} not in [1, {self.num_experts}]")
-        if self.moe_every < 1:
-            errors.append("moe_every must be >= 1")
+                errors.append(f"{key}: {getattr(self, key)!r} is not one of {allowed}")
+        # The cross-field rules, the same ones the pipeline's ModelConfig.check() reports under its YAML keys.
+        problems = model_problems({hf: getattr(self, hf) for hf in HF_NAMES.values()})
+        errors += [f"{key}: {message}" for key, message in problems.items()]
         if errors:
             raise ValueError("invalid KilnConfig: " + "; ".join(errors))
         super().__post_init__(**kwargs)
@@ -115,37 +115,20 @@ class KilnConfig(PreTrainedConfig):
 
 
 def build_config(
-    model: dict, vocab_size: int, pad_token_id: int, eos_token_id: int, bos_token_id: int | None = None
+    model: ModelConfig, vocab_size: int, pad_token_id: int, eos_token_id: int, bos_token_id: int | None = None
 ) -> KilnConfig:
-    """The pipeline's `model:` section (field names of pipeline/config.py) -> KilnConfig."""
-    moe = model["n_experts"] > 0
-    return KilnConfig(
-        vocab_size=vocab_size,
-        hidden_size=model["d_model"],
-        num_hidden_layers=model["n_layers"],
-        num_attention_heads=model["n_heads"],
-        num_key_value_heads=model["n_kv_heads"],
-        intermediate_size=model["d_ff"],
-        activation=model["activation"],
-        norm=model["norm"],
-        norm_eps=model["norm_eps"],
-        position=model["position"],
-        rope_theta=model["rope_theta"],
-        max_position_embeddings=model["max_seq_len"],
-        num_experts=model["n_experts"],
-        num_experts_per_tok=model["top_k"],
-        moe_every=model["moe_every"],
-        moe_intermediate_size=model["moe_d_ff"],
-        capacity_factor=model["capacity_factor"],
+    """The pipeline's `model:` section (pipeline/config.py's ModelConfig) -> KilnConfig, through the one table of
+    names (kiln/model_fields.py); the tokenizer gives the vocabulary size and the special token ids."""
+    values = hf_values(model)
+    moe = values["num_experts"] > 0
+    if not moe:
         # A dense model keeps both coefficients at 0 so TRL's aux-loss path stays off (TRL turns it on
         # for a config with output_router_logits and a non-zero router_aux_loss_coef).
-        router_aux_loss_coef=model["aux_loss_coef"] if moe else 0.0,
-        router_z_loss_coef=model["z_loss_coef"] if moe else 0.0,
+        values.update(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    return KilnConfig(
+        **values,
         output_router_logits=moe,
-        tie_word_embeddings=model["tie_embeddings"],
-        initializer_range=model["init_std"],
-        dropout=model["dropout"],
-        bias=model["bias"],
+        vocab_size=vocab_size,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,

@@ -263,31 +263,33 @@ def trainable(model, checkpointing: bool):
 
 
 def engine(model, p, lr, accum, world):
-    """A DeepSpeed training engine around `model` with AdamW, as section `p` configures it."""
+    """A DeepSpeed training engine around `model` with AdamW, as config section `p` (a worker-group
+    section: zero_stage, precision, micro_batch_size, grad_clip, weight_decay) configures it."""
     import deepspeed
 
-    optimizer = adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p["weight_decay"])
+    optimizer = adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     config = deepspeed_config(
-        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
-        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
+        zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
+        grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
     )  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
 def frozen(model, p, device):
-    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3, else on the device."""
+    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3 (section `p`'s
+    zero_stage, micro_batch_size, precision), else on the device."""
     model.requires_grad_(False).eval()
-    if p["zero_stage"] == 3:
+    if p.zero_stage == 3:
         import deepspeed
 
         config = {
-            "train_micro_batch_size_per_gpu": p["micro_batch_size"],
+            "train_micro_batch_size_per_gpu": p.micro_batch_size,
             "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": p["precision"] == "bf16"},
-            "fp16": {"enabled": p["precision"] == "fp16"},
+            "bf16": {"enabled": p.precision == "bf16"},
+            "fp16": {"enabled": p.precision == "fp16"},
         }
         engine, *_ = deepspeed.initialize(model=model, config=config)
         return engine.module.eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p["precision"], torch.float32)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision, torch.float32)
     return model.to(device=device, dtype=dtype)

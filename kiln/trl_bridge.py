@@ -2,7 +2,7 @@
 the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the export.
 
     train, held, stats = load_data("sft", cfg.sft, "sft", seed, logger)     # in the stage's driver
-    args = trainer_args(arg["section"], seed, wctx.world_size, out_dir, resume is None)   # in a worker
+    args = trainer_args(job.section, job.seed, wctx.world_size, out_dir, resume is None) # in a worker
     trainer = SFTTrainer(..., args=SFTConfig(**args, ...), callbacks=[bridge])
     check_deepspeed(trainer, zero_stage)                                    # no silent DDP fallback
     train(trainer, resume)                                                  # no step past max_steps
@@ -34,13 +34,14 @@ import logging
 import shutil
 import zlib
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from data_prep.chat_data import load_records, split_eval, warn_malformed
-from pipeline.config import PROJECT_ROOT, ConfigError
-from pipeline.context import Scaling
+from kiln.workers import WorkerJob, run_group
+from pipeline.config import PROJECT_ROOT, ConfigError, TrlStageConfig
 
 KILN_STATE = "kiln_state.json"
 LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch"}
@@ -83,28 +84,29 @@ def load_data(kind: str, s, section: str, seed: int, logger) -> tuple[list[dict]
     return train, held, stats
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrlJob(WorkerJob):
+    """What each worker of a TRL stage receives."""
+
+    section: TrlStageConfig
+    model_dir: Path
+    """The model the stage starts from (a Hugging Face folder with its tokenizer)."""
+    train: list[dict]
+    """Training records in TRL's format, each with its `kiln_id` (`with_ids`)."""
+    eval: list[dict]
+    """Held-out records."""
+    task_prompts: list = field(default_factory=list)
+    """Held-out prompts of the shipped task, answered at each evaluation (sft)."""
+
+
 def run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out: Path, **extra) -> dict:
     """The driver's part of a TRL stage: hand the records to `train_worker` on the section's Ray
     Train group, copy the exported model into the artifact with data_stats.json, and return the
     headline metrics (rank 0's and the data counts)."""
-    import json
-    from dataclasses import asdict
-
-    arg = {
-        "section": asdict(s),
-        "seed": cfg.run.seed,
-        "model_dir": str(model_dir),
-        "train": with_ids(train),
-        "eval": held,
-        "export_dir": str(ctx.work_dir / "export"),
-        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
-        **extra,
-    }
-    results = ctx.run_workers(train_worker, arg, Scaling.of(s))
-    for f in Path(arg["export_dir"]).iterdir():
-        shutil.copy2(f, Path(out) / f.name)
+    job = TrlJob.new(ctx, cfg, s, model_dir=Path(model_dir), train=with_ids(train), eval=held, **extra)
+    metrics = run_group(ctx, train_worker, job, out)
     (Path(out) / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    return results[0] | data_headline(stats, train, held)
+    return metrics | data_headline(stats, train, held)
 
 
 def data_headline(stats: dict, train: list, held: list) -> dict:
@@ -132,45 +134,45 @@ def setup_worker(wctx, cpus: float) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def trainer_args(s: dict, seed: int, world: int, output_dir: str, fresh: bool) -> dict:
+def trainer_args(s: TrlStageConfig, seed: int, world: int, output_dir: str, fresh: bool) -> dict:
     """Keyword arguments shared by SFTConfig and RewardConfig, from the typed stage section."""
     from kiln.training import deepspeed_config
 
-    accum = s["global_batch_size"] // (world * s["micro_batch_size"])
-    gpu = s["gpus_per_worker"] > 0
+    accum = s.global_batch_size // (world * s.micro_batch_size)
+    gpu = s.gpus_per_worker > 0
     ds = deepspeed_config(
-        zero_stage=s["zero_stage"], precision=s["precision"], micro_batch_size=s["micro_batch_size"],
-        grad_accum=accum, world_size=world, grad_clip=s["grad_clip"],
+        zero_stage=s.zero_stage, precision=s.precision, micro_batch_size=s.micro_batch_size,
+        grad_accum=accum, world_size=world, grad_clip=s.grad_clip,
     )  # fmt: skip
     return dict(
         output_dir=output_dir, deepspeed=ds, use_cpu=not gpu, seed=seed, data_seed=seed,
-        max_steps=s["steps"], per_device_train_batch_size=s["micro_batch_size"],
-        per_device_eval_batch_size=2 * s["micro_batch_size"], gradient_accumulation_steps=accum,
-        learning_rate=s["lr"], lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": s["min_lr"] / s["lr"]},
-        warmup_steps=s["warmup_steps"], weight_decay=s["weight_decay"], max_grad_norm=s["grad_clip"],
+        max_steps=s.steps, per_device_train_batch_size=s.micro_batch_size,
+        per_device_eval_batch_size=2 * s.micro_batch_size, gradient_accumulation_steps=accum,
+        learning_rate=s.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": s.min_lr / s.lr},
+        warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, max_grad_norm=s.grad_clip,
         optim="adamw_torch_fused" if gpu else "adamw_torch",
-        bf16=s["precision"] == "bf16", fp16=s["precision"] == "fp16",
-        gradient_checkpointing=s["activation_checkpointing"],
-        logging_steps=1, eval_strategy="steps", eval_steps=s["eval_every"], eval_on_start=fresh,
-        save_strategy="steps", save_steps=s["checkpoint_every"], save_total_limit=1,
+        bf16=s.precision == "bf16", fp16=s.precision == "fp16",
+        gradient_checkpointing=s.activation_checkpointing,
+        logging_steps=1, eval_strategy="steps", eval_steps=s.eval_every, eval_on_start=fresh,
+        save_strategy="steps", save_steps=s.checkpoint_every, save_total_limit=1,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         remove_unused_columns=False,  # keeps `kiln_id` for the sample-id record; the collators ignore it
-        max_length=s["max_length"],
+        max_length=s.max_length,
     )  # fmt: skip
 
 
-def lora_config(s: dict, task_type: str):
-    if not s["lora_r"]:
+def lora_config(s: TrlStageConfig, task_type: str):
+    if not s.lora_r:
         return None
     from peft import LoraConfig
 
     return LoraConfig(
-        r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-        target_modules=list(s["lora_targets"]), task_type=task_type,
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+        target_modules=list(s.lora_targets), task_type=task_type,
     )  # fmt: skip
 
 
-def make_trainer(trainer_cls, model, args, arg: dict, tok, lora, bridge):
+def make_trainer(trainer_cls, model, args, job: TrlJob, tok, lora, bridge):
     """A TRL trainer on the stage's records, bridged (quiet console, DeepSpeed checked, sample ids
     noted); also how many training records TRL left out (over max_length, or nothing to learn)."""
     from datasets import Dataset
@@ -179,16 +181,16 @@ def make_trainer(trainer_cls, model, args, arg: dict, tok, lora, bridge):
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(arg["train"]),
-        eval_dataset=Dataset.from_list(arg["eval"]),
+        train_dataset=Dataset.from_list(job.train),
+        eval_dataset=Dataset.from_list(job.eval),
         processing_class=tok,
         peft_config=lora,
         callbacks=[bridge],
     )
     trainer.remove_callback(PrinterCallback)
-    check_deepspeed(trainer, arg["section"]["zero_stage"])
+    check_deepspeed(trainer, job.section.zero_stage)
     bridge.attach(trainer)
-    return trainer, len(arg["train"]) - len(trainer.train_dataset)
+    return trainer, len(job.train) - len(trainer.train_dataset)
 
 
 def check_deepspeed(trainer, zero_stage: int) -> None:

@@ -25,6 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from kiln.model_fields import PIPELINE_NAMES, hf_values, model_problems
 from pipeline.configlib import ConfigError, load, to_dict
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "to_dict", "PROJECT_ROOT"]
@@ -208,121 +209,14 @@ class ModelConfig:
     """Biases in linear layers."""
 
     def check(self):
-        if self.d_model % self.n_heads:
-            yield f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}"
-        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            yield f"n_kv_heads: {self.n_kv_heads} must divide n_heads={self.n_heads}"
-        if self.position == "rope" and (self.d_model // self.n_heads) % 2:
-            yield "position: rope needs an even head dimension (d_model / n_heads)"
-        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
-            yield f"top_k: must be between 1 and n_experts={self.n_experts}"
-        if self.moe_every < 1:
-            yield "moe_every: must be >= 1"
-
-
-@frozen
-class PretrainConfig:
-    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
-    # The data order follows the global batch, so these change no step's sequences. They are not
-    # bit-for-bit neutral: sums run in another order, an MoE model's load-balancing loss and expert
-    # capacity are per micro-batch, and `val_loss` averages eval_batches x workers x micro-batch
-    # sequences. What one changes to fit a cluster does not make another model by name.
-    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
-        "num_workers", "gpus_per_worker", "cpus_per_worker", "micro_batch_size", "zero_stage",
-        "offload_optimizer", "offload_params", "activation_checkpointing",
-        "checkpoint_every", "keep_last", "max_failures",
-    )  # fmt: skip
-    # DeepSpeed saves one shard per rank, laid out by ZeRO stage: such a checkpoint loads only under
-    # the same world size and stage.
-    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
-
-    steps: int = 200
-    """Optimizer steps to train for (a budget: raising it continues a finished run)."""
-    num_workers: int = 2
-    """Ray Train workers (data-parallel ranks)."""
-    gpus_per_worker: float = 0
-    """GPUs per worker; 0 trains on CPU with gloo."""
-    cpus_per_worker: float = 1
-    """CPUs per worker."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
-    precision: Precision = "fp32"
-    """bf16, fp16 (dynamic loss scaling, GPU only) or fp32."""
-    micro_batch_size: int = 8
-    """Sequences per worker per forward/backward."""
-    global_batch_size: int = 16
-    """Sequences per optimizer step; accumulation = global / (workers * micro)."""
-    lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
-    min_lr: float = 1e-4
-    """Final learning rate of the cosine decay."""
-    warmup_steps: int = 20
-    """Linear warm-up steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay (not on norms and biases)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = off)."""
-    offload_optimizer: bool = False
-    """ZeRO optimizer-state offload to CPU."""
-    offload_params: bool = False
-    """ZeRO-3 parameter offload to CPU."""
-    activation_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    compile: bool = False
-    """torch.compile the model."""
-    checkpoint_every: int = 50
-    """Save a resumable checkpoint every this many steps (and at the end)."""
-    keep_last: int = 2
-    """Checkpoints kept."""
-    eval_every: int = 50
-    """Validation loss every this many steps."""
-    eval_batches: int = 4
-    """Validation micro-batches per evaluation."""
-    max_failures: int = 2
-    """Restarts of a dead worker group from the last checkpoint before the stage fails."""
-    init_from: str | None = None
-    """A Llama or Mixtral Hugging Face folder to start from (weights only) instead of random init."""
-
-    def check(self):
-        if self.steps < 1:
-            yield "steps: must be >= 1"
-        if self.num_workers < 1 or self.micro_batch_size < 1:
-            yield "num_workers and micro_batch_size: must be >= 1"
-        elif self.global_batch_size % (self.num_workers * self.micro_batch_size):
-            per_step = self.num_workers * self.micro_batch_size
-            yield (
-                f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
-                f"micro_batch_size = {per_step}; use a multiple of {per_step}"
-            )
-        if self.offload_params and self.zero_stage != 3:
-            yield "offload_params: parameter offload needs zero_stage=3"
-        if self.offload_optimizer and self.zero_stage == 0:
-            yield "offload_optimizer: optimizer offload needs zero_stage >= 1"
-        if self.zero_stage == 3 and self.compile:
-            yield (
-                "compile: ZeRO-3 fetches parameters through hooks that torch.compile cannot trace; "
-                "set pretrain.compile=false or pretrain.zero_stage<=2"
-            )
-        if self.precision == "fp16" and self.gpus_per_worker == 0:
-            yield (
-                "precision: fp16 (loss scaling) runs on GPUs only and gpus_per_worker=0; "
-                "use pretrain.precision=bf16 (or fp32) on CPU"
-            )
-        if self.checkpoint_every < 1 or self.eval_every < 1:
-            yield "checkpoint_every and eval_every: must be >= 1"
-
-
-TASK_DATA = "data_prep/sample/task"  # the tiny preset's SFT / preference / prompt sets (build_task_data.py)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        # The rules are KilnConfig's (kiln/model_fields.py), reported here under the keys of this section.
+        for key, message in model_problems(hf_values(self), names=PIPELINE_NAMES).items():
+            yield f"{key}: {message}"
 
 
 @frozen
 class WorkerGroupConfig:
-    """What every post-training stage (sft, reward, ppo) sets the same way: its workers, DeepSpeed,
+    """What every training stage (pretrain, sft, reward, ppo) sets the same way: its workers, DeepSpeed,
     the optimizer and its schedule, evaluation and checkpoint cadence."""
 
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
@@ -371,6 +265,72 @@ class WorkerGroupConfig:
             yield "checkpoint_every and eval_every: must be >= 1"
         if not 0 <= self.min_lr <= self.lr:
             yield f"min_lr: {self.min_lr} must be in [0, lr={self.lr}] (the cosine decays from lr to min_lr)"
+
+
+@frozen
+class PretrainConfig(WorkerGroupConfig):
+    BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("steps",)
+    # The data order follows the global batch, so these change no step's sequences. They are not
+    # bit-for-bit neutral: sums run in another order, an MoE model's load-balancing loss and expert
+    # capacity are per micro-batch, and `val_loss` averages eval_batches x workers x micro-batch
+    # sequences. What one changes to fit a cluster does not make another model by name.
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
+        *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "offload_optimizer", "offload_params",
+    )  # fmt: skip
+    # DeepSpeed saves one shard per rank, laid out by ZeRO stage (WorkerGroupConfig.CHECKPOINT_LAYOUT).
+
+    steps: int = 200
+    """Optimizer steps to train for (a budget: raising it continues a finished run)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step; accumulation = global / (workers * micro)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not on norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer-state offload to CPU."""
+    offload_params: bool = False
+    """ZeRO-3 parameter offload to CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    eval_every: int = 50
+    """Validation loss every this many steps (and at the end)."""
+    eval_batches: int = 4
+    """Validation micro-batches per evaluation."""
+    init_from: str | None = None
+    """A Llama or Mixtral Hugging Face folder to start from (weights only) instead of random init."""
+
+    def check(self):
+        yield from super().check()
+        if self.steps < 1:
+            yield "steps: must be >= 1"
+        if self.micro_batch_size < 1:
+            yield "micro_batch_size: must be >= 1"
+        elif self.num_workers >= 1 and self.global_batch_size % (self.num_workers * self.micro_batch_size):
+            per_step = self.num_workers * self.micro_batch_size
+            yield (
+                f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                f"micro_batch_size = {per_step}; use a multiple of {per_step}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            yield "offload_params: parameter offload needs zero_stage=3"
+        if self.offload_optimizer and self.zero_stage == 0:
+            yield "offload_optimizer: optimizer offload needs zero_stage >= 1"
+        if self.zero_stage == 3 and self.compile:
+            yield (
+                "compile: ZeRO-3 fetches parameters through hooks that torch.compile cannot trace; "
+                "set pretrain.compile=false or pretrain.zero_stage<=2"
+            )
+
+
+TASK_DATA = "data_prep/sample/task"  # the tiny preset's SFT / preference / prompt sets (build_task_data.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @frozen
@@ -623,3 +583,14 @@ def checkpoint_layout_keys(cfg, section: str) -> tuple[str, ...]:
 
 def budget_keys(cfg, section: str) -> tuple[str, ...]:
     return getattr(type(getattr(cfg, section)), "BUDGET_KEYS", ())
+
+
+def drop_keys(d: dict, keys) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def without_budget(cfg, sections: dict) -> dict:
+    """A stage's keyed config ({section: values}) without each section's budget keys: what names its
+    work dir, so that a raised budget continues from the same checkpoints. `_extra` (a stage's own
+    fingerprint data) is kept as it is."""
+    return {s: d if s == "_extra" else drop_keys(d, budget_keys(cfg, s)) for s, d in sections.items()}

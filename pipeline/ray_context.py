@@ -280,9 +280,19 @@ class _Placement:
 
 
 def _rebase(value, old: str, new: str):
-    """`value` with every string path under `old` moved under `new` (dicts, lists, tuples)."""
-    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
-        return new + value[len(old) :]
+    """`value` with every `Path` under `old` moved under `new`: in a worker's job (a dataclass) and in
+    the dicts, lists and tuples it holds. Strings are left alone: a job's paths are `Path` fields."""
+    if isinstance(value, Path):
+        if value == Path(old) or value.is_relative_to(old):
+            return Path(new) / value.relative_to(old)
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if (w := _rebase(v, old, new)) is not v:
+                moved[f.name] = w
+        return dataclasses.replace(value, **moved) if moved else value
     if isinstance(value, dict):
         return {k: _rebase(v, old, new) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -49,11 +49,12 @@ import shutil
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.context import Scaling
+from kiln.workers import WorkerJob, run_group
+from pipeline.config import PpoConfig
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -90,6 +91,27 @@ class Experience:
     value_norm: tuple[float, float]  # (shift, scale): a value is (critic output - shift) / scale
 
 
+@dataclass(frozen=True, kw_only=True)
+class PpoJob(WorkerJob):
+    """What each PPO worker receives."""
+
+    section: PpoConfig
+    sft_dir: Path
+    """The SFT model: the policy's start, the reference, the tokenizer (and the critic's backbone)."""
+    reward_dir: Path
+    """The reward model (and the critic's start with `critic_init: reward`)."""
+    reward_mean: float
+    reward_std: float
+    """The reward model's held-out score statistics: a score is used as (score - mean) / std."""
+    value_norm: tuple[float, float]
+    """(shift, scale) of the critic's output: the reward's statistics for a critic started from the
+    reward model, so it starts out predicting normalised scores; (0, 1) for a fresh value head."""
+    prompts: list[dict]
+    """Training prompts as {"messages", "ids"} (`_load_prompts`)."""
+    task_prompts: list
+    """Held-out prompts of the shipped task (conversations), for the task accuracy."""
+
+
 log = logging.getLogger("kiln.ppo")
 
 
@@ -119,23 +141,15 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     task = read_task_prompts(p.task_prompts, p.task_eval_size, "ppo.task_prompts") if p.task_prompts else []
     _check_positions(p, Path(inputs["sft"].path), prompts, task)
     ctx.logger.info("ppo: %d prompts (%s), %d held-out task prompts", len(prompts), _counts(stats), len(task))
-    arg = {
-        "section": asdict(p),
-        "seed": cfg.run.seed,
-        "sft_dir": str(inputs["sft"].path),
-        "reward_dir": str(inputs["reward"].path),
-        "reward_mean": reward_stats.get("reward_mean", 0.0),
-        "reward_std": reward_stats.get("reward_std", 1.0),
-        "prompts": prompts,
-        "task_prompts": task,
-        "export_dir": str(ctx.work_dir / "export"),
-        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
-    }
-    results = ctx.run_workers(train_worker, arg, Scaling.of(p))
-    for f in Path(arg["export_dir"]).iterdir():
-        shutil.copy2(f, out / f.name)
+    mean, std = reward_stats.get("reward_mean", 0.0), reward_stats.get("reward_std", 1.0)
+    job = PpoJob.new(
+        ctx, cfg, p, sft_dir=Path(inputs["sft"].path), reward_dir=Path(inputs["reward"].path),
+        reward_mean=mean, reward_std=std, value_norm=(mean, std) if p.critic_init == "reward" else (0.0, 1.0),
+        prompts=prompts, task_prompts=task,
+    )  # fmt: skip
+    metrics = run_group(ctx, train_worker, job, out)
     (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))
-    return results[0] | {"prompts": stats["kept"], "too_long_prompts": stats["too_long"]}
+    return metrics | {"prompts": stats["kept"], "too_long_prompts": stats["too_long"]}
 
 
 def _load_prompts(p, seed: int, tok_dir: Path) -> tuple[list[dict], dict]:
@@ -200,7 +214,7 @@ def _counts(stats: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- worker
 
 
-def train_worker(arg: dict, wctx) -> dict:
+def train_worker(job: PpoJob, wctx) -> dict:
     """One data-parallel rank of the PPO loop (module docstring). Returns the final metrics."""
     import deepspeed
     import numpy as np
@@ -213,43 +227,41 @@ def train_worker(arg: dict, wctx) -> dict:
     from kiln.rl import ppo_math as M
     from kiln.rl.rollout import rollout_seed
 
-    p, seed = arg["section"], arg["seed"]
+    p, seed = job.section, job.seed
     rank, world = wctx.rank, wctx.world_size
     device = T.worker_device(wctx)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(p["cpus_per_worker"])))
+        torch.set_num_threads(max(1, int(p.cpus_per_worker)))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(seed)
 
-    tok = AutoTokenizer.from_pretrained(arg["sft_dir"])
+    tok = AutoTokenizer.from_pretrained(job.sft_dir)
     stops = stop_ids(tok)
     load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
-    policy = AutoModelForCausalLM.from_pretrained(arg["sft_dir"], **load)
-    critic_dir = arg["reward_dir"] if p["critic_init"] == "reward" else arg["sft_dir"]
+    policy = AutoModelForCausalLM.from_pretrained(job.sft_dir, **load)
+    critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
     critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, **load)
     critic.config.pad_token_id = tok.pad_token_id
-    ref = AutoModelForCausalLM.from_pretrained(arg["sft_dir"], **load)
+    ref = AutoModelForCausalLM.from_pretrained(job.sft_dir, **load)
     reward = None
-    if p["reward_source"] == "model":
-        reward = AutoModelForSequenceClassification.from_pretrained(arg["reward_dir"], **load)
+    if p.reward_source == "model":
+        reward = AutoModelForSequenceClassification.from_pretrained(job.reward_dir, **load)
     for model in (policy, critic):
-        T.trainable(model, p["activation_checkpointing"])
+        T.trainable(model, p.activation_checkpointing)
 
-    from_reward = p["critic_init"] == "reward"
-    arg["value_norm"] = (arg["reward_mean"], arg["reward_std"]) if from_reward else (0.0, 1.0)
-    local_n = p["rollout_batch_size"] // world
-    mini = p["mini_batch_size"] // world  # rollouts per rank per optimizer step
-    accum = mini // p["micro_batch_size"]
-    actor = T.engine(policy, p, p["lr"], accum, world)
-    critic = T.engine(critic, p, p["critic_lr"], accum, world)
+    local_n = p.rollout_batch_size // world
+    mini = p.mini_batch_size // world  # rollouts per rank per optimizer step
+    accum = mini // p.micro_batch_size
+    actor = T.engine(policy, p, p.lr, accum, world)
+    critic = T.engine(critic, p, p.critic_lr, accum, world)
     ref, reward = T.frozen(ref, p, device), reward and T.frozen(reward, p, device)
-    synced = p["zero_stage"] == 3 and world > 1
+    synced = p.zero_stage == 3 and world > 1
     kl_ctl = (
-        M.AdaptiveKLController(p["kl_coef"], p["kl_target"], p["kl_horizon"])
-        if p["kl_target"] is not None
-        else M.FixedKLController(p["kl_coef"])
+        M.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+        if p.kl_target is not None
+        else M.FixedKLController(p.kl_coef)
     )
 
     # -- resume -------------------------------------------------------------------------------
@@ -257,7 +269,7 @@ def train_worker(arg: dict, wctx) -> dict:
     ckpt = wctx.checkpoint()
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        T.check_resumed(state["iteration"], p["iterations"], "ppo.iterations", ckpt)
+        T.check_resumed(state["iteration"], p.iterations, "ppo.iterations", ckpt)
         for name, engine in (("actor", actor), ("critic", critic)):
             engine.load_checkpoint(str(ckpt / name), tag=state["tag"], load_lr_scheduler_states=False)
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -269,54 +281,52 @@ def train_worker(arg: dict, wctx) -> dict:
         wctx.resumed_from(it)
     else:
         wctx.started_fresh()
-        metrics, before = _evaluate(actor, tok, arg, p, wctx, synced)  # the SFT policy
+        metrics, before = _evaluate(actor, tok, job, wctx, synced)  # the SFT policy
         baseline = {"step": 0, **metrics}
         wctx.report(dict(baseline))
 
     stop = T.PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
-    total = p["iterations"]
+    total = p.iterations
     while it < total:
         t0 = time.perf_counter()
-        floor = p["min_lr"] / p["lr"] if p["lr"] > 0 else 0.0  # the critic decays by the same factor
-        frac = T.lr_at(it, lr=1.0, min_lr=floor, warmup=p["warmup_steps"], total=total)
-        for engine, peak in ((actor, p["lr"]), (critic, p["critic_lr"])):
+        floor = p.min_lr / p.lr if p.lr > 0 else 0.0  # the critic decays by the same factor
+        frac = T.lr_at(it, lr=1.0, min_lr=floor, warmup=p.warmup_steps, total=total)
+        for engine, peak in ((actor, p.lr), (critic, p.critic_lr)):
             for group in engine.optimizer.param_groups:
                 group["lr"] = peak * frac
 
         # 1. rollout: this rank's share of the iteration's prompts, one generator per prompt
-        order = T.global_batch(it, p["rollout_batch_size"], len(arg["prompts"]), seed)
+        order = T.global_batch(it, p.rollout_batch_size, len(job.prompts), seed)
         mine = range(rank * local_n, (rank + 1) * local_n)  # positions in the global rollout batch
-        prompts = [arg["prompts"][order[j]] for j in mine]
+        prompts = [job.prompts[order[j]] for j in mine]
         roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [rollout_seed(seed, it, j) for j in mine],
                               p, stops, tok.pad_token_id, synced)  # fmt: skip
         t_gen = time.perf_counter() - t0
 
         # 2. experience
         convs = [q["messages"] for q in prompts]
-        exp, row = experience(
-            roll, convs, Models(actor, critic, ref, reward), tok, arg, p, kl_ctl.value, world
-        )
+        exp, row = experience(roll, convs, Models(actor, critic, ref, reward), tok, job, kl_ctl.value, world)
         # 3. update
         rng = np.random.default_rng([seed, it, rank])
         row |= ppo_update(actor, critic, exp, p, mini, world, rng)
         # 4. controller: mean KL per response over all ranks, responses seen this iteration
         row = T.all_reduce_mean({k: v for k, v in row.items() if v is not None}, device)
         row["kl_coef"] = kl_ctl.value
-        kl_ctl.update(row["kl"], p["rollout_batch_size"])
+        kl_ctl.update(row["kl"], p.rollout_batch_size)
 
         it += 1
         if it == 1:
             baseline["score"] = row["score"]  # the SFT policy's rollouts, scored
         dt = time.perf_counter() - t0
-        row.update(step=it, lr=p["lr"] * frac, iteration_s=dt, gen_share=t_gen / dt)
+        row.update(step=it, lr=p.lr * frac, iteration_s=dt, gen_share=t_gen / dt)
         row["prompt_crc"] = zlib.crc32(order.tobytes())  # which prompts this iteration sampled
-        if it % p["eval_every"] == 0 or it == total:
-            metrics, after = _evaluate(actor, tok, arg, p, wctx, synced)
+        if it % p.eval_every == 0 or it == total:
+            metrics, after = _evaluate(actor, tok, job, wctx, synced)
             row.update(metrics, **_flips(before, after))
         wctx.progress(it, total)
-        if it % p["checkpoint_every"] == 0 or it == total or stop.requested:
+        if it % p.checkpoint_every == 0 or it == total or stop.requested:
             state = {"iteration": it, "kl_controller": kl_ctl.state_dict(), "baseline": baseline,
-                     "task_outcomes": before, "wandb_run_id": arg["wandb_run_id"]}  # fmt: skip
+                     "task_outcomes": before, "wandb_run_id": job.wandb_run_id}  # fmt: skip
             _save(actor, critic, wctx, row, state, rank)
         else:
             wctx.report(row)
@@ -324,9 +334,9 @@ def train_worker(arg: dict, wctx) -> dict:
         if stop.requested:
             raise SystemExit(f"ppo: preempted (SIGTERM); checkpoint saved at iteration {it}")
 
-    T.export_engine(actor, lambda: type(policy)(policy.config), arg["export_dir"], arg["sft_dir"], p["zero_stage"], rank)  # fmt: skip
-    if rank == 0 and (Path(arg["sft_dir"]) / "generation_config.json").exists():
-        shutil.copy2(Path(arg["sft_dir"]) / "generation_config.json", Path(arg["export_dir"]))
+    T.export_engine(actor, lambda: type(policy)(policy.config), job.export_dir, job.sft_dir, p.zero_stage, rank)  # fmt: skip
+    if rank == 0 and (job.sft_dir / "generation_config.json").exists():
+        shutil.copy2(job.sft_dir / "generation_config.json", job.export_dir)
     keep = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",
             "task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost")  # fmt: skip
     out = {k: last[k] for k in keep if k in last} | {"iterations": it}
@@ -339,12 +349,12 @@ def train_worker(arg: dict, wctx) -> dict:
 def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
     from kiln.rl.rollout import sample
 
-    return sample(model, prompts, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
-                  top_p=p["top_p"], stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
+    return sample(model, prompts, seeds=seeds, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                  top_p=p.top_p, stop_ids=stops, pad_id=pad_id, synced=synced)  # fmt: skip
 
 
 def experience(
-    roll, prompts, models: Models, tok, arg, p, kl_coef: float, world: int
+    roll, prompts, models: Models, tok, job: PpoJob, kl_coef: float, world: int
 ) -> tuple[Experience, dict]:
     """Everything the update needs from one rollout batch, and the rollout's metrics.
     Forward passes in micro-batches; rewards, GAE and whitening over the whole batch."""
@@ -353,19 +363,20 @@ def experience(
     from kiln.chat_eval import decode_responses, score_conversations, stop_ids
     from kiln.rl import ppo_math as M
 
-    P, micro, stops = roll.prompt_len, p["micro_batch_size"], stop_ids(tok)
+    p = job.section
+    P, micro, stops = roll.prompt_len, p.micro_batch_size, stop_ids(tok)
     rmask = roll.response_mask.float()  # (B, R)
     old_logp, ref_logp, values = [], [], []
     with torch.no_grad():
         for i in range(0, roll.tokens.shape[0], micro):
             x, m = roll.tokens[i : i + micro], roll.mask[i : i + micro]
-            old_logp.append(_logprobs(models.actor, x, m, P, p["temperature"]))
-            ref_logp.append(_logprobs(models.ref, x, m, P, p["temperature"]))
-            values.append(_values(models.critic, x, m, P, arg["value_norm"]))
+            old_logp.append(_logprobs(models.actor, x, m, P, p.temperature))
+            ref_logp.append(_logprobs(models.ref, x, m, P, p.temperature))
+            values.append(_values(models.critic, x, m, P, job.value_norm))
     old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, R)
 
     answers = decode_responses(tok, roll, stops)
-    if p["reward_source"] == "task":  # the checking program: 1 right, 0 wrong (used as it is)
+    if p.reward_source == "task":  # the checking program: 1 right, 0 wrong (used as it is)
         from data_prep.task import check, prompt_text
 
         raw = torch.tensor([float(check(prompt_text(q), a)) for q, a in zip(prompts, answers, strict=True)])
@@ -375,21 +386,21 @@ def experience(
         raw = torch.tensor(
             score_conversations(models.reward, tok, convs, batch_size=micro), device=values.device
         )  # (B,)
-        score = (raw - arg["reward_mean"]) / arg["reward_std"]
-    score = M.eos_penalty(score, roll.ended, p["missing_eos_penalty"])
+        score = (raw - job.reward_mean) / job.reward_std
+    score = M.eos_penalty(score, roll.ended, p.missing_eos_penalty)
 
-    kl = M.kl_estimate(old_logp, ref_logp, p["kl_estimator"])  # (B, R) what the rewards are charged
+    kl = M.kl_estimate(old_logp, ref_logp, p.kl_estimator)  # (B, R) what the rewards are charged
     rewards = M.penalized_rewards(score, kl, rmask, kl_coef)
-    advantages, returns = M.gae(rewards, values, rmask, p["gamma"], p["lam"])
-    if p["whiten_advantages"]:
+    advantages, returns = M.gae(rewards, values, rmask, p.gamma, p.lam)
+    if p.whiten_advantages:
         advantages = M.masked_whiten(advantages, rmask, reduce=_sum_over_ranks if world > 1 else None)
     exp = Experience(
         tokens=roll.tokens, mask=roll.mask, P=P, rmask=rmask, old_logp=old_logp, old_values=values,
-        advantages=advantages, returns=returns, value_norm=arg["value_norm"],
+        advantages=advantages, returns=returns, value_norm=job.value_norm,
     )  # fmt: skip
     per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
     row = {
-        "rollout_task_accuracy": _checked(prompts, answers) if arg["task_prompts"] else None,
+        "rollout_task_accuracy": _checked(prompts, answers) if job.task_prompts else None,
         "score": raw.mean(),
         "score_norm": score.mean(),
         "reward": rewards.sum(1).mean(),
@@ -452,10 +463,10 @@ def ppo_update(actor, critic, exp: Experience, p, mini: int, world: int, rng) ->
 
     from kiln.rl import ppo_math as M
 
-    n, micro, P = exp.tokens.shape[0], p["micro_batch_size"], exp.P
+    n, micro, P = exp.tokens.shape[0], p.micro_batch_size, exp.P
     sums: dict[str, float] = {}
-    steps = p["ppo_epochs"] * (n // mini)
-    for _ in range(p["ppo_epochs"]):
+    steps = p.ppo_epochs * (n // mini)
+    for _ in range(p.ppo_epochs):
         order = torch.from_numpy(rng.permutation(n))
         for k in range(0, n, mini):
             batch = order[k : k + mini]
@@ -465,17 +476,17 @@ def ppo_update(actor, critic, exp: Experience, p, mini: int, world: int, rng) ->
             for a in range(0, mini, micro):
                 idx = batch[a : a + micro]
                 x, m, rmask = exp.tokens[idx], exp.mask[idx], exp.rmask[idx]
-                logits = _response_logits(actor, x, m, P, p["temperature"])  # (b, R, V)
+                logits = _response_logits(actor, x, m, P, p.temperature)  # (b, R, V)
                 logp = M.logprobs_from_logits(logits, x[:, P:])
-                pg, stats = M.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], rmask, p["clip_eps"], tokens)  # fmt: skip
-                entropy = M.entropy_from_logits(logits.detach() if not p["entropy_coef"] else logits, rmask)
-                loss = pg - p["entropy_coef"] * entropy * rmask.sum() / tokens
+                pg, stats = M.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], rmask, p.clip_eps, tokens)  # fmt: skip
+                entropy = M.entropy_from_logits(logits.detach() if not p.entropy_coef else logits, rmask)
+                loss = pg - p.entropy_coef * entropy * rmask.sum() / tokens
                 # DeepSpeed averages gradients over ranks; the token mean already sums them
                 actor.backward(loss * world, scale_wrt_gas=False)
                 actor.step()
 
                 values = _values(critic, x, m, P, exp.value_norm)
-                vf, vstats = M.value_loss(values, exp.old_values[idx], exp.returns[idx], rmask, p["value_clip_eps"], tokens)  # fmt: skip
+                vf, vstats = M.value_loss(values, exp.old_values[idx], exp.returns[idx], rmask, p.value_clip_eps, tokens)  # fmt: skip
                 critic.backward(vf * world, scale_wrt_gas=False)
                 critic.step()
 
@@ -490,7 +501,7 @@ def ppo_update(actor, critic, exp: Experience, p, mini: int, world: int, rng) ->
     return sums
 
 
-def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
+def _evaluate(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:
     """The shipped task's held-out accuracy, judged by its program (every rank joins; same result):
     `task_accuracy` of the greedy answers, and `task_accuracy_sampled` over `task_samples` answers
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
@@ -499,26 +510,24 @@ def _evaluate(actor, tok, arg, p, wctx, synced) -> tuple[dict, str]:
     from kiln.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
     from kiln.rl.rollout import rollout_seed, sample
 
-    prompts = arg["task_prompts"]
+    p, prompts = job.section, job.task_prompts
     if not prompts:
         return {}, ""
     rank, world = wctx.rank, wctx.world_size
-    found = task_accuracy(actor.module, tok, prompts, p["max_new_tokens"], rank, world, synced=synced)
+    found = task_accuracy(actor.module, tok, prompts, p.max_new_tokens, rank, world, synced=synced)
     if rank == 0:
         log.info("ppo: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
     mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
-    real = n_mine * p["task_samples"]  # jobs past this repeat a prompt: only for equal batch counts
-    jobs = [(i, j) for i in mine for j in range(p["task_samples"])]
+    real = n_mine * p.task_samples  # jobs past this repeat a prompt: only for equal batch counts
+    jobs = [(i, j) for i in mine for j in range(p.task_samples)]
     ids_of = {i: prompt_ids(tok, prompts[i]) for i in mine}  # each prompt tokenised once, not per sample
     stops, outcomes = stop_ids(tok), {}
     for b in range(0, len(jobs), 128):
         batch = jobs[b : b + 128]
         ids = [ids_of[i] for i, _ in batch]
-        seeds = [
-            rollout_seed(arg["seed"], -1 - j, i) for i, j in batch
-        ]  # iteration -1 - j: never a rollout's
-        roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
-                      top_p=p["top_p"], stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
+        seeds = [rollout_seed(job.seed, -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
+        roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                      top_p=p.top_p, stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
         answers = decode_responses(tok, roll, stops)
         for k, (job, a) in enumerate(zip(batch, answers, strict=True)):
             if b + k < real:

@@ -20,39 +20,52 @@ import shutil
 import tempfile
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.context import Scaling
+from kiln.workers import WorkerJob, run_group
+from pipeline.config import ModelConfig, PretrainConfig
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
 
+@dataclass(frozen=True)
+class Vocab:
+    """The tokenizer's vocabulary size and special tokens, as the model's config needs them."""
+
+    size: int
+    pad: int | None
+    eos: int | None
+    bos: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainJob(WorkerJob):
+    """What each pretraining worker receives."""
+
+    section: PretrainConfig
+    model: ModelConfig
+    """The architecture of a model trained from scratch (unused with `pretrain.init_from`)."""
+    tokens_dir: Path
+    """The tokenize artifact: packed train and val shards."""
+    tokenizer_dir: Path
+    """The tokenizer artifact, copied into the exported model folder."""
+    vocab: Vocab
+
+
 def run(cfg, inputs, out: Path, ctx) -> dict:
     tokens_dir, tok_dir = inputs["tokenize"].path, inputs["tokenizer"].path
     index = json.loads((tokens_dir / "index.json").read_text())
     vocab = _check_config(cfg, index, tok_dir)
-    arg = {
-        "model": asdict(cfg.model),
-        "pretrain": asdict(cfg.pretrain),
-        "seed": cfg.run.seed,
-        "tokens_dir": str(tokens_dir),
-        "tokenizer_dir": str(tok_dir),
-        "vocab": vocab,
-        "export_dir": str(ctx.work_dir / "export"),
-        "wandb_run_id": ctx.tracker.run_id if ctx.tracker else None,
-    }
-    results = ctx.run_workers(train_worker, arg, Scaling.of(cfg.pretrain))
-    summary = results[0]
-    export = Path(arg["export_dir"])
-    for f in export.iterdir():
-        shutil.copy2(f, out / f.name)
-    return summary
+    job = PretrainJob.new(
+        ctx, cfg, cfg.pretrain, model=cfg.model, tokens_dir=Path(tokens_dir), tokenizer_dir=Path(tok_dir), vocab=vocab
+    )  # fmt: skip
+    return run_group(ctx, train_worker, job, out)
 
 
-def _check_config(cfg, index: dict, tok_dir: Path) -> dict:
+def _check_config(cfg, index: dict, tok_dir: Path) -> Vocab:
     """Problems that would only show inside the workers, reported before any starts."""
     from transformers import AutoTokenizer
 
@@ -83,15 +96,10 @@ def _check_config(cfg, index: dict, tok_dir: Path) -> dict:
             )
     if errors:
         raise ConfigError(errors, "pretrain")
-    return {
-        "size": len(tok),
-        "pad": tok.pad_token_id,
-        "eos": tok.eos_token_id,
-        "bos": tok.bos_token_id,
-    }
+    return Vocab(size=len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id, bos=tok.bos_token_id)
 
 
-def train_worker(arg: dict, wctx) -> dict:
+def train_worker(job: PretrainJob, wctx) -> dict:
     """One data-parallel rank. Returns the final metrics (every rank; rank 0's are used)."""
     import deepspeed
     import torch
@@ -100,7 +108,7 @@ def train_worker(arg: dict, wctx) -> dict:
     from kiln import training as T
     from kiln.model import KilnForCausalLM, build_config
 
-    p, seed = arg["pretrain"], arg["seed"]
+    p, seed = job.section, job.seed
     rank, world = wctx.rank, wctx.world_size
     device = T.worker_device(wctx)
     if not torch.distributed.is_initialized():
@@ -108,36 +116,36 @@ def train_worker(arg: dict, wctx) -> dict:
     torch.manual_seed(seed)
 
     # -- model, optimizer, engine --------------------------------------------------------------
-    vocab = arg["vocab"]
-    if p["init_from"]:  # the architecture is the checkpoint's; the model section is not used
+    vocab = job.vocab
+    if p.init_from:  # the architecture is the checkpoint's; the model section is not used
         from kiln.hf_convert import import_model
 
-        model = import_model(p["init_from"])
+        model = import_model(p.init_from)
         config = model.config
     else:
-        config = build_config(arg["model"], vocab["size"], vocab["pad"], vocab["eos"], vocab["bos"])
+        config = build_config(job.model, vocab.size, vocab.pad, vocab.eos, vocab.bos)
         model = KilnForCausalLM(config)
-    if p["activation_checkpointing"]:
+    if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    accum = p["global_batch_size"] // (world * p["micro_batch_size"])
-    optimizer = T.adamw(model, lr=p["lr"], betas=(p["beta1"], p["beta2"]), weight_decay=p["weight_decay"])
+    accum = p.global_batch_size // (world * p.micro_batch_size)
+    optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     ds_config = T.deepspeed_config(
-        zero_stage=p["zero_stage"], precision=p["precision"], micro_batch_size=p["micro_batch_size"],
-        grad_accum=accum, world_size=world, grad_clip=p["grad_clip"],
-        offload_optimizer=p["offload_optimizer"], offload_params=p["offload_params"],
+        zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
+        grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
+        offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
     )  # fmt: skip
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if p["compile"]:
+    if p.compile:
         engine.compile()
 
-    train = PackedTokens(arg["tokens_dir"], "train")
-    val = PackedTokens(arg["tokens_dir"], "val")
-    tokens_per_step = p["global_batch_size"] * train.seq_len
+    train = PackedTokens(job.tokens_dir, "train")
+    val = PackedTokens(job.tokens_dir, "val")
+    tokens_per_step = p.global_batch_size * train.seq_len
     flops_per_token = model.flops_per_token(train.seq_len) if hasattr(model, "flops_per_token") else None
     peak = T.peak_flops(device)
 
     # -- resume -------------------------------------------------------------------------------
-    step, tokens_seen, total = 0, 0, p["steps"]
+    step, tokens_seen, total = 0, 0, p.steps
     last: dict = {}  # the last step's metrics row: the stage's headline
     ckpt = wctx.checkpoint()
     if ckpt is not None:
@@ -155,10 +163,10 @@ def train_worker(arg: dict, wctx) -> dict:
     stop = T.PreemptionFlag()
     while step < total:
         t0 = time.perf_counter()
-        lr = T.lr_at(step, lr=p["lr"], min_lr=p["min_lr"], warmup=p["warmup_steps"], total=total)
+        lr = T.lr_at(step, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_steps, total=total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = T.global_batch(step, p["global_batch_size"], len(train), seed)
+        ids = T.global_batch(step, p.global_batch_size, len(train), seed)
         # losses stay on the device until the step is done: one host sync per step, not per micro-step
         sums = {
             k: torch.zeros((), dtype=torch.float64, device=device)
@@ -166,7 +174,7 @@ def train_worker(arg: dict, wctx) -> dict:
         }
         moe = None
         for a in range(accum):
-            x, y = T.load_batch(train, T.micro_batch(ids, a, rank, world, p["micro_batch_size"]), device)
+            x, y = T.load_batch(train, T.micro_batch(ids, a, rank, world, p.micro_batch_size), device)
             out = engine(input_ids=x, shift_labels=y)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
@@ -200,12 +208,12 @@ def train_worker(arg: dict, wctx) -> dict:
             row["loss_scale"] = (
                 float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
             )
-        if step % p["eval_every"] == 0 or step == total:
+        if step % p.eval_every == 0 or step == total:
             row.update(_evaluate(engine, val, p, rank, world, device))
         wctx.progress(step, total)
-        checkpoint_now = step % p["checkpoint_every"] == 0 or step == total or stop.requested
+        checkpoint_now = step % p.checkpoint_every == 0 or step == total or stop.requested
         if checkpoint_now:
-            _save(engine, wctx, row, step, tokens_seen, arg["wandb_run_id"], rank)
+            _save(engine, wctx, row, step, tokens_seen, job.wandb_run_id, rank)
         else:
             wctx.report(row)
         last = row
@@ -213,12 +221,7 @@ def train_worker(arg: dict, wctx) -> dict:
             raise SystemExit(f"pretrain: preempted (SIGTERM); checkpoint saved at step {step}")
 
     T.export_engine(
-        engine,
-        lambda: KilnForCausalLM(config),
-        arg["export_dir"],
-        arg["tokenizer_dir"],
-        p["zero_stage"],
-        rank,
+        engine, lambda: KilnForCausalLM(config), job.export_dir, job.tokenizer_dir, p.zero_stage, rank
     )
     return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
 
@@ -232,13 +235,13 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
 
     from kiln import training as T
 
-    n = min(len(val), p["eval_batches"] * world * p["micro_batch_size"])
+    n = min(len(val), p.eval_batches * world * p.micro_batch_size)
     ids = np.arange(n)[rank::world]
     losses = []
     engine.eval()
     with torch.no_grad():
-        for i in range(0, len(ids), p["micro_batch_size"]):
-            x, y = T.load_batch(val, ids[i : i + p["micro_batch_size"]], device)
+        for i in range(0, len(ids), p.micro_batch_size):
+            x, y = T.load_batch(val, ids[i : i + p.micro_batch_size], device)
             losses.append(float(engine(input_ids=x, shift_labels=y).lm_loss))
     engine.train()
     mean = T.all_reduce_mean({"val_loss": sum(losses) / max(1, len(losses))}, device)["val_loss"]

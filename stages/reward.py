@@ -74,7 +74,7 @@ def within_length(tok, pairs: list[dict], max_length: int) -> tuple[list[dict], 
     return kept, len(pairs) - len(kept)
 
 
-def train_worker(arg: dict, wctx) -> dict:
+def train_worker(job: B.TrlJob, wctx) -> dict:
     """One data-parallel rank: TRL's RewardTrainer under DeepSpeed, bridged to the worker context."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -83,29 +83,29 @@ def train_worker(arg: dict, wctx) -> dict:
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
     from kiln.chat_eval import score_pairs
 
-    s, seed = arg["section"], arg["seed"]
-    B.setup_worker(wctx, s["cpus_per_worker"])
-    resume, kiln_state = B.resume_point(wctx, s["steps"], "reward.steps")
-    tok = AutoTokenizer.from_pretrained(arg["model_dir"])
+    s, seed = job.section, job.seed
+    B.setup_worker(wctx, s.cpus_per_worker)
+    resume, kiln_state = B.resume_point(wctx, s.steps, "reward.steps")
+    tok = AutoTokenizer.from_pretrained(job.model_dir)
     torch.manual_seed(seed)  # the new `score` head's init
     model = AutoModelForSequenceClassification.from_pretrained(
-        arg["model_dir"], num_labels=1, dtype=torch.float32
+        job.model_dir, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = tok.pad_token_id
 
     def evaluate(m) -> dict:
-        return score_pairs(m, tok, arg["eval"], rank=wctx.rank, world=wctx.world_size)
+        return score_pairs(m, tok, job.eval, rank=wctx.rank, world=wctx.world_size)
 
     out_dir = tempfile.mkdtemp(prefix=f"kiln-reward-rank{wctx.rank}-")
     args = RewardConfig(**B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None))
-    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=arg["wandb_run_id"], resumed=kiln_state)
+    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=job.wandb_run_id, resumed=kiln_state)
     lora = B.lora_config(s, "SEQ_CLS")  # peft trains the `score` head in full beside the adapters
-    trainer, too_long = B.make_trainer(RewardTrainer, model, args, arg, tok, lora, bridge)
+    trainer, too_long = B.make_trainer(RewardTrainer, model, args, job, tok, lora, bridge)
     if too_long and wctx.rank == 0:
-        log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s["max_length"])
+        log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s.max_length)
 
     B.train(trainer, resume)
-    B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
+    B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval
     headline = {k: v for k, v in final.items() if k.startswith(("pairwise_accuracy", "reward_"))}
@@ -117,6 +117,6 @@ def train_worker(arg: dict, wctx) -> dict:
         "eval_pairs": final.get("eval_pairs"),
         "initial_pairwise_accuracy": bridge.baseline.get("pairwise_accuracy"),
         "too_long_pairs": too_long,
-        "init_from": s["init_from"],
-        "lora_r": s["lora_r"],
+        "init_from": s.init_from,
+        "lora_r": s.lora_r,
     }

@@ -50,11 +50,11 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
         "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
     )
     return B.run_trainer(
-        ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, prompts=prompts
+        ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, task_prompts=prompts
     )
 
 
-def train_worker(arg: dict, wctx) -> dict:
+def train_worker(job: B.TrlJob, wctx) -> dict:
     """One data-parallel rank: TRL's SFTTrainer under DeepSpeed, bridged to the worker context."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,21 +63,21 @@ def train_worker(arg: dict, wctx) -> dict:
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
     from kiln.chat_eval import stop_ids, task_accuracy
 
-    s, seed = arg["section"], arg["seed"]
-    B.setup_worker(wctx, s["cpus_per_worker"])
-    resume, kiln_state = B.resume_point(wctx, s["steps"], "sft.steps")
-    tok = AutoTokenizer.from_pretrained(arg["model_dir"])
+    s, seed = job.section, job.seed
+    B.setup_worker(wctx, s.cpus_per_worker)
+    resume, kiln_state = B.resume_point(wctx, s.steps, "sft.steps")
+    tok = AutoTokenizer.from_pretrained(job.model_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(arg["model_dir"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
     model.generation_config.eos_token_id = stop_ids(tok)  # an answer ends at <|end|> (or EOS)
     model.generation_config.pad_token_id = tok.pad_token_id
-    synced = s["zero_stage"] == 3 and wctx.world_size > 1
+    synced = s.zero_stage == 3 and wctx.world_size > 1
 
     def evaluate(m) -> dict:
-        if not arg["prompts"]:
+        if not job.task_prompts:
             return {}
         found = task_accuracy(
-            m, tok, arg["prompts"], s["max_new_tokens"], wctx.rank, wctx.world_size, synced=synced
+            m, tok, job.task_prompts, s.max_new_tokens, wctx.rank, wctx.world_size, synced=synced
         )
         if wctx.rank == 0:
             log.info("sft: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
@@ -89,16 +89,16 @@ def train_worker(arg: dict, wctx) -> dict:
         completion_only_loss=True,  # prompt tokens are context, not targets
         packing=False,
     )
-    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=arg["wandb_run_id"], resumed=kiln_state)
+    bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=job.wandb_run_id, resumed=kiln_state)
     lora = B.lora_config(s, "CAUSAL_LM")
     trainer, unused = B.make_trainer(
-        SFTTrainer, model, args, arg, tok, lora, bridge
+        SFTTrainer, model, args, job, tok, lora, bridge
     )  # unused: no completion token
     if unused and wctx.rank == 0:
         log.warning("sft: %d training records have no completion token within max_length", unused)
 
     B.train(trainer, resume)
-    B.export(trainer, arg["export_dir"], tok, lora, wctx.rank)
+    B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval
     return {
@@ -109,7 +109,7 @@ def train_worker(arg: dict, wctx) -> dict:
         "task_accuracy_pretrained": bridge.baseline.get("task_accuracy"),
         "val_loss_pretrained": bridge.baseline.get("val_loss"),
         "records_without_completion": unused,
-        "lora_r": s["lora_r"],
+        "lora_r": s.lora_r,
     }
 
 

@@ -341,13 +341,12 @@ def test_hub_datasets_are_read_through_datasets(tmp_path):
 
 
 def test_trainer_arguments_follow_the_typed_config():
-    from dataclasses import asdict
 
     from kiln.trl_bridge import trainer_args
     from pipeline.config import load_config
 
     cfg = load_config(overrides=["sft.precision=bf16", "sft.zero_stage=3", "sft.micro_batch_size=4"])
-    args = trainer_args(asdict(cfg.sft), 7, world=2, output_dir="/tmp/x", fresh=True)
+    args = trainer_args(cfg.sft, 7, world=2, output_dir="/tmp/x", fresh=True)
     ds = args["deepspeed"]
     assert args["bf16"] and not args["fp16"] and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert (
@@ -362,7 +361,7 @@ def test_trainer_arguments_follow_the_typed_config():
     assert args["lr_scheduler_kwargs"]["min_lr_rate"] == cfg.sft.min_lr / cfg.sft.lr
     assert args["eval_on_start"] and args["use_cpu"] and args["seed"] == args["data_seed"] == 7
     gpu = load_config(overrides=["reward.precision=fp16", "reward.gpus_per_worker=1"])
-    args = trainer_args(asdict(gpu.reward), 7, world=1, output_dir="/tmp/x", fresh=False)
+    args = trainer_args(gpu.reward, 7, world=1, output_dir="/tmp/x", fresh=False)
     assert (
         args["fp16"] and args["deepspeed"]["fp16"]["enabled"] and args["deepspeed"]["fp16"]["loss_scale"] == 0
     )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -33,6 +34,8 @@ from kiln.model import (
     route,
     router_z_loss,
 )
+from kiln.model_fields import HF_NAMES, NOT_MAPPED, PIPELINE_NAMES, hf_values, model_problems, pipeline_key
+from pipeline.config import ModelConfig
 from tests.tiny_models import V, tiny
 
 torch.set_num_threads(2)
@@ -550,7 +553,7 @@ def test_classifier_reads_the_last_real_token_under_left_and_right_padding():
 
 
 def test_build_config_maps_the_pipeline_model_section():
-    section = dict(
+    section = ModelConfig(
         n_layers=3, d_model=64, n_heads=8, n_kv_heads=2, d_ff=128, norm="layernorm", norm_eps=1e-6,
         activation="gelu", position="alibi", rope_theta=1e4, max_seq_len=256, n_experts=4, top_k=1, moe_every=2,
         moe_d_ff=96, capacity_factor=1.25, aux_loss_coef=0.01, z_loss_coef=0.001, tie_embeddings=True,
@@ -581,7 +584,9 @@ def test_build_config_maps_the_pipeline_model_section():
     )
     assert (c.vocab_size, c.pad_token_id, c.eos_token_id, c.bos_token_id) == (500, 3, 2, 1)
     assert [c.is_moe_layer(i) for i in range(3)] == [False, True, False]
-    dense = build_config({**section, "n_experts": 0}, vocab_size=500, pad_token_id=3, eos_token_id=2)
+    dense = build_config(
+        dataclasses.replace(section, n_experts=0), vocab_size=500, pad_token_id=3, eos_token_id=2
+    )
     # TRL turns its aux-loss path on from these: a dense model keeps them off.
     assert (dense.router_aux_loss_coef, dense.router_z_loss_coef, dense.output_router_logits) == (
         0.0,
@@ -595,10 +600,49 @@ def test_config_reports_every_error_at_once():
         tiny(hidden_size=30, position="sinusoidal", num_experts=4, num_experts_per_tok=5)
     message = str(err.value)
     assert (
-        "hidden_size=30" in message
-        and "position='sinusoidal'" in message
-        and "num_experts_per_tok=5" in message
+        "hidden_size: 30 is not divisible by num_attention_heads=4" in message
+        and "position: 'sinusoidal' is not one of" in message
+        and "num_experts_per_tok: 5 must be between 1 and num_experts=4" in message
     )
+
+
+def test_one_rule_reports_under_the_yaml_key_and_under_the_hf_name():
+    """model_problems is the only place the rules live: the pipeline's check and KilnConfig both report from it,
+    each in its own names (messages included)."""
+    section = ModelConfig(d_model=130, n_heads=4, n_experts=4, top_k=5)
+    assert model_problems(hf_values(section), names=PIPELINE_NAMES) == {
+        "d_model": "130 is not divisible by n_heads=4",
+        "top_k": "5 must be between 1 and n_experts=4",
+    }
+    assert list(section.check()) == ["d_model: 130 is not divisible by n_heads=4",
+                                     "top_k: 5 must be between 1 and n_experts=4"]  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        build_config(section, vocab_size=500, pad_token_id=0, eos_token_id=1)
+    assert str(err.value) == (
+        "invalid KilnConfig: hidden_size: 130 is not divisible by num_attention_heads=4; "
+        "num_experts_per_tok: 5 must be between 1 and num_experts=4"
+    )
+    # a rule other than those two, to show the same message text in both namings
+    rope = dict(d_model=36, n_heads=4, n_kv_heads=2)  # head dimension 9
+    assert list(ModelConfig(**rope).check()) == [
+        "position: rope needs an even head dimension, d_model / n_heads = 9 (change either, or use alibi or "
+        "learned positions)"
+    ]
+    with pytest.raises(ValueError, match=r"position: rope needs an even head dimension, "
+                                         r"hidden_size / num_attention_heads = 9"):  # fmt: skip
+        build_config(ModelConfig(**rope), vocab_size=500, pad_token_id=0, eos_token_id=1)
+
+
+def test_every_model_field_is_mapped_or_deliberately_not():
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    forgotten = fields - set(HF_NAMES) - set(NOT_MAPPED)
+    assert not forgotten, f"kiln/model_fields.py: put {forgotten} in HF_NAMES or NOT_MAPPED"
+    assert set(HF_NAMES) | set(NOT_MAPPED) == fields  # nothing stale either
+    assert not set(HF_NAMES) & set(NOT_MAPPED)
+    assert len(PIPELINE_NAMES) == len(HF_NAMES)  # one-to-one, so the inverse names every field
+    defaults = KilnConfig()
+    assert all(hasattr(defaults, hf) for hf in HF_NAMES.values())
+    assert pipeline_key("num_experts_per_tok") == "model.top_k"
 
 
 # ------------------------------------------------------------------------------------------- GPU (skipped on CPU)

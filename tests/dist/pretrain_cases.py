@@ -23,17 +23,16 @@ def main(out: Path) -> None:
     import torch.distributed as dist
 
     from pipeline.context import EnvWorkerContext
-    from stages.pretrain import train_worker
+    from stages.pretrain import PretrainJob, Vocab, train_worker
 
     tokens = out / "tokens"  # written by the test before the ranks start
     for name, changes in CASES.items():
         pcfg = replace(PRETRAIN, **changes)
-        arg = {
-            "model": asdict(model_for(name)), "pretrain": asdict(pcfg), "seed": SEED, "tokens_dir": str(tokens),
-            "tokenizer_dir": str(tokens), "vocab": {"size": VOCAB, "pad": 0, "eos": 1, "bos": None},
-            "export_dir": str(out / name / "export"), "wandb_run_id": None,
-        }  # fmt: skip
-        train_worker(arg, EnvWorkerContext(out / name))
+        job = PretrainJob(
+            section=pcfg, model=model_for(name), seed=SEED, tokens_dir=tokens, tokenizer_dir=tokens,
+            vocab=Vocab(size=VOCAB, pad=0, eos=1, bos=None), export_dir=out / name / "export", wandb_run_id=None,
+        )  # fmt: skip
+        train_worker(job, EnvWorkerContext(out / name))
         dist.barrier()
     # gloo can abort at interpreter exit after the work is done (a known PyTorch gloo shutdown race): leave cleanly.
     dist.destroy_process_group()

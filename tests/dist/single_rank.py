@@ -22,17 +22,16 @@ from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB  # noqa: E402
 
 def main(out: Path, changes: dict) -> None:
     from pipeline.context import EnvWorkerContext
-    from stages.pretrain import train_worker
+    from stages.pretrain import PretrainJob, Vocab, train_worker
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
     pcfg = replace(PRETRAIN, num_workers=1, **changes)
-    arg = {
-        "model": asdict(MODEL), "pretrain": asdict(pcfg), "seed": SEED, "tokens_dir": str(out.parent / "tokens"),
-        "tokenizer_dir": str(out.parent / "tokens"), "vocab": {"size": VOCAB, "pad": 0, "eos": 1, "bos": None},
-        "export_dir": str(out / "export"), "wandb_run_id": None,
-    }  # fmt: skip
-    result = train_worker(arg, EnvWorkerContext(out))
+    job = PretrainJob(
+        section=pcfg, model=MODEL, seed=SEED, tokens_dir=out.parent / "tokens", tokenizer_dir=out.parent / "tokens",
+        vocab=Vocab(size=VOCAB, pad=0, eos=1, bos=None), export_dir=out / "export", wandb_run_id=None,
+    )  # fmt: skip
+    result = train_worker(job, EnvWorkerContext(out))
     print(json.dumps({"result": result}), flush=True)
 
 

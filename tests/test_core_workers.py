@@ -1,0 +1,65 @@
+"""The typed worker boundary: a training stage's job reaches its workers as a frozen dataclass, its
+paths moved onto a worker's own node when needed, and `run_group` brings back what rank 0 exported."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from kiln.trl_bridge import TrlJob
+from kiln.workers import WorkerJob, run_group
+from pipeline.config import load_config
+from pipeline.context import StageContext
+from pipeline.ray_context import _rebase
+from stages.pretrain import PretrainJob, Vocab
+
+
+def _pretrain_job(run_dir: Path) -> PretrainJob:
+    cfg = load_config()
+    return PretrainJob(
+        section=cfg.pretrain, model=cfg.model, seed=cfg.run.seed, wandb_run_id=None,
+        tokens_dir=run_dir / "tokenize-abc", tokenizer_dir=Path("/elsewhere/tokenizer"),
+        vocab=Vocab(size=300, pad=0, eos=1, bos=None), export_dir=run_dir / ".work" / "pretrain-k" / "export",
+    )  # fmt: skip
+
+
+def test_a_jobs_paths_under_the_drivers_cache_move_onto_the_workers_node():
+    job = _pretrain_job(Path("/driver/cache/run"))
+    moved = _rebase(job, "/driver/cache/run", "/node/cache/run")
+    assert moved.tokens_dir == Path("/node/cache/run/tokenize-abc")
+    assert moved.export_dir == Path("/node/cache/run/.work/pretrain-k/export")
+    assert moved.tokenizer_dir == Path("/elsewhere/tokenizer")  # not under the run: left as it is
+    assert moved.section == job.section and moved.model == job.model and moved.vocab == job.vocab
+    # strings are data, not paths: a prompt that happens to start with the run dir is not rewritten
+    trl = TrlJob(
+        section=load_config().sft, seed=1, wandb_run_id=None, export_dir=Path("/driver/cache/run/x"),
+        model_dir=Path("/driver/cache/run/sft-1"), train=[{"prompt": "/driver/cache/run/a"}], eval=[],
+    )  # fmt: skip
+    moved = _rebase(trl, "/driver/cache/run", "/n")
+    assert moved.model_dir == Path("/n/sft-1") and moved.train == [{"prompt": "/driver/cache/run/a"}]
+
+
+def test_a_job_is_frozen_and_its_section_typed():
+    job = _pretrain_job(Path("/r"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.seed = 2
+    assert job.section.lr == load_config().pretrain.lr  # attribute access, no string keys
+
+
+def _exporting_worker(job: WorkerJob, wctx) -> dict:
+    job.export_dir.mkdir(parents=True)
+    (job.export_dir / "model.safetensors").write_bytes(b"weights")
+    return {"rank": wctx.rank, "seed": job.seed}
+
+
+def test_run_group_copies_rank_0s_export_into_the_artifact_and_returns_its_result(tmp_path):
+    cfg = load_config(overrides=["sft.num_workers=1"])
+    ctx = StageContext("sft", tmp_path / "work")
+    job = WorkerJob.new(ctx, cfg, cfg.sft)
+    assert job.export_dir == tmp_path / "work" / "export" and job.seed == cfg.run.seed
+    out = tmp_path / "artifact"
+    out.mkdir()
+    assert run_group(ctx, _exporting_worker, job, out) == {"rank": 0, "seed": cfg.run.seed}
+    assert (out / "model.safetensors").read_bytes() == b"weights"
