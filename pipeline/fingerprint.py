@@ -60,22 +60,25 @@ def stage_version(module: str) -> int:
     )
 
 
-def code_files(module: str) -> dict[str, str]:
-    """{project-relative path: sha256[:16]} of `module` and every project module it imports."""
-    out = {}
-    for name in project_imports(module):
+def code_record(module: str) -> tuple[str, dict[str, str]]:
+    """What a stage's manifest records of its code, each file read once: (one hash of `module`'s source
+    and of every project module it imports, transitively; {project-relative path: sha256[:16]} of
+    each of those files)."""
+    h, files = hashlib.sha256(), {}
+    for name in sorted(project_imports(module)):
         path = _module_file(name)
-        out[path.relative_to(PROJECT_ROOT).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return dict(sorted(out.items()))
+        data = path.read_bytes()
+        h.update(name.encode() + b"\0" + data + b"\0")
+        files[path.relative_to(PROJECT_ROOT).as_posix()] = hashlib.sha256(data).hexdigest()[:16]
+    return h.hexdigest()[:16], dict(sorted(files.items()))
 
 
 def code_version(module: str) -> str:
-    """One hash of `module`'s source and of every project module it imports, transitively."""
-    h = hashlib.sha256()
-    for name in sorted(project_imports(module)):
-        path = _module_file(name)
-        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return code_record(module)[0]
+
+
+def code_files(module: str) -> dict[str, str]:
+    return code_record(module)[1]
 
 
 def changed_files(built: dict[str, str], now: dict[str, str]) -> list[str]:

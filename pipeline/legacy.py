@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pipeline.config import budget_keys, placement_keys, section_dict, to_dict
+from pipeline.config import budget_keys, drop_keys, placement_keys, section_dict, to_dict, without_budget
 from pipeline.fingerprint import digest
 
 UNKEYED = {
@@ -69,8 +69,7 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
             continue  # another config, other inputs, or input files changed since
         if not _same_identity(cfg, now, built, ignore=budgets):
             continue
-        unbudgeted = {s: _drop(d, budgets[s]) if s != "_extra" else d for s, d in keyed.items()}
-        work_key = old_fingerprint(stage.name, unbudgeted, old_inputs, m["code_version"])
+        work_key = old_fingerprint(stage.name, without_budget(cfg, keyed), old_inputs, m["code_version"])
         if not _same_identity(cfg, now, built):
             work_only = work_only or Adoption(m["fingerprint"], work_key, None)
             continue
@@ -96,7 +95,7 @@ def _same_identity(cfg, now: dict, built: dict, ignore: dict | None = None) -> b
             return False
         defaults = {f.name: f for f in dataclasses.fields(getattr(cfg, section))}
         skip = (*placement_keys(cfg, section), *(ignore or {}).get(section, ()))
-        for key, value in _drop(values, skip).items():
+        for key, value in drop_keys(values, skip).items():
             if key in then:
                 if then[key] != value:
                     return False
@@ -107,10 +106,6 @@ def _same_identity(cfg, now: dict, built: dict, ignore: dict | None = None) -> b
 
 def _default(f):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def _drop(d: dict, keys) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
 
 
 def adopt(store, planned) -> None:

@@ -17,9 +17,16 @@ from functools import partial
 
 from pipeline import legacy
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import budget_keys, checkpoint_layout_keys, placement_keys, section_dict
+from pipeline.config import (
+    budget_keys,
+    checkpoint_layout_keys,
+    drop_keys,
+    placement_keys,
+    section_dict,
+    without_budget,
+)
 from pipeline.dag import DAG
-from pipeline.fingerprint import changed_files, code_files, code_version, stage_fingerprint
+from pipeline.fingerprint import changed_files, code_record, stage_fingerprint
 
 
 class PlanError(ValueError):
@@ -61,14 +68,10 @@ class PlannedStage:
 def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
     """(config the stage reads, the part of it that decides reuse: placement keys removed)."""
     full = section_dict(cfg, stage.sections)
-    keyed = {s: _drop(d, placement_keys(cfg, s)) for s, d in full.items()}
+    keyed = {s: drop_keys(d, placement_keys(cfg, s)) for s, d in full.items()}
     if stage.extra_fingerprint is not None:
         keyed["_extra"] = stage.extra_fingerprint(cfg)
     return full, keyed
-
-
-def _drop(d: dict, keys) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
 
 
 def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(), deep: bool = False):
@@ -94,12 +97,9 @@ def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(),
         except ValueError as e:
             raise PlanError(str(e)) from None
         fp = stage_fingerprint(name, keyed, inputs, version)
-        unbudgeted = {s: _drop(d, budget_keys(cfg, s)) if s != "_extra" else d for s, d in keyed.items()}
-        work_key = stage_fingerprint(name, unbudgeted, inputs, version)
-        files = code_files(stage.module)
-        p = PlannedStage(
-            name, fp, work_key, full, version, code_version(stage.module), files, inputs, "missing"
-        )
+        work_key = stage_fingerprint(name, without_budget(cfg, keyed), inputs, version)
+        code, files = code_record(stage.module)
+        p = PlannedStage(name, fp, work_key, full, version, code, files, inputs, "missing")
         _set_state(store, p, deep, partial(legacy.find, cfg, stage, store, p, plan))
         if p.state == "complete":
             changed = _code_notes(p)
