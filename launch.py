@@ -184,13 +184,15 @@ def _dry_run(cfg, sel, as_json: bool) -> int:
     from pipeline.artifacts import ArtifactStore
     from pipeline.dag import PIPELINE
     from pipeline.plan import make_plan
+    from pipeline.sizing import stage_plans
 
     plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), sel)
     ok = not any(p.problems for p in plan if p.action == "run")
+    costs = stage_plans(cfg)
     if as_json:
         rows = [
             {"stage": p.name, "state": p.state, "action": p.action, "reason": p.reason, "notes": p.notes,
-             "fingerprint": p.fingerprint, "problems": p.problems}
+             "fingerprint": p.fingerprint, "problems": p.problems, **({"plan": costs[p.name]} if p.name in costs else {})}
             for p in plan
         ]  # fmt: skip
         print(json.dumps(rows, indent=2))
@@ -215,7 +217,46 @@ def _dry_run(cfg, sel, as_json: bool) -> int:
         why = "\n".join([p.reason, *(f"note: {n}" for n in p.notes)]).strip()
         table.add_row(p.name, ", ".join(p.inputs), p.state, p.action, why, str(res))
     out.print(table)
+    _print_costs(out, cfg, costs)
     return 0 if ok else 2
+
+
+def _print_costs(out, cfg, costs: dict) -> None:
+    """The plan of each training stage per rank and optimizer step (pipeline/sizing.py)."""
+    from rich import box
+    from rich.table import Table
+
+    hw = cfg.hardware
+    where = f"on {hw.name}" if hw.name else "(describe `hardware:` for step time and MFU)"
+    table = Table(title=f"plan per rank and optimizer step {where}", caption="step time a lower bound, MFU an upper one; --json: every figure",
+                  box=box.SIMPLE_HEAD, pad_edge=False)  # fmt: skip
+    cols = ("stage", "params/active", "ZeRO x N", "memory", "comm", "tokens")
+    for col in (*cols, *(("step", "MFU") if hw.name else ())):
+        table.add_column(col, no_wrap=True)
+    for name, c in costs.items():
+        if "unknown" in c:
+            table.add_row(name, c["unknown"])
+            continue
+        row = [
+            name, f"{_si(c['params_total'])}/{_si(c['params_active'])}", f"{c['zero_stage']} x {c['world_size']}",
+            f"{c['memory_per_rank_bytes'] / 1024**3:.3g}GiB", f"{_si(c['comm_bytes_per_step'])}B",
+            _si(c["tokens_per_step"]),
+        ]  # fmt: skip
+        if hw.name:
+            row += [f"{c['step_time_s']:.3g}s", f"{c['mfu']:.0%}"]
+        table.add_row(*row)
+    out.print(table)
+    for c in costs.values():
+        for w in c.get("warnings", []):
+            out.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+
+
+def _si(n: float) -> str:
+    """4120152064 -> '4.12G'; 262144 -> '262k'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
 
 
 def cmd_submit(args, console) -> int:

@@ -6,11 +6,12 @@ One ZeRO stage per process (a freed engine's tensors linger in reference cycles 
 next stage's count): DeepSpeed engine over the same model (fp32, torch AdamW), one forward/backward
 (measured before the step, when gradients exist) and one step; counts the bytes of every distinct
 tensor storage the process holds (gc), minus what it held before the engine existed, and compares
-with ZeRO's expected per-rank bytes for Ψ parameters on N ranks (Rajbhandari et al. 2020, fp32):
+with the plan's per-rank bytes (kiln/capacity.py; Rajbhandari et al. 2020, fp32) for Ψ parameters
+on N ranks, without accumulation:
   stage 0: 4Ψ params + 4Ψ grads + 8Ψ Adam moments
-  stage 1: 4Ψ + 4Ψ + (8Ψ + 4Ψ fp32 partition)/N        DeepSpeed keeps a flat fp32 partition copy
-  stage 2: 4Ψ + (4Ψ grads + 8Ψ + 4Ψ)/N
-  stage 3: (4Ψ + 4Ψ + 8Ψ + 4Ψ)/N
+  stage 1: 4Ψ + (4Ψ grads + 8Ψ + 4Ψ fp32 partition)/N    DeepSpeed keeps a flat fp32 partition copy
+  stage 2: 4Ψ + (4Ψ grads + 8Ψ + 4Ψ)/N                   and, with no accumulation, ZeRO-1 keeps only
+  stage 3: (4Ψ + 4Ψ + 8Ψ + 4Ψ)/N                         this rank's gradient partition, as ZeRO-2
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def tensor_bytes() -> int:
     return total
 
 
-def expected(stage: int, psi: int, n: int) -> int:
-    return {
-        0: 16 * psi,
-        1: 8 * psi + 12 * psi // n,
-        2: 4 * psi + 16 * psi // n,
-        3: 20 * psi // n,
-    }[stage]
+def expected(stage: int, world: int) -> int:
+    """The plan's bytes (kiln/capacity.py, what `run --dry-run` prints) of weights, gradients and
+    optimizer state per rank, for this model and setup."""
+    from kiln import capacity as C
+    from kiln.model_fields import hf_values
+
+    setup = C.Setup(world=world, zero_stage=stage, precision="fp32", micro_batch_size=MICRO, grad_accum=1,
+                    seq_len=SEQ, persistence_threshold=0)  # fmt: skip
+    mem = C.training_cost(C.parameter_tensors(hf_values(MODEL), VOCAB), setup).memory
+    return mem["weights"] + mem["gradients"] + mem["optimizer"]
 
 
 def main(out: Path, stage: int) -> None:
@@ -98,7 +102,7 @@ def main(out: Path, stage: int) -> None:
     engine.backward(engine(input_ids=x, labels=x).loss)  # gradients held again, before the next step
     gc.collect()
     measured = tensor_bytes() - before
-    results[stage] = {"psi": psi, "measured": measured, "expected": expected(stage, psi, world)}
+    results[stage] = {"psi": psi, "measured": measured, "expected": expected(stage, world)}
     engine.step()
     del engine
     gc.collect()

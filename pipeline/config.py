@@ -542,6 +542,36 @@ class PpoConfig(WorkerGroupConfig):
 
 
 @frozen
+class HardwareConfig:
+    """The accelerator the training stages will run on, for the plan `run --dry-run` prints (step time,
+    MFU, whether it fits). Read by no stage: changing it re-runs nothing."""
+
+    name: str | None = None
+    """What it is, for the plan's header (e.g. "H100 SXM 80GB"); null = not described: no time or MFU."""
+    peak_tflops: float = 0.0
+    """Dense bf16/fp16 TFLOP/s of one accelerator (H100 SXM: 989, A100: 312)."""
+    memory_gib: float = 0.0
+    """Memory of one accelerator in GiB; the plan warns when a rank needs more than 80 % of it."""
+    gpus_per_node: int = 8
+    """Accelerators per node: a worker group larger than this communicates across nodes."""
+    intra_node_gbs: float = 0.0
+    """Bus bandwidth of a collective inside one node, GB/s: what nccl-tests' all_reduce_perf reports as
+    busbw on one node (bytes each rank moves per second). The plan's communication time is the
+    bytes each rank moves (ring: 2(n-1)/n of an all-reduced tensor) over it."""
+    inter_node_gbs: float = 0.0
+    """The same across nodes: nccl-tests' busbw with the job's node count (used when the worker group
+    is larger than `gpus_per_node`)."""
+
+    def check(self):
+        if min(self.peak_tflops, self.memory_gib, self.intra_node_gbs, self.inter_node_gbs) < 0:
+            yield "peak_tflops, memory_gib, intra_node_gbs and inter_node_gbs: must be >= 0"
+        if self.gpus_per_node < 1:
+            yield "gpus_per_node: must be >= 1"
+        if self.name is not None and not (self.peak_tflops > 0 and self.memory_gib > 0):
+            yield f"peak_tflops and memory_gib: give both for {self.name!r} (or name: null)"
+
+
+@frozen
 class PipelineConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     """Run-wide settings."""
@@ -561,6 +591,8 @@ class PipelineConfig:
     """Reward model training on preference pairs (TRL RewardTrainer on DeepSpeed)."""
     ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
     """RLHF: PPO with a KL penalty against the SFT model, scored by the reward model."""
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
+    """The accelerator, for the plan before launch (`run --dry-run`): read by no stage."""
 
 
 def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):
