@@ -518,22 +518,22 @@ def _evaluate(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:
     if rank == 0:
         log.info("ppo: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
     mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
-    real = n_mine * p.task_samples  # jobs past this repeat a prompt: only for equal batch counts
-    jobs = [(i, j) for i in mine for j in range(p.task_samples)]
+    real = n_mine * p.task_samples  # samples past this repeat a prompt: only for equal batch counts
+    samples = [(i, j) for i in mine for j in range(p.task_samples)]
     ids_of = {i: prompt_ids(tok, prompts[i]) for i in mine}  # each prompt tokenised once, not per sample
     stops, outcomes = stop_ids(tok), {}
-    for b in range(0, len(jobs), 128):
-        batch = jobs[b : b + 128]
+    for b in range(0, len(samples), 128):
+        batch = samples[b : b + 128]
         ids = [ids_of[i] for i, _ in batch]
         seeds = [rollout_seed(job.seed, -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
         roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                       top_p=p.top_p, stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
         answers = decode_responses(tok, roll, stops)
-        for k, (job, a) in enumerate(zip(batch, answers, strict=True)):
+        for k, (key, a) in enumerate(zip(batch, answers, strict=True)):
             if b + k < real:
-                outcomes[job] = _is_right(prompts[job[0]], a)
-    merged = {job: ok for part in gather(outcomes, world) for job, ok in part.items()}
-    bits = "".join("1" if merged[job] else "0" for job in sorted(merged))
+                outcomes[key] = _is_right(prompts[key[0]], a)
+    merged = {key: ok for part in gather(outcomes, world) for key, ok in part.items()}
+    bits = "".join("1" if merged[s] else "0" for s in sorted(merged))
     metrics = {
         "task_accuracy": found["task_accuracy"],
         "task_accuracy_sampled": bits.count("1") / max(1, len(bits)),
