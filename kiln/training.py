@@ -10,6 +10,9 @@ import math
 import os
 import random
 import signal
+import traceback
+from contextlib import contextmanager
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,26 +32,46 @@ def deepspeed_config(
     grad_clip: float,
     offload_optimizer: bool = False,
     offload_params: bool = False,
+    grad_reduce_dtype: str = "fp32",
+    zero3_persistence_threshold: int = 100_000,
+    zero3_max_reuse_distance: int = 1_000_000_000,
+    zero3_prefetch_bucket_size: int = 50_000_000,
+    zero3_shard_within: int = 0,
+    overlap_comm: bool = True,
 ) -> dict:
-    """The DeepSpeed config, built from the typed stage config (never from JSON files).
+    """The DeepSpeed config, built from the typed stage config (never from JSON files); the
+    communication keyword arguments are a section's `comm_options`.
 
     fp16 uses dynamic loss scaling (loss_scale 0): start at 2^16, halve on overflow (the step is
-    skipped), double after 1000 clean steps (Micikevicius et al. 2018, "Mixed Precision Training")."""
+    skipped), double after 1000 clean steps (Micikevicius et al. 2018, "Mixed Precision Training").
+    Gradients are averaged over the ranks in `grad_reduce_dtype` (DeepSpeed 0.19's
+    `communication_data_type`, read by ZeRO-0's all-reduce, ZeRO-1/2's and ZeRO-3's reductions)."""
     zero: dict = {"stage": zero_stage}
     if zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7)
+        # overlap_comm: reduce gradient buckets while the backward pass goes on (2 buckets of
+        # reduce_bucket_size). Measured on gloo (CPU, bench/comm_settings.py, 20 steps): ZeRO-1/2/3 with
+        # it on give the losses of it off (2 ranks: identical; 4 ranks: within 3.6e-7, ZeRO-1 summing
+        # its buckets in another order), so it is on for every backend, not only NCCL.
+        zero.update(overlap_comm=overlap_comm, contiguous_gradients=True, reduce_bucket_size=5e7)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero.update(
+            zero3_gather(
+                zero3_persistence_threshold, zero3_max_reuse_distance, zero3_prefetch_bucket_size,
+                zero3_shard_within,
+            )
+        )  # fmt: skip
     return {
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
+        "communication_data_type": grad_reduce_dtype,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {
             "enabled": precision == "fp16",
@@ -62,6 +85,31 @@ def deepspeed_config(
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+    }
+
+
+def zero3_gather(
+    persistence_threshold: int, max_reuse_distance: int, prefetch_bucket_size: int, shard_within: int
+) -> dict:
+    """ZeRO-3's parameter gathering, as `zero_optimization` keys (training and frozen engines alike)."""
+    out = {
+        "stage3_param_persistence_threshold": persistence_threshold,
+        "stage3_max_reuse_distance": max_reuse_distance,
+        "stage3_prefetch_bucket_size": prefetch_bucket_size,
+    }
+    if shard_within:
+        out["zero_hpz_partition_size"] = shard_within  # ZeRO++ hpZ: a secondary shard per N ranks
+    return out
+
+
+def comm_options(p) -> dict:
+    """`deepspeed_config`'s communication arguments from a worker-group section (WorkerGroupConfig)."""
+    return {
+        "grad_reduce_dtype": p.grad_reduce_dtype,
+        "zero3_persistence_threshold": p.zero3_persistence_threshold,
+        "zero3_max_reuse_distance": p.zero3_max_reuse_distance,
+        "zero3_prefetch_bucket_size": p.zero3_prefetch_bucket_size,
+        "zero3_shard_within": p.zero3_shard_within,
     }
 
 
@@ -112,8 +160,51 @@ def micro_batch(ids: np.ndarray, accum_step: int, rank: int, world: int, micro: 
 
 def load_batch(dataset, ids: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (B, seq_len), from windows of seq_len + 1 tokens."""
+    return to_device(read_windows(dataset, ids, pin=torch.device(device).type == "cuda"), device)
+
+
+def read_windows(dataset, ids: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """The windows of `ids` as one (B, seq_len + 1) int64 host tensor; in page-locked memory with `pin`,
+    so that its copy to a GPU is asynchronous (a copy from pageable memory waits for the GPU)."""
     windows = torch.from_numpy(np.stack([dataset[int(i)] for i in ids]).astype(np.int64))  # (B, T+1)
-    return windows[:, :-1].to(device), windows[:, 1:].to(device)
+    return windows.pin_memory() if pin else windows
+
+
+def to_device(windows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) views of `windows` on `device`: one copy, asynchronous from pinned memory (the
+    GPU's stream orders it before the kernels that read it), none on the CPU."""
+    on = windows.to(device, non_blocking=windows.is_pinned())
+    return on[:, :-1], on[:, 1:]
+
+
+def prefetched(read, items):
+    """`read(item)` for each item in order, each next one read on a background thread while the caller
+    works on the current one (so reading the data never stalls the accelerator). Same values, same
+    order as `map(read, items)`; an error in `read` is raised where its item is taken."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-prefetch") as pool:
+        ahead = None
+        for item in items:
+            if ahead is None:
+                ahead = pool.submit(read, item)
+                continue
+            current, ahead = ahead, pool.submit(read, item)
+            yield current.result()
+        if ahead is not None:
+            yield ahead.result()
+
+
+def micro_batch_ids(
+    start: int, total: int, batch: int, n: int, seed: int, accum: int, rank: int, world: int, micro: int
+):
+    """The sequence ids this rank trains on, micro-step by micro-step, from optimizer step `start` to
+    `total` (`global_batch` cut by `micro_batch`): what the pretraining loop reads, in its order."""
+    for step in range(start, total):
+        ids = global_batch(step, batch, n, seed)
+        for a in range(accum):
+            yield micro_batch(ids, a, rank, world, micro)
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -201,8 +292,9 @@ def export_engine(engine, make_model, out_dir, tokenizer_dir, zero_stage: int, r
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
-def all_reduce_mean(values: dict, device) -> dict[str, float]:
-    """Average scalar metrics (floats or 0-d tensors) over ranks: one collective, one host sync."""
+def all_reduce_mean(values: dict, device, local: dict | None = None) -> dict[str, float]:
+    """Average scalar metrics (floats or 0-d tensors) over ranks: one collective, one host sync.
+    `local`: 0-d tensors of this rank's own (not averaged), brought to the host in the same sync."""
     import torch.distributed as dist
 
     keys = sorted(values)
@@ -210,7 +302,10 @@ def all_reduce_mean(values: dict, device) -> dict[str, float]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
         t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
+    own = sorted(local or {})
+    if own:
+        t = torch.cat([t, torch.stack([local[k].to(device=device, dtype=torch.float64) for k in own])])
+    return dict(zip(keys + own, t.tolist(), strict=True))
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16/fp16
@@ -233,6 +328,61 @@ def worker_device(wctx):
         torch.cuda.set_device(wctx.local_rank)
         return torch.device("cuda", wctx.local_rank)
     return torch.device("cpu")
+
+
+def init_distributed(device, timeout_min: float) -> None:
+    """Join the process group unless the launcher did (Ray Train's TorchConfig does, with the same
+    timeout): NCCL on GPUs, gloo on CPU. A collective that waits more than `timeout_min` minutes for
+    the other ranks fails (`collective_timeouts` names it)."""
+    if torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_min))
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past the stage's collective_timeout_min: a rank hangs or is gone."""
+
+
+@contextmanager
+def collective_timeouts(stage: str, rank: int, world: int, timeout_min: float):
+    """Turns a collective's timeout inside the block into a `CollectiveTimeout` naming this rank, the
+    collective and the code that called it; the worker fails with it, and Ray Train restarts the group
+    from its last checkpoint (max_failures), as for any dead worker. NCCL's watchdog ends the process
+    itself, after logging the rank and the collective (OpType) it timed out in."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        collective, caller = _collective_of(e.__traceback__)
+        distributed = collective != "unknown" or isinstance(e, torch.distributed.DistError)
+        timed_out = any(w in text.lower() for w in ("timed out", "timeout"))
+        if isinstance(e, CollectiveTimeout) or not (distributed and timed_out):
+            raise
+        raise CollectiveTimeout(
+            f"{stage}: rank {rank} of {world} waited more than {stage}.collective_timeout_min={timeout_min:g} min "
+            f"in the collective {collective} (called from {caller}) for the other ranks: one of them hangs or "
+            f"died (see its log). The group restarts from its last checkpoint. ({text.strip()[:300]})"
+        ) from e
+
+
+def _collective_of(tb) -> tuple[str, str]:
+    """(the torch.distributed / deepspeed.comm function a traceback failed in, the innermost project
+    frame that called it as path:line function)."""
+    collective, caller = "unknown", "unknown"
+    root = Path(__file__).resolve().parent.parent
+    for frame, line in traceback.walk_tb(tb):
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        name = frame.f_code.co_name
+        if "torch/distributed/" in path and not name.startswith("_") and name != "wrapper":
+            collective = name
+        elif "deepspeed/comm/" in path and collective == "unknown" and name != "log_wrapper":
+            collective = name
+        elif path.startswith(root.as_posix() + "/") and "/site-packages/" not in path:
+            caller = f"{Path(path).relative_to(root).as_posix()}:{line} {name}"
+    return collective, caller
 
 
 class PreemptionFlag:
@@ -270,7 +420,7 @@ def engine(model, p, lr, accum, world):
     optimizer = adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
     config = deepspeed_config(
         zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
-        grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
+        grad_accum=accum, world_size=world, grad_clip=p.grad_clip, **comm_options(p),
     )  # fmt: skip
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
@@ -283,9 +433,13 @@ def frozen(model, p, device):
     if p.zero_stage == 3:
         import deepspeed
 
+        gather = zero3_gather(
+            p.zero3_persistence_threshold, p.zero3_max_reuse_distance, p.zero3_prefetch_bucket_size,
+            p.zero3_shard_within,
+        )  # fmt: skip
         config = {
             "train_micro_batch_size_per_gpu": p.micro_batch_size,
-            "zero_optimization": {"stage": 3},
+            "zero_optimization": {"stage": 3, **gather},
             "bf16": {"enabled": p.precision == "bf16"},
             "fp16": {"enabled": p.precision == "fp16"},
         }

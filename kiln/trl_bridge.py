@@ -5,7 +5,7 @@ the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the exp
     args = trainer_args(job.section, job.seed, wctx.world_size, out_dir, resume is None) # in a worker
     trainer = SFTTrainer(..., args=SFTConfig(**args, ...), callbacks=[bridge])
     check_deepspeed(trainer, zero_stage)                                    # no silent DDP fallback
-    train(trainer, resume)                                                  # no step past max_steps
+    train(trainer, resume, "sft")                                           # no step past max_steps
     export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, fp32, + tokenizer
 
 DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
@@ -136,13 +136,13 @@ def setup_worker(wctx, cpus: float) -> None:
 
 def trainer_args(s: TrlStageConfig, seed: int, world: int, output_dir: str, fresh: bool) -> dict:
     """Keyword arguments shared by SFTConfig and RewardConfig, from the typed stage section."""
-    from kiln.training import deepspeed_config
+    from kiln.training import comm_options, deepspeed_config
 
     accum = s.global_batch_size // (world * s.micro_batch_size)
     gpu = s.gpus_per_worker > 0
     ds = deepspeed_config(
         zero_stage=s.zero_stage, precision=s.precision, micro_batch_size=s.micro_batch_size,
-        grad_accum=accum, world_size=world, grad_clip=s.grad_clip,
+        grad_accum=accum, world_size=world, grad_clip=s.grad_clip, **comm_options(s),
     )  # fmt: skip
     return dict(
         output_dir=output_dir, deepspeed=ds, use_cpu=not gpu, seed=seed, data_seed=seed,
@@ -156,6 +156,7 @@ def trainer_args(s: TrlStageConfig, seed: int, world: int, output_dir: str, fres
         logging_steps=1, eval_strategy="steps", eval_steps=s.eval_every, eval_on_start=fresh,
         save_strategy="steps", save_steps=s.checkpoint_every, save_total_limit=1,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        ddp_timeout=max(1, round(s.collective_timeout_min * 60)),  # where accelerate makes the process group
         remove_unused_columns=False,  # keeps `kiln_id` for the sample-id record; the collators ignore it
         max_length=s.max_length,
     )  # fmt: skip
@@ -228,14 +229,19 @@ class _NoStepsLeft(Exception):
     """The checkpoint resumed from is at max_steps already (see `train`)."""
 
 
-def train(trainer, resume: str | None) -> None:
+def train(trainer, resume: str | None, section: str) -> None:
     """`trainer.train(resume_from_checkpoint=resume)`, less one step: transformers checks max_steps
     only after a step, so from a checkpoint already at max_steps (the worker died after its last
     save, before the artifact was written) it trains one step more, unless max_steps ends an epoch.
     The bridge stops it at train begin instead, once the engine holds the checkpoint's weights,
-    ready for `export`."""
+    ready for `export`. A collective that times out (`<section>.collective_timeout_min`) fails the
+    rank, naming it and the collective."""
+    from kiln.training import collective_timeouts
+
+    a = trainer.args
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with collective_timeouts(section, a.process_index, a.world_size, a.ddp_timeout / 60):
+            trainer.train(resume_from_checkpoint=resume)
     except _NoStepsLeft:
         pass
 

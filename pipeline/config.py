@@ -219,9 +219,12 @@ class WorkerGroupConfig:
     """What every training stage (pretrain, sft, reward, ppo) sets the same way: its workers, DeepSpeed,
     the optimizer and its schedule, evaluation and checkpoint cadence."""
 
+    # How the group communicates is placement too, grad_reduce_dtype included: under bf16 it moves the
+    # losses as much as the ZeRO stage does (rounding of the sums), and under fp32 not at all.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         "num_workers", "gpus_per_worker", "cpus_per_worker", "zero_stage", "activation_checkpointing",
-        "checkpoint_every", "keep_last", "max_failures",
+        "checkpoint_every", "keep_last", "max_failures", "grad_reduce_dtype", "zero3_persistence_threshold",
+        "zero3_max_reuse_distance", "zero3_prefetch_bucket_size", "zero3_shard_within", "collective_timeout_min",
     )  # fmt: skip
     CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
 
@@ -255,10 +258,55 @@ class WorkerGroupConfig:
     """Held-out evaluation every this many steps (and at the start and the end)."""
     max_failures: int = 2
     """Restarts of a dead worker group from the last checkpoint before the stage fails."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The dtype gradients are averaged over the ranks in (DeepSpeed's `communication_data_type`, every
+    ZeRO stage): fp32 sums bf16 gradients without rounding each partial sum; bf16 halves the bytes sent
+    and rounds. bf16 goes with precision=bf16 only (fp16's loss-scaled gradients are summed in fp32;
+    under fp32 nothing changes)."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters of at most this many elements are not sharded but kept whole on every rank
+    (fewer, larger gathers; DeepSpeed's stage3_param_persistence_threshold, default 1e5)."""
+    zero3_max_reuse_distance: int = 1_000_000_000
+    """ZeRO-3: a gathered parameter used again within this many elements of parameter traffic is kept
+    rather than released and gathered again (stage3_max_reuse_distance, default 1e9)."""
+    zero3_prefetch_bucket_size: int = 50_000_000
+    """ZeRO-3: elements of upcoming parameters gathered ahead of their use, overlapping the gathers with
+    compute (stage3_prefetch_bucket_size, default 5e7)."""
+    zero3_shard_within: int = 0
+    """ZeRO-3 across nodes: N > 0 keeps a second copy of the parameters sharded over groups of N ranks
+    (the GPUs of a node, typically), so the gathers of the backward pass stay inside a node (ZeRO++
+    hpZ, DeepSpeed's zero_hpz_partition_size); 0 = off. Costs one more 1/N share of parameter memory."""
+    collective_timeout_min: float = 10
+    """Minutes a collective (all-reduce, all-gather, barrier) may wait for the other ranks before the
+    worker fails, naming the rank and the collective; Ray Train then restarts the group from its last
+    checkpoint (max_failures). A hung rank costs this long, not Ray Train's default 30 min."""
 
     def check(self):
         if self.num_workers < 1:
             yield "num_workers: must be >= 1"
+        if self.grad_reduce_dtype == "bf16" and self.precision != "bf16":
+            yield (
+                f"grad_reduce_dtype: bf16 reduces bf16 gradients, and precision is {self.precision}; "
+                "set grad_reduce_dtype=fp32 or precision=bf16"
+            )
+        for key in ("zero3_persistence_threshold", "zero3_max_reuse_distance", "zero3_prefetch_bucket_size"):
+            if getattr(self, key) < 0:
+                default = WorkerGroupConfig.__dataclass_fields__[key].default
+                yield f"{key}: must be >= 0 (a number of elements; DeepSpeed's default is {default:_})"
+        if self.zero3_shard_within:
+            n = self.zero3_shard_within
+            if self.zero_stage != 3:
+                yield (
+                    f"zero3_shard_within: {n} shards a second copy of ZeRO-3's parameters and zero_stage is "
+                    f"{self.zero_stage}; set zero_stage=3 or zero3_shard_within=0"
+                )
+            elif n < 2 or self.num_workers % n:
+                yield (
+                    f"zero3_shard_within: {n} must be 0 (off) or a divisor >= 2 of num_workers={self.num_workers} "
+                    "(the GPUs of one node, typically)"
+                )
+        if not self.collective_timeout_min > 0:
+            yield "collective_timeout_min: must be > 0 (minutes a collective may wait for the other ranks)"
         if self.precision == "fp16" and self.gpus_per_worker == 0:
             yield "precision: fp16 (loss scaling) runs on GPUs only and gpus_per_worker=0; use bf16 or fp32 on CPU"
         if self.checkpoint_every < 1 or self.eval_every < 1:

@@ -34,17 +34,21 @@ class Scaling:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     max_failures: int = 0
     checkpoints_to_keep: int = 2
+    collective_timeout_s: float = 1800
+    """How long a collective of the group's process group waits for the other ranks before it fails
+    (Ray Train's default: 30 min; a stage's is its collective_timeout_min)."""
 
     @classmethod
     def of(cls, section) -> Scaling:
         """The group a training stage's config section asks for (num_workers, cpus_per_worker,
-        gpus_per_worker, max_failures, keep_last)."""
+        gpus_per_worker, max_failures, keep_last, collective_timeout_min)."""
         return cls(
             num_workers=section.num_workers,
             cpus_per_worker=section.cpus_per_worker,
             gpus_per_worker=section.gpus_per_worker,
             max_failures=section.max_failures,
             checkpoints_to_keep=section.keep_last,
+            collective_timeout_s=section.collective_timeout_min * 60,
         )
 
     def total(self) -> dict[str, float]:

@@ -62,7 +62,7 @@ class RayStageContext(StageContext):
 
     def run_workers(self, train_fn, arg, scaling: Scaling):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchTrainer
         from ray.util.queue import Queue
 
         # the queue lives beside this driver: a worker node that goes away must not take it along
@@ -103,7 +103,7 @@ class RayStageContext(StageContext):
                     **scaling.resources_per_worker,
                 },
             ),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=torch_config(scaling),
             run_config=RunConfig(
                 name=self.work_dir.name,
                 storage_path=storage_path,
@@ -155,6 +155,16 @@ class RayStageContext(StageContext):
                 self.mirror(force=True)
             elif kind == "result":
                 results[payload[0]] = payload[1]
+
+
+def torch_config(scaling: Scaling):
+    """Ray Train's process group for a worker group: NCCL on GPUs, gloo on CPUs. Its collectives fail
+    after `scaling.collective_timeout_s` (the stage's collective_timeout_min), and the group restarts
+    from its last checkpoint (FailureConfig) as after any worker failure."""
+    from ray.train.torch import TorchConfig
+
+    backend = "nccl" if scaling.gpus_per_worker > 0 else "gloo"
+    return TorchConfig(backend=backend, timeout_s=max(1, round(scaling.collective_timeout_s)))
 
 
 class RayWorkerContext(WorkerContext):

@@ -215,8 +215,15 @@ def _counts(stats: dict) -> str:
 
 
 def train_worker(job: PpoJob, wctx) -> dict:
-    """One data-parallel rank of the PPO loop (module docstring). Returns the final metrics."""
-    import deepspeed
+    """One data-parallel rank of the PPO loop (module docstring). Returns the final metrics. A collective
+    that waits past `ppo.collective_timeout_min` fails the rank, naming it and the collective."""
+    from kiln import training as T
+
+    with T.collective_timeouts("ppo", wctx.rank, wctx.world_size, job.section.collective_timeout_min):
+        return _train(job, wctx)
+
+
+def _train(job: PpoJob, wctx) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -232,8 +239,7 @@ def train_worker(job: PpoJob, wctx) -> dict:
     device = T.worker_device(wctx)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(p.cpus_per_worker)))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    T.init_distributed(device, p.collective_timeout_min)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(seed)
 

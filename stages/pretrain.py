@@ -21,6 +21,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from kiln.workers import WorkerJob, run_group
@@ -100,7 +101,15 @@ def _check_config(cfg, index: dict, tok_dir: Path) -> Vocab:
 
 
 def train_worker(job: PretrainJob, wctx) -> dict:
-    """One data-parallel rank. Returns the final metrics (every rank; rank 0's are used)."""
+    """One data-parallel rank. Returns the final metrics (every rank; rank 0's are used). A collective
+    that waits past `pretrain.collective_timeout_min` fails the rank, naming it and the collective."""
+    from kiln import training as T
+
+    with T.collective_timeouts("pretrain", wctx.rank, wctx.world_size, job.section.collective_timeout_min):
+        return _train(job, wctx)
+
+
+def _train(job: PretrainJob, wctx) -> dict:
     import deepspeed
     import torch
 
@@ -111,8 +120,7 @@ def train_worker(job: PretrainJob, wctx) -> dict:
     p, seed = job.section, job.seed
     rank, world = wctx.rank, wctx.world_size
     device = T.worker_device(wctx)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    T.init_distributed(device, p.collective_timeout_min)
     torch.manual_seed(seed)
 
     # -- model, optimizer, engine --------------------------------------------------------------
@@ -132,7 +140,7 @@ def train_worker(job: PretrainJob, wctx) -> dict:
     ds_config = T.deepspeed_config(
         zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
         grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
-        offload_optimizer=p.offload_optimizer, offload_params=p.offload_params,
+        offload_optimizer=p.offload_optimizer, offload_params=p.offload_params, **T.comm_options(p),
     )  # fmt: skip
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if p.compile:
@@ -161,20 +169,27 @@ def train_worker(job: PretrainJob, wctx) -> dict:
         wctx.started_fresh()
 
     stop = T.PreemptionFlag()
+    # this rank's micro-batches, from the step resumed at to the end, each read (pinned on GPU) while
+    # the one before computes; the order is the index arithmetic's, as if read in the loop
+    batches = T.prefetched(
+        partial(T.read_windows, train, pin=device.type == "cuda"),
+        T.micro_batch_ids(step, total, p.global_batch_size, len(train), seed, accum, rank, world, p.micro_batch_size),
+    )  # fmt: skip
     while step < total:
         t0 = time.perf_counter()
         lr = T.lr_at(step, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_steps, total=total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids = T.global_batch(step, p.global_batch_size, len(train), seed)
-        # losses stay on the device until the step is done: one host sync per step, not per micro-step
+        # losses (and the grad norm, the MoE stats) stay on the device until the step is done: one host
+        # sync per step (all_reduce_mean), none per micro-step
         sums = {
             k: torch.zeros((), dtype=torch.float64, device=device)
             for k in ("loss", "lm_loss", "aux_loss", "z_loss")
         }
         moe = None
-        for a in range(accum):
-            x, y = T.load_batch(train, T.micro_batch(ids, a, rank, world, p.micro_batch_size), device)
+        for _ in range(accum):
+            x, y = T.to_device(next(batches), device)  # micro_batch(ids, a, rank, ...) of a = 0, 1, ...
             out = engine(input_ids=x, shift_labels=y)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
@@ -186,7 +201,15 @@ def train_worker(job: PretrainJob, wctx) -> dict:
                 moe = out.moe_stats
         step += 1
         tokens_seen += tokens_per_step
-        row = T.all_reduce_mean(sums, device)  # every rank sees the same values, so all stop together
+        local, grad_norm = {}, engine.get_global_grad_norm()  # this rank's, not averaged
+        if torch.is_tensor(grad_norm):
+            local["grad_norm"] = grad_norm
+        if moe is not None:
+            load = moe["expert_load"].float().mean(0)  # (n_experts,) averaged over MoE layers
+            local.update({f"expert_load_{i}": v for i, v in enumerate(load)})
+            local["dropped_frac"] = moe["dropped_frac"].float().mean()
+        got = T.all_reduce_mean(sums, device, local)
+        row = {k: got[k] for k in sorted(sums)}  # every rank sees the same losses: all stop together
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(
                 f"pretrain: non-finite loss ({row['loss']}) at step {step}; the last good checkpoint is "
@@ -195,15 +218,11 @@ def train_worker(job: PretrainJob, wctx) -> dict:
         dt = time.perf_counter() - t0
         row.update(step=step, lr=lr, tokens_seen=tokens_seen, tokens_per_s=tokens_per_step / dt)
         row["batch_crc"] = zlib.crc32(ids.tobytes())  # which sequences this step trained on
-        grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+            row["grad_norm"] = got["grad_norm"] if "grad_norm" in local else float(grad_norm)
         if flops_per_token and peak:
             row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)
-        if moe is not None:
-            load = moe["expert_load"].float().mean(0)  # (n_experts,) averaged over MoE layers
-            row.update({f"expert_load_{i}": float(v) for i, v in enumerate(load)})
-            row["dropped_frac"] = float(moe["dropped_frac"].float().mean())
+        row.update({k: got[k] for k in local if k != "grad_norm"})  # expert_load_i, dropped_frac
         if engine.fp16_enabled():
             row["loss_scale"] = (
                 float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
@@ -237,14 +256,16 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
 
     n = min(len(val), p.eval_batches * world * p.micro_batch_size)
     ids = np.arange(n)[rank::world]
-    losses = []
+    # the losses summed on the device (in order, in float64): no host sync per batch
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     engine.eval()
     with torch.no_grad():
         for i in range(0, len(ids), p.micro_batch_size):
             x, y = T.load_batch(val, ids[i : i + p.micro_batch_size], device)
-            losses.append(float(engine(input_ids=x, shift_labels=y).lm_loss))
+            total += engine(input_ids=x, shift_labels=y).lm_loss.double()
+            count += 1
     engine.train()
-    mean = T.all_reduce_mean({"val_loss": sum(losses) / max(1, len(losses))}, device)["val_loss"]
+    mean = T.all_reduce_mean({"val_loss": total / max(1, count)}, device)["val_loss"]
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 

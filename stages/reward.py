@@ -104,7 +104,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     if too_long and wctx.rank == 0:
         log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s.max_length)
 
-    B.train(trainer, resume)
+    B.train(trainer, resume, "reward")
     B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval

@@ -97,7 +97,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     if unused and wctx.rank == 0:
         log.warning("sft: %d training records have no completion token within max_length", unused)
 
-    B.train(trainer, resume)
+    B.train(trainer, resume, "sft")
     B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval

@@ -151,6 +151,43 @@ def test_cross_field_checks_report_every_rule_broken():
     assert "without '/'" in one(errors, "run.name")
 
 
+def test_communication_keys_are_checked_in_every_training_section():
+    errors = problems(
+        "pretrain.grad_reduce_dtype=bf16",  # the preset trains in fp32
+        "pretrain.zero3_shard_within=2",  # and with ZeRO-2
+        "sft.zero_stage=3",
+        "sft.zero3_shard_within=3",  # one worker
+        "reward.zero3_prefetch_bucket_size=-1",
+        "ppo.collective_timeout_min=0",
+    )
+    assert len(errors) == 5, errors
+    dtype = one(errors, "pretrain.grad_reduce_dtype")
+    assert "precision is fp32" in dtype and "set grad_reduce_dtype=fp32 or precision=bf16" in dtype
+    assert "set zero_stage=3 or zero3_shard_within=0" in one(errors, "pretrain.zero3_shard_within")
+    assert "divisor >= 2 of num_workers=1" in one(errors, "sft.zero3_shard_within")
+    assert "DeepSpeed's default is 50_000_000" in one(errors, "reward.zero3_prefetch_bucket_size")
+    assert "must be > 0" in one(errors, "ppo.collective_timeout_min")
+    cfg = load_config(
+        None,
+        ["pretrain.precision=bf16", "pretrain.grad_reduce_dtype=bf16", "pretrain.zero_stage=3",
+         "pretrain.num_workers=4", "pretrain.micro_batch_size=4", "pretrain.zero3_shard_within=2"],
+    )  # fmt: skip
+    assert (cfg.pretrain.grad_reduce_dtype, cfg.pretrain.zero3_shard_within) == ("bf16", 2)
+
+
+def test_only_the_reduction_dtype_is_part_of_a_training_stages_identity():
+    """How collectives gather and how long they wait change no number; the dtype gradients are summed
+    in changes a bf16 model's (bench/comm_settings.py --ranks 4)."""
+    from pipeline.config import WorkerGroupConfig
+
+    for cls in (type(getattr(PipelineConfig(), s)) for s in ("pretrain", "sft", "reward", "ppo")):
+        assert issubclass(cls, WorkerGroupConfig)
+        assert "grad_reduce_dtype" not in cls.PLACEMENT_KEYS
+        for key in ("zero3_persistence_threshold", "zero3_max_reuse_distance", "zero3_prefetch_bucket_size",
+                    "zero3_shard_within", "collective_timeout_min"):  # fmt: skip
+            assert key in cls.PLACEMENT_KEYS, (cls.__name__, key)
+
+
 def test_adaptive_kl_settings_that_would_stop_or_flip_beta_are_rejected():
     """The adaptive controller multiplies beta by 1 + e x rollout_batch_size / kl_horizon, e in
     [-0.2, 0.2]: from beta 0 it never moves, and a horizon under 0.2 x the batch can make it <= 0
