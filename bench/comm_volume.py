@@ -1,5 +1,6 @@
 """Bytes communicated per optimizer step under ZeRO 1/2/3, measured on 2 gloo ranks by DeepSpeed's
-comms logger, beside what the plan (kiln/capacity.py, `run --dry-run`) predicts for the same setup.
+comms logger, beside what the plan (kiln/capacity.py, `run --dry-run`) predicts for the same setup
+(fp32, and bf16 with the gradients reduced in fp32, the default, or in bf16).
 
     python bench/comm_volume.py            # starts `torchrun --nproc_per_node 2` on itself, prints the table
 
@@ -30,15 +31,21 @@ MODEL = ModelConfig(
     n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, d_ff=704, n_experts=4, top_k=2, max_seq_len=128
 )
 VOCAB, SEQ, MICRO, ACCUM, STEPS = 4096, 128, 2, 2, 2
-CASES = {  # name: (zero stage, stage-3 settings)
-    "ZeRO-1": (1, {}),
-    "ZeRO-2": (2, {}),
-    "ZeRO-3": (3, {}),
-    "ZeRO-3, nothing persistent": (3, {"stage3_param_persistence_threshold": 0}),
-    "ZeRO-3, no reuse": (3, {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0}),
-    "ZeRO-3, no reuse, no prefetch": (
-        3, {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+CASES = {  # name: (zero stage, precision, gradients reduced in, stage-3 settings)
+    "ZeRO-1": (1, "fp32", "fp32", {}),
+    "ZeRO-2": (2, "fp32", "fp32", {}),
+    "ZeRO-3": (3, "fp32", "fp32", {}),
+    "ZeRO-3, nothing persistent": (3, "fp32", "fp32", {"stage3_param_persistence_threshold": 0}),
+    "ZeRO-3, no reuse": (
+        3, "fp32", "fp32", {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0},
     ),
+    "ZeRO-3, no reuse, no prefetch": (
+        3, "fp32", "fp32",
+        {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0},
+    ),
+    "ZeRO-1 bf16": (1, "bf16", "fp32", {}),
+    "ZeRO-1 bf16, reduced in bf16": (1, "bf16", "bf16", {}),
+    "ZeRO-3 bf16": (3, "bf16", "fp32", {}),
 }  # fmt: skip
 
 
@@ -56,13 +63,13 @@ def measure(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {}
-    for name, (stage, extra) in CASES.items():
+    for name, (stage, precision, reduce, extra) in CASES.items():
         torch.manual_seed(0)
         model = KilnForCausalLM(build_config(MODEL, VOCAB, 0, 1))
         opt = T.adamw(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
         cfg = T.deepspeed_config(
-            zero_stage=stage, precision="fp32", micro_batch_size=MICRO, grad_accum=ACCUM, world_size=world,
-            grad_clip=1.0,
+            zero_stage=stage, precision=precision, micro_batch_size=MICRO, grad_accum=ACCUM, world_size=world,
+            grad_clip=1.0, grad_reduce_dtype=reduce,
         )  # fmt: skip
         cfg["zero_optimization"].update(extra)
         cfg["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True}
@@ -95,14 +102,14 @@ def measure(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def predicted(stage: int, extra: dict) -> dict[str, int]:
+def predicted(stage: int, precision: str, reduce: str, extra: dict) -> dict[str, int]:
     from kiln import capacity as C
     from kiln.model_fields import hf_values
 
     tensors = C.parameter_tensors(hf_values(MODEL), VOCAB)
     setup = C.Setup(
-        world=2, zero_stage=stage, precision="fp32", micro_batch_size=MICRO, grad_accum=ACCUM, seq_len=SEQ,
-        overlap_comm=False,
+        world=2, zero_stage=stage, precision=precision, micro_batch_size=MICRO, grad_accum=ACCUM, seq_len=SEQ,
+        grad_reduce_dtype=reduce,
         persistence_threshold=extra.get("stage3_param_persistence_threshold", 100_000),
         max_reuse_distance=extra.get("stage3_max_reuse_distance", 1_000_000_000),
         prefetch_bucket_size=extra.get("stage3_prefetch_bucket_size", 50_000_000),
@@ -118,11 +125,11 @@ def main() -> None:
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
     ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
     print(f"model: {MODEL.n_layers} layers, d_model {MODEL.d_model}, {MODEL.n_experts} experts, vocab {VOCAB}; "
-          f"fp32, 2 gloo ranks, micro-batch {MICRO}, accumulation {ACCUM}; MB per optimizer step per rank")  # fmt: skip
+          f"2 gloo ranks, micro-batch {MICRO}, accumulation {ACCUM}; MB per optimizer step per rank")  # fmt: skip
     print("| case | collective | measured | plan | plan / measured |")
     print("|---|---|---|---|---|")
-    for name, (stage, extra) in CASES.items():
-        got, plan = ranks[0][name], predicted(stage, extra)
+    for name, (stage, precision, reduce, extra) in CASES.items():
+        got, plan = ranks[0][name], predicted(stage, precision, reduce, extra)
         assert ranks[1][name] == got, (name, ranks[1][name], got)  # both ranks move the same bytes
         for op in sorted(got.keys() | plan.keys()):
             m, p = got.get(op, 0) / 1e6, plan.get(op, 0) / 1e6

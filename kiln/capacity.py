@@ -130,13 +130,14 @@ class Setup:
     grad_accum: int
     seq_len: int
     grad_reduce_dtype: str = "fp32"  # what the gradients are reduced in (bf16/fp16 training)
-    overlap_comm: bool = True
+    overlap_comm: bool = True  # DeepSpeed's overlap_comm (kiln/training.py: on for every backend)
     activation_checkpointing: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
     persistence_threshold: int = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
     max_reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance default
     prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size default
+    shard_within: int = 0  # ZeRO++ hpZ: a second copy of the weights sharded within groups of this many ranks
 
 
 @dataclass
@@ -186,14 +187,24 @@ def training_cost(tensors: list[Tensor], s: Setup, trainable: int | None = None)
         gathered = psi - persistent
         # persistent parameters are gathered once per step (after the update), the others at every
         # micro-step, and again in backward when they were released after forward
-        cost.comm["all_gather"] = b * persistent + a * b * (gathered + _regathered(tensors, s))
+        cost.comm["all_gather"] = b * persistent + a * b * gathered
+        if regathered := a * b * _regathered(tensors, s):  # with hpZ from the copy inside the group
+            key = "all_gather_within_group" if s.shard_within else "all_gather"
+            cost.comm[key] = cost.comm.get(key, 0) + regathered
+        if s.shard_within:
+            cost.memory["hpz_copy"] = b * psi // s.shard_within
         cost.comm["reduce_scatter"] = a * bg * train
         cost.memory["zero3_gathered"] = b * min(
             gathered, 2 * _largest_layer(tensors) + s.prefetch_bucket_size
         )
-    ring = (n - 1) / n
-    cost.wire = int(sum(v * (2 * ring if k == "all_reduce" else ring) for k, v in cost.comm.items()))
+    cost.wire = int(sum(_wire(k, v, s) for k, v in cost.comm.items()))
     return cost
+
+
+def _wire(collective: str, size: int, s: Setup) -> float:
+    """Bytes a rank sends for a collective over `size` tensor bytes (ring algorithms)."""
+    n = s.shard_within if collective == "all_gather_within_group" else s.world
+    return size * (n - 1) / n * (2 if collective == "all_reduce" else 1)
 
 
 def _largest_layer(tensors: list[Tensor]) -> int:
@@ -262,11 +273,15 @@ def step_time(flops: float, cost: Cost, s: Setup, hw: Hardware) -> dict:
     all-gather after a ZeRO-1/2 step has nothing to hide behind. What is not hidden adds to the step."""
     compute = flops * (4 / 3 if s.activation_checkpointing else 1) / (s.world * hw.peak_tflops * 1e12)
     backward = compute * (3 / 4 if s.activation_checkpointing else 2 / 3)  # its share of the step
-    bandwidth = hw.intra_node_gbs if s.world <= hw.gpus_per_node else hw.inter_node_gbs
-    ring = (s.world - 1) / s.world
-    secs = {
-        k: v * (2 * ring if k == "all_reduce" else ring) / (bandwidth * 1e9) for k, v in cost.comm.items()
-    }
+    across = s.world > hw.gpus_per_node
+
+    def bandwidth(collective: str) -> float:
+        inside = not across or (
+            collective == "all_gather_within_group" and s.shard_within <= hw.gpus_per_node
+        )
+        return (hw.intra_node_gbs if inside else hw.inter_node_gbs) * 1e9
+
+    secs = {k: _wire(k, v, s) / bandwidth(k) for k, v in cost.comm.items()}
     comm = sum(secs.values())
     if not s.overlap_comm:
         exposed = comm

@@ -52,13 +52,12 @@ def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int) -> C.
     return C.Setup(
         world=section.num_workers, zero_stage=zero_stage, precision=section.precision, micro_batch_size=micro,
         grad_accum=accum, seq_len=seq_len, activation_checkpointing=section.activation_checkpointing,
-        grad_reduce_dtype=getattr(section, "grad_reduce_dtype", "fp32"),
-        overlap_comm=section.gpus_per_worker > 0,
-        offload_optimizer=getattr(section, "offload_optimizer", False),
+        grad_reduce_dtype=section.grad_reduce_dtype, offload_optimizer=getattr(section, "offload_optimizer", False),
         offload_params=getattr(section, "offload_params", False),
-        persistence_threshold=getattr(section, "zero3_persistence_threshold", 100_000),
-        max_reuse_distance=getattr(section, "zero3_max_reuse_distance", 1_000_000_000),
-        prefetch_bucket_size=getattr(section, "zero3_prefetch_bucket_size", 50_000_000),
+        persistence_threshold=section.zero3_persistence_threshold,
+        max_reuse_distance=section.zero3_max_reuse_distance,
+        prefetch_bucket_size=section.zero3_prefetch_bucket_size,
+        shard_within=section.zero3_shard_within if zero_stage == 3 else 0,
     )  # fmt: skip
 
 
