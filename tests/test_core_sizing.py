@@ -68,12 +68,19 @@ def test_zero_memory_and_communication_per_rank_follow_the_stage():
     psi = 10_000_000
 
     def cost(z, accum=1, precision="fp32"):
-        s = C.Setup(world=4, zero_stage=z, precision=precision, micro_batch_size=1, grad_accum=accum, seq_len=8)
+        s = C.Setup(
+            world=4, zero_stage=z, precision=precision, micro_batch_size=1, grad_accum=accum, seq_len=8
+        )
         return C.training_cost(tensors, s)
 
     states = ("weights", "gradients", "optimizer")
     per_param = {z: sum(cost(z).memory[k] for k in states) / psi for z in range(4)}
-    assert per_param == {0: 16, 1: 4 + 16 / 4, 2: 4 + 16 / 4, 3: 20 / 4}  # fp32 Adam + DeepSpeed's fp32 partition
+    assert per_param == {
+        0: 16,
+        1: 4 + 16 / 4,
+        2: 4 + 16 / 4,
+        3: 20 / 4,
+    }  # fp32 Adam + DeepSpeed's fp32 partition
     assert cost(3).memory["zero3_gathered"] == 4 * psi  # a model this small is gathered whole
     assert cost(1, accum=2).memory["gradients"] == 4 * psi  # ZeRO-1 holds every gradient until the step
     assert cost(1, accum=4).comm == {"all_reduce": 4 * psi, "all_gather": 4 * psi}  # once per step
