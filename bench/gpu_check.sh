@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU-only checks, one prepared script (< 8 min on one H100): the pretraining stage's inner loop
 # (DeepSpeed, under torchrun, no Ray) for a ~125M dense and a MoE model in bf16 and fp16 (dynamic
-# loss scaling), SDPA's flash kernel, tokens/s against HF Llama / Mixtral in the same run, and MFU.
+# loss scaling) and a ~350M dense model in bf16 (large enough not to be launch-bound), SDPA's flash
+# kernel, tokens/s against HF Llama / Mixtral in the same run, and MFU. Exits non-zero if a check fails.
 #
 #   bash bench/gpu_check.sh            # on a GPU machine with torch; wheels in .whl/ are installed first
 #
@@ -18,8 +19,11 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 log=${OUT:-/tmp}/gpu_check.log
+failed=0  # every check runs; the script fails at the end if any did
 echo "== GPU-only model tests (flash/efficient kernels, grouped experts, cached generation)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda 2>&1 | tail -5 | tee "$log" || true
-echo "== pretraining inner loop vs HF (bf16, fp16)"
-timeout 360 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-25} 2>&1 \
-  | grep -v -i "warn" | tee -a "$log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda 2>&1 | tail -5 | tee "$log" \
+  || { failed=1; echo "FAILED: the GPU model tests"; }
+echo "== pretraining inner loop vs HF (bf16, fp16), and a ~350M dense model (bf16)"
+timeout 420 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-25} 2>&1 \
+  | grep -v -i "warn" | tee -a "$log" || { failed=1; echo "FAILED: bench/gpu_pretrain.py"; }
+exit $failed

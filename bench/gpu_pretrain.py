@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 1 bench/gpu_pretrain.py [--steps 30] [--quick]
 
-For a ~125M dense model and a MoE model, in bf16 and fp16 (dynamic loss scaling), on synthetic
+For a ~125M dense model and a MoE model, in bf16 and fp16 (dynamic loss scaling), and a ~350M dense
+model in bf16 (not launch-bound; the goal is MFU >= 35 %), on synthetic
 packed tokens: the pretraining stage's `train_worker` (DeepSpeed ZeRO-2, the same code the stage
 runs on Ray Train) and, in the same run, a plain PyTorch loop (AdamW fused, autocast) over our model
 and over HF Llama / Mixtral of the same size. Checks that SDPA runs the flash kernel. Prints a table.
@@ -48,6 +49,9 @@ DENSE = ModelConfig(
 MOE = ModelConfig(
     n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048, n_experts=8, top_k=2, moe_d_ff=1024,
     max_seq_len=SEQ,
+)  # fmt: skip
+DENSE_LARGE = ModelConfig(  # ~350M: kernels long enough that launches do not set the pace (goal: MFU >= 35 %)
+    n_layers=24, d_model=1024, n_heads=16, n_kv_heads=4, d_ff=2816, n_experts=0, max_seq_len=SEQ,
 )  # fmt: skip
 
 
@@ -138,7 +142,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: check the script itself")
     args = ap.parse_args()
-    global VOCAB, SEQ, DENSE, MOE
+    global VOCAB, SEQ, DENSE, MOE, DENSE_LARGE
     precisions = ("bf16", "fp16") if DEVICE == "cuda" else ("bf16",)
     if args.smoke:
         VOCAB, SEQ = 512, 64
@@ -147,6 +151,7 @@ def main() -> None:
             ModelConfig(**small, n_experts=0),
             ModelConfig(**small, n_experts=4, top_k=2, moe_d_ff=64),
         )
+        DENSE_LARGE = ModelConfig(**{**small, "n_layers": 3}, n_experts=0)
     from kiln.model import KilnForCausalLM, build_config
 
     tokens = synthetic_tokens(
@@ -155,18 +160,20 @@ def main() -> None:
         seq_len=SEQ,
         vocab=VOCAB,
     )
-    rows = []
-    for name, mcfg in (("dense", DENSE), ("moe", MOE)):
+    rows, failed = [], []
+    cases = (("dense", DENSE, precisions), ("moe", MOE, precisions), ("dense-L", DENSE_LARGE, ("bf16",)))
+    for name, mcfg, case_precisions in cases:
         ours = KilnForCausalLM(build_config(mcfg, VOCAB, 0, 1))
         total, active = ours.num_parameters_total(), ours.num_parameters_active()
         hf_name, hf = hf_twin(mcfg)
-        for precision in precisions:
+        for precision in case_precisions:
             try:  # one failing case must not hide the others' numbers
                 stage = stage_run(mcfg, precision, tokens, args.steps, args.micro)
                 ours_plain = plain_loop(ours, precision, 12, args.micro)
                 hf_plain = plain_loop(hf, precision, 12, args.micro)
             except Exception as e:  # noqa: BLE001
                 print(f"FAILED {name} {precision}: {type(e).__name__}: {e}", flush=True)
+                failed.append(f"{name} {precision}")
                 continue
             params = f"{total / 1e6:.0f}M/{active / 1e6:.0f}M"
             rows.append((name, params, precision, stage, ours_plain, hf_name, hf_plain))
@@ -191,16 +198,18 @@ def main() -> None:
         "ours/HF",
         "stage/HF",
     )
-    print("{:<6}{:>15}{:>6}{:>13}{:>7}{:>12}{:>9}{:>10}{:>9}{:>10}".format(*head))
+    print("{:<8}{:>15}{:>6}{:>13}{:>7}{:>12}{:>9}{:>10}{:>9}{:>10}".format(*head))
     for name, params, prec, stage, ours_plain, hf_name, hf_plain in rows:
         print(
-            f"{name:<6}{params:>15}{prec:>6}{stage['tokens_per_s']:>13,.0f}{stage['mfu']:>7.1%}{ours_plain:>12,.0f}"
+            f"{name:<8}{params:>15}{prec:>6}{stage['tokens_per_s']:>13,.0f}{stage['mfu']:>7.1%}{ours_plain:>12,.0f}"
             f"{hf_name:>9}{hf_plain:>10,.0f}{ours_plain / hf_plain:>9.2f}{stage['tokens_per_s'] / hf_plain:>10.2f}"
         )
         extra = f"  loss {stage['loss_first']:.3f} -> {stage['loss_last']:.3f}"
         if prec == "fp16":
             extra += f", final loss scale {stage.get('loss_scale')}"
         print(extra)
+    if failed:
+        sys.exit(f"FAILED cases: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
