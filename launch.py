@@ -223,6 +223,8 @@ def _dry_run(cfg, sel, as_json: bool) -> int:
 
 def _print_costs(out, cfg, costs: dict) -> None:
     """The plan of each training stage per rank and optimizer step (pipeline/sizing.py)."""
+    if not costs:
+        return
     from rich import box
     from rich.table import Table
 

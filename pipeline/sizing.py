@@ -20,8 +20,11 @@ TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
 def stage_plans(cfg) -> dict[str, dict]:
-    """{stage: its plan} for the training stages (see `plan_of`)."""
-    return {name: plan_of(cfg, name) for name in TRAINING_STAGES}
+    """{stage: its plan} for the training stages the config has (see `plan_of`); none for a config
+    of another shape (a test's toy pipeline)."""
+    if not all(hasattr(cfg, s) for s in ("model", "tokenizer", "tokenize", "hardware")):
+        return {}
+    return {name: plan_of(cfg, name) for name in TRAINING_STAGES if hasattr(cfg, name)}
 
 
 def plan_of(cfg, stage: str) -> dict:
