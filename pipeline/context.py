@@ -62,7 +62,12 @@ class Scaling:
 
 
 class MetricsLog:
-    """metrics.jsonl of a stage in progress (in its work dir): appended, cut back on resume."""
+    """metrics.jsonl of a stage in progress (in its work dir): appended, cut back on resume.
+
+    Every row carries `time`, the wall clock (time.time()) when it was written: a worker's row is
+    written as it arrives from the worker (rank 0 reports it at the end of its step), so a stage's
+    training rows date its steps. A row that already has a `time` keeps it. W&B gets the row without
+    it (W&B stamps its own). Resumes keep the rows before the checkpoint as they were, times included."""
 
     def __init__(self, path: Path, tracker=None):
         self.path, self.tracker = path, tracker
@@ -70,10 +75,11 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         row = {k: _plain(v) for k, v in row.items()}
+        row.setdefault("time", time.time())
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tracker is not None:
-            self.tracker.log(row)
+            self.tracker.log({k: v for k, v in row.items() if k != "time"})
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

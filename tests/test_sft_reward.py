@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,36 +150,85 @@ def test_reward_model_judges_correctness_and_is_ready_for_ppo(tiny_run):
     assert not torch.equal(init, after["score.weight"])
 
 
-def test_shipped_policy_pairs_are_what_the_sft_model_answers(tiny_run):
-    """The shipped pref_policy_* pairs are the tiny preset's SFT model's own mistakes: that model
-    (when its weights are the ones the pairs were built from) answers the first held-out prompts with
-    exactly the shipped wrong answers, and the checking program labels them as the file does."""
+def test_shipped_policy_pairs_regenerate_from_the_session_sft_model(tiny_run):
+    """pref_policy_* are built by data_prep/build_policy_pairs.py from a tiny-preset SFT model. The
+    shipped files came from one machine's weights (their sha256 is in policy_pairs.json); another
+    machine's SFT run differs in float rounding, so its answers are not those. What holds everywhere:
+    the same code, with the shipped sampling settings, run on this session's SFT model for the first
+    24 held-out prompts gives the same answers and pairs twice over (each answer has its own seeded
+    generator: the global RNG, reseeded differently, and a fresh load change nothing); the pairs keep
+    the shipped file's rules (the checker's right answer chosen, one of the model's own wrong answers
+    rejected, at most `pairs_per_prompt` per prompt, the counts reconciling) and its format (the same
+    lines, and the same prompt and chosen answer as the shipped pairs of those prompts). When the
+    session's weights are the shipped ones, the pairs are also the shipped pairs, exactly."""
+    import torch
+    import zstandard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kiln.model  # noqa: F401
     from data_prep import build_policy_pairs as bp
-    from data_prep.build_task_data import CORPUS, select_sentences, split_sentences
-    from data_prep.chat_data import load_records
-    from data_prep.task import make_prompt
+    from data_prep.build_task_data import CORPUS, compress, select_sentences, split_sentences
+    from data_prep.task import check, make_prompt, reference_answer
 
     _, cfg, _ = tiny_run
     sft, stats = (
         artifact(cfg, "sft"),
         json.loads((PROJECT_ROOT / TASK_DATA / "policy_pairs.json").read_text()),
     )
-    if bp.weights_sha256(sft) != stats["policy_weights_sha256"]:
-        pytest.skip(
-            f"this machine's sft weights differ from those of {stats['policy']} the pairs were built from"
-        )
     sentences = split_sentences(select_sentences(CORPUS))["heldout"][:24]
-    model, tok = AutoModelForCausalLM.from_pretrained(sft).eval(), AutoTokenizer.from_pretrained(sft)
-    answers = bp.sample_answers(model, tok, sentences, stats["samples_per_prompt"], stats["temperature"],
-                                stats["max_new_tokens"])  # fmt: skip
-    got, counts = bp.pairs(sentences, answers, stats["pairs_per_prompt"])
-    shipped, _ = load_records([PROJECT_ROOT / TASK_DATA / bp.FILES["heldout"]], "preference")
-    asked = {make_prompt(s) for s in sentences}
-    want = [p for p in shipped if p["prompt"][-1]["content"] in asked]
-    assert counts["pairs"] == len(got) > 24 and [p["rejected"] for p in got] == [p["rejected"] for p in want]
+    k, per_prompt = stats["samples_per_prompt"], stats["pairs_per_prompt"]
+
+    def regenerate(global_seed: int):
+        torch.manual_seed(global_seed)  # no draw may come from it
+        model, tok = AutoModelForCausalLM.from_pretrained(sft).eval(), AutoTokenizer.from_pretrained(sft)
+        answers = bp.sample_answers(model, tok, sentences, k, stats["temperature"], stats["max_new_tokens"])
+        return answers, *bp.pairs(sentences, answers, per_prompt)
+
+    answers, got, counts = regenerate(0)
+    again = regenerate(1)
+    assert again == (answers, got, counts)  # deterministic: the same answers, pairs and counts
+    assert compress(again[1]) == compress(got)  # ... and the same file, byte for byte
+
+    # the shipped file's rules, on the regenerated pairs
+    assert [len(a) for a in answers] == [k] * len(sentences)
+    assert counts["prompts"] == len(sentences) and counts["answers"] == counts["right"] + counts["wrong"]
+    assert counts["answers"] == len(sentences) * k and counts["pairs"] == len(got) > 24  # the model errs
+    by_prompt: dict[str, list[str]] = {}
+    own = {make_prompt(s): set(a) for s, a in zip(sentences, answers, strict=True)}
+    for p in got:
+        prompt, chosen, rejected = (p["prompt"][-1]["content"], p["chosen"][0]["content"],
+                                    p["rejected"][0]["content"])  # fmt: skip
+        assert p["kind"] == bp.KIND and chosen == reference_answer(prompt) and check(prompt, chosen)
+        assert rejected and not check(prompt, rejected) and rejected in own[prompt]  # its own mistake
+        by_prompt.setdefault(prompt, []).append(rejected)
+    assert all(len(r) == len(set(r)) <= per_prompt for r in by_prompt.values())
+    assert len(by_prompt) == counts["prompts"] - counts["prompts_all_right"]
+
+    # ... and its format: lines as the shipped file's, which has the same prompt and chosen answer
+    unzip = zstandard.ZstdDecompressor().decompress
+    shipped_lines = unzip((PROJECT_ROOT / TASK_DATA / bp.FILES["heldout"]).read_bytes()).decode().splitlines()
+    shipped = [json.loads(x) for x in shipped_lines]
+    want = [(x, p) for x, p in zip(shipped_lines, shipped, strict=True) if p["prompt"][-1]["content"] in own]
+    assert all(x == json.dumps(p, ensure_ascii=False) for x, p in want)  # written as compress() writes
+    ref = {p["prompt"][-1]["content"]: p for _, p in want}
+    ours = [json.loads(x) for x in unzip(compress(got)).decode().splitlines()]
+    assert ours == got
+    compared = [r for r in ours if r["prompt"][-1]["content"] in ref]
+    assert len({r["prompt"][-1]["content"] for r in compared}) >= 12  # most of the 24 prompts
+    for r in compared:
+        assert list({**ref[r["prompt"][-1]["content"]], "rejected": r["rejected"]}.items()) == list(r.items())
+
+    pairs_of = [(p["prompt"][-1]["content"], p["rejected"][0]["content"]) for p in got]
+    shipped_pairs = [(p["prompt"][-1]["content"], p["rejected"][0]["content"]) for _, p in want]
+    same_weights = bp.weights_sha256(sft) == stats["policy_weights_sha256"]
+    print(
+        f"\npolicy pairs from this session's SFT model, first 24 held-out prompts: {len(got)} pairs, "
+        f"{counts['wrong']}/{counts['answers']} answers wrong, regenerated identically; "
+        f"{len(set(pairs_of) & set(shipped_pairs))}/{len(shipped_pairs)} of the shipped pairs reproduced "
+        f"({'the shipped weights: compared exactly' if same_weights else 'other weights than the shipped ones'})"
+    )
+    if same_weights:  # the machine the files were built on: they are this model's answers
+        assert pairs_of == shipped_pairs
 
 
 def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
@@ -204,18 +252,26 @@ def test_held_out_pairs_over_max_length_are_left_out_and_counted(tiny_run):
 
 
 def test_sft_and_reward_train_at_the_same_time(tiny_run):
-    root, cfg, _ = tiny_run
+    """sft and reward read only pretrain (pipeline/dag.py), and the runner starts every stage whose
+    inputs are complete as its own Ray task; a training stage's task holds no CPU, its worker group
+    does. The tiny preset gives each 1 worker of 1 CPU, and the session's Ray has 2 CPUs, so both
+    groups are placed at once and train side by side. Measured from the stages' own step rows: each
+    training step's metrics row carries the wall-clock `time` it was logged at (MetricsLog.write),
+    and the two stages' training intervals [first step, last step] must overlap by more than a
+    quarter of the shorter one. Serial training gives disjoint intervals (an overlap <= 0)."""
+    _, cfg, _ = tiny_run
     spans = {}
     for stage in ("sft", "reward"):
-        lines = (root / cfg.run.name / "logs" / f"{stage}.log").read_text().splitlines()
-        stamps = [_stamp(x) for x in lines if " starting" in x or " complete in " in x]
-        spans[stage] = (stamps[0], stamps[-1])
+        times = [r["time"] for r in rows(artifact(cfg, stage)) if "loss" in r]  # one per training step
+        assert len(times) == getattr(cfg, stage).steps and times == sorted(times), stage
+        spans[stage] = (times[0], times[-1])
     (a0, a1), (b0, b1) = spans["sft"], spans["reward"]
-    assert a0 < b1 and b0 < a1, spans  # the two intervals overlap
-
-
-def _stamp(line: str) -> float:
-    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    overlap, shorter = min(a1, b1) - max(a0, b0), min(a1 - a0, b1 - b0)
+    print(
+        f"\nsft trained {a1 - a0:.1f} s, reward {b1 - b0:.1f} s (reward's first step {b0 - a0:+.1f} s after "
+        f"sft's); overlap {overlap:.1f} s = {overlap / shorter:.0%} of the shorter"
+    )
+    assert shorter > 0 and overlap > 0.25 * shorter, spans
 
 
 def test_a_silent_ddp_fallback_fails_the_stage():
