@@ -6,6 +6,7 @@ Small pure functions where possible; the loops themselves live in the stage modu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger("kiln.training")
 
 # ---------------------------------------------------------------------------------------------------- DeepSpeed
 
@@ -330,10 +333,35 @@ def worker_device(wctx):
     return torch.device("cpu")
 
 
+STALE_BUILD_LOCK_S = 600
+"""A JIT build's lock file older than this is a killed build's: builds take a minute or two."""
+
+
+def extension_cache() -> None:
+    """Before DeepSpeed starts a process group: on CPU it JIT-compiles a C++ op for collectives
+    (shm comm) into torch's extension cache, under a lock file that a process killed mid-build leaves
+    behind, and every later build then waits on it forever. Each Python environment gets its own
+    cache (two environments sharing one rebuild each other's op), and a lock older than
+    STALE_BUILD_LOCK_S is removed with a warning."""
+    import sys
+    import time
+
+    cache = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    for lock in cache.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                log.warning("removed %s, a JIT build's lock left %.0f s ago by a killed process", lock, age)
+        except FileNotFoundError:  # the build it guarded just finished
+            pass
+
+
 def init_distributed(device, timeout_min: float) -> None:
     """Join the process group unless the launcher did (Ray Train's TorchConfig does, with the same
     timeout): NCCL on GPUs, gloo on CPU. A collective that waits more than `timeout_min` minutes for
     the other ranks fails (`collective_timeouts` names it)."""
+    extension_cache()
     if torch.distributed.is_initialized():
         return
     import deepspeed

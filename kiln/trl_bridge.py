@@ -128,6 +128,9 @@ def setup_worker(wctx, cpus: float) -> None:
     import torch
     import transformers
 
+    from kiln.training import extension_cache
+
+    extension_cache()  # before accelerate starts DeepSpeed's process group
     torch.set_num_threads(max(1, int(cpus)))
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_warning()

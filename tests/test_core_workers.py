@@ -63,3 +63,30 @@ def test_run_group_copies_rank_0s_export_into_the_artifact_and_returns_its_resul
     out.mkdir()
     assert run_group(ctx, _exporting_worker, job, out) == {"rank": 0, "seed": cfg.run.seed}
     assert (out / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_killed_builds_lock_is_cleared_and_each_environment_has_its_own_cache(
+    tmp_path, monkeypatch, caplog
+):
+    """A process killed while DeepSpeed JIT-compiles its CPU collective op leaves a lock file that
+    makes every later build wait forever: a lock older than any build is removed, a fresh one kept."""
+    import os
+    import time
+
+    from kiln.training import STALE_BUILD_LOCK_S, extension_cache
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old, new = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, new):
+        lock.parent.mkdir()
+        lock.touch()
+    then = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(old, (then, then))
+    extension_cache()
+    assert not old.exists() and new.exists()
+    assert "a JIT build's lock" in caplog.text
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    extension_cache()  # unset: the running environment's own folder
+    import sys
+
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
