@@ -19,12 +19,18 @@ PRETRAIN = PretrainConfig(
 CASES: dict[str, dict] = {
     f"zero{z}-{p}": {"zero_stage": z, "precision": p} for z in (0, 1, 2, 3) for p in ("fp32", "bf16")
 }
-# gradient accumulation: 4 micro-steps of 1 sequence == 1 micro-step of 4 (per rank; global batch 8).
-# Dense: a MoE load-balancing loss is a product of per-micro-batch means, so it (rightly) depends on
-# how the batch is cut; the LM loss, a mean over equal token counts, does not.
-CASES["accum-4x1"] = {"zero_stage": 2, "micro_batch_size": 1}
-CASES["accum-1x4"] = {"zero_stage": 2, "micro_batch_size": 4}
-DENSE_CASES = {"accum-4x1", "accum-1x4"}
+# The same global batch of 8 sequences cut into ranks x micro-steps (R x A: micro-batches of 8 / (R * A)
+# sequences): the gradient is the mean over all 8 whatever the cut, so a sum over ranks or micro-steps
+# shows as a gradient R or A times too large. Dense: a MoE load-balancing loss is a product of
+# per-micro-batch means, so it (rightly) depends on how the batch is cut; the LM loss, a mean over equal
+# token counts, does not. 5 steps: the last two are on the cosine part of the schedule (warmup_steps=2).
+SPLITS = {"2x1": (2, 1), "2x2": (2, 2), "2x4": (2, 4), "1x1": (1, 1), "1x4": (1, 4)}
+DENSE_STEPS = 5
+for _name, (_ranks, _accum) in SPLITS.items():
+    CASES[f"dense-{_name}"] = {
+        "zero_stage": 2, "num_workers": _ranks, "micro_batch_size": 8 // (_ranks * _accum), "steps": DENSE_STEPS,
+    }  # fmt: skip
+DENSE_CASES = {f"dense-{name}" for name in SPLITS}
 
 
 def model_for(case: str) -> ModelConfig:
