@@ -9,7 +9,9 @@ What it measures, on the bundled sample (25.8 MB of text) cut into 4 input shard
    context whose `map` is a process pool (spawn) of 1 or 2 workers, each with single-threaded
    tokenizers (RAYON_NUM_THREADS=1): real parallelism, as Ray tasks with num_cpus=1 would be;
 2. raw baseline: `Tokenizer.encode_batch` (and `encode_batch_fast`; the faster one counts) over the
-   same kept documents, already in memory, with 1 and 2 rayon threads, in a fresh process;
+   same kept documents, already in memory, cut into calls of the same size as the pipeline's
+   (`data_prep.packing.ENCODE_BATCH_BYTES` of text each; the ids are counted inside the timed loop, as
+   the pipeline collects them), with 1 and 2 rayon threads, in a fresh process;
 3. peak memory (VmHWM) of ingest, in a subprocess, on the sample and on a 10x larger input
    (each document repeated with a distinct suffix, so de-duplication keeps all of them).
 Every timing is the best of --reps runs; each run starts from fresh worker processes (cold BPE caches).
@@ -125,16 +127,28 @@ def _raw_main(tok_dir: str, docs_dir: str) -> None:
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer
 
+    from data_prep.packing import ENCODE_BATCH_BYTES
+
     texts = []
     for p in sorted(Path(docs_dir).glob("*.parquet")):
         texts += pq.read_table(p, columns=["text"]).column(0).to_pylist()
+    batches, size = [[]], 0  # cut as the pipeline cuts them: ENCODE_BATCH_BYTES of text per call
+    for text in texts:
+        if size >= ENCODE_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(text)
+        size += len(text)
     best = {}
     for name in ("encode_batch", "encode_batch_fast"):
         tok = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))  # fresh: cold BPE cache
+        tok.encode_special_tokens = True  # as the pipeline encodes
+        tokens = 0
         t0 = time.perf_counter()
-        enc = getattr(tok, name)(texts, add_special_tokens=False)
+        for batch in batches:
+            tokens += sum(len(e.ids) for e in getattr(tok, name)(batch, add_special_tokens=False))
         seconds = time.perf_counter() - t0
-        best[name] = {"seconds": seconds, "tokens": sum(len(e.ids) for e in enc)}
+        best[name] = {"seconds": seconds, "tokens": tokens, "calls": len(batches)}
     print(json.dumps(best))
 
 

@@ -15,6 +15,9 @@ answer; each reward model scores them all. Printed per reward model:
                       `accuracy` (no ranking) and `any right` (a perfect one)
 
 A reward model with an in-prompt AUC near 0.5 gives PPO nothing to climb but its own errors.
+The baseline, measured on the same answers in the same run: the policy's own mean log-probability per
+answer token (temperature 1) as the score, a reward model that costs nothing; each reward model's in-prompt
+AUC and best-of-k are printed as ratios to it.
 
 Then, per word of the answer (word 1 should be the sentence's word 3, word 3 its word 1): how often
 the policy gets that word right, and what each reward model pays for it among the wrong three-word
@@ -31,6 +34,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+BASELINE = "policy likelihood (baseline)"
 
 
 def main() -> None:
@@ -55,6 +61,7 @@ def main() -> None:
     from data_prep.chat_data import load_records
     from data_prep.task import N_WORDS, check, prompt_text
     from kiln.chat_eval import decode_responses, prompt_ids, score_conversations, stop_ids
+    from kiln.rl.ppo_math import logprobs_from_logits
     from kiln.rl.rollout import sample
     from pipeline.config import PROJECT_ROOT, load_config
 
@@ -65,20 +72,28 @@ def main() -> None:
     records = load_records([PROJECT_ROOT / p for p in cfg.ppo.prompts], "prompt")[0][: args.prompts]
     n, k = len(records), args.samples
     ids = [prompt_ids(tok, r["prompt"]) for r in records]
-    stops, answers = stop_ids(tok), []
+    stops, answers, likelihood = stop_ids(tok), [], []
     for b in range(0, n * k, 256):
         jobs = range(b, min(b + 256, n * k))
         roll = sample(policy, [ids[j // k] for j in jobs], seeds=list(jobs), max_new_tokens=cfg.ppo.max_new_tokens,
                       temperature=args.temperature, top_p=1.0, stop_ids=stops, pad_id=tok.pad_token_id)  # fmt: skip
         answers += decode_responses(tok, roll, stops)
+        with torch.no_grad():  # the baseline's score: the policy's mean log-probability per answer token
+            logits = policy(input_ids=roll.tokens, attention_mask=roll.mask).logits[
+                :, roll.prompt_len - 1 : -1
+            ]
+            lp, m = logprobs_from_logits(logits, roll.response), roll.response_mask.float()
+            likelihood += ((lp * m).sum(1) / m.sum(1).clamp(min=1)).tolist()
     prompts = [records[j // k]["prompt"] for j in range(n * k)]
     right = torch.tensor([check(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)]).view(n, k)
     convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers, strict=True)]
 
     print(f"policy {args.policy.name}: {n} prompts x {k} answers at temperature {args.temperature}")
-    print(
-        f"{'reward model':<28} {'accuracy':>8} {'AUC global':>10} {'AUC in-prompt':>13} {'best-of-k':>9} {'any right':>9}"
-    )
+    print(f"{'reward model':<28} {'accuracy':>8} {'AUC global':>10} {'AUC in-prompt':>13} {'best-of-k':>9} "
+          f"{'any right':>9}   vs baseline: AUC in-prompt, best-of-k")  # fmt: skip
+    base = ranking(torch.tensor(likelihood).view(n, k), right)
+    print(f"{BASELINE:<28} {base['accuracy']:>8.3f} {base['auc_global']:>10.3f} {base['auc_in_prompt']:>13.3f} "
+          f"{base['best_of_k']:>9.3f} {base['any_right']:>9.3f}   1.00x, 1.00x")  # fmt: skip
     scores = {}
     for path in args.reward:
         rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -90,7 +105,8 @@ def main() -> None:
         scores[label] = score = torch.tensor(score_conversations(rm, tok, convs)).view(n, k)
         row = ranking(score, right)
         print(f"{label:<28} {row['accuracy']:>8.3f} {row['auc_global']:>10.3f} {row['auc_in_prompt']:>13.3f} "
-              f"{row['best_of_k']:>9.3f} {row['any_right']:>9.3f}")  # fmt: skip
+              f"{row['best_of_k']:>9.3f} {row['any_right']:>9.3f}   {row['auc_in_prompt'] / base['auc_in_prompt']:.2f}x, "
+              f"{row['best_of_k'] / max(base['best_of_k'], 1e-9):.2f}x")  # fmt: skip
 
     words = torch.tensor([right_words(prompt_text(p), a) for p, a in zip(prompts, answers, strict=True)])
     three = torch.tensor([len(a.split()) == N_WORDS for a in answers])
