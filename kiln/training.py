@@ -266,30 +266,14 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def export_engine(engine, make_model, out_dir, tokenizer_dir, zero_stage: int, rank: int) -> None:
-    """A Hugging Face folder (fp32 safetensors + the tokenizer's files) from a live engine. Under ZeRO-3
-    the shards are gathered onto rank 0 (a collective: every rank calls this); rank 0 loads them into
-    `make_model()`, a fresh module of the same class and config, so nothing of the engine leaks in."""
-    import shutil
+def export_engine(engine, out_dir, tokenizer_dir, rank: int) -> None:
+    """A Hugging Face folder (safetensors in the training dtype + the tokenizer's files) from a live
+    engine, streamed tensor by tensor (kiln/export.py): under ZeRO-3 each parameter is gathered in
+    turn (a collective: every rank calls this); rank 0 writes it into a temporary folder that
+    replaces `out_dir` once complete. Only the tensors are read from the engine (its config copied)."""
+    from kiln.export import export_model
 
-    from kiln.hf_convert import TOKENIZER_FILES
-
-    if zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-    else:
-        state = engine.module.state_dict() if rank == 0 else None
-    if rank != 0:
-        return
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    model = make_model()
-    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        src = Path(tokenizer_dir) / name
-        if src.exists():
-            shutil.copy2(src, out / name)
+    export_model(engine.module, out_dir, rank=rank, engine=engine, tokenizer_dir=tokenizer_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

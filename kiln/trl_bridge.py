@@ -6,7 +6,7 @@ the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the exp
     trainer = SFTTrainer(..., args=SFTConfig(**args, ...), callbacks=[bridge])
     check_deepspeed(trainer, zero_stage)                                    # no silent DDP fallback
     train(trainer, resume, "sft")                                           # no step past max_steps
-    export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, fp32, + tokenizer
+    export(trainer, export_dir, tok, lora, wctx.rank)                       # merged LoRA, training dtype, + tokenizer
 
 DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
 pretraining's (kiln/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
@@ -331,29 +331,15 @@ class KilnBridge(TrainerCallback):
 
 
 def export(trainer, out_dir: str, tok, lora, rank: int) -> None:
-    """The trained model as a Hugging Face folder (fp32 safetensors + tokenizer), LoRA merged in.
-    Gathers the weights from the live engine (ZeRO-3: a collective every rank joins); rank 0 writes
-    them into a fresh model of the same class and config, so nothing of the engine leaks into it."""
-    import torch
+    """The trained model as a Hugging Face folder (safetensors in the training dtype + tokenizer),
+    `use_cache` on again, streamed tensor by tensor from the live engine (kiln/export.py; ZeRO-3: each
+    parameter gathered in turn, a collective every rank joins); rank 0 writes it into a temporary
+    folder that replaces `out_dir` once complete. With LoRA (`lora`, the adapters' config) each adapted
+    linear is merged as it streams, under the base model's names (what `merge_and_unload` writes)."""
+    from kiln.export import export_model
 
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    if rank != 0:
-        return
-    base = trainer.model.get_base_model() if lora is not None else trainer.model
-    config = base.config
-    config.use_cache = True  # the trainers switch it off for training
-    model = type(base)(config).float()
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora)
-    model.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, strict=True)
-    if lora is not None:
-        model = model.merge_and_unload()
-    if getattr(base, "generation_config", None) is not None and model.can_generate():
-        model.generation_config = base.generation_config
-    out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    if lora is not None and not hasattr(trainer.model, "peft_config"):
+        raise RuntimeError("export: LoRA was configured but the trainer's model carries no adapters")
+    export_model(
+        trainer.model, out_dir, rank=rank, engine=trainer.model_wrapped, tokenizer=tok, use_cache=True
+    )

@@ -340,7 +340,7 @@ def _train(job: PpoJob, wctx) -> dict:
         if stop.requested:
             raise SystemExit(f"ppo: preempted (SIGTERM); checkpoint saved at iteration {it}")
 
-    T.export_engine(actor, lambda: type(policy)(policy.config), job.export_dir, job.sft_dir, p.zero_stage, rank)  # fmt: skip
+    T.export_engine(actor, job.export_dir, job.sft_dir, rank)
     if rank == 0 and (job.sft_dir / "generation_config.json").exists():
         shutil.copy2(job.sft_dir / "generation_config.json", job.export_dir)
     keep = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",

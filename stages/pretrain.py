@@ -239,9 +239,7 @@ def _train(job: PretrainJob, wctx) -> dict:
         if stop.requested:
             raise SystemExit(f"pretrain: preempted (SIGTERM); checkpoint saved at step {step}")
 
-    T.export_engine(
-        engine, lambda: KilnForCausalLM(config), job.export_dir, job.tokenizer_dir, p.zero_stage, rank
-    )
+    T.export_engine(engine, job.export_dir, job.tokenizer_dir, rank)
     return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
 
 
