@@ -11,6 +11,9 @@ the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the exp
 DeepSpeed comes from `TrainingArguments(deepspeed=<dict>)`, the dict built by the same function as
 pretraining's (kiln/training.py `deepspeed_config`); accelerate then comes up as DeepSpeed inside a
 Ray worker too, and `check_deepspeed` fails the stage if it did not, or with another ZeRO stage.
+Under ZeRO-3 a stage makes its arguments before it loads the model: their DeepSpeed config is what
+makes `from_pretrained` load it already partitioned (kiln/sharded.py); `make_trainer` refuses a
+whole model.
 
 The bridge (one small TrainerCallback, the whole of our extension of TRL's trainers) does five
 things and nothing else:
@@ -182,6 +185,13 @@ def make_trainer(trainer_cls, model, args, job: TrlJob, tok, lora, bridge):
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
+    from kiln.sharded import is_partitioned
+
+    if job.section.zero_stage == 3 and not is_partitioned(model):
+        raise RuntimeError(
+            "ZeRO-3: the model came in whole; load it after the trainer's arguments are made (their "
+            "DeepSpeed config makes from_pretrained load it partitioned, kiln/sharded.py)"
+        )
     trainer = trainer_cls(
         model=model,
         args=args,

@@ -229,6 +229,7 @@ def _train(job: PpoJob, wctx) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln import sharded as S
     from kiln import training as T
     from kiln.chat_eval import stop_ids
     from kiln.rl import ppo_math as M
@@ -245,21 +246,29 @@ def _train(job: PpoJob, wctx) -> dict:
 
     tok = AutoTokenizer.from_pretrained(job.sft_dir)
     stops = stop_ids(tok)
-    load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
-    policy = AutoModelForCausalLM.from_pretrained(job.sft_dir, **load)
-    critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
-    critic = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, **load)
-    critic.config.pad_token_id = tok.pad_token_id
-    ref = AutoModelForCausalLM.from_pretrained(job.sft_dir, **load)
-    reward = None
-    if p.reward_source == "model":
-        reward = AutoModelForSequenceClassification.from_pretrained(job.reward_dir, **load)
-    for model in (policy, critic):
-        T.trainable(model, p.activation_checkpointing)
-
     local_n = p.rollout_batch_size // world
     mini = p.mini_batch_size // world  # rollouts per rank per optimizer step
     accum = mini // p.micro_batch_size
+    load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
+    # under ZeRO-3 all four load already partitioned (no rank holds a whole model; kiln/sharded.py),
+    # under the engines' config (T.engine's; the frozen ones share its dtype and ZeRO-3 settings)
+    ds_config = T.deepspeed_config(
+        zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
+        grad_accum=accum, world_size=world, grad_clip=p.grad_clip, **T.comm_options(p),
+    )  # fmt: skip
+    policy = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, ds_config, **load)
+    critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
+    critic = S.from_pretrained(
+        AutoModelForSequenceClassification, critic_dir, ds_config, num_labels=1, **load
+    )
+    critic.config.pad_token_id = tok.pad_token_id
+    ref = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, ds_config, **load)
+    reward = None
+    if p.reward_source == "model":
+        reward = S.from_pretrained(AutoModelForSequenceClassification, job.reward_dir, ds_config, **load)
+    for model in (policy, critic):
+        T.trainable(model, p.activation_checkpointing)
+
     actor = T.engine(policy, p, p.lr, accum, world)
     critic = T.engine(critic, p, p.critic_lr, accum, world)
     ref, reward = T.frozen(ref, p, device), reward and T.frozen(reward, p, device)

@@ -114,6 +114,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     import torch
 
     from data_prep.packed import PackedTokens
+    from kiln import sharded as S
     from kiln import training as T
     from kiln.model import KilnForCausalLM, build_config
 
@@ -124,24 +125,24 @@ def _train(job: PretrainJob, wctx) -> dict:
     torch.manual_seed(seed)
 
     # -- model, optimizer, engine --------------------------------------------------------------
-    vocab = job.vocab
-    if p.init_from:  # the architecture is the checkpoint's; the model section is not used
-        from kiln.hf_convert import import_model
-
-        model = import_model(p.init_from)
-        config = model.config
-    else:
-        config = build_config(job.model, vocab.size, vocab.pad, vocab.eos, vocab.bos)
-        model = KilnForCausalLM(config)
-    if p.activation_checkpointing:
-        model.gradient_checkpointing_enable()
     accum = p.global_batch_size // (world * p.micro_batch_size)
-    optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     ds_config = T.deepspeed_config(
         zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
         grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
         offload_optimizer=p.offload_optimizer, offload_params=p.offload_params, **T.comm_options(p),
     )  # fmt: skip
+    # under ZeRO-3 the model is built already partitioned (no rank holds all of it), with the initial
+    # weights of the full build (kiln/sharded.py); below it, the plain build
+    vocab = job.vocab
+    if p.init_from:  # the architecture is the checkpoint's; the model section is not used
+        model = S.import_model(p.init_from, ds_config)
+    else:
+        config = build_config(job.model, vocab.size, vocab.pad, vocab.eos, vocab.bos)
+        with S.sharded_build(ds_config):
+            model = KilnForCausalLM(config)
+    if p.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if p.compile:
         engine.compile()
