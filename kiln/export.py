@@ -36,7 +36,6 @@ embeddings or convolutions, several adapters, other peft tuners are refused with
 from __future__ import annotations
 
 import copy
-import ctypes
 import os
 import re
 import shutil
@@ -45,12 +44,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from kiln.safetensors_stream import MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
+from kiln.sharded import release_freed_memory
 
 # ---------------------------------------------------------------------------------------------------- the plan
 
@@ -255,25 +255,6 @@ def _value(entry: Entry) -> torch.Tensor:
         live = [t.detach() for t in entry.sources]
         value = live[0] if entry.combine is None else entry.combine(*live)
     return value.to("cpu")
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system. glibc keeps freed blocks under its mmap
-    threshold (which grows up to 32 MiB) in the heap, resident: without this, each gathered tensor
-    of a few MiB leaves its pages behind and the export's peak grows far past one tensor (ZeRO-3, 1
-    gloo rank, ~290M-parameter fp32 model: 628 MiB over the largest tensor's 156 MiB; with it, 322
-    MiB, the gather's own two buffers). About 1 ms a call."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def stream_weights(
