@@ -432,12 +432,16 @@ def engine(model, p, lr, accum, world):
     import deepspeed
 
     optimizer = adamw(model, lr=lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
-    config = deepspeed_config(
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_config(p, accum, world))
+    return engine
+
+
+def engine_config(p, accum, world) -> dict:
+    """The DeepSpeed config `engine` gives its engines (section `p`, `accum` micro-steps, `world` ranks)."""
+    return deepspeed_config(
         zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
         grad_accum=accum, world_size=world, grad_clip=p.grad_clip, **comm_options(p),
     )  # fmt: skip
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
 
 
 def frozen(model, p, device):

@@ -252,10 +252,7 @@ def _train(job: PpoJob, wctx) -> dict:
     load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
     # under ZeRO-3 all four load already partitioned (no rank holds a whole model; kiln/sharded.py),
     # under the engines' config (T.engine's; the frozen ones share its dtype and ZeRO-3 settings)
-    ds_config = T.deepspeed_config(
-        zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
-        grad_accum=accum, world_size=world, grad_clip=p.grad_clip, **T.comm_options(p),
-    )  # fmt: skip
+    ds_config = T.engine_config(p, accum, world)
     policy = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, ds_config, **load)
     critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
     critic = S.from_pretrained(
