@@ -130,10 +130,12 @@ def _selection(args):
 
 
 def cmd_run(args, console) -> int:
+    from pipeline import preemption
     from pipeline.artifacts import ArtifactStore
     from pipeline.dag import PIPELINE
     from pipeline.display import Display, summary_table
     from pipeline.plan import make_plan
+    from pipeline.preemption import Preempted
     from pipeline.runner import run_pipeline
 
     cfg = _load(args)
@@ -160,6 +162,10 @@ def cmd_run(args, console) -> int:
         console.print(f"report: {report}")
     for name, err in outcome.errors.items():
         console.print(f"[red]{name} failed:[/red] {err}", highlight=False)
+    for name, step in outcome.stopped.items():
+        console.print(f"[yellow]{name} stopped:[/yellow] {Preempted(name, step)}", highlight=False)
+    if outcome.stopped or outcome.terminated:
+        return preemption.EXIT_CODE
     selected = [p for p in plan if p.action != "unselected"]
     return 0 if outcome.ok and all(p.state == "complete" for p in selected) else 1
 

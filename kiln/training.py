@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import random
-import signal
 import traceback
 from contextlib import contextmanager
 from datetime import timedelta
@@ -397,22 +396,6 @@ def _collective_of(tb) -> tuple[str, str]:
         elif path.startswith(root.as_posix() + "/") and "/site-packages/" not in path:
             caller = f"{Path(path).relative_to(root).as_posix()}:{line} {name}"
     return collective, caller
-
-
-class PreemptionFlag:
-    """SIGTERM (a preemption notice) asks the loop to checkpoint at the end of the step, then exit.
-    Signal handlers can only be installed from the main thread; elsewhere (Ray Train runs the loop
-    in a thread) preemption is Ray's to handle, through the last reported checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True
 
 
 def trainable(model, checkpointing: bool):

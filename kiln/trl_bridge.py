@@ -15,7 +15,7 @@ Under ZeRO-3 a stage makes its arguments before it loads the model: their DeepSp
 makes `from_pretrained` load it already partitioned (kiln/sharded.py); `make_trainer` refuses a
 whole model.
 
-The bridge (one small TrainerCallback, the whole of our extension of TRL's trainers) does five
+The bridge (one small TrainerCallback, the whole of our extension of TRL's trainers) does six
 things and nothing else:
 - TRL's training logs -> one metrics row per step (`loss`, `lr`, `grad_norm`, the trainer's own
   metrics prefixed `train_`, `batch_crc` of the sample ids the step trained on) via `wctx.report`;
@@ -24,7 +24,9 @@ things and nothing else:
   merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 and the latest evaluation)
   beside it;
 - `wctx.progress(step, total)`;
-- a resume from a checkpoint at max_steps stops at train begin (`train`), with no step taken.
+- a resume from a checkpoint at max_steps stops at train begin (`train`), with no step taken;
+- SIGTERM on any rank (`wctx.stop_requested`, agreed in the step's gather of sample ids) saves
+  that step's checkpoint and stops; the stage then returns `{preemption.STOPPED: step}`.
 Sample ids: each training record carries a `kiln_id` column (its index in the normalised data); the
 collator is wrapped to note the ids of each micro-batch it builds, and the bridge takes this step's
 micro-batches (TRL's `current_gradient_accumulation_steps` of them) from that queue at the step's end.
@@ -34,7 +36,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
+import tempfile
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -275,6 +278,7 @@ class KilnBridge(TrainerCallback):
         self.trainer = None
         self.batches: deque[list[int]] = deque()
         self.step_ids: list[int] = []
+        self.stopped_at: int | None = None  # the step it stopped at on SIGTERM, its checkpoint saved
 
     def attach(self, trainer) -> None:
         """Wrap the trainer's collator so each micro-batch's `kiln_id`s are noted (eval sets have none)."""
@@ -297,8 +301,13 @@ class KilnBridge(TrainerCallback):
         mine = [i for _ in range(n) for i in self.batches.popleft()]
         from kiln.chat_eval import gather
 
-        self.step_ids = [i for part in gather(mine, self.wctx.world_size) for i in part]
+        # each rank's sample ids, and whether it was asked to stop (SIGTERM): one collective
+        parts = gather((self.wctx.stop_requested(), mine), self.wctx.world_size)
+        self.step_ids = [i for _, part in parts for i in part]
         self.wctx.progress(state.global_step, state.max_steps)
+        if any(asked for asked, _ in parts) and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True  # every rank saves this step
+            self.stopped_at = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # evaluation logs are reported by on_evaluate
@@ -325,16 +334,17 @@ class KilnBridge(TrainerCallback):
         self.wctx.report(row)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)  # a rank that saved no shard still reports
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        saved.mkdir(parents=True, exist_ok=True)  # a rank that saved no shard still reports
         if state.is_world_process_zero:
             kiln = {"step": state.global_step, "wandb_run_id": self.wandb_run_id, "baseline": self.baseline,
                     "last_eval": self.last_eval}  # fmt: skip
-            (folder / KILN_STATE).write_text(json.dumps(kiln, indent=2))
+            (saved / KILN_STATE).write_text(json.dumps(kiln, indent=2))
+        # out of TRL's output dir (whose rotation would delete it while it uploads) into one the
+        # worker context owns: it is stored, then deleted
+        folder = Path(tempfile.mkdtemp(prefix=f"kiln-ckpt-{state.global_step}-"))
+        os.replace(saved, folder)  # a rename onto the empty folder (both under the temp dir)
         self.wctx.report(None, checkpoint_dir=folder)
-        shutil.rmtree(
-            folder, ignore_errors=True
-        )  # reported: the copy under the stage's storage is the one kept
 
 
 # ---------------------------------------------------------------------------------------------------- export

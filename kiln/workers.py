@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import preemption
 from pipeline.context import Scaling
 
 
@@ -47,8 +48,11 @@ class WorkerJob:
 def run_group(ctx, worker, job: WorkerJob, out: Path) -> dict:
     """`worker(job, wctx)` on the worker group `job.section` asks for (num_workers, CPUs and GPUs
     per worker, restarts, checkpoints kept); the model rank 0 exported copied into the artifact
-    folder `out`. Returns rank 0's result: the stage's headline metrics."""
+    folder `out`. Returns rank 0's result: the stage's headline metrics. Raises `Preempted` if the
+    workers stopped early on SIGTERM (they return {preemption.STOPPED: step})."""
     results = ctx.run_workers(worker, job, Scaling.of(job.section))
+    if preemption.STOPPED in (results[0] or {}):  # asked to stop: the checkpoint of that step is saved
+        raise preemption.Preempted(ctx.stage, results[0][preemption.STOPPED])
     for f in Path(job.export_dir).iterdir():
         shutil.copy2(f, Path(out) / f.name)
     return results[0]

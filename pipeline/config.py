@@ -10,9 +10,10 @@ Three kinds of keys are treated specially by the artifact store:
   micro-batch with the global batch fixed, ZeRO stage, offload, checkpoint cadence, where to write
   and report). They are in neither the artifact's fingerprint nor the work dir's key: changing them
   re-runs nothing, and a partial stage continues under the new placement.
-- `CHECKPOINT_LAYOUT`: the placement keys an in-stage checkpoint is tied to (today: the world size
-  and the ZeRO stage). A partial stage whose checkpoint was written under other values is refused
-  when the run is planned, naming the keys (pipeline/plan.py).
+- `CHECKPOINT_LAYOUT`: the placement keys an in-stage checkpoint is recorded with (the world size and
+  the ZeRO stage). A partial stage whose checkpoint was written under other values is refused when
+  the run is planned, naming the keys, why, and the ways out (pipeline/plan.py), unless its section's
+  `layout_problem` accepts the change: pretraining resumes on another number of workers.
 - `BUDGET_KEYS`: how long to train, not what to train. They are part of the artifact's fingerprint
   (training longer gives a new model, and its downstream re-runs) but not of the stage's work dir,
   so raising `pretrain.steps` after a finished run continues from its last checkpoint.
@@ -46,6 +47,7 @@ class RunConfig:
         "wandb",
         "wandb_project",
         "resource_wait_s",
+        "preempt_grace_s",
     )
 
     name: str = "tiny"
@@ -60,12 +62,17 @@ class RunConfig:
     """W&B project that every stage's run goes to."""
     resource_wait_s: float = 60.0
     """How long a stage waits for the cluster to offer its resources before failing with what is missing."""
+    preempt_grace_s: float = 60.0
+    """After SIGTERM, how long the run waits for its training stages to save a checkpoint at their current
+    step and stop, before it cancels them (they then resume from their last periodic checkpoint)."""
 
     def check(self):
         if not self.name or "/" in self.name:
             yield f"name: {self.name!r} must be a non-empty name without '/'"
         if self.resource_wait_s < 0:
             yield "resource_wait_s: must be >= 0"
+        if self.preempt_grace_s <= 0:
+            yield "preempt_grace_s: must be > 0 (seconds)"
 
 
 @frozen
@@ -227,6 +234,8 @@ class WorkerGroupConfig:
         "zero3_max_reuse_distance", "zero3_prefetch_bucket_size", "zero3_shard_within", "collective_timeout_min",
     )  # fmt: skip
     CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
+    CHECKPOINT_TIED: ClassVar[str] = "its DeepSpeed checkpoints hold one shard per rank, loaded as saved"
+    """Why the stage's checkpoint resumes only on the placement it was written with (refusals say it)."""
 
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
@@ -325,7 +334,8 @@ class PretrainConfig(WorkerGroupConfig):
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "offload_optimizer", "offload_params",
     )  # fmt: skip
-    # DeepSpeed saves one shard per rank, laid out by ZeRO stage (WorkerGroupConfig.CHECKPOINT_LAYOUT).
+    # DeepSpeed saves one shard per rank, laid out by ZeRO stage: the checkpoint records both
+    # (WorkerGroupConfig.CHECKPOINT_LAYOUT), and `layout_problem` says which changes it resumes under.
 
     steps: int = 200
     """Optimizer steps to train for (a budget: raising it continues a finished run)."""
@@ -353,6 +363,21 @@ class PretrainConfig(WorkerGroupConfig):
     """Validation micro-batches per evaluation."""
     init_from: str | None = None
     """A Llama or Mixtral Hugging Face folder to start from (weights only) instead of random init."""
+
+    @staticmethod
+    def layout_problem(old: dict, new: dict) -> str | None:
+        """Pretraining resumes on another number of workers (kiln/reshard.py converts the checkpoint to
+        DeepSpeed's universal form), not under a ZeRO stage DeepSpeed cannot load it into."""
+        from kiln.reshard import unsupported
+
+        why = unsupported(old["zero_stage"], new["zero_stage"])
+        if why is None:
+            return None
+        return (
+            f"pretrain.zero_stage={old['zero_stage']} and cannot be resumed with pretrain.zero_stage="
+            f"{new['zero_stage']} ({why}): set pretrain.zero_stage={old['zero_stage']} to resume from it "
+            "(pretrain.num_workers may change)"
+        )
 
     def check(self):
         yield from super().check()
@@ -389,8 +414,11 @@ class TrlStageConfig(WorkerGroupConfig):
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors",
     )  # fmt: skip
-    # accelerate's saved data position counts each rank's micro-batches
     CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.CHECKPOINT_LAYOUT, "micro_batch_size")
+    CHECKPOINT_TIED: ClassVar[str] = (
+        "TRL's checkpoint holds one DeepSpeed shard per rank and each rank's position in its data, "
+        "counted in its own micro-batches"
+    )
 
     data: tuple[str, ...] = ()
     """Training records: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz) or `hf:NAME[:SPLIT]` in TRL's
@@ -659,6 +687,24 @@ def placement_keys(cfg, section: str) -> tuple[str, ...]:
 
 def checkpoint_layout_keys(cfg, section: str) -> tuple[str, ...]:
     return getattr(type(getattr(cfg, section)), "CHECKPOINT_LAYOUT", ())
+
+
+def layout_problem(cfg, section: str, old: dict, new: dict) -> str | None:
+    """Why a checkpoint written under placement `old` ({"section.key": value} of its CHECKPOINT_LAYOUT)
+    cannot resume under `new`, or None: the section's own `layout_problem` where it has one (pretraining
+    reshards), else any change is refused. The reason reads after "its checkpoint ... was written with"."""
+    own = getattr(type(getattr(cfg, section)), "layout_problem", None)
+    if own is not None:
+        return own(
+            {k.split(".", 1)[1]: v for k, v in old.items()}, {k.split(".", 1)[1]: v for k, v in new.items()}
+        )
+    changed = [k for k in old if new[k] != old[k]]
+    tied = getattr(type(getattr(cfg, section)), "CHECKPOINT_TIED", "")
+    return (
+        ", ".join(f"{k}={old[k]}" for k in changed) + " and cannot be resumed with "
+        + ", ".join(f"{k}={new[k]}" for k in changed) + (f" ({tied})" if tied else "") + ": keep the old placement ("
+        + " ".join(f"--set {k}={old[k]}" for k in changed) + ") to resume from it"
+    )  # fmt: skip
 
 
 def budget_keys(cfg, section: str) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import preemption
 from pipeline.files import write_json_atomic
 
 
@@ -189,10 +190,11 @@ class StageContext:
             self._checkpoint = None
             self.progress(0, self._total)
 
-    def checkpointed(self) -> None:
-        """Rank 0 saved a checkpoint at the step it last reported progress for. progress.json keeps
-        that step, so that planning can refuse a budget lowered below it before anything starts."""
-        self._checkpoint, self._checkpoint_layout = self._step, self.layout
+    def checkpointed(self, step: int | None = None) -> None:
+        """Rank 0's checkpoint of `step` (default: the step it last reported progress for) is stored.
+        progress.json keeps that step, so that planning can refuse a budget lowered below it before
+        anything starts."""
+        self._checkpoint, self._checkpoint_layout = self._step if step is None else step, self.layout
         self.progress(self._step, self._total)
 
     def progress(self, step: int, total: int, **extra) -> None:
@@ -232,10 +234,14 @@ class WorkerContext:
     local_rank: int = 0
 
     def report(self, metrics: dict | None = None, checkpoint_dir: Path | None = None) -> None:
+        """A metrics row (rank 0's is logged) and/or this rank's checkpoint folder, which the context
+        then owns: it is stored (on Ray, uploaded in the background) and deleted."""
         raise NotImplementedError
 
-    def checkpoint(self) -> Path | None:
-        """The folder of the latest reported checkpoint to resume from, or None on a fresh start."""
+    def checkpoint(self, every_rank: bool = False) -> Path | None:
+        """The folder of the latest reported checkpoint to resume from, or None on a fresh start.
+        From an object store only what this rank reads is fetched (kiln/reshard.py `rank_files`),
+        or every rank's files with `every_rank` (to convert it to another world size)."""
         raise NotImplementedError
 
     def resumed_from(self, step: int) -> None:
@@ -252,6 +258,12 @@ class WorkerContext:
         reporting the checkpoint of step k: that checkpoint is recorded as step k's."""
         raise NotImplementedError
 
+    def stop_requested(self) -> bool:
+        """This rank has been asked to stop (SIGTERM to its process, or to the run's driver): the
+        loop adds it to its per-step all-reduce, so that every rank saves the same step and returns
+        {preemption.STOPPED: step} (pipeline/preemption.py)."""
+        return preemption.asked()
+
 
 class EnvWorkerContext(WorkerContext):
     """A rank started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment), without Ray:
@@ -267,16 +279,18 @@ class EnvWorkerContext(WorkerContext):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.folder / "metrics.jsonl")
+        preemption.install()  # torchrun runs each rank's loop in its main thread
 
     def report(self, metrics=None, checkpoint_dir=None):
         import shutil
 
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, self.folder / "checkpoint", dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir)
         if metrics and self.rank == 0:
             self.metrics.write(metrics)
 
-    def checkpoint(self):
+    def checkpoint(self, every_rank=False):
         found = self.folder / "checkpoint"
         return found if (found / "trainer_state.json").exists() else None
 
@@ -299,6 +313,7 @@ class LocalWorkerContext(WorkerContext):
     def __init__(self, stage_ctx: StageContext):
         self.stage_ctx = stage_ctx
         self.ckpt_root = stage_ctx.work_dir / "local_checkpoints"
+        preemption.install()  # a no-op off the main thread
 
     def report(self, metrics=None, checkpoint_dir=None):
         import shutil
@@ -306,6 +321,7 @@ class LocalWorkerContext(WorkerContext):
         if checkpoint_dir is not None:
             dest = self.ckpt_root / f"checkpoint_{time.time_ns()}"
             shutil.copytree(checkpoint_dir, dest)
+            shutil.rmtree(checkpoint_dir)
             for old in sorted(self.ckpt_root.glob("checkpoint_*"))[:-1]:
                 shutil.rmtree(old)
         if metrics:
@@ -313,7 +329,7 @@ class LocalWorkerContext(WorkerContext):
         if checkpoint_dir is not None:
             self.stage_ctx.checkpointed()
 
-    def checkpoint(self):
+    def checkpoint(self, every_rank=False):
         found = sorted(self.ckpt_root.glob("checkpoint_*"))
         return found[-1] if found else None
 

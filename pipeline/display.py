@@ -86,6 +86,8 @@ def summary_table(plan, outcome, headline: dict[str, str], run_dir: str = "") ->
             state = "[red]failed"
         elif p.name in outcome.blocked:
             state = "[red]blocked"
+        elif p.name in outcome.stopped:
+            state = f"[yellow]stopped at step {outcome.stopped[p.name]}"
         elif p.name in outcome.results:
             state = "[green]complete"
         elif p.action == "run":

@@ -27,6 +27,7 @@ from pipeline.artifacts import ArtifactError, ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.context import StageContext
 from pipeline.dag import Stage
+from pipeline.preemption import Preempted
 from pipeline.tracking import Tracker
 
 LIBRARIES = (
@@ -108,7 +109,11 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
         }
         art = store.commit(stage, job.fingerprint, staging, manifest)
     except BaseException as e:
-        logger.error("stage %s failed:\n%s", stage, traceback.format_exc())
+        if isinstance(e, Preempted):  # SIGTERM: it saved a checkpoint; the next run resumes it
+            logger.warning("%s", e)
+            tracker.mark_preempting()
+        else:
+            logger.error("stage %s failed:\n%s", stage, traceback.format_exc())
         full = diskspace.detect(e, store.run_dir, staging)  # before the cleanup frees space
         shutil.rmtree(staging, ignore_errors=True)
         tracker.finish(exit_code=1)

@@ -21,6 +21,7 @@ from pipeline.config import (
     budget_keys,
     checkpoint_layout_keys,
     drop_keys,
+    layout_problem,
     placement_keys,
     section_dict,
     without_budget,
@@ -247,24 +248,29 @@ def _below_checkpoint(cfg, store, p: PlannedStage) -> list[str]:
 
 
 def _other_layout(cfg, store, p: PlannedStage) -> list[str]:
-    """A checkpoint loads only under the placement it was written with (the world size, the ZeRO
-    stage): placement keys are not in the work dir's key, so say so before anything starts."""
+    """A checkpoint loads only under a placement its section accepts (`layout_problem`; by default the
+    world size and ZeRO stage it was written with): placement keys are not in the work dir's key, so
+    say so before anything starts."""
     prog = p.progress or {}
     saved, written = prog.get("checkpoint"), prog.get("layout")
     if saved is None or not written:
         return []
     now = checkpoint_layout(cfg, p.config)
-    diffs = {k: v for k, v in written.items() if k in now and now[k] != v}
-    if not diffs:
-        return []
     where = store.work_uri(p.name, p.work_key)
-    keep = " ".join(f"--set {k}={v}" for k, v in diffs.items())
-    return [
-        f"{p.name}: its checkpoint at step {saved} ({where}) was written with "
-        + ", ".join(f"{k}={v}" for k, v in diffs.items())
-        + f" and cannot be resumed with {', '.join(f'{k}={now[k]}' for k in diffs)}: keep the old "
-        f"placement ({keep}) to resume from it, or delete that folder to start the stage over"
-    ]
+    problems = []
+    for section in p.config:
+        keys = [f"{section}.{k}" for k in checkpoint_layout_keys(cfg, section)]
+        old = {k: written[k] for k in keys if k in written}
+        new = {k: now[k] for k in old}
+        if old == new:
+            continue
+        why = layout_problem(cfg, section, old, new)
+        if why:
+            problems.append(
+                f"{p.name}: its checkpoint at step {saved} ({where}) was written with {why}, or start the "
+                f"stage over: delete that folder, or run with `--from {p.name}` (which re-runs what follows too)"
+            )
+    return problems
 
 
 def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -18,10 +20,39 @@ from pathlib import Path
 
 import ray
 
+from pipeline import preemption
 from pipeline.context import Scaling, StageContext, WorkerContext
 from pipeline.files import is_remote
 
 log = logging.getLogger("kiln.ray")
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """The run's "stop now": set when its driver receives SIGTERM (pipeline/runner.py), read by rank 0
+    of every worker group (pipeline/preemption.py). One per run, found by name (`stop_flag_name`)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def stop_flag_name() -> str:
+    """The run's StopFlag: named after the driver's Ray job, to which its stage tasks belong too."""
+    return f"kiln-stop-{ray.get_runtime_context().get_job_id()}"
+
+
+def _stop_flag():
+    """The run's StopFlag, or None (a stage run by a test without the runner has none)."""
+    try:
+        return ray.get_actor(stop_flag_name())
+    except ValueError:
+        return None
 
 
 def _here():
@@ -82,8 +113,10 @@ class RayStageContext(StageContext):
             else (str(self.work_dir / "ray"), None)
         )
 
+        stop_flag = _stop_flag()
+
         def loop(_config):
-            wctx = RayWorkerContext(queue)
+            wctx = RayWorkerContext(queue, stop_flag)
             started = time.time()
             where.announce(wctx)
             local_arg, node_work = where.localize(arg, wctx.node_id)
@@ -151,7 +184,7 @@ class RayStageContext(StageContext):
                 self.started_fresh()
                 self.mirror(force=True)
             elif kind == "checkpoint":  # the rows up to it must reach a shared root before a resume
-                self.checkpointed()
+                self.checkpointed(payload[0])
                 self.mirror(force=True)
             elif kind == "result":
                 results[payload[0]] = payload[1]
@@ -170,7 +203,7 @@ def torch_config(scaling: Scaling):
 class RayWorkerContext(WorkerContext):
     """Inside a Ray Train worker."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, stop_flag=None):
         import ray.train
 
         tctx = ray.train.get_context()
@@ -179,33 +212,70 @@ class RayWorkerContext(WorkerContext):
         self.world_size = tctx.get_world_size()
         self.local_rank = tctx.get_local_rank()
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._step = 0  # the last step reported by `progress`: a checkpoint reported next is its
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        # the driver's SIGTERM, through the run's flag: rank 0 reads it (a round trip, at most once a
+        # second) and the loop's all-reduce tells the other ranks
+        self._driver_stop = (
+            preemption.Throttled(lambda: ray.get(stop_flag.is_set.remote()))
+            if stop_flag is not None and self.rank == 0
+            else None
+        )
+        _handle_sigterm_here()
+
+    def stop_requested(self) -> bool:
+        return preemption.asked() or (self._driver_stop is not None and self._driver_stop())
 
     def report(self, metrics=None, checkpoint_dir=None):
+        """Every rank reports its own checkpoint folder (its shards); Ray merges them into one
+        checkpoint under the stage's storage. Saving stalls training for the local write only: Ray
+        uploads the folder in a background thread and then deletes it, and the checkpoint counts
+        (for a restart, for the next run) once every rank's upload is done, so a crash mid-upload
+        leaves the one before in use. One upload at a time: a checkpoint waits here for the one
+        before to be stored, so a node holds at most two local copies."""
         import ray.train
 
         if metrics and self.rank == 0:
             self.queue.put(("metrics", dict(metrics)))
-        if checkpoint_dir is not None and self.rank == 0:
-            self.queue.put(("checkpoint", None))
-        if checkpoint_dir is not None:  # every rank reports its own shard; Ray merges them
+        if checkpoint_dir is None:
+            return
+        uploads = _upload_thread()
+        if uploads is None:  # a Ray Train without it: upload now, then delete
             ray.train.report(
                 dict(metrics or {}), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
             )
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            if self.rank == 0:
+                self.queue.put(("checkpoint", self._step))
+            return
+        uploads.submit(lambda: None).result()  # the previous checkpoint is stored
+        ray.train.report(
+            dict(metrics or {}),
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,  # deletes the folder once stored
+        )
+        if self.rank == 0:  # once stored (the upload thread runs one job at a time, in order)
+            step = self._step
+            uploads.submit(lambda: self.queue.put(("checkpoint", step)))
 
     def progress(self, step, total, **extra):
+        self._step = step
         if self.rank == 0:
             self.queue.put(("progress", (step, total)))
 
-    def checkpoint(self) -> Path | None:
+    def checkpoint(self, every_rank=False) -> Path | None:
         import ray.train
+
+        from kiln.reshard import fetch
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
         if os.path.isdir(ckpt.path):
             return Path(ckpt.path)
-        return Path(ckpt.to_directory())  # remote storage: download
+        # an object store: this rank's files (or every rank's) into a fresh local folder
+        dest = Path(tempfile.mkdtemp(prefix=f"kiln-resume-rank{self.rank}-"))
+        return fetch(ckpt.filesystem, ckpt.path, dest, None if every_rank else self.rank)
 
     def resumed_from(self, step):
         if self.rank == 0:
@@ -214,6 +284,30 @@ class RayWorkerContext(WorkerContext):
     def started_fresh(self):
         if self.rank == 0:
             self.queue.put(("started_fresh",))
+
+
+def _upload_thread():
+    """Ray Train's checkpoint upload thread pool (one thread) in this worker, or None where this
+    version of Ray Train has none."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().checkpoint_upload_threadpool
+    except (ImportError, AttributeError):
+        return None
+
+
+def _handle_sigterm_here() -> None:
+    """SIGTERM to this worker's process is noted (pipeline/preemption.py) instead of ending it. Ray
+    Train runs the training loop in a thread, and a handler can only be installed from the process's
+    main thread, which serves the worker actor's calls: so the worker actor installs it, through its
+    `execute(fn)` (Ray Train's own way of running a function on a worker)."""
+    try:
+        actor = ray.get_runtime_context().current_actor
+        if not ray.get(actor.execute.remote(preemption.install), timeout=60):
+            raise RuntimeError("not run on the main thread")
+    except Exception as e:  # noqa: BLE001 - a worker that cannot handle it still trains
+        log.warning("SIGTERM to this worker will end it without a checkpoint: %s", e)
 
 
 @dataclass(frozen=True)

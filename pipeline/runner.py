@@ -29,6 +29,7 @@ from pipeline.display import Display
 from pipeline.execute import StageJob, execute_stage
 from pipeline.files import is_remote
 from pipeline.plan import PlannedStage, Selection, adopt_legacy, check_runnable, checkpoint_layout, make_plan
+from pipeline.preemption import Preempted
 
 
 @dataclass
@@ -38,10 +39,12 @@ class Outcome:
     errors: dict[str, str] = field(default_factory=dict)
     blocked: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
+    stopped: dict[str, int] = field(default_factory=dict)  # stage -> the step its SIGTERM checkpoint is at
+    terminated: bool = False  # the run received SIGTERM (pipeline/preemption.py)
 
     @property
     def ok(self) -> bool:
-        return not (self.errors or self.blocked or self.interrupted)
+        return not (self.errors or self.blocked or self.interrupted or self.stopped or self.terminated)
 
 
 def run_pipeline(
@@ -67,10 +70,15 @@ def run_pipeline(
     started: dict[str, float] = {}
     watch: dict[str, object] = {"next": 0.0}  # running worker groups short of resources -> why
     display.start(todo)
-    ctrl_c = _CtrlC.install()
+    ctrl_c, term = _CtrlC.install(), _Sigterm.install()
+    stop_flag = _stop_flag(ray)
     try:
         while waiting or running:
             ctrl_c.check()
+            if term.at is not None and _stop_on_sigterm(
+                ray, term, stop_flag, cfg, outcome, waiting, running, display
+            ):
+                break
             for name in list(waiting):
                 deps = jobs[name].inputs
                 bad = [d for d in deps if d in outcome.errors or d in outcome.blocked]
@@ -116,6 +124,11 @@ def run_pipeline(
                     outcome.results[name] = ray.get(ref)
                     display.finish(name, "complete", outcome.results[name])
                 except Exception as e:  # the stage raised, or its process died
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, Preempted):  # SIGTERM: it saved a checkpoint and stopped
+                        outcome.stopped[name] = cause.step
+                        display.finish(name, "stopped", str(cause))
+                        continue
                     outcome.errors[name] = _describe_failure(e, store.log_path(name))
                     display.finish(name, "failed", outcome.errors[name])
     except KeyboardInterrupt:
@@ -125,8 +138,69 @@ def run_pipeline(
         display.interrupted()
     finally:
         ctrl_c.restore()
+        term.restore()
         display.stop()
+        if stop_flag is not None:
+            ray.kill(stop_flag)
     return outcome
+
+
+class _Sigterm:
+    """SIGTERM during a run (a spot reclaim, a pod eviction, `scancel`): noted by the handler, acted
+    on by the run loop (`_stop_on_sigterm`). Installed from the main thread only, as `_CtrlC`."""
+
+    def __init__(self, installed: bool):
+        self.at: float | None = None  # time.monotonic() of the first SIGTERM
+        self.installed = installed
+        self.previous = signal.getsignal(signal.SIGTERM) if installed else None
+
+    @classmethod
+    def install(cls) -> _Sigterm:
+        me = cls(installed=threading.current_thread() is threading.main_thread())
+        if me.installed:
+            signal.signal(signal.SIGTERM, me._handle)
+        return me
+
+    def _handle(self, signum, frame):
+        if self.at is None:
+            self.at = time.monotonic()
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+
+
+def _stop_flag(ray):
+    """The run's StopFlag (pipeline/ray_context.py), which the worker groups of its stages read."""
+    from pipeline.ray_context import StopFlag, stop_flag_name
+
+    return StopFlag.options(name=stop_flag_name(), scheduling_strategy=_this_node(ray)).remote()
+
+
+def _stop_on_sigterm(ray, term, stop_flag, cfg, outcome, waiting, running, display) -> bool:
+    """After SIGTERM: ask the running stages to save and stop (once), start no other; past
+    `run.preempt_grace_s`, cancel those still running. True when the run loop should end."""
+    if not outcome.terminated:
+        outcome.terminated = True
+        ray.get(stop_flag.set.remote())
+        display.note(
+            f"SIGTERM: the running stages save a checkpoint at their current step and stop "
+            f"(within run.preempt_grace_s={cfg.run.preempt_grace_s:g}s)"
+        )
+        for name in waiting:
+            outcome.blocked[name] = "not started: the run was stopped (SIGTERM)"
+            display.finish(name, "blocked", outcome.blocked[name])
+        waiting.clear()
+    if time.monotonic() - term.at < cfg.run.preempt_grace_s:
+        return False
+    for ref, name in running.items():
+        ray.cancel(ref, force=True)
+        outcome.errors[name] = (
+            f"did not stop within run.preempt_grace_s={cfg.run.preempt_grace_s:g}s of SIGTERM and was "
+            "cancelled: the next run resumes it from its last periodic checkpoint"
+        )
+        display.finish(name, "failed", outcome.errors[name])
+    return True
 
 
 class _CtrlC:

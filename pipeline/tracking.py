@@ -126,6 +126,11 @@ class Tracker:
         # stores through pyarrow); the artifact's URI stays in its metadata
         self.run.log_artifact(art, aliases=[fingerprint, "latest"])
 
+    def mark_preempting(self) -> None:
+        """W&B shows the run as preempted (to be resumed), not as crashed, when it finishes next."""
+        if self.run is not None:
+            self.run.mark_preempting()
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 
 from kiln.workers import WorkerJob, run_group
 from pipeline.config import PpoConfig
+from pipeline.preemption import STOPPED
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -297,7 +298,6 @@ def _train(job: PpoJob, wctx) -> dict:
         baseline = {"step": 0, **metrics}
         wctx.report(dict(baseline))
 
-    stop = T.PreemptionFlag()  # SIGTERM: checkpoint after this iteration, then exit
     total = p.iterations
     while it < total:
         t0 = time.perf_counter()
@@ -322,7 +322,10 @@ def _train(job: PpoJob, wctx) -> dict:
         rng = np.random.default_rng([seed, it, rank])
         row |= ppo_update(actor, critic, exp, p, mini, world, rng)
         # 4. controller: mean KL per response over all ranks, responses seen this iteration
+        # asked to stop (SIGTERM) on any rank: every rank saves this iteration, then returns
+        row["stop"] = float(wctx.stop_requested())
         row = T.all_reduce_mean({k: v for k, v in row.items() if v is not None}, device)
+        stopping = row.pop("stop") > 0 and it + 1 < total
         row["kl_coef"] = kl_ctl.value
         kl_ctl.update(row["kl"], p.rollout_batch_size)
 
@@ -336,15 +339,15 @@ def _train(job: PpoJob, wctx) -> dict:
             metrics, after = _evaluate(actor, tok, job, wctx, synced)
             row.update(metrics, **_flips(before, after))
         wctx.progress(it, total)
-        if it % p.checkpoint_every == 0 or it == total or stop.requested:
+        if it % p.checkpoint_every == 0 or it == total or stopping:
             state = {"iteration": it, "kl_controller": kl_ctl.state_dict(), "baseline": baseline,
                      "task_outcomes": before, "wandb_run_id": job.wandb_run_id}  # fmt: skip
             _save(actor, critic, wctx, row, state, rank)
         else:
             wctx.report(row)
         last = row
-        if stop.requested:
-            raise SystemExit(f"ppo: preempted (SIGTERM); checkpoint saved at iteration {it}")
+        if stopping:
+            return {STOPPED: it}
 
     T.export_engine(actor, job.export_dir, job.sft_dir, rank)
     if rank == 0 and (job.sft_dir / "generation_config.json").exists():
@@ -577,5 +580,4 @@ def _save(actor, critic, wctx, row, state, rank) -> None:
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
         T.write_json(folder / "trainer_state.json", state | {"tag": tag, "last": row})
-    wctx.report(row, checkpoint_dir=folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    wctx.report(row, checkpoint_dir=folder)  # the context stores it, then deletes the folder

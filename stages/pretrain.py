@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import time
 import zlib
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from kiln.workers import WorkerJob, run_group
 from pipeline.config import ModelConfig, PretrainConfig
+from pipeline.preemption import STOPPED
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
@@ -114,6 +114,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     import torch
 
     from data_prep.packed import PackedTokens
+    from kiln import reshard as R
     from kiln import sharded as S
     from kiln import training as T
     from kiln.model import KilnForCausalLM, build_config
@@ -131,6 +132,16 @@ def _train(job: PretrainJob, wctx) -> dict:
         grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
         offload_optimizer=p.offload_optimizer, offload_params=p.offload_params, **T.comm_options(p),
     )  # fmt: skip
+    # the checkpoint to resume from, read before the engine is built: one written under another world
+    # size loads through DeepSpeed's universal form, which the engine must be configured for
+    ckpt, state = wctx.checkpoint(), None
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        T.check_resumed(state["step"], p.steps, "pretrain.steps", ckpt)
+        layout = {"world_size": world, "zero_stage": p.zero_stage}
+        ckpt, universal = R.prepare(wctx, ckpt, state["tag"], state, layout)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
     # under ZeRO-3 the model is built already partitioned (no rank holds all of it), with the initial
     # weights of the full build (kiln/sharded.py); below it, the plain build
     vocab = job.vocab
@@ -143,6 +154,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
+    decays = [g["weight_decay"] for g in optimizer.param_groups]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if p.compile:
         engine.compile()
@@ -156,20 +168,18 @@ def _train(job: PretrainJob, wctx) -> dict:
     # -- resume -------------------------------------------------------------------------------
     step, tokens_seen, total = 0, 0, p.steps
     last: dict = {}  # the last step's metrics row: the stage's headline
-    ckpt = wctx.checkpoint()
-    if ckpt is not None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        T.check_resumed(state["step"], total, "pretrain.steps", ckpt)
+    if state is not None:
         engine.load_checkpoint(str(ckpt), tag=state["tag"], load_lr_scheduler_states=False)
-        rng = ckpt / f"rng_rank{rank}.pt"
-        if rng.exists():
+        R.repair_universal_load(engine, decays)
+        R.finish(wctx, ckpt, universal)
+        rng = ckpt / f"rng_rank{rank}.pt"  # each rank's RNG streams: on the world size that wrote them
+        if not universal and rng.exists():
             T.load_rng(rng)
         step, tokens_seen, last = state["step"], state["tokens_seen"], state.get("last", {})
         wctx.resumed_from(step)
     else:
         wctx.started_fresh()
 
-    stop = T.PreemptionFlag()
     # this rank's micro-batches, from the step resumed at to the end, each read (pinned on GPU) while
     # the one before computes; the order is the index arithmetic's, as if read in the loop
     batches = T.prefetched(
@@ -209,8 +219,11 @@ def _train(job: PretrainJob, wctx) -> dict:
             load = moe["expert_load"].float().mean(0)  # (n_experts,) averaged over MoE layers
             local.update({f"expert_load_{i}": v for i, v in enumerate(load)})
             local["dropped_frac"] = moe["dropped_frac"].float().mean()
+        # asked to stop (SIGTERM) on any rank: every rank saves this step, then returns
+        sums["stop"] = torch.tensor(float(wctx.stop_requested()), dtype=torch.float64, device=device)
         got = T.all_reduce_mean(sums, device, local)
-        row = {k: got[k] for k in sorted(sums)}  # every rank sees the same losses: all stop together
+        stopping = got.pop("stop") > 0 and step < total
+        row = {k: got[k] for k in sorted(sums) if k != "stop"}  # the same on every rank
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(
                 f"pretrain: non-finite loss ({row['loss']}) at step {step}; the last good checkpoint is "
@@ -231,14 +244,13 @@ def _train(job: PretrainJob, wctx) -> dict:
         if step % p.eval_every == 0 or step == total:
             row.update(_evaluate(engine, val, p, rank, world, device))
         wctx.progress(step, total)
-        checkpoint_now = step % p.checkpoint_every == 0 or step == total or stop.requested
-        if checkpoint_now:
-            _save(engine, wctx, row, step, tokens_seen, job.wandb_run_id, rank)
+        if step % p.checkpoint_every == 0 or step == total or stopping:
+            _save(engine, wctx, row, step, tokens_seen, job.wandb_run_id, rank, world, p.zero_stage)
         else:
             wctx.report(row)
         last = row
-        if stop.requested:
-            raise SystemExit(f"pretrain: preempted (SIGTERM); checkpoint saved at step {step}")
+        if stopping:
+            return {STOPPED: step}
 
     T.export_engine(engine, job.export_dir, job.tokenizer_dir, rank)
     return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
@@ -268,7 +280,7 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
 
 
-def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
+def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank, world, zero_stage) -> None:
     """DeepSpeed checkpoint + loop state + RNG into a fresh folder, reported (Ray copies it)."""
     from kiln import training as T
 
@@ -277,8 +289,8 @@ def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank) -> None:
     engine.save_checkpoint(str(folder), tag=tag)
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
-        state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id}
+        state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id,
+                 "layout": {"world_size": world, "zero_stage": zero_stage}}  # fmt: skip
         # the row too: the stage's headline, should a resume find no step left
         T.write_json(folder / "trainer_state.json", state | {"last": row})
-    wctx.report(row, checkpoint_dir=folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    wctx.report(row, checkpoint_dir=folder)  # the context stores it, then deletes the folder

@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from kiln import trl_bridge as B
+from pipeline.preemption import STOPPED
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
@@ -109,6 +110,9 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         log.warning("reward: %d training pairs are longer than max_length=%d", too_long, s.max_length)
 
     B.train(trainer, resume, "reward")
+    if bridge.stopped_at is not None:  # SIGTERM: that step's checkpoint is saved
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return {STOPPED: bridge.stopped_at}
     B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pipeline import preemption
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.dag import PIPELINE
@@ -116,3 +118,18 @@ def start_run(root: Path, ray_tmp: Path, log: Path, *selection: str) -> subproce
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def stopped_on_sigterm(proc: subprocess.Popen, log: Path, since: int, within: float) -> dict[str, int]:
+    """Wait for a `start_run` process that was sent SIGTERM (or one of whose workers was): it must
+    exit within `within` seconds with preemption.EXIT_CODE. Returns {stage: step} of the stages it
+    says stopped with a checkpoint, read from what it printed after byte `since` of `log`."""
+    started = time.monotonic()
+    code = proc.wait(timeout=within)
+    text = log.read_bytes()[since:].decode(errors="replace")
+    assert code == preemption.EXIT_CODE, text[-4000:]
+    print(f"\nSIGTERM: the run exited {time.monotonic() - started:.1f}s later")
+    said = re.findall(
+        r"(\w+): stopped\s+on\s+SIGTERM\s+with\s+its\s+checkpoint\s+saved\s+at\s+step\s+(\d+)", text
+    )
+    return {stage: int(step) for stage, step in said}

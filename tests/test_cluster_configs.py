@@ -115,6 +115,11 @@ def test_kuberay_manifest_has_required_fields():
             assert group["groupName"] and isinstance(group["rayStartParams"], dict)
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
             _check_pod(group["template"], gpus=True)
+            # eviction: the training workers save their current step before Ray stops (pipeline/preemption.py)
+            pod = group["template"]["spec"]
+            (stop,) = [c["lifecycle"]["preStop"]["exec"]["command"] for c in pod["containers"]]
+            assert stop[:3] == ["python", "-m", "pipeline.preemption"]
+            assert pod["terminationGracePeriodSeconds"] > float(stop[stop.index("--grace") + 1])
     _no_secret_values(CLUSTER / "kuberay.yaml")
 
 

@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -107,8 +108,8 @@ def test_a_checkpoint_of_another_layout_is_refused_with_the_choices(done, no_ray
         run_pipeline(cfg, TOY_DAG)
     assert str(e.value) == (
         f"b: its checkpoint at step 2 ({work}) was written with b.workers=2 and cannot be resumed with "
-        "b.workers=1: keep the old placement (--set b.workers=2) to resume from it, or delete that "
-        "folder to start the stage over"
+        "b.workers=1: keep the old placement (--set b.workers=2) to resume from it, or start the stage "
+        "over: delete that folder, or run with `--from b` (which re-runs what follows too)"
     )
     assert plan_of(toy_config(root, "b.budget=2", "b.workers=2"))["b"].problems == []
     assert plan_of(toy_config(root, "b.budget=2", "b.steps=9", "b.workers=2"))["b"].problems == []
@@ -128,6 +129,55 @@ def test_a_checkpoint_records_the_layout_it_was_written_with(tmp_path):
     LocalContext("b", tmp_path / "work", layout={"b.workers": 3}).progress(2, 3)
     saved = json.loads((tmp_path / "work" / "progress.json").read_text())
     assert (saved["checkpoint"], saved["layout"]) == (1, {"b.workers": 2})
+
+
+def test_pretraining_resumes_on_another_worker_count_and_the_trl_stages_say_they_cannot(tmp_path):
+    """The real stages' rules, at planning: a pretraining checkpoint written by 2 workers resumes on 1
+    (it is converted), but not under another ZeRO family; sft's, tied to its ranks' data positions,
+    resumes on its own placement only. Each refusal names the keys and the ways out."""
+    from pipeline.config import load_config
+    from tests.pipeline_helpers import plan_of
+
+    def partial(stage: str, layout: dict) -> Path:
+        cfg = load_config(overrides=[f"run.root={tmp_path}"])
+        store = ArtifactStore(str(tmp_path), cfg.run.name)
+        work = store.work_dir(stage, plan_of(cfg)[stage].work_key)
+        work.mkdir(parents=True, exist_ok=True)
+        saved = {"step": 10, "total": 20, "checkpoint": 10, "layout": layout}
+        (work / "progress.json").write_text(json.dumps(saved))
+        return work
+
+    def problems(stage: str, *overrides: str) -> list[str]:
+        return plan_of(load_config(overrides=[f"run.root={tmp_path}", *overrides]))[stage].problems
+
+    work = partial("pretrain", {"pretrain.num_workers": 2, "pretrain.zero_stage": 2})
+    assert problems("pretrain", "pretrain.num_workers=1") == []
+    assert (
+        problems("pretrain", "pretrain.num_workers=1", "pretrain.zero_stage=1") == []
+    )  # ZeRO-1 loads ZeRO-2's
+    (why,) = problems("pretrain", "pretrain.zero_stage=3")
+    assert why.startswith(
+        f"pretrain: its checkpoint at step 10 ({work}) was written with pretrain.zero_stage=2 and cannot be "
+        "resumed with pretrain.zero_stage=3 (DeepSpeed converts a ZeRO-3 checkpoint into a universal one"
+    )
+    assert why.endswith(
+        "set pretrain.zero_stage=2 to resume from it (pretrain.num_workers may change), or start the stage "
+        "over: delete that folder, or run with `--from pretrain` (which re-runs what follows too)"
+    )
+    work = partial("sft", {"sft.num_workers": 1, "sft.zero_stage": 2, "sft.micro_batch_size": 16})
+    (why,) = problems("sft", "sft.num_workers=2", "sft.micro_batch_size=8")
+    assert why == (
+        f"sft: its checkpoint at step 10 ({work}) was written with sft.num_workers=1, sft.micro_batch_size=16 "
+        "and cannot be resumed with sft.num_workers=2, sft.micro_batch_size=8 (TRL's checkpoint holds one "
+        "DeepSpeed shard per rank and each rank's position in its data, counted in its own micro-batches): "
+        "keep the old placement "
+        "(--set sft.num_workers=1 --set sft.micro_batch_size=16) to resume from it, or start the stage over: "
+        "delete that folder, or run with `--from sft` (which re-runs what follows too)"
+    )
+    for stage in ("reward", "ppo"):  # the same refusal, with the reason of each
+        partial(stage, {f"{stage}.num_workers": 1, f"{stage}.zero_stage": 2})
+        (why,) = problems(stage, f"{stage}.num_workers=2", f"{stage}.micro_batch_size=8")
+        assert f"cannot be resumed with {stage}.num_workers=2 (" in why and f"`--from {stage}`" in why
 
 
 def test_budget_key_reruns_downstream_and_keeps_the_work_dir(done):

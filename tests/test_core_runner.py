@@ -272,6 +272,33 @@ def test_ctx_map_returns_results_in_item_order(tmp_path, ray_session):
     assert outcome.results["a"]["metrics"] == {"value": 55}
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_stops_starting_stages_and_cancels_one_past_the_grace_period(tmp_path, ray_session):
+    """SIGTERM in the driver: no stage starts after it; a running stage that does not stop on its own
+    (a toy stage has no checkpoints) is cancelled once `run.preempt_grace_s` has passed, and the run
+    says so and ends, marked terminated. (Training stages stop in time: tests/test_pretrain_resume.py.)"""
+    cfg = toy_config(tmp_path, "run.preempt_grace_s=2", "b.steps=400", "b.sleep=0.1")
+    store = ArtifactStore(cfg.run.root, cfg.run.name)
+    plan = plan_of(cfg)
+    main, sent = threading.main_thread().ident, {}
+
+    def terminate_once_b_runs():
+        wait_for(lambda: (store.progress("b", plan["b"].work_key) or {}).get("step", 0) >= 3, 60, "b to run")
+        sent["at"] = time.monotonic()
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_b_runs, daemon=True).start()
+    outcome = run_pipeline(cfg, TOY_DAG)  # in the main thread, where the signal is handled
+    took = time.monotonic() - sent["at"]
+    assert outcome.terminated and not outcome.ok and "a" in outcome.results
+    assert "did not stop within run.preempt_grace_s=2s of SIGTERM" in outcome.errors["b"]
+    assert outcome.blocked["d"] == "not started: the run was stopped (SIGTERM)"
+    assert 2 <= took < 30, took  # cancelled after the grace period, not when b would have finished
+    assert store.check("b", plan["b"].fingerprint)[0] is None
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler before the run is back
+
+
 def test_ctrl_c_stops_running_stages_and_leaves_no_artifact(tmp_path, ray_session):
     """SIGINT in the driver (Ctrl-C): running stages are cancelled, nothing half-written counts as an
     artifact, the outcome says interrupted, and the next run resumes the unfinished stages only."""

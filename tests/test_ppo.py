@@ -11,6 +11,7 @@ the accuracy PPO reaches with the program itself as the reward.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from tests.pipeline_helpers import (
     rows,
     set_flags,
     start_run,
+    stopped_on_sigterm,
     tensors,
     wait_for,
 )
@@ -305,8 +307,10 @@ evaluation kept."""
 
 
 def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp_path):
-    """Kill rank 0 once Ray Train holds the first checkpoint: it restarts the group from there, and
-    every iteration's metrics equal an uninterrupted run's (fp32, within 1e-5), on the same prompts."""
+    """Kill rank 0 once Ray Train holds the first checkpoint: it restarts the group from there. Then
+    SIGTERM to rank 1 between checkpoints: the group saves that iteration and the run exits; a re-run
+    resumes there. Every iteration's metrics equal an uninterrupted run's (fp32, within 1e-5), on the
+    same prompts."""
     ref_cfg, ref_path = _short_run(tiny_run, tmp_path / "reference", *RESUME, keep_preset=True)
     root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-ppo-resume-{os.getpid()}"), tmp_path / "run.log"
     cfg = load_config(overrides=[f"run.root={root}", *RESUME])
@@ -326,6 +330,18 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
         pid = int(rank0.read_text().split()[0])
         assert registered_step(work) == every  # not yet the next one
         os.kill(pid, signal.SIGKILL)
+
+        def resumed() -> bool:
+            return f"resumed from its checkpoint at step {every}" in store.log_path(
+                "ppo"
+            ).read_text() and reached(store, p, every + 1)
+
+        wait_for(resumed, 900, "the restarted group's next iteration", proc)
+        since = log.stat().st_size
+        os.kill(int((work / "worker_pids" / "rank1").read_text().split()[0]), signal.SIGTERM)
+        stopped = stopped_on_sigterm(proc, log, since, cfg.run.preempt_grace_s)["ppo"]
+        assert every < stopped < 2 * every, stopped  # between checkpoints
+        proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc is not None and proc.poll() is None:
@@ -334,7 +350,8 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
-    assert f"ppo: resumed from its checkpoint at step {every}" in store.log_path("ppo").read_text()
+    said = store.log_path("ppo").read_text()
+    assert re.findall(r"ppo: resumed from its checkpoint at step (\d+)", said) == [str(every), str(stopped)]
     path = store.find("ppo", p.fingerprint).path
     got, want = iterations(path), iterations(ref_path)
     assert [r["step"] for r in got] == list(range(1, cfg.ppo.iterations + 1))  # none twice, none lost

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import preemption
 from tests.dist.common import tokens_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +44,9 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_the_run_resumes_exactly(tmp_p
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0  # it exits, and says why
-    assert "preempted (SIGTERM)" in proc.stderr.read()
-    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
-    stopped = state["step"]
+    assert proc.wait(timeout=120) == preemption.EXIT_CODE  # it exits, and says where it stopped
+    stopped = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert f"stopped on SIGTERM with its checkpoint saved at step {stopped}" in proc.stderr.read()
     assert 8 <= stopped < 30 and [r["step"] for r in rows(run)][-1] == stopped
 
     again = start(run, changes, 29573)  # the same folder: resumes from the preemption checkpoint

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from tests.pipeline_helpers import (
     registered_step,
     rows,
     start_run,
+    stopped_on_sigterm,
     tensors,
     wait_for,
 )  # fmt: skip
@@ -384,9 +386,9 @@ def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, 
 
 def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run, tmp_path):
     """sft and reward side by side, as the preset runs them. reward's worker is killed after its first
-    checkpoint (Ray Train restarts the group), then the whole run after sft's first checkpoint (a
-    re-run resumes what is left). Each finished stage logs the session run's losses (fp32, within
-    1e-5), the same sample ids at every step, and one W&B run."""
+    checkpoint (Ray Train restarts the group); once it has resumed, the driver gets SIGTERM: both
+    stages save their current step and the run exits; a re-run resumes both there. Each finished stage
+    logs the session run's losses (fp32, within 1e-5), the same sample ids at every step, and one W&B run."""
     _, ref_cfg, _ = tiny_run
     root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-sft-resume-{os.getpid()}"), tmp_path / "run.log"
     cfg = load_config(overrides=[f"run.root={root}"])
@@ -395,34 +397,43 @@ def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run,
     assert [n for n, p in plan.items() if p.action == "run"] == ["sft", "reward", "ppo"]
     assert all(plan[s].fingerprint == ref[s].fingerprint for s in ("sft", "reward"))
     store = ArtifactStore(str(root), cfg.run.name)
+    every = cfg.reward.checkpoint_every
 
-    def past_first_checkpoint(stage) -> bool:  # 10 steps past it, and Ray Train holds it
-        every = getattr(cfg, stage).checkpoint_every
-        return reached(store, plan[stage], every + 10, every)
+    def resumed_reward() -> bool:  # the restarted group trained a few steps past its checkpoint
+        said = store.log_path("reward").read_text() if store.log_path("reward").exists() else ""
+        return f"reward: resumed from its checkpoint at step {every}" in said and reached(
+            store, plan["reward"], every + 3
+        )
 
     proc = None
     try:
         proc = start_run(root, ray_tmp, log, "--only", "sft,reward")
-        wait_for(lambda: past_first_checkpoint("reward"), 900, "reward's first checkpoint", proc)
+        wait_for(
+            lambda: reached(store, plan["reward"], every + 10, every), 900, "reward's first checkpoint", proc
+        )
         pids = store.work_dir("reward", plan["reward"].work_key) / "worker_pids"
-        assert registered_step(pids.parent) == cfg.reward.checkpoint_every  # not yet the next one
+        assert registered_step(pids.parent) == every  # not yet the next one
         os.kill(int((pids / "rank0").read_text().split()[0]), signal.SIGKILL)  # Ray Train restarts it
-        wait_for(lambda: past_first_checkpoint("sft"), 900, "sft's first checkpoint", proc)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything in its session
-        proc.wait(timeout=30)
-        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
+        wait_for(resumed_reward, 900, "reward's resume", proc)
+        since = log.stat().st_size
+        proc.send_signal(signal.SIGTERM)  # both stages save where they are, and the run exits
+        stopped = stopped_on_sigterm(proc, log, since, cfg.run.preempt_grace_s)
+        assert set(stopped) == {"sft", "reward"}, stopped
+        assert stopped["reward"] > every and 0 < stopped["sft"] < cfg.sft.steps, stopped
         assert store.check("sft", plan["sft"].fingerprint)[0] is None  # no artifact yet
         proc = start_run(root, ray_tmp, log, "--only", "sft,reward")
         assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     finally:
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)  # Ray processes left over
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    for stage, at in (("reward", cfg.reward.checkpoint_every), ("sft", cfg.sft.checkpoint_every)):
-        said = (store.run_dir / "logs" / f"{stage}.log").read_text()
-        assert f"{stage}: resumed from its checkpoint at step {at}" in said, stage  # the kill took effect
+    resumes = {"reward": [every, stopped["reward"]], "sft": [stopped["sft"]]}
+    for stage in ("reward", "sft"):
+        said = store.log_path(stage).read_text()
+        found = [int(n) for n in re.findall(rf"{stage}: resumed from its checkpoint at step (\d+)", said)]
+        assert found == resumes[stage], (stage, found)  # the kill and SIGTERM took effect
         section, got = getattr(cfg, stage), rows(store.find(stage, plan[stage].fingerprint).path)
         want = rows(Path(ref[stage].path))
         got_train, want_train = [r for r in got if "loss" in r], [r for r in want if "loss" in r]

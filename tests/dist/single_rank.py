@@ -21,6 +21,7 @@ from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB  # noqa: E402
 
 
 def main(out: Path, changes: dict) -> None:
+    from pipeline import preemption
     from pipeline.context import EnvWorkerContext
     from stages.pretrain import PretrainJob, Vocab, train_worker
 
@@ -32,6 +33,9 @@ def main(out: Path, changes: dict) -> None:
         vocab=Vocab(size=VOCAB, pad=0, eos=1, bos=None), export_dir=out / "export", wandb_run_id=None,
     )  # fmt: skip
     result = train_worker(job, EnvWorkerContext(out))
+    if preemption.STOPPED in result:  # as `launch.py run` ends when a stage stops on SIGTERM
+        print(preemption.Preempted("pretrain", result[preemption.STOPPED]), file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_CODE)
     print(json.dumps({"result": result}), flush=True)
 
 
