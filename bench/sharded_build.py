@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--d-ff", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--only", choices=["build", "ppo"], help="run one of the two cases (default: both)")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,14 +174,17 @@ def main() -> None:
     if args.checkpoint:
         return save_checkpoint(args, Path(args.checkpoint))
 
+    cases = [(w, m) for w, m in CASES if args.only in (None, w)]
     out = Path(tempfile.mkdtemp(prefix="kiln-sharded-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     try:
         t0 = time.perf_counter()
         me = str(Path(__file__).resolve())
-        subprocess.run([sys.executable, me, "--checkpoint", str(out), *flags(args)], env=env, check=True)
+        if any(w == "ppo" for w, _ in cases):  # the checkpoint ppo's models load
+            subprocess.run([sys.executable, me, "--checkpoint", str(out), *flags(args)], env=env, check=True)
+        (out / "ckpt").mkdir(exist_ok=True)
         for a, extra in enumerate(ALLOCATORS.values()):
-            for what, mode in CASES:
+            for what, mode in cases:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                        "--master_port", str(free_port()), me, "--worker", what, mode, str(out / str(a)), *flags(args)]  # fmt: skip
                 (out / str(a)).mkdir(exist_ok=True)
@@ -190,25 +194,25 @@ def main() -> None:
                 if proc.returncode != 0:
                     print(f"{what} {mode} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
                     return
-        report(out, args, time.perf_counter() - t0)
+        report(out, args, cases, time.perf_counter() - t0)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def report(out: Path, args, total_s: float) -> None:
+def report(out: Path, args, cases, total_s: float) -> None:
     mib = 1024.0
     rows = {
         (a, w, m, r): json.loads((out / str(a) / f"{w}-{m}-rank{r}.json").read_text())
-        for a in range(len(ALLOCATORS)) for w, m in CASES for r in (0, 1)
+        for a in range(len(ALLOCATORS)) for w, m in cases for r in (0, 1)
     }  # fmt: skip
-    one = rows[(0, "build", "full", 0)]["full_bytes"]
+    one = rows[(0, *cases[0], 0)]["full_bytes"]
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_ff {args.d_ff}, vocab {args.vocab}: "
           f"{one / 4 / 1e6:.0f}M fp32 parameters, {one / 2**20:.0f} MiB; 2 gloo ranks, ZeRO-3\n")  # fmt: skip
     for a, name in enumerate(ALLOCATORS):
         print(f"host allocator: {name}")
         print(f"{'case':<14}{'rank':>5}{'process MiB':>13}{'peak MiB':>10}{'build MiB':>11}"
               f"{'its shards MiB':>16}{'seconds':>9}")  # fmt: skip
-        for w, m in CASES:
+        for w, m in cases:
             for r in (0, 1):
                 x = rows[(a, w, m, r)]
                 print(f"{w + ' ' + m:<14}{r:>5}{x['before_kb'] / mib:>13.0f}{x['peak_kb'] / mib:>10.0f}"
@@ -219,7 +223,7 @@ def report(out: Path, args, total_s: float) -> None:
         "sharded / full, peak RSS per rank (and the build's part: peak minus the process before it); goal <= 0.6"
     )
     print(f"{'':<8}{'rank':>5}" + "".join(f"{name:>30}" for name in ALLOCATORS))
-    for w in ("build", "ppo"):
+    for w in dict.fromkeys(w for w, _ in cases):
         for r in (0, 1):
             cells = []
             for a in range(len(ALLOCATORS)):
