@@ -32,10 +32,8 @@ def worker(arg: dict, wctx) -> dict:
     """One rank: compute, save, report; returns the waits (seconds) per save."""
     import torch
 
-    from pipeline import ray_context
-
-    if arg["sync"]:
-        ray_context._upload_thread = lambda: None  # the baseline: report uploads, then returns
+    if arg["sync"]:  # the baseline: report uploads, then returns (read by the worker context)
+        os.environ["KILN_CHECKPOINT_UPLOAD"] = "sync"
     torch.manual_seed(wctx.rank)
     a = torch.randn(512, 512)
     writes, waits = [], []

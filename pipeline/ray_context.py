@@ -287,8 +287,11 @@ class RayWorkerContext(WorkerContext):
 
 
 def _upload_thread():
-    """Ray Train's checkpoint upload thread pool (one thread) in this worker, or None where this
-    version of Ray Train has none."""
+    """Ray Train's checkpoint upload thread pool (one thread) in this worker, or None: where this
+    version of Ray Train has none, or where KILN_CHECKPOINT_UPLOAD=sync asks for the upload before
+    training goes on (bench/checkpoint_stall.py's baseline)."""
+    if os.environ.get("KILN_CHECKPOINT_UPLOAD") == "sync":
+        return None
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 

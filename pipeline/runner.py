@@ -145,31 +145,6 @@ def run_pipeline(
     return outcome
 
 
-class _Sigterm:
-    """SIGTERM during a run (a spot reclaim, a pod eviction, `scancel`): noted by the handler, acted
-    on by the run loop (`_stop_on_sigterm`). Installed from the main thread only, as `_CtrlC`."""
-
-    def __init__(self, installed: bool):
-        self.at: float | None = None  # time.monotonic() of the first SIGTERM
-        self.installed = installed
-        self.previous = signal.getsignal(signal.SIGTERM) if installed else None
-
-    @classmethod
-    def install(cls) -> _Sigterm:
-        me = cls(installed=threading.current_thread() is threading.main_thread())
-        if me.installed:
-            signal.signal(signal.SIGTERM, me._handle)
-        return me
-
-    def _handle(self, signum, frame):
-        if self.at is None:
-            self.at = time.monotonic()
-
-    def restore(self) -> None:
-        if self.installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
-
-
 def _stop_flag(ray):
     """The run's StopFlag (pipeline/ray_context.py), which the worker groups of its stages read."""
     from pipeline.ray_context import StopFlag, stop_flag_name
@@ -203,22 +178,39 @@ def _stop_on_sigterm(ray, term, stop_flag, cfg, outcome, waiting, running, displ
     return True
 
 
-class _CtrlC:
-    """Ctrl-C during a run. The handler raises KeyboardInterrupt, as Python's does, and also notes the
-    press: one that lands in code that swallows exceptions (a `__del__` the garbage collector runs
-    in the main thread) still stops the run at the loop's next turn. Only the main thread, where
-    signals are handled, installs it; the handler before it is put back when the run ends."""
+class _Handler:
+    """A signal handler for the length of a run: installed from the main thread only (where Python
+    runs signal handlers), the handler before it put back when the run ends."""
+
+    SIGNUM: signal.Signals
+    DEFAULT = signal.SIG_DFL  # what "no handler set from Python" restores to
 
     def __init__(self, installed: bool):
-        self.pressed, self.installed = False, installed
-        self.previous = signal.getsignal(signal.SIGINT) if installed else None
+        self.installed = installed
+        self.previous = signal.getsignal(self.SIGNUM) if installed else None
 
     @classmethod
-    def install(cls) -> _CtrlC:
+    def install(cls):
         me = cls(installed=threading.current_thread() is threading.main_thread())
         if me.installed:
-            signal.signal(signal.SIGINT, me._handle)
+            signal.signal(me.SIGNUM, me._handle)
         return me
+
+    def _handle(self, signum, frame):
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        if self.installed:  # a handler not set from Python reads as None
+            signal.signal(self.SIGNUM, self.DEFAULT if self.previous is None else self.previous)
+
+
+class _CtrlC(_Handler):
+    """Ctrl-C during a run. The handler raises KeyboardInterrupt, as Python's does, and also notes the
+    press: one that lands in code that swallows exceptions (a `__del__` the garbage collector runs
+    in the main thread) still stops the run at the loop's next turn."""
+
+    SIGNUM, DEFAULT = signal.SIGINT, signal.default_int_handler
+    pressed = False
 
     def _handle(self, signum, frame):
         self.pressed = True
@@ -228,10 +220,17 @@ class _CtrlC:
         if self.pressed:
             raise KeyboardInterrupt
 
-    def restore(self) -> None:
-        if self.installed:  # a handler not set from Python reads as None: put Python's default back
-            previous = signal.default_int_handler if self.previous is None else self.previous
-            signal.signal(signal.SIGINT, previous)
+
+class _Sigterm(_Handler):
+    """SIGTERM during a run (a spot reclaim, a pod eviction, `scancel`): noted by the handler, acted
+    on by the run loop (`_stop_on_sigterm`)."""
+
+    SIGNUM = signal.SIGTERM
+    at: float | None = None  # time.monotonic() of the first SIGTERM
+
+    def _handle(self, signum, frame):
+        if self.at is None:
+            self.at = time.monotonic()
 
 
 WATCH_EVERY_S = 2.0

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script by torchrun
 
 from kiln.export import export_model  # noqa: E402
 from kiln.safetensors_stream import INDEX_NAME, CheckpointWriter, SafetensorsFile, TensorSpec  # noqa: E402
+from tests.dist.common import free_port, torchrun  # noqa: E402
 from tests.tiny_models import tiny  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -434,12 +433,6 @@ def run_engine_case(out: Path, case: str) -> None:
         (folder / "info.json").write_text(json.dumps({"before": before, "after": after, "dtype": str(dtype)}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def engine_cases_main(out: Path) -> None:
     """torchrun's 2 processes: the 2-rank cases in torchrun's group, then each process its share of
     the 1-rank cases in a group of its own (as tests/dist/pretrain_cases.py does)."""
@@ -472,11 +465,7 @@ def engines_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("export-engines")
     (out / "tok").mkdir()
     (out / "tok" / "tokenizer.json").write_text('{"a tokenizer": 1}')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(Path(__file__).resolve(), out, timeout=240)
     return out
 
 

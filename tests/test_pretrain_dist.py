@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from kiln import training as T
-from tests.dist.common import CASES, DENSE_CASES, MODEL, PRETRAIN, SEED, VOCAB, tokens_dir
+from tests.dist.common import CASES, DENSE_CASES, MODEL, PRETRAIN, SEED, VOCAB, tokens_dir, torchrun
 from tests.dist.reference import errors, for_case, schedule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,21 +55,11 @@ BF16_ULP = 2.0**-8
 NO_GRAD_NORM = {"zero0-fp32"}  # DeepSpeed 0.19 keeps no norm for a plain torch optimizer without ZeRO
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist-pretrain")
     tokens_dir(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/dist/pretrain_cases.py"), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(ROOT / "tests/dist/pretrain_cases.py", out, timeout=600)
     return out
 
 

@@ -18,16 +18,13 @@ Then the layout rules and the file selection, without processes.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kiln import reshard as R
-from tests.dist.common import PRETRAIN, tokens_dir
+from tests.dist.common import PRETRAIN, tokens_dir, torchrun
 from tests.dist.reshard_cases import CASES, TAG, parse, universal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,21 +34,11 @@ ZERO3_CASES = [c for c in CASES if parse(c)[1] == 3]
 BUILT = [PRETRAIN.weight_decay, 0.0]  # Kiln's AdamW: decayed matrices, then norms and biases
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reshard")
     tokens_dir(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/dist/reshard_cases.py"), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(ROOT / "tests/dist/reshard_cases.py", out, timeout=240)
     return out
 
 

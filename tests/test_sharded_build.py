@@ -16,32 +16,20 @@ each rank, with the full build of the same seed:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist.common import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDS = [f"build-{m}-{p}" for m in ("moe", "dense") for p in ("fp32", "bf16")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/dist/sharded_cases.py"), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    torchrun(ROOT / "tests/dist/sharded_cases.py", out, timeout=240)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

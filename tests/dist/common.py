@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,3 +45,22 @@ def tokens_dir(out: Path) -> Path:
     from data_prep.synthetic import synthetic_tokens
 
     return synthetic_tokens(Path(out) / "tokens", sequences=64, seq_len=SEQ, vocab=VOCAB, seed=SEED)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, out: Path, timeout: float) -> None:
+    """`script OUT` on 2 CPU ranks (torchrun, one thread each, a free port); a failure fails the
+    calling test with the ranks' output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
