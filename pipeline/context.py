@@ -162,7 +162,8 @@ class StageContext:
         (or torchrun, which sets up its own process group: see `worker_from_env`)."""
         if scaling.num_workers != 1:
             raise RuntimeError(f"LocalContext runs 1 worker, {scaling.num_workers} were asked for")
-        return [train_fn(arg, LocalWorkerContext(self))]
+        with preemption.handling():  # SIGTERM to this process: save the current step and stop
+            return [train_fn(arg, LocalWorkerContext(self))]
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -313,7 +314,6 @@ class LocalWorkerContext(WorkerContext):
     def __init__(self, stage_ctx: StageContext):
         self.stage_ctx = stage_ctx
         self.ckpt_root = stage_ctx.work_dir / "local_checkpoints"
-        preemption.install()  # a no-op off the main thread
 
     def report(self, metrics=None, checkpoint_dir=None):
         import shutil

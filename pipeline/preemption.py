@@ -24,6 +24,7 @@ hook), and only then stops Ray.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -61,6 +62,22 @@ def install() -> bool:
         return False
     signal.signal(signal.SIGTERM, _note)
     return True
+
+
+@contextlib.contextmanager
+def handling():
+    """`install` for the length of a block (a training loop run in-process), the handler before it
+    put back afterwards, and an earlier SIGTERM forgotten."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    reset()
+    install()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _note(signum, frame) -> None:

@@ -52,3 +52,16 @@ def test_the_wait_ends_at_the_grace_period_with_what_still_runs():
     finally:
         stuck.kill()
         stuck.wait()
+
+
+def test_an_in_process_training_loop_notes_sigterm_and_puts_the_handler_back():
+    """A stage run in-process (LocalContext) notes SIGTERM while its loop runs, instead of dying of
+    it, so the loop saves and stops; the process's own handler is back afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.handling():
+        assert not preemption.asked()
+        signal.raise_signal(signal.SIGTERM)
+        assert preemption.asked()  # noted; the process lives on
+    assert signal.getsignal(signal.SIGTERM) is before
