@@ -90,3 +90,41 @@ def test_a_killed_builds_lock_is_cleared_and_each_environment_has_its_own_cache(
     import sys
 
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+
+
+def _crashing_mid_upload(arg: dict, wctx) -> dict:
+    """Attempt 1: checkpoint "a", stored and registered by Ray Train; then checkpoint "b", and the
+    process dies the moment `report` returns, b's upload under way. Attempt 2 says what it resumed from."""
+    import json
+    import os
+    import tempfile
+
+    from tests.pipeline_helpers import registered_step, wait_for
+
+    ckpt = wctx.checkpoint()
+    if ckpt is not None:
+        return {"resumed_from": (ckpt / "name").read_text(), "files": sorted(p.name for p in ckpt.iterdir())}
+    for step, name, mb in ((1, "a", 1), (2, "b", 256)):
+        folder = Path(tempfile.mkdtemp())
+        (folder / "name").write_text(name)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (folder / "shard.bin").write_bytes(os.urandom(mb << 20))  # b takes a while to copy
+        wctx.progress(step, 2)
+        wctx.report({"step": step}, checkpoint_dir=folder)
+        if name == "a":  # a restart from here would resume from a
+            wait_for(lambda: registered_step(Path(arg["work"])) == 1, 60, "checkpoint a registered")
+    os._exit(1)  # a crash mid-upload: b's copy is not complete, and not registered
+
+
+@pytest.mark.timeout(300)
+def test_a_crash_mid_upload_resumes_from_the_checkpoint_before(tmp_path, ray_session):
+    """Checkpoints upload in the background (pipeline/ray_context.py): a worker that dies while one
+    uploads restarts from the one before, whole, never from a partial copy."""
+    from pipeline.context import Scaling
+    from pipeline.ray_context import RayStageContext
+
+    ctx = RayStageContext("toy", tmp_path / "work")
+    (result,) = ctx.run_workers(
+        _crashing_mid_upload, {"work": str(ctx.work_dir)}, Scaling(num_workers=1, max_failures=1)
+    )
+    assert result == {"resumed_from": "a", "files": ["name", "shard.bin", "trainer_state.json"]}
