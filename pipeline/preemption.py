@@ -39,7 +39,7 @@ the signal ended): a scheduler's requeue can tell it from a failure (1)."""
 STOPPED = "stopped_at"
 """The key of a worker's result that says it stopped early, at that step, with a checkpoint saved."""
 
-_asked = threading.Event()  # this process received SIGTERM
+_asked_at: float | None = None  # time.monotonic() of this process's first SIGTERM since `reset`
 
 
 class Preempted(RuntimeError):
@@ -81,17 +81,25 @@ def handling():
 
 
 def _note(signum, frame) -> None:
-    _asked.set()
+    global _asked_at
+    if _asked_at is None:
+        _asked_at = time.monotonic()
 
 
 def asked() -> bool:
     """This process has received SIGTERM since `install`."""
-    return _asked.is_set()
+    return _asked_at is not None
+
+
+def asked_at() -> float | None:
+    """When (time.monotonic()) this process first received SIGTERM, or None."""
+    return _asked_at
 
 
 def reset() -> None:
     """Forget an earlier SIGTERM (a long-lived process starting a new run)."""
-    _asked.clear()
+    global _asked_at
+    _asked_at = None
 
 
 class Throttled:
@@ -132,10 +140,14 @@ def stop_training_workers(grace_s: float, title: str = TRAIN_WORKER) -> tuple[in
     waiting = {}
     for pid in training_workers(title):
         try:
-            waiting[os.pidfd_open(pid)] = pid  # before the signal: a pid reused later is not ours
-            os.kill(pid, signal.SIGTERM)
+            fd = os.pidfd_open(pid)  # signalled and waited for through it: a pid reused later is not ours
         except ProcessLookupError:
-            pass
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGTERM)
+            waiting[fd] = pid
+        except ProcessLookupError:  # exited meanwhile
+            os.close(fd)
     signalled = len(waiting)
     poll, deadline = select.poll(), time.monotonic() + grace_s
     for fd in waiting:

@@ -12,6 +12,7 @@ folders of cancelled stages are never complete and are cleaned up on the next ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import preemption
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
 from pipeline.dag import DAG
@@ -70,13 +72,14 @@ def run_pipeline(
     started: dict[str, float] = {}
     watch: dict[str, object] = {"next": 0.0}  # running worker groups short of resources -> why
     display.start(todo)
-    ctrl_c, term = _CtrlC.install(), _Sigterm.install()
+    ctrl_c, sigterm = _CtrlC.install(), contextlib.ExitStack()
+    sigterm.enter_context(preemption.handling())  # noted by the handler, acted on below
     stop_flag = _stop_flag(ray)
     try:
         while waiting or running:
             ctrl_c.check()
-            if term.at is not None and _stop_on_sigterm(
-                ray, term, stop_flag, cfg, outcome, waiting, running, display
+            if preemption.asked() and _stop_on_sigterm(
+                ray, stop_flag, cfg, outcome, waiting, running, display
             ):
                 break
             for name in list(waiting):
@@ -138,7 +141,7 @@ def run_pipeline(
         display.interrupted()
     finally:
         ctrl_c.restore()
-        term.restore()
+        sigterm.close()  # the SIGTERM handler before the run is back
         display.stop()
         if stop_flag is not None:
             ray.kill(stop_flag)
@@ -152,9 +155,10 @@ def _stop_flag(ray):
     return StopFlag.options(name=stop_flag_name(), scheduling_strategy=_this_node(ray)).remote()
 
 
-def _stop_on_sigterm(ray, term, stop_flag, cfg, outcome, waiting, running, display) -> bool:
-    """After SIGTERM: ask the running stages to save and stop (once), start no other; past
-    `run.preempt_grace_s`, cancel those still running. True when the run loop should end."""
+def _stop_on_sigterm(ray, stop_flag, cfg, outcome, waiting, running, display) -> bool:
+    """After SIGTERM (a spot reclaim, a pod eviction, `scancel`; pipeline/preemption.py notes it): ask
+    the running stages to save and stop (once), start no other; past `run.preempt_grace_s`, cancel
+    those still running. True when the run loop should end."""
     if not outcome.terminated:
         outcome.terminated = True
         ray.get(stop_flag.set.remote())
@@ -166,7 +170,7 @@ def _stop_on_sigterm(ray, term, stop_flag, cfg, outcome, waiting, running, displ
             outcome.blocked[name] = "not started: the run was stopped (SIGTERM)"
             display.finish(name, "blocked", outcome.blocked[name])
         waiting.clear()
-    if time.monotonic() - term.at < cfg.run.preempt_grace_s:
+    if time.monotonic() - preemption.asked_at() < cfg.run.preempt_grace_s:
         return False
     for ref, name in running.items():
         ray.cancel(ref, force=True)
@@ -178,39 +182,22 @@ def _stop_on_sigterm(ray, term, stop_flag, cfg, outcome, waiting, running, displ
     return True
 
 
-class _Handler:
-    """A signal handler for the length of a run: installed from the main thread only (where Python
-    runs signal handlers), the handler before it put back when the run ends."""
-
-    SIGNUM: signal.Signals
-    DEFAULT = signal.SIG_DFL  # what "no handler set from Python" restores to
-
-    def __init__(self, installed: bool):
-        self.installed = installed
-        self.previous = signal.getsignal(self.SIGNUM) if installed else None
-
-    @classmethod
-    def install(cls):
-        me = cls(installed=threading.current_thread() is threading.main_thread())
-        if me.installed:
-            signal.signal(me.SIGNUM, me._handle)
-        return me
-
-    def _handle(self, signum, frame):
-        raise NotImplementedError
-
-    def restore(self) -> None:
-        if self.installed:  # a handler not set from Python reads as None
-            signal.signal(self.SIGNUM, self.DEFAULT if self.previous is None else self.previous)
-
-
-class _CtrlC(_Handler):
+class _CtrlC:
     """Ctrl-C during a run. The handler raises KeyboardInterrupt, as Python's does, and also notes the
     press: one that lands in code that swallows exceptions (a `__del__` the garbage collector runs
-    in the main thread) still stops the run at the loop's next turn."""
+    in the main thread) still stops the run at the loop's next turn. Only the main thread, where
+    signals are handled, installs it; the handler before it is put back when the run ends."""
 
-    SIGNUM, DEFAULT = signal.SIGINT, signal.default_int_handler
-    pressed = False
+    def __init__(self, installed: bool):
+        self.pressed, self.installed = False, installed
+        self.previous = signal.getsignal(signal.SIGINT) if installed else None
+
+    @classmethod
+    def install(cls) -> _CtrlC:
+        me = cls(installed=threading.current_thread() is threading.main_thread())
+        if me.installed:
+            signal.signal(signal.SIGINT, me._handle)
+        return me
 
     def _handle(self, signum, frame):
         self.pressed = True
@@ -220,17 +207,10 @@ class _CtrlC(_Handler):
         if self.pressed:
             raise KeyboardInterrupt
 
-
-class _Sigterm(_Handler):
-    """SIGTERM during a run (a spot reclaim, a pod eviction, `scancel`): noted by the handler, acted
-    on by the run loop (`_stop_on_sigterm`)."""
-
-    SIGNUM = signal.SIGTERM
-    at: float | None = None  # time.monotonic() of the first SIGTERM
-
-    def _handle(self, signum, frame):
-        if self.at is None:
-            self.at = time.monotonic()
+    def restore(self) -> None:
+        if self.installed:  # a handler not set from Python reads as None: put Python's default back
+            previous = signal.default_int_handler if self.previous is None else self.previous
+            signal.signal(signal.SIGINT, previous)
 
 
 WATCH_EVERY_S = 2.0
