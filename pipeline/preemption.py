@@ -67,12 +67,13 @@ def install() -> bool:
 @contextlib.contextmanager
 def handling():
     """`install` for the length of a block (a training loop run in-process), the handler before it
-    put back afterwards, and an earlier SIGTERM forgotten."""
+    put back afterwards. The block starts with any earlier SIGTERM forgotten, also in a thread other
+    than the main one (which cannot install the handler, but must not act on a stale note either)."""
+    reset()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    reset()
     install()
     try:
         yield

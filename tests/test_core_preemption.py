@@ -60,8 +60,13 @@ def test_an_in_process_training_loop_notes_sigterm_and_puts_the_handler_back():
     import signal
 
     before = signal.getsignal(signal.SIGTERM)
-    with preemption.handling():
-        assert not preemption.asked()
-        signal.raise_signal(signal.SIGTERM)
-        assert preemption.asked()  # noted; the process lives on
-    assert signal.getsignal(signal.SIGTERM) is before
+    try:
+        with preemption.handling():
+            assert not preemption.asked()
+            signal.raise_signal(signal.SIGTERM)
+            assert preemption.asked()  # noted; the process lives on
+        assert signal.getsignal(signal.SIGTERM) is before
+        with preemption.handling():  # the next block (a new run) starts with it forgotten
+            assert not preemption.asked()
+    finally:
+        preemption.reset()  # this test process was not asked to stop: later tests must not see it
