@@ -2,7 +2,7 @@
 
     python bench/sharded_build.py [--layers 8] [--d-model 1024] [--vocab 50000]
 
-Two gloo ranks (torchrun), every case in fresh processes, all in one run; each rank reads its own
+Two gloo ranks (torchrun; `--ranks N` for more), every case in fresh processes, all in one run; each rank reads its own
 peak resident set (VmHWM in /proc/self/status) before building (the process itself: Python, torch,
 DeepSpeed, the process group) and after. Both paths end with the model partitioned:
 - build: pretraining's random init. full: `KilnForCausalLM(config)` on every rank, then partitioned
@@ -11,8 +11,8 @@ DeepSpeed, the process group) and after. Both paths end with the model partition
   causal LMs, value and reward models as classifiers). full: four `from_pretrained`, then each
   partitioned (transformers maps an fp32 safetensors checkpoint lazily: a model's pages become
   resident when it is partitioned, one model after the other); sharded: each with
-  `sharded.from_pretrained`, as stages/ppo.py loads them (rank 0 reads the whole checkpoint
-  meanwhile: transformers' ZeRO-3 loader).
+  `sharded.from_pretrained`, as stages/ppo.py loads them (built partitioned, filled module by
+  module, rank 0 reading one tensor at a time).
 Every case runs twice: with glibc's default allocator, whose heap keeps pages that partitioned
 builds free (how many depends on the order of frees, so on the rank), and with every free of 1 MiB
 or more handed back to the OS at once (MALLOC_MMAP_THRESHOLD_), where VmHWM is what the process
@@ -64,11 +64,11 @@ def vm_hwm_kb() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def ds_config() -> dict:
+def ds_config(world: int) -> dict:
     from kiln.training import deepspeed_config
 
     return deepspeed_config(
-        zero_stage=3, precision="fp32", micro_batch_size=1, grad_accum=1, world_size=2, grad_clip=1.0
+        zero_stage=3, precision="fp32", micro_batch_size=1, grad_accum=1, world_size=world, grad_clip=1.0
     )  # fmt: skip
 
 
@@ -91,7 +91,7 @@ def worker(what: str, mode: str, args, out: Path) -> None:
     init_distributed(torch.device("cpu"), 10)
     rank = dist.get_rank()
     config = model_config(args)
-    ds = ds_config()
+    ds = ds_config(dist.get_world_size())
     dist.barrier()
     before, t0 = vm_hwm_kb(), time.perf_counter()
     torch.manual_seed(0)
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--d-ff", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--only", choices=["build", "ppo"], help="run one of the two cases (default: both)")
+    parser.add_argument("--ranks", type=int, default=2, help="gloo ranks (a GPU node has 8; memory only)")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", metavar="OUT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,7 +186,7 @@ def main() -> None:
         (out / "ckpt").mkdir(exist_ok=True)
         for a, extra in enumerate(ALLOCATORS.values()):
             for what, mode in cases:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                        "--master_port", str(free_port()), me, "--worker", what, mode, str(out / str(a)), *flags(args)]  # fmt: skip
                 (out / str(a)).mkdir(exist_ok=True)
                 (out / str(a) / "ckpt").symlink_to(out / "ckpt")
@@ -203,17 +204,17 @@ def report(out: Path, args, cases, total_s: float) -> None:
     mib = 1024.0
     rows = {
         (a, w, m, r): json.loads((out / str(a) / f"{w}-{m}-rank{r}.json").read_text())
-        for a in range(len(ALLOCATORS)) for w, m in cases for r in (0, 1)
+        for a in range(len(ALLOCATORS)) for w, m in cases for r in range(args.ranks)
     }  # fmt: skip
-    one = rows[(0, *cases[0], 0)]["full_bytes"]
+    one = rows[(0, *cases[0], 0)]["full_bytes"] / (4 if cases[0][0] == "ppo" else 1)  # ppo: four models
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_ff {args.d_ff}, vocab {args.vocab}: "
-          f"{one / 4 / 1e6:.0f}M fp32 parameters, {one / 2**20:.0f} MiB; 2 gloo ranks, ZeRO-3\n")  # fmt: skip
+          f"{one / 4 / 1e6:.0f}M fp32 parameters, {one / 2**20:.0f} MiB; {args.ranks} gloo ranks, ZeRO-3\n")  # fmt: skip
     for a, name in enumerate(ALLOCATORS):
         print(f"host allocator: {name}")
         print(f"{'case':<14}{'rank':>5}{'process MiB':>13}{'peak MiB':>10}{'build MiB':>11}"
               f"{'its shards MiB':>16}{'seconds':>9}")  # fmt: skip
         for w, m in cases:
-            for r in (0, 1):
+            for r in range(args.ranks):
                 x = rows[(a, w, m, r)]
                 print(f"{w + ' ' + m:<14}{r:>5}{x['before_kb'] / mib:>13.0f}{x['peak_kb'] / mib:>10.0f}"
                       f"{(x['peak_kb'] - x['before_kb']) / mib:>11.0f}{x['local_bytes'] / 2**20:>16.0f}"
@@ -224,7 +225,7 @@ def report(out: Path, args, cases, total_s: float) -> None:
     )
     print(f"{'':<8}{'rank':>5}" + "".join(f"{name:>30}" for name in ALLOCATORS))
     for w in dict.fromkeys(w for w, _ in cases):
-        for r in (0, 1):
+        for r in range(args.ranks):
             cells = []
             for a in range(len(ALLOCATORS)):
                 f, s = rows[(a, w, "full", r)], rows[(a, w, "sharded", r)]

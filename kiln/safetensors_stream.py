@@ -1,8 +1,15 @@
-"""Safetensors files written tensor by tensor, laid out as `save_pretrained` lays out a folder's weights.
+"""Safetensors files written and read tensor by tensor, laid out as `save_pretrained` lays out a
+folder's weights.
 
 The safetensors library writes a file from a complete state dict; an export that streams a model one
 gathered tensor at a time needs each tensor's bytes written as it arrives (kiln/export.py). Shapes and
 dtypes are known before the values, so every file's header is written first.
+
+Its reader maps the file into memory, and every page a tensor is read from stays in the process's
+resident set until the file is closed (measured: eight 100 MB tensors read one by one and each
+dropped, resident set +766 MB of file pages; with plain reads +98 MB, one tensor). A load that keeps
+about one tensor resident at a time (kiln/sharded.py, rank 0 filling a partitioned model) reads
+each tensor's bytes with a plain file read instead (`CheckpointReader`).
 
 The safetensors format, as written here: an 8-byte little-endian header length, a JSON header
 `{"__metadata__": {"format": "pt"}, name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, ...}`
@@ -32,6 +39,7 @@ SAFETENSORS_DTYPES = {
     torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # ---------------------------------------------------------------------------------------------------- writer
 
@@ -178,3 +186,74 @@ class CheckpointWriter:
             self.close()
         else:
             self.abort()
+
+
+# ---------------------------------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class _Stored:
+    path: Path
+    begin: int  # the tensor's first byte in its file
+    spec: TensorSpec
+
+
+class CheckpointReader:
+    """The weights of a folder saved by `save_pretrained` (one `model.safetensors`, or shards and their
+    index), each tensor read on its own with a plain file read: `names()`, `spec(name)`, `read(name)`."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / INDEX_NAME
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / WEIGHTS_NAME).exists():
+            files = [WEIGHTS_NAME]
+        else:
+            raise FileNotFoundError(
+                f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}; is it a saved model folder?"
+            )
+        self._stored: dict[str, _Stored] = {}
+        for name in files:
+            self._stored.update(_header(folder / name))
+
+    def names(self) -> list[str]:
+        return list(self._stored)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stored
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._stored[name].spec
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, in its stored dtype, in memory of its own (no mapping of the file)."""
+        stored = self._stored[name]
+        out = torch.empty(stored.spec.shape, dtype=stored.spec.dtype)
+        if out.numel():
+            with open(stored.path, "rb") as f:
+                f.seek(stored.begin)
+                got = f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+            if got != stored.spec.nbytes:
+                raise ValueError(f"{stored.path}: {name} is cut short ({got} of {stored.spec.nbytes} bytes)")
+        return out
+
+
+def _header(path: Path) -> dict[str, _Stored]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    stored = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in TORCH_DTYPES:
+            raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, which torch cannot hold")
+        begin, end = entry["data_offsets"]
+        spec = TensorSpec(name, tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]])
+        if end - begin != spec.nbytes:
+            raise ValueError(
+                f"{path}: {name}'s offsets span {end - begin} bytes, its shape and dtype {spec.nbytes}"
+            )
+        stored[name] = _Stored(path, 8 + size + begin, spec)
+    return stored

@@ -2,9 +2,7 @@
 
     with sharded_build(ds_config):              # KilnForCausalLM(config): random init (pretrain)
         model = KilnForCausalLM(config)
-    with sharded_load(ds_config):               # from_pretrained (sft and reward: under their
-        model = AutoModelForCausalLM.from_pretrained(d)   # TrainingArguments' own config)
-    model = from_pretrained(AutoModelForCausalLM, d, ds_config)   # the same, one model (ppo's four)
+    model = from_pretrained(AutoModelForCausalLM, d, ds_config)   # sft, reward, ppo's four
     model = import_model(src_dir, ds_config)    # pretrain.init_from
 
 Below ZeRO-3 (`ds_config` None or its `zero_optimization.stage` < 3), or with no process group
@@ -15,11 +13,9 @@ joined, every one of them is the plain build: nothing changes. Under ZeRO-3:
   The model's `post_init` would then initialise empty shards, so inside the scope it initialises
   each module gathered (`init_weights_sharded`): the same modules, in the same order, with the
   same random draws as the full build.
-- `sharded_load` keeps a `transformers.integrations.HfDeepSpeedConfig` alive, which is what makes
-  `from_pretrained` build under `zero.Init` and copy the checkpoint in module by module. Rank 0
-  reads the whole checkpoint meanwhile (transformers' loader), the other ranks only its shapes.
-  sft and reward need no new config: their `TrainingArguments(deepspeed=...)` makes one, so they
-  make their arguments first.
+- `from_pretrained` builds inside zero.Init with no init and fills the model module by module
+  from the checkpoint, rank 0 reading one tensor at a time (transformers' ZeRO-3 loader would read
+  the whole checkpoint on rank 0 first); what the checkpoint lacks is then initialised as above.
 - Every random draw made while building or loading (the layers' default init, the model's
   `_init_weights`, a new head's init) is made on the CPU in fp32 into a temporary of the
   parameter's shape and copied in, as the full build makes it on the CPU in fp32: with the same
@@ -38,6 +34,7 @@ from __future__ import annotations
 import ctypes
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -206,35 +203,110 @@ def sharded_build(ds_config: dict | None):
         PreTrainedModel.init_weights = plain
 
 
-@contextmanager
-def sharded_load(ds_config: dict | None):
-    """`from_pretrained` inside loads partitioned under ZeRO-3: transformers builds the model under
-    zero.Init and copies the checkpoint in module by module while a `HfDeepSpeedConfig` is alive
-    (one is made from `ds_config` unless one of ZeRO-3 already is, as TrainingArguments' is, and
-    dropped on exit); a new head's random init draws as the full load's does. No-op below ZeRO-3."""
+def from_pretrained(model_class, path, ds_config: dict | None, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` (an Auto class or a model class; `kwargs` as
+    there: `dtype`, and config overrides such as `num_labels`), built partitioned under ZeRO-3.
+
+    Under ZeRO-3 the model is built inside zero.Init with no weight init, then filled module by
+    module: each module's parameters gathered, rank 0 reads their tensors from the checkpoint one
+    at a time (`CheckpointReader`: plain file reads, nothing of the file kept mapped) and the
+    values go back out to every rank's partition. A rank thus holds its partitions, one gathered
+    module and, on rank 0, one tensor read. transformers' own ZeRO-3 load reads the whole
+    checkpoint on rank 0 first. Parameters the checkpoint lacks (a new `score` head) are then
+    initialised as a full load initialises them (`init_weights_sharded`: the same draws), tied ones
+    tied; checkpoint tensors the model has no place for (a causal LM's head, loaded as a classifier)
+    are left out, as transformers leaves them. Below ZeRO-3, `model_class.from_pretrained` itself."""
     if not partitions(ds_config):
-        yield
-        return
-    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        return model_class.from_pretrained(path, **kwargs)
+    import deepspeed
+    from transformers import AutoConfig, GenerationConfig
+    from transformers import initialization as hf_init
+
+    from kiln.safetensors_stream import CheckpointReader
 
     join_deepspeed()
-    own = None if is_deepspeed_zero3_enabled() else HfDeepSpeedConfig(ds_config)  # held: a weak reference
-    try:
-        with cpu_draws():
-            yield
-    finally:
-        if own is not None:
-            unset_hf_deepspeed_config()
-            del own
-        release_freed_memory()  # rank 0 read the whole checkpoint
+    dtype = kwargs.pop("dtype", None)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if dtype is not None:
+        config.dtype = dtype
+    cls = _concrete(model_class, config)
+    with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = cls(config)
+    reader = CheckpointReader(path)
+    names = dict(_checkpoint_names(model, reader))
+    _check_shapes(model, reader, names, path)
+    _fill(model, reader, names)
+    with torch.no_grad():
+        init_weights_sharded(model)  # what the checkpoint lacked, drawn as the full load draws it
+    model.tie_weights()
+    if model.can_generate() and (Path(path) / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    release_freed_memory()
+    return model.eval()  # as from_pretrained returns it
 
 
-def from_pretrained(auto_class, path, ds_config: dict | None, **kwargs):
-    """`auto_class.from_pretrained(path, **kwargs)` under `sharded_load(ds_config)`: one model at a
-    time, so that the memory of the checkpoint rank 0 read is handed back before the next load."""
-    with sharded_load(ds_config):
-        return auto_class.from_pretrained(path, **kwargs)
+def _concrete(model_class, config):
+    """The model class an Auto class builds for `config` (a model class is its own)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    return model_class._model_mapping[type(config)]  # the Auto class's config -> model table
+
+
+def _checkpoint_names(model, reader) -> dict:
+    """Parameter or buffer name -> the checkpoint's name for it: the same, or without the model's
+    base prefix (a base model's checkpoint), as transformers matches them."""
+    prefix = getattr(model, "base_model_prefix", "")
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        if name in reader:
+            yield name, name
+        elif prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in reader:
+            yield name, name[len(prefix) + 1 :]
+
+
+def _fill(model, reader, names: dict) -> None:
+    """Copy the checkpoint into `model`, module by module, its partitioned parameters gathered around
+    the copy (rank 0 reads, the gather's release sends its values to every rank's partition); the
+    parameters and buffers filled are marked initialised, so the init after skips them."""
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    for module_name, module in model.named_modules():
+        dot = f"{module_name}." if module_name else ""
+        params = [(dot + n, p) for n, p in module.named_parameters(recurse=False) if dot + n in names]
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0), torch.no_grad():
+                if rank == 0:
+                    for name, p in params:  # one tensor read at a time
+                        p.data.copy_(reader.read(names[name]))
+            if params[0][1].device.type == "cpu":
+                release_freed_memory()
+        for name, buf in module.named_buffers(recurse=False):  # not partitioned: every rank reads them
+            if buf is not None and dot + name in names:
+                with torch.no_grad():
+                    buf.copy_(reader.read(names[dot + name]))
+                buf._is_hf_initialized = True
+        for _, p in params:
+            p._is_hf_initialized = True
+        own = list(module.parameters(recurse=False))  # a tied head's matrix was filled as the embedding
+        if own and all(getattr(p, "_is_hf_initialized", False) for p in own):
+            module._is_hf_initialized = True
+
+
+def _check_shapes(model, reader, names: dict, path) -> None:
+    """On every rank, before any gather: a checkpoint that does not fit the model fails them all alike."""
+    shapes = {
+        n: tuple(getattr(t, "ds_shape", t.shape))
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    for name, stored in names.items():
+        if tuple(reader.spec(stored).shape) != shapes[name]:
+            raise ValueError(
+                f"{path}: the checkpoint's {stored} is {tuple(reader.spec(stored).shape)}, the model's "
+                f"{name} {shapes[name]}: the folder's config.json does not describe its weights"
+            )
 
 
 def import_model(src_dir, ds_config: dict | None):

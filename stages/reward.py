@@ -82,22 +82,21 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln import sharded as S
     from kiln.chat_eval import score_pairs
-    from kiln.sharded import sharded_load
 
     s, seed = job.section, job.seed
     B.setup_worker(wctx, s.cpus_per_worker)
     resume, kiln_state = B.resume_point(wctx, s.steps, "reward.steps")
     tok = AutoTokenizer.from_pretrained(job.model_dir)
-    # the trainer's arguments before the model: under ZeRO-3 their DeepSpeed config makes from_pretrained
-    # load it already partitioned, no rank holding all of it (kiln/sharded.py)
+    # the trainer's arguments before the model: under ZeRO-3 the model loads already partitioned under
+    # their DeepSpeed config, no rank holding all of it (kiln/sharded.py)
     out_dir = tempfile.mkdtemp(prefix=f"kiln-reward-rank{wctx.rank}-")
     args = RewardConfig(**B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None))
     torch.manual_seed(seed)  # the new `score` head's init
-    with sharded_load(args.deepspeed):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            job.model_dir, num_labels=1, dtype=torch.float32
-        )
+    model = S.from_pretrained(
+        AutoModelForSequenceClassification, job.model_dir, args.deepspeed, num_labels=1, dtype=torch.float32
+    )
     model.config.pad_token_id = tok.pad_token_id
 
     def evaluate(m) -> dict:

@@ -62,15 +62,15 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln import sharded as S
     from kiln.chat_eval import stop_ids, task_accuracy
-    from kiln.sharded import sharded_load
 
     s, seed = job.section, job.seed
     B.setup_worker(wctx, s.cpus_per_worker)
     resume, kiln_state = B.resume_point(wctx, s.steps, "sft.steps")
     tok = AutoTokenizer.from_pretrained(job.model_dir)
-    # the trainer's arguments before the model: under ZeRO-3 their DeepSpeed config makes from_pretrained
-    # load it already partitioned, no rank holding all of it (kiln/sharded.py)
+    # the trainer's arguments before the model: under ZeRO-3 the model loads already partitioned under
+    # their DeepSpeed config, no rank holding all of it (kiln/sharded.py)
     out_dir = tempfile.mkdtemp(prefix=f"kiln-sft-rank{wctx.rank}-")
     args = SFTConfig(
         **B.trainer_args(s, seed, wctx.world_size, out_dir, fresh=resume is None),
@@ -78,8 +78,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         packing=False,
     )
     torch.manual_seed(seed)
-    with sharded_load(args.deepspeed):
-        model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
+    model = S.from_pretrained(AutoModelForCausalLM, job.model_dir, args.deepspeed, dtype=torch.float32)
     model.generation_config.eos_token_id = stop_ids(tok)  # an answer ends at <|end|> (or EOS)
     model.generation_config.pad_token_id = tok.pad_token_id
     synced = s.zero_stage == 3 and wctx.world_size > 1

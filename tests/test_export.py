@@ -157,6 +157,28 @@ def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
     assert_same(read_folder(tmp_path), tensors)
 
 
+@pytest.mark.timeout(30)
+def test_the_reader_reads_back_each_tensor_of_a_hub_sharded_folder_and_names_a_damaged_file(tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    from kiln.safetensors_stream import CheckpointReader
+
+    tensors = sample_tensors()
+    save_torch_state_dict(tensors, tmp_path, max_shard_size=300)  # several files and their index
+    assert (tmp_path / INDEX_NAME).exists()
+    reader = CheckpointReader(tmp_path)
+    assert sorted(reader.names()) == sorted(tensors) and "nope" not in reader
+    assert_same({k: reader.read(k) for k in reader.names()}, tensors)
+    assert reader.spec("a.bf16").dtype == torch.bfloat16
+    big = max(tensors, key=lambda k: tensors[k].nbytes)
+    path = tmp_path / json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"][big]
+    os.truncate(path, path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=f"{path.name}.*{big} is cut short"):
+        CheckpointReader(tmp_path).read(big)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        CheckpointReader(tmp_path / "missing")
+
+
 # ---------------------------------------------------------------------------------------------------- live models
 
 

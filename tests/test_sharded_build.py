@@ -6,9 +6,10 @@ each rank, with the full build of the same seed:
   GELU and a tied LM head), fp32 and bf16: every gathered initial weight EXACTLY the full build's
   (bf16: the full build cast to bf16), the RNG left where the full build leaves it, and the AdamW
   groups (which parameters, weight decay) the full build's; below ZeRO-3 the plain build;
-- from_pretrained under ZeRO-3 as ppo loads its four models: partitioned (each rank holds 1/2 of
-  every parameter, the full tensors released), the gathered weights the checkpoint's, a new score
-  head the one the full load draws;
+- from_pretrained under ZeRO-3 as ppo loads its four models, from a sharded checkpoint: partitioned
+  (each rank holds 1/2 of every parameter, the full tensors released), the gathered weights the
+  checkpoint's, a new score head the one the full load draws; a checkpoint whose config.json does
+  not describe its weights refused on every rank;
 - sft / reward: the model loaded under the trainer arguments' own DeepSpeed config;
 - pretrain.init_from: a Llama folder imported partitioned, equal to the full import.
 """
@@ -70,15 +71,20 @@ def test_below_zero3_the_build_is_the_plain_one(ranks, kind):
 def test_from_pretrained_under_zero3_loads_partitioned_the_checkpoints_weights(ranks, precision):
     for r, got in enumerate(ranks):
         c = got[f"load-{precision}"]
-        assert c["zero3_inside"] and not c["zero3_after"], c  # the config lives for the scope only
+        assert c["shards"] > 1  # the checkpoint's index is followed
         assert c["partitioned"] and c["released"] and c["local_share"], (r, c)
         assert c["local_elements"] * 2 >= c["full_elements"] > c["local_elements"], (r, c)
         assert c["mismatched_lm"] == [], (r, c)
-        assert c["mismatched_head"] == [], (
-            r,
-            c,
-        )  # the backbone loaded, the new head as the full load draws it
-        assert c["rng_equal"], r
+        # the backbone loaded, the new head as the full load draws it
+        assert c["mismatched_head"] == [], (r, c)
+        assert c["rng_equal"] and c["tied"] and c["eval"], (r, c)
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_its_config_does_not_describe_is_refused_on_every_rank(ranks):
+    for got in ranks:  # no rank got as far as a gather (the other would wait there)
+        assert "embed_tokens.weight" in got["load-bad"] and "config.json does not describe" in got["load-bad"]
+        assert "/bad" in got["load-bad"]
 
 
 @pytest.mark.timeout(300)

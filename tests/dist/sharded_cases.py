@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -133,17 +134,20 @@ def load_cases(out_dir: Path, rank: int, world: int) -> dict:
     import torch.distributed as dist
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from kiln import sharded as S
     from kiln.model import KilnForCausalLM, build_config
 
-    ckpt = out_dir / "ckpt"
+    ckpt, bad = out_dir / "ckpt", out_dir / "bad"
     if rank == 0:
         torch.manual_seed(123)
-        KilnForCausalLM(build_config(MODEL, VOCAB, 0, 1)).save_pretrained(ckpt)
+        tied = replace(MODEL, tie_embeddings=True)  # the checkpoint has no lm_head.weight: tied on load
+        KilnForCausalLM(build_config(tied, VOCAB, 0, 1)).save_pretrained(ckpt, max_shard_size="100KB")
+        shutil.copytree(ckpt, bad)  # weights that config.json does not describe
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps(config | {"vocab_size": VOCAB + 8}))
     dist.barrier()
-    saved = load_file(ckpt / "model.safetensors")
+    saved = {k: v for f in sorted(ckpt.glob("*.safetensors")) for k, v in load_file(f).items()}
     load = dict(dtype=torch.float32, dropout=0.0)  # as ppo loads
     torch.manual_seed(SEED)  # a new `score` head (reward, ppo's critic from sft): drawn after the seed
     full_head = dict(
@@ -153,18 +157,16 @@ def load_cases(out_dir: Path, rank: int, world: int) -> dict:
 
     out = {}
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        with S.sharded_load(ds_config(precision)):
-            inside = is_deepspeed_zero3_enabled()
-            # ppo's four: policy and reference, value model and reward model
-            lms = [AutoModelForCausalLM.from_pretrained(ckpt, **load) for _ in range(2)]
-            torch.manual_seed(SEED)
-            heads = [AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, **load)]
-            rng_equal = torch.equal(torch.get_rng_state(), rng_full)
-            heads.append(AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, **load))
+        ds = ds_config(precision)
+        # ppo's four: policy and reference, value model and reward model
+        lms = [S.from_pretrained(AutoModelForCausalLM, ckpt, ds, **load) for _ in range(2)]
+        torch.manual_seed(SEED)
+        heads = [S.from_pretrained(AutoModelForSequenceClassification, ckpt, ds, num_labels=1, **load)]
+        rng_equal = torch.equal(torch.get_rng_state(), rng_full)
+        heads.append(S.from_pretrained(AutoModelForSequenceClassification, ckpt, ds, num_labels=1, **load))
         parts = [partitioning(m, world) for m in lms + heads]
         out[f"load-{precision}"] = {
-            "zero3_inside": inside,
-            "zero3_after": is_deepspeed_zero3_enabled(),
+            "shards": len(list(ckpt.glob("*.safetensors"))),
             **{k: all(p[k] for p in parts) for k in ("partitioned", "released", "local_share")},
             "local_elements": sum(p["local_elements"] for p in parts),
             "full_elements": sum(p["full_elements"] for p in parts),
@@ -172,13 +174,20 @@ def load_cases(out_dir: Path, rank: int, world: int) -> dict:
             # the backbone from the checkpoint, the new head as the full load draws it
             "mismatched_head": mismatched(gathered(heads[0]), full_head, dtype),
             "rng_equal": rng_equal,
+            "tied": lms[0].lm_head.weight is lms[0].model.embed_tokens.weight,
+            "eval": not any(m.training for m in lms + heads),
         }
+    try:
+        S.from_pretrained(AutoModelForCausalLM, bad, ds_config("fp32"), **load)
+        out["load-bad"] = "loaded"
+    except ValueError as e:  # on every rank, before any gather: no rank is left waiting in one
+        out["load-bad"] = str(e)
     return out
 
 
 def trl_case(out_dir: Path, world: int) -> dict:
     """The sft / reward path: the trainer's arguments first (their DeepSpeed config, alive with them,
-    is the one `from_pretrained` reads), then the model."""
+    is the one the model is partitioned by), then the model."""
     import torch
     from transformers import AutoModelForSequenceClassification
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -189,13 +198,14 @@ def trl_case(out_dir: Path, world: int) -> dict:
     from pipeline.config import RewardConfig as RewardSection
 
     ckpt = out_dir / "ckpt"
-    torch.manual_seed(SEED)  # the full load first: with the arguments alive, from_pretrained shards
+    torch.manual_seed(SEED)  # the full load first: with the arguments alive, transformers would shard it
     full = dict(AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1).named_parameters())
     section = RewardSection(num_workers=world, zero_stage=3, micro_batch_size=1, global_batch_size=world)
     args = RewardConfig(**trainer_args(section, SEED, world, str(out_dir / "trl"), fresh=True))
     torch.manual_seed(SEED)
-    with S.sharded_load(args.deepspeed):
-        model = AutoModelForSequenceClassification.from_pretrained(ckpt, num_labels=1, dtype=torch.float32)
+    model = S.from_pretrained(
+        AutoModelForSequenceClassification, ckpt, args.deepspeed, num_labels=1, dtype=torch.float32
+    )
     return {
         "trl": {
             **partitioning(model, world),
