@@ -120,7 +120,10 @@ class RayStageContext(StageContext):
             started = time.time()
             where.announce(wctx)
             local_arg, node_work = where.localize(arg, wctx.node_id)
-            result = train_fn(local_arg, wctx)
+            try:
+                result = train_fn(local_arg, wctx)
+            finally:
+                wctx.remove_fetched()
             if node_work is not None:
                 where.send_back(node_work, wctx.rank, started)
             queue.put(("result", wctx.rank, result))
@@ -213,6 +216,7 @@ class RayWorkerContext(WorkerContext):
         self.local_rank = tctx.get_local_rank()
         self.node_id = ray.get_runtime_context().get_node_id()
         self._step = 0  # the last step reported by `progress`: a checkpoint reported next is its
+        self._fetched: list[Path] = []  # checkpoints fetched from an object store, removed at the end
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         # the driver's SIGTERM, through the run's flag: rank 0 reads it (a round trip, at most once a
         # second) and the loop's all-reduce tells the other ranks
@@ -275,7 +279,14 @@ class RayWorkerContext(WorkerContext):
             return Path(ckpt.path)
         # an object store: this rank's files (or every rank's) into a fresh local folder
         dest = Path(tempfile.mkdtemp(prefix=f"kiln-resume-rank{self.rank}-"))
+        self._fetched.append(dest)
         return fetch(ckpt.filesystem, ckpt.path, dest, None if every_rank else self.rank)
+
+    def remove_fetched(self) -> None:
+        """Delete the local copies `checkpoint` fetched (the loop has loaded them, or has failed)."""
+        for folder in self._fetched:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._fetched.clear()
 
     def resumed_from(self, step):
         if self.rank == 0:
