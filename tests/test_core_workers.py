@@ -93,8 +93,9 @@ def test_a_killed_builds_lock_is_cleared_and_each_environment_has_its_own_cache(
 
 
 def _crashing_mid_upload(arg: dict, wctx) -> dict:
-    """Attempt 1: checkpoint "a", stored and registered by Ray Train; then checkpoint "b", and the
-    process dies the moment `report` returns, b's upload under way. Attempt 2 says what it resumed from."""
+    """Attempt 1, on each rank: checkpoint "a" (its own shard), stored and registered by Ray Train;
+    then checkpoint "b", and the process dies the moment `report` returns, b's upload under way.
+    Attempt 2 says what it resumed from."""
     import json
     import os
     import tempfile
@@ -108,7 +109,7 @@ def _crashing_mid_upload(arg: dict, wctx) -> dict:
         folder = Path(tempfile.mkdtemp())
         (folder / "name").write_text(name)
         (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
-        (folder / "shard.bin").write_bytes(os.urandom(mb << 20))  # b takes a while to copy
+        (folder / f"shard-{wctx.rank}.bin").write_bytes(os.urandom(mb << 20))  # b takes a while to copy
         wctx.progress(step, 2)
         wctx.report({"step": step}, checkpoint_dir=folder)
         if name == "a":  # a restart from here would resume from a
@@ -124,7 +125,9 @@ def test_a_crash_mid_upload_resumes_from_the_checkpoint_before(tmp_path, ray_ses
     from pipeline.ray_context import RayStageContext
 
     ctx = RayStageContext("toy", tmp_path / "work")
-    (result,) = ctx.run_workers(
-        _crashing_mid_upload, {"work": str(ctx.work_dir)}, Scaling(num_workers=1, max_failures=1)
+    results = ctx.run_workers(
+        _crashing_mid_upload, {"work": str(ctx.work_dir)}, Scaling(num_workers=2, max_failures=1)
     )
-    assert result == {"resumed_from": "a", "files": ["name", "shard.bin", "trainer_state.json"]}
+    # every rank from a, with every rank's shard: b, whose uploads never all finished, is not used
+    whole_a = {"resumed_from": "a", "files": ["name", "shard-0.bin", "shard-1.bin", "trainer_state.json"]}
+    assert results == [whole_a, whole_a]
