@@ -3,7 +3,8 @@
     write_report(store.run_dir, plan, "kiln run tiny")    # -> <run_dir>/report.html
 
 A table of every stage with its headline numbers (NUMBERS), then a section per complete stage: its
-headline chart (CHARTS: the columns a user looks at first, those missing left out) and, folded in
+headline chart (CHARTS: the columns a user looks at first, those missing left out), for a MoE
+pretraining each MoE layer's expert load over the steps (collapse or imbalance at a glance) and, folded in
 `<details>`, every metric: all the manifest's numbers and a grid of every numeric metrics.jsonl
 column against `step`. Images are PNG embedded as base64, so the file can be mailed or opened from a
 shared drive as is.
@@ -25,13 +26,14 @@ import uuid
 from pathlib import Path
 
 SKIP = {"step", "epoch", "time", "batch_crc", "prompt_crc"}  # not curves: sample-order checksums
-CACHE_VERSION = 1  # raise when the drawing changes, so that cached images are redrawn
+CACHE_VERSION = 2  # raise when the drawing changes, so that cached images are redrawn
+PER_LAYER_LOAD = "expert_load_l"  # pretrain's expert_load_l{layer}_{expert}: drawn per layer, not in the grid
 
 NUMBERS = {  # stage: the manifest metrics shown in the table (a stage not listed shows all of them)
     "ingest": ("docs_kept", "docs_dropped", "duplicates", "bad_records"),
     "tokenizer": ("vocab_size", "chars_per_token", "heldout_roundtrip_failures"),
     "tokenize": ("train_tokens", "val_tokens", "tail_tokens_dropped"),
-    "pretrain": ("val_loss", "val_ppl", "loss", "steps"),
+    "pretrain": ("val_loss", "val_ppl", "loss", "steps", "expert_imbalance"),
     "sft": ("val_loss", "task_accuracy", "task_accuracy_pretrained"),
     "reward": ("pairwise_accuracy", "initial_pairwise_accuracy", "margin"),
     "ppo": ("task_accuracy", "task_accuracy_sft", "task_accuracy_sampled", "score", "score_sft", "kl"),
@@ -82,13 +84,16 @@ def write_report(run_dir: Path, plan, title: str) -> Path:
 def _section(run_dir: Path, p, manifest: dict, metrics: dict) -> str:
     """A complete stage: its headline chart, then every metric folded."""
     sha = manifest.get("files", {}).get("metrics.jsonl", {}).get("sha256")
-    headline, grid = _images(run_dir / ".work" / "report", p.name, Path(p.path) / "metrics.jsonl", sha)
+    headline, experts, grid = _images(
+        run_dir / ".work" / "report", p.name, Path(p.path) / "metrics.jsonl", sha
+    )
     numbers = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in metrics.items()
     )
     return (
         f"<h2>{html.escape(p.name)}</h2>"
         + _img(headline)
+        + (f"<h3>expert load per MoE layer</h3>{_img(experts)}" if experts else "")
         + f"<details><summary>every metric of {html.escape(p.name)}</summary>"
         + (f"<table>{numbers}</table>" if numbers else "")
         + _img(grid)
@@ -96,17 +101,17 @@ def _section(run_dir: Path, p, manifest: dict, metrics: dict) -> str:
     )
 
 
-def _images(cache: Path, name: str, path: Path, sha: str | None) -> tuple[bytes, bytes]:
-    """(headline PNG, grid PNG) of a stage's metrics.jsonl, b"" where there is nothing to draw; drawn
-    once per `sha` and kept in `cache/<stage>/` (an empty file: nothing to draw)."""
+def _images(cache: Path, name: str, path: Path, sha: str | None) -> tuple[bytes, bytes, bytes]:
+    """(headline PNG, expert-load PNG, grid PNG) of a stage's metrics.jsonl, b"" where there is nothing
+    to draw; drawn once per `sha` and kept in `cache/<stage>/` (an empty file: nothing to draw)."""
     if sha is None:
-        return b"", b""
+        return b"", b"", b""
     stem = f"{sha[:16]}-v{CACHE_VERSION}"
-    files = cache / name / f"{stem}.headline.png", cache / name / f"{stem}.grid.png"
+    files = tuple(cache / name / f"{stem}.{kind}.png" for kind in ("headline", "experts", "grid"))
     if all(f.is_file() for f in files):
-        return files[0].read_bytes(), files[1].read_bytes()
+        return tuple(f.read_bytes() for f in files)
     rows = _rows(path)
-    images = _headline(rows, CHARTS.get(name, {})), _grid(rows)
+    images = _headline(rows, CHARTS.get(name, {})), _expert_load(rows), _grid(rows)
     for f, data in zip(files, images, strict=True):
         _write_atomic(f, data)
     for old in (cache / name).glob("*.png"):  # an earlier build's images of this stage
@@ -146,8 +151,36 @@ def _headline(rows: list[dict], panels: dict[str, tuple[str, ...]]) -> bytes:
     return _png(plt, fig)
 
 
+def _expert_load(rows: list[dict]) -> bytes:
+    """One panel per MoE layer: each expert's share of the layer's assignments over the steps, and the
+    balanced share (1 / experts) dashed: a collapsed layer shows one line near 1, the rest near 0."""
+    layers: dict[int, list[str]] = {}
+    for key in sorted(_columns(rows)):
+        if key.startswith(PER_LAYER_LOAD):
+            layers.setdefault(int(key[len(PER_LAYER_LOAD) :].split("_")[0]), []).append(key)
+    if not layers:
+        return b""
+    plt = _pyplot()
+    cols = min(4, len(layers))
+    nrows = (len(layers) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 2.4 * nrows), sharey=True, squeeze=False)
+    for ax, (layer, keys) in zip(axes.flat, sorted(layers.items()), strict=False):
+        for key in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1])):
+            xs, ys = _series(rows, key)
+            ax.plot(xs, ys, linewidth=1, label=f"expert {key.rsplit('_', 1)[1]}")
+        ax.axhline(1 / len(keys), color="k", linestyle="--", linewidth=0.8)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+    if len(next(iter(layers.values()))) <= 16:  # a legend one can read
+        axes.flat[0].legend(fontsize=6)
+    return _png(plt, fig)
+
+
 def _grid(rows: list[dict]) -> bytes:
-    keys = sorted(_columns(rows))
+    keys = sorted(k for k in _columns(rows) if not k.startswith(PER_LAYER_LOAD))
     if not keys:
         return b""
     plt = _pyplot()

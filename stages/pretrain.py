@@ -164,6 +164,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     tokens_per_step = p.global_batch_size * train.seq_len
     flops_per_token = model.flops_per_token(train.seq_len) if hasattr(model, "flops_per_token") else None
     peak = T.peak_flops(device)
+    moe_layers = [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
 
     # -- resume -------------------------------------------------------------------------------
     step, tokens_seen, total = 0, 0, p.steps
@@ -215,13 +216,10 @@ def _train(job: PretrainJob, wctx) -> dict:
         local, grad_norm = {}, engine.get_global_grad_norm()  # this rank's, not averaged
         if torch.is_tensor(grad_norm):
             local["grad_norm"] = grad_norm
-        if moe is not None:
-            load = moe["expert_load"].float().mean(0)  # (n_experts,) averaged over MoE layers
-            local.update({f"expert_load_{i}": v for i, v in enumerate(load)})
-            local["dropped_frac"] = moe["dropped_frac"].float().mean()
+        routing = moe_metrics(moe, moe_layers) if moe is not None else {}  # averaged over ranks
         # asked to stop (SIGTERM) on any rank: every rank saves this step, then returns
         sums["stop"] = torch.tensor(float(wctx.stop_requested()), dtype=torch.float64, device=device)
-        got = T.all_reduce_mean(sums, device, local)
+        got = T.all_reduce_mean(sums | routing, device, local)
         stopping = got.pop("stop") > 0 and step < total
         row = {k: got[k] for k in sorted(sums) if k != "stop"}  # the same on every rank
         if not math.isfinite(row["loss"]):
@@ -236,7 +234,7 @@ def _train(job: PretrainJob, wctx) -> dict:
             row["grad_norm"] = got["grad_norm"] if "grad_norm" in local else float(grad_norm)
         if flops_per_token and peak:
             row["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)
-        row.update({k: got[k] for k in local if k != "grad_norm"})  # expert_load_i, dropped_frac
+        row.update({k: got[k] for k in routing})
         if engine.fp16_enabled():
             row["loss_scale"] = (
                 float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
@@ -253,7 +251,34 @@ def _train(job: PretrainJob, wctx) -> dict:
             return {STOPPED: step}
 
     T.export_engine(engine, job.export_dir, job.tokenizer_dir, rank)
-    return {k: v for k, v in last.items() if not k.startswith("expert_load_")} | {"steps": step}
+    return (
+        {k: v for k, v in last.items() if not k.startswith("expert_load_")}
+        | expert_imbalance(last)
+        | {"steps": step}
+    )
+
+
+def moe_metrics(moe: dict, layers: list[int]) -> dict:
+    """A step's routing metrics from the model's `moe_stats` (its last micro-batch): each expert's share of
+    the (token, expert) assignments, averaged over the MoE layers (`expert_load_{e}`) and per MoE layer
+    (`expert_load_l{layer}_{e}`, the model's layer index), and the share dropped over capacity."""
+    load = moe["expert_load"].float()  # (MoE layers, experts)
+    out = {f"expert_load_{e}": v for e, v in enumerate(load.mean(0))}
+    out |= {f"expert_load_l{layer}_{e}": v for j, layer in enumerate(layers) for e, v in enumerate(load[j])}
+    out["dropped_frac"] = moe["dropped_frac"].float().mean()
+    return out
+
+
+def expert_imbalance(row: dict) -> dict:
+    """Per MoE layer, the busiest expert's share times the number of experts (1: balanced; the number of
+    experts: one expert takes every token), and its worst layer: the stage's headline for collapse."""
+    shares: dict[str, list[float]] = {}
+    for key, v in row.items():
+        if key.startswith("expert_load_l"):
+            layer, _ = key[len("expert_load_l") :].split("_")
+            shares.setdefault(layer, []).append(v)
+    per_layer = {f"expert_imbalance_l{layer}": max(v) * len(v) for layer, v in shares.items()}
+    return per_layer | ({"expert_imbalance": max(per_layer.values())} if per_layer else {})
 
 
 def _evaluate(engine, val, p, rank, world, device) -> dict:

@@ -32,13 +32,19 @@ def _rows(n: int, every: int, train: dict, evaluation: dict) -> list[dict]:
 
 METRICS = {  # each stage's manifest metrics
     "ingest": {"docs_kept": 90, "docs_dropped": 10, "duplicates": 1, "bad_records": 0, "text_bytes": 9},
-    "pretrain": {"val_loss": 4.5, "val_ppl": 90.0, "steps": 12},
+    "pretrain": {"val_loss": 4.5, "val_ppl": 90.0, "steps": 12, "expert_imbalance": 2.4},
     "sft": {"val_loss": 2.0, "task_accuracy": 0.25},
     "reward": {"pairwise_accuracy": 0.8},
     "ppo": {"task_accuracy": 0.3, "score": 1.5},
 }
 ROWS = {  # metrics.jsonl (a data stage has none); ppo logs no task_accuracy_sampled: its chart shows the rest
-    "pretrain": _rows(12, 4, {"loss": 9, "lr": 1e-3}, {"val_loss": 5}),
+    # a MoE model: MoE layers 1 and 3, three experts each (expert_load_l{layer}_{expert})
+    "pretrain": _rows(
+        12,
+        4,
+        {"loss": 9, "lr": 1e-3, **{f"expert_load_l{layer}_{e}": 0.3 for layer in (1, 3) for e in range(3)}},
+        {"val_loss": 5},
+    ),  # fmt: skip
     "sft": _rows(8, 4, {"loss": 3}, {"val_loss": 2, "task_accuracy": 0.2}),
     "reward": _rows(8, 4, {"loss": 1}, {"pairwise_accuracy": 0.6, "val_accuracy": 0.6}),  # the first drawn
     "ppo": _rows(6, 3, {"score": 1, "kl": 0.1, "entropy": 2}, {"task_accuracy": 0.2}),
@@ -111,7 +117,7 @@ def test_headline_charts_lead_and_every_metric_is_folded(drawn):
     assert "<title>kiln run &lt;tiny&gt;</title>" in html
     table, _, _ = html.partition("<h2>")
     assert "docs_kept=90, docs_dropped=10, duplicates=1, bad_records=0</td>" in table  # not text_bytes
-    assert "val_loss=4.5, val_ppl=90, steps=12</td>" in table
+    assert "val_loss=4.5, val_ppl=90, steps=12, expert_imbalance=2.4</td>" in table
     assert "<td>eval</td><td>missing</td><td></td>" in table
     by_stage = sections(html)
     assert list(by_stage) == list(METRICS)
@@ -119,16 +125,24 @@ def test_headline_charts_lead_and_every_metric_is_folded(drawn):
     assert "<img" not in by_stage["ingest"] and "<td>text_bytes</td>" in by_stage["ingest"]
     for name in HEADLINE:
         headline, folded = by_stage[name].split("<details>")
-        assert headline.count("<img") == 1  # the headline chart, above the fold
+        # the headline chart above the fold, and a MoE pretraining's expert load per layer
+        assert headline.count("<img") == (2 if name == "pretrain" else 1)
+        assert ("expert load per MoE layer" in headline) == (name == "pretrain")
         assert folded.count("<img") == 1 and "</details>" in folded  # the grid of every column, folded
-    # the headline lines of each stage, in plan order, then the grid's (unlabelled) lines
+    # the headline lines of each stage, in plan order, pretraining's experts after its headline (one
+    # panel per MoE layer, a line per expert), then the grid's (unlabelled) lines
+    experts = [f"expert {e}" for _ in (1, 3) for e in range(3)]
     headline_labels = [label for label in labels if label]
-    assert headline_labels == [c for name in HEADLINE for c in HEADLINE[name]]
-    grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 4}  # every numeric column but step and checksums
+    assert headline_labels == HEADLINE["pretrain"] + experts + [
+        c for n in HEADLINE if n != "pretrain" for c in HEADLINE[n]
+    ]
+    # every numeric column but step, checksums and the per-layer loads (drawn per layer instead)
+    grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 4}
     assert labels.count(None) == sum(grids.values())
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 2 * len(HEADLINE)
-    assert len(cached(run_dir)) == 2 * len(HEADLINE)  # headline and grid of each stage with a metrics.jsonl
+    assert len(images) == 2 * len(HEADLINE) + 1
+    # headline, expert load (an empty file: nothing to draw) and grid of each stage with a metrics.jsonl
+    assert len(cached(run_dir)) == 3 * len(HEADLINE)
 
 
 def test_second_report_reuses_the_cache_without_matplotlib(drawn):
@@ -165,6 +179,6 @@ def test_a_changed_metrics_file_is_redrawn(drawn, tmp_path):
         n: t for n, t in before.items() if not n.startswith("pretrain/")
     }  # the other stages' images kept as they were
     new = sorted(n for n in after if n.startswith("pretrain/"))
-    assert len(new) == 2 and not set(new) & set(before)  # the old build's images replaced
+    assert len(new) == 3 and not set(new) & set(before)  # the old build's images replaced
     sha = hashlib.sha256((run_dir / "pretrain-0123456789abcdef" / "metrics.jsonl").read_bytes()).hexdigest()
     assert all(n.startswith(f"pretrain/{sha[:16]}-") for n in new)

@@ -55,6 +55,13 @@ def test_pretraining_learns_and_logs_every_step(tiny_run):
         "dropped_frac",
     ):
         assert key in rows[-1], key
+    # each MoE layer's expert load (every layer of the tiny model): shares of its assignments
+    m = cfg.model
+    for layer in range(m.n_layers):
+        shares = [rows[-1][f"expert_load_l{layer}_{e}"] for e in range(m.n_experts)]
+        assert abs(sum(shares) - 1) < 1e-6, (layer, shares)
+    manifest = json.loads((_path(cfg, "pretrain") / "manifest.json").read_text())["metrics"]
+    assert 1 <= manifest["expert_imbalance"] <= m.n_experts
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.5
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals][-1] == cfg.pretrain.steps and evals[-1]["val_loss"] < rows[0][

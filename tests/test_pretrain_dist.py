@@ -343,3 +343,19 @@ def test_prefetched_micro_batches_are_the_loops_own_in_its_order(tmp_path):
     assert [next(it), next(it)] == [0, 1]
     with pytest.raises(ValueError, match="bad shard"):
         next(it)  # raised where its item is taken, not earlier
+
+
+def test_expert_load_is_logged_per_moe_layer_and_a_collapsed_layer_heads_the_imbalance():
+    from stages.pretrain import expert_imbalance, moe_metrics
+
+    load = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]])  # MoE layers 1 (balanced), 3 (collapsed)
+    got = {k: float(v) for k, v in moe_metrics({"expert_load": load, "dropped_frac": torch.tensor([0.1, 0.3])}, [1, 3]).items()}  # fmt: skip
+    assert got == pytest.approx(
+        {"expert_load_0": 2 / 3, "expert_load_1": 1 / 6, "expert_load_2": 1 / 6, "dropped_frac": 0.2}
+        | {f"expert_load_l1_{e}": 1 / 3 for e in range(3)}
+        | {"expert_load_l3_0": 1.0, "expert_load_l3_1": 0.0, "expert_load_l3_2": 0.0}
+    )
+    assert expert_imbalance(got) == pytest.approx(
+        {"expert_imbalance_l1": 1.0, "expert_imbalance_l3": 3.0, "expert_imbalance": 3.0}
+    )
+    assert expert_imbalance({"loss": 1.0}) == {}  # a dense model
