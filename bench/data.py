@@ -6,8 +6,9 @@
 What it measures, on the bundled sample (25.8 MB of text) cut into 4 input shards:
 1. pipeline throughput: `stages.ingest.run` + `stages.tokenize.run` (read zstd, clean, de-duplicate,
    write Parquet, tokenize, split, pack, write .npy shards), content tokens / wall seconds, run with a
-   context whose `map` is a process pool (spawn) of 1 or 2 workers, each with single-threaded
-   tokenizers (RAYON_NUM_THREADS=1): real parallelism, as Ray tasks with num_cpus=1 would be;
+   context whose `map` is a process pool (spawn) of 1 or 2 workers, each with the environment the
+   pipeline gives a task of the stage's `num_cpus` (`pipeline.context.thread_env`: 1 core, one
+   tokenizers thread by default): real parallelism, as the stage's Ray tasks have it;
 2. raw baseline: `Tokenizer.encode_batch` (and `encode_batch_fast`; the faster one counts) over the
    same kept documents, already in memory, cut into calls of the same size as the pipeline's
    (`data_prep.packing.ENCODE_BATCH_BYTES` of text each; the ids are counted inside the timed loop, as
@@ -40,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.artifacts import Artifact  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.context import LocalContext  # noqa: E402
+from pipeline.context import LocalContext, thread_env  # noqa: E402
 
 SAMPLE = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
 
 
-def _init_worker():
-    os.environ["RAYON_NUM_THREADS"] = "1"  # read when tokenizers first starts its thread pool
+def _init_worker(env: dict):
+    os.environ.update(env)  # read when tokenizers first starts its thread pool
     import pyarrow.parquet  # noqa: F401
     import tokenizers  # noqa: F401
 
@@ -61,10 +62,13 @@ def _noop(i):
 class PoolContext(LocalContext):
     """A stage context whose map runs on a pool of worker processes (spawned, warmed up first)."""
 
-    def __init__(self, stage, work_dir, workers):
+    def __init__(self, stage, work_dir, workers, num_cpus: float):
         super().__init__(stage, work_dir)
         self.pool = ProcessPoolExecutor(
-            workers, multiprocessing.get_context("spawn"), initializer=_init_worker
+            workers,
+            multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(thread_env(num_cpus),),
         )
         list(self.pool.map(_noop, range(workers * 2)))
 
@@ -100,8 +104,8 @@ def run_pipeline(cfg, tok_art, root: Path, workers: int) -> dict:
     (root / "ingest").mkdir(parents=True)
     (root / "tokenize").mkdir()
     ctx_i, ctx_t = (
-        PoolContext("ingest", root / "w/ingest", workers),
-        PoolContext("tokenize", root / "w/tok", workers),
+        PoolContext("ingest", root / "w/ingest", workers, cfg.ingest.num_cpus),
+        PoolContext("tokenize", root / "w/tok", workers, cfg.tokenize.num_cpus),
     )
     t0 = time.perf_counter()
     ingest.run(cfg, {}, root / "ingest", ctx_i)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -103,6 +104,14 @@ class MetricsLog:
         tmp.replace(self.path)
 
 
+def thread_env(num_cpus: float) -> dict[str, str]:
+    """The environment of a task given `num_cpus` cores: its thread pools that many threads wide (at
+    least one). tokenizers' rayon pool and OpenMP read these once, when they start, and would
+    otherwise be as wide as the machine: tasks side by side on one node would oversubscribe it."""
+    n = str(max(1, math.ceil(num_cpus)))
+    return {"RAYON_NUM_THREADS": n, "OMP_NUM_THREADS": n}
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):  # tensors and numpy scalars
         return v.item()
@@ -152,7 +161,8 @@ class StageContext:
     # -- fan-out ------------------------------------------------------------------------------
 
     def map(self, fn: Callable, items: Iterable, *, num_cpus: float = 1) -> list:
-        """fn(item) for each item, results in item order."""
+        """fn(item) for each item, results in item order; on Ray each a task holding `num_cpus`
+        cores, its thread pools that wide (`thread_env`)."""
         return [fn(item) for item in items]
 
     def run_workers(self, train_fn: Callable, arg: Any, scaling: Scaling) -> list:

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 
 from pipeline import preemption
-from pipeline.context import Scaling, StageContext, WorkerContext
+from pipeline.context import Scaling, StageContext, WorkerContext, thread_env
 from pipeline.files import is_remote
 
 log = logging.getLogger("kiln.ray")
@@ -65,7 +65,9 @@ def _here():
 class RayStageContext(StageContext):
     def map(self, fn, items, *, num_cpus: float = 1):
         items = list(items)
-        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)  # retried if a node dies
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(  # retried if a node dies
+            runtime_env={"env_vars": thread_env(num_cpus)}  # tokenizers' threads: its cores, not the node's
+        )
         if not self.shared_work:
             # An object-store root: the tasks exchange files through the work dir and the staging
             # folder, which are local to this node, so the tasks run here (an NFS root fans out).

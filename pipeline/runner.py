@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline import preemption
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT
+from pipeline.context import thread_env
 from pipeline.dag import DAG
 from pipeline.diskspace import DiskFullError
 from pipeline.display import Display
@@ -98,11 +99,13 @@ def run_pipeline(
                     res = dag[name].driver_resources(cfg) if not dag[name].scaling(cfg) else {"CPU": 0}
                     # a stage driver that holds no resources (its tasks or workers do) stays on this
                     # node: losing a worker node must not take the stage's driver along
-                    pin = {} if any(res.values()) else {"scheduling_strategy": _this_node(ray)}
+                    opts = {} if any(res.values()) else {"scheduling_strategy": _this_node(ray)}
+                    if res.get("CPU", 0) > 0:  # a driver that computes (the tokenizer's training): its cores
+                        opts["runtime_env"] = {"env_vars": thread_env(res["CPU"])}
                     ref = task.options(
                         num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0),
                         resources={k: v for k, v in res.items() if k not in ("CPU", "GPU")} or None,
-                        name=f"kiln:{name}", **pin,
+                        name=f"kiln:{name}", **opts,
                     ).remote(jobs[name])  # fmt: skip
                     running[ref] = name
                     started[name] = time.time()

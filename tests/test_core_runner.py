@@ -269,6 +269,8 @@ def test_ctx_map_returns_results_in_item_order(tmp_path, ray_session):
         (ArtifactStore(str(tmp_path), "toy").run_dir.glob("a-*/value.json").__next__()).read_text()
     )
     assert result["results"] == [0, 1, 4, 9, 16, 25]  # slow_squares finishes the last items first
+    # each task's thread pools as wide as its cores (at least one), not as the machine
+    assert result["threads"] == {"0.5": ["1", "1"], "2": ["2", "2"]}
     assert outcome.results["a"]["metrics"] == {"value": 55}
 
 

@@ -98,9 +98,19 @@ def slow_squares(x):
     return x * x
 
 
+def thread_widths(_item) -> list:
+    """The thread-pool widths a task was given (tokenizers' rayon pool, OpenMP)."""
+    import os
+
+    return [os.environ.get("RAYON_NUM_THREADS"), os.environ.get("OMP_NUM_THREADS")]
+
+
 def run_mapper(cfg, inputs, out, ctx):
     results = ctx.map(slow_squares, range(6), num_cpus=0.5)
-    (out / "value.json").write_text(json.dumps({"value": sum(results), "results": results}))
+    threads = {n: ctx.map(thread_widths, [0], num_cpus=n)[0] for n in (0.5, 2)}
+    (out / "value.json").write_text(
+        json.dumps({"value": sum(results), "results": results, "threads": threads})
+    )
     return {"value": sum(results)}
 
 
