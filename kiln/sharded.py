@@ -24,9 +24,10 @@ joined, every one of them is the plain build: nothing changes. Under ZeRO-3:
   and every rank's RNG ends where the full build leaves it. On GPUs zero.Init builds on the device,
   whose generator is not the CPU's: the draws stay on the CPU for the same reason.
 
-Memory (bench/sharded_build.py, 2 gloo ranks): a gathered module costs its full size (twice, on
-gloo's all-gather) for as long as it is gathered; glibc keeps freed heap pages mapped, so the
-scopes hand them back (`release_freed_memory`) after each host-memory gather and each load.
+Memory (bench/sharded_build.py, gloo ranks): a gathered module costs its full size (twice, on
+gloo's all-gather) for as long as it is gathered. glibc keeps freed blocks in its heap, so inside
+a build or a load every large block is a mapping of its own, handed back when freed
+(`large_frees_returned`), and the rest is trimmed after each gather (`release_freed_memory`).
 """
 
 from __future__ import annotations
@@ -126,11 +127,40 @@ def _on_cpu(fn):
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to tune
         return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+STEADY_MMAP_THRESHOLD = 32 << 20
+"""Where glibc's own mmap threshold ends up in a process that frees large blocks (its dynamic threshold
+rises to the largest block freed, up to this ceiling on 64-bit hosts; the trim threshold follows at
+twice it)."""
+
+
+@contextmanager
+def large_frees_returned(threshold: int = 1 << 20):
+    """Inside, every host allocation of `threshold` bytes or more is a mapping of its own, handed back
+    to the OS the moment it is freed (glibc's M_MMAP_THRESHOLD; elsewhere nothing changes). A
+    partitioned build or load frees one full module after another, and a rank that receives them
+    (the gathers' buffers) otherwise keeps them in its heap: measured with 8 ranks, 400-470 MiB
+    more at the peak than what the rank held (bench/sharded_build.py), which `malloc_trim` after
+    each module does not hand back. Setting the threshold turns glibc's dynamic one off for the
+    process, so on exit it is set where the dynamic one settles (`STEADY_MMAP_THRESHOLD`)."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * STEADY_MMAP_THRESHOLD)
 
 
 def release_freed_memory() -> None:
@@ -141,9 +171,9 @@ def release_freed_memory() -> None:
     past what the process holds (bench/sharded_build.py; in bench/export_memory.py, ZeRO-3 on 1 gloo
     rank, a ~290M-parameter fp32 model: 628 MiB over the largest tensor's 156 MiB without it, 322 MiB,
     the gather's own two buffers, with it). About 1 ms a call."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------------- build
@@ -197,7 +227,7 @@ def sharded_build(ds_config: dict | None):
     plain = PreTrainedModel.init_weights
     PreTrainedModel.init_weights = init_weights
     try:
-        with cpu_draws(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with large_frees_returned(), cpu_draws(), deepspeed.zero.Init(config_dict_or_path=ds_config):
             yield
     finally:
         PreTrainedModel.init_weights = plain
@@ -230,13 +260,13 @@ def from_pretrained(model_class, path, ds_config: dict | None, **kwargs):
     if dtype is not None:
         config.dtype = dtype
     cls = _concrete(model_class, config)
-    with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = cls(config)
-    reader = CheckpointReader(path)
-    names = dict(_checkpoint_names(model, reader))
-    _check_shapes(model, reader, names, path)
-    _fill(model, reader, names)
-    with torch.no_grad():
+    with large_frees_returned():
+        with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = cls(config)
+        reader = CheckpointReader(path)
+        names = dict(_checkpoint_names(model, reader))
+        _check_shapes(model, reader, names, path)
+        _fill(model, reader, names)
         init_weights_sharded(model)  # what the checkpoint lacked, drawn as the full load draws it
     model.tie_weights()
     if model.can_generate() and (Path(path) / "generation_config.json").exists():

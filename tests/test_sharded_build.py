@@ -127,3 +127,48 @@ def test_random_inits_draw_on_the_cpu_in_fp32_whatever_the_tensor():
     assert torch.equal(torch.get_rng_state(), after)
     # and the functions are torch's own again after the scope
     assert torch.nn.init.normal_ is hf_init.TORCH_INIT_FUNCTIONS["normal_"]
+
+
+RETENTION = """
+import contextlib, json, sys
+import torch
+from kiln.sharded import large_frees_returned
+
+def rss_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+def kept_after_freeing(scope):
+    # 64 blocks of 2 MiB, each written, with a small live tensor after each (so that the freed blocks
+    # are holes the heap cannot give back from its top); then the blocks are freed
+    with scope:
+        before, small, blocks = rss_mib(), [], []
+        for _ in range(64):
+            blocks.append(torch.ones(1 << 19))
+            small.append(torch.ones(1 << 14))  # 64 KiB: from the heap, right after the block
+        del blocks
+        return rss_mib() - before
+
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # a large free: glibc's dynamic threshold rises past 2 MiB
+print(json.dumps([kept_after_freeing(contextlib.nullcontext()), kept_after_freeing(large_frees_returned())]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_inside_a_build_freed_large_blocks_go_back_to_the_os():
+    """What a rank that receives gathered modules frees goes back at once inside the scope, where
+    glibc's heap would keep it (measured in a fresh process, whose allocator state is known)."""
+    import subprocess
+    import sys
+
+    from kiln.sharded import _glibc
+
+    if _glibc() is None:
+        pytest.skip("the scope tunes glibc's allocator only")
+    out = subprocess.run(
+        [sys.executable, "-c", RETENTION], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert out.returncode == 0, out.stderr
+    heap_kept, scope_kept = json.loads(out.stdout)
+    assert heap_kept > 64  # the setting matters: without the scope most of the 128 MiB stays resident
+    assert scope_kept < 16, (heap_kept, scope_kept)
