@@ -65,14 +65,14 @@ def _here():
 class RayStageContext(StageContext):
     def map(self, fn, items, *, num_cpus: float = 1):
         items = list(items)
-        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(  # retried if a node dies
-            runtime_env={"env_vars": thread_env(num_cpus)}  # tokenizers' threads: its cores, not the node's
-        )
+        # tokenizers' and OpenMP's threads: the task's cores, not the node's
+        options: dict = {"runtime_env": {"env_vars": thread_env(num_cpus)}}
         if not self.shared_work:
             # An object-store root: the tasks exchange files through the work dir and the staging
             # folder, which are local to this node, so the tasks run here (an NFS root fans out).
             self._check_local_capacity(num_cpus)
-            task = task.options(scheduling_strategy=_here())
+            options["scheduling_strategy"] = _here()
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(**options)  # retried if a node dies
         refs = [task.remote(item) for item in items]
         index = {ref: i for i, ref in enumerate(refs)}
         results, pending = [None] * len(refs), list(refs)
