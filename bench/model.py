@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
+
 from kiln.hf_convert import to_hf_config, to_hf_state_dict  # noqa: E402
 from kiln.model import KilnConfig, KilnForCausalLM  # noqa: E402
 
@@ -97,7 +99,9 @@ def hf_copy(model: KilnForCausalLM, fmt: str):
 
     hf_cls = LlamaForCausalLM if fmt == "llama" else MixtralForCausalLM
     hf = hf_cls(to_hf_config(model.config, fmt))
-    sd = to_hf_state_dict(model.state_dict(), model.config, fmt)
+    sd = to_hf_state_dict(
+        revert_weight_conversion(model, model.state_dict()), model.config, fmt
+    )  # experts apart
     for i in range(model.config.num_hidden_layers if fmt == "mixtral" else 0):
         p, n = f"model.layers.{i}.block_sparse_moe.", model.config.num_experts
         sd[f"model.layers.{i}.mlp.gate.weight"] = sd.pop(p + "gate.weight")

@@ -37,7 +37,7 @@ class Tensor:
     numel: int
     layer: int | None = None  # the block it belongs to; None for embeddings, final norm, heads
     expert: bool = False
-    shape: tuple[int, ...] = ()  # (out, in) of a linear layer's weight; () otherwise
+    shape: tuple[int, ...] = ()  # (out, in) of a linear layer's weight, (E, out, in) of stacked experts; ()
 
 
 def parameter_tensors(m: dict, vocab_size: int, value_head: bool = False) -> list[Tensor]:
@@ -67,6 +67,14 @@ def parameter_tensors(m: dict, vocab_size: int, value_head: bool = False) -> lis
         up = linear(f"{name}.up_proj", h, hidden, layer, expert)
         return gate + up + linear(f"{name}.down_proj", hidden, h, layer, expert)
 
+    def experts(name: str, hidden: int, layer: int, n: int) -> list[Tensor]:  # stacked (E, out, in)
+        out = []
+        for proj, n_out, n_in in (("gate_proj", hidden, h), ("up_proj", hidden, h), ("down_proj", h, hidden)):
+            if proj != "gate_proj" or swiglu:
+                out.append(Tensor(f"{name}.{proj}", n * n_in * n_out, layer, True, (n, n_out, n_in)))
+                out += [Tensor(f"{name}.{proj}_bias", n * n_out, layer, True)] if bias else []
+        return out
+
     for i in range(L):
         p = f"model.layers.{i}"
         out += norm(f"{p}.attn_norm", i)
@@ -77,8 +85,7 @@ def parameter_tensors(m: dict, vocab_size: int, value_head: bool = False) -> lis
         if m["num_experts"] > 0 and (i + 1) % m["moe_every"] == 0:
             out += linear(f"{p}.ffn.router", h, m["num_experts"], i, has_bias=False)
             hidden = m["moe_intermediate_size"] or m["intermediate_size"]
-            for e in range(m["num_experts"]):
-                out += ffn(f"{p}.ffn.experts.{e}", hidden, i, expert=True)
+            out += experts(f"{p}.ffn.experts", hidden, i, m["num_experts"])
         else:
             out += ffn(f"{p}.ffn", m["intermediate_size"], i, expert=False)
     out += norm("model.norm", None)
@@ -90,11 +97,12 @@ def parameter_tensors(m: dict, vocab_size: int, value_head: bool = False) -> lis
 
 
 def lora_parameters(tensors: list[Tensor], rank: int, targets: tuple[str, ...]) -> int:
-    """Parameters LoRA (peft) adds: rank x (in + out) for every linear weight named by `targets`."""
+    """Parameters LoRA (peft) adds: rank x (in + out) for every linear weight named by `targets` (a MoE
+    layer's stacked experts are parameters of one module, not linear layers: LoRA leaves them out)."""
     return sum(
         rank * sum(t.shape)
         for t in tensors
-        if t.shape and t.name.removesuffix(".weight").rsplit(".", 1)[-1] in targets
+        if len(t.shape) == 2 and t.name.removesuffix(".weight").rsplit(".", 1)[-1] in targets
     )
 
 

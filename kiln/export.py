@@ -36,6 +36,7 @@ embeddings or convolutions, several adapters, other peft tuners are refused with
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.model import STACKED_EXPERTS, checkpoint_names
 from kiln.safetensors_stream import MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from kiln.sharded import release_freed_memory
 
@@ -64,6 +66,11 @@ class Entry:
     sources: tuple[torch.Tensor, ...]
     combine: Callable[..., torch.Tensor] | None = None
     parameter: bool = True
+    part: int | None = None  # of a stacked expert parameter, the expert this entry is
+
+
+def _expert(t: torch.Tensor, e: int) -> torch.Tensor:
+    return t[e]
 
 
 def live_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -154,7 +161,13 @@ def plan_export(model) -> tuple[torch.nn.Module, list[Entry]]:
         parameter = isinstance(t, torch.nn.Parameter)
         owner = _owner(key, special) if special else None
         if owner is None:
-            entries.append(Entry(TensorSpec(key, live_shape(t), t.dtype), (t,), parameter=parameter))
+            shape = live_shape(t)
+            if STACKED_EXPERTS.match(key):  # written expert by expert, as save_pretrained splits them
+                for e, name in enumerate(checkpoint_names(key, shape)):
+                    spec = TensorSpec(name, shape[1:], t.dtype)
+                    entries.append(Entry(spec, (t,), partial(_expert, e=e), parameter=parameter, part=e))
+            else:
+                entries.append(Entry(TensorSpec(key, shape, t.dtype), (t,), parameter=parameter))
             continue
         rest = key[len(owner) + 1 :]
         if owner in wrappers:
@@ -210,8 +223,8 @@ def _untied(entries: list[Entry], base) -> list[Entry]:
             f"{prefix}.{k}" if prefix else k for k in (tied.keys() if isinstance(tied, dict) else tied)
         ]
     groups: dict = {}
-    for e in entries:  # by the tensor each is (or, merged, is based on)
-        groups.setdefault(_storage_key(e.sources[0]), []).append(e)
+    for e in entries:  # by the tensor each is (or, merged, is based on; or the expert of it)
+        groups.setdefault((_storage_key(e.sources[0]), e.part), []).append(e)
     drop = set()
     for group in groups.values():
         if len(group) < 2:
@@ -261,13 +274,17 @@ def stream_weights(
     entries: Sequence[Entry], rank: int, write: Callable[[str, torch.Tensor], None] | None
 ) -> None:
     """Each entry gathered in turn (every rank, the same order) and on rank 0 passed to `write` while
-    it is gathered; then released (and the memory it took handed back)."""
-    for e in entries:
-        gathered = any(hasattr(t, "ds_id") for t in e.sources)
-        with _gathered(e.sources):
+    it is gathered; then released (and the memory it took handed back). Consecutive entries of one
+    tensor (the experts of a stacked parameter) share one gather."""
+    for _, group in itertools.groupby(entries, key=lambda e: tuple(map(id, e.sources))):
+        group = list(group)
+        sources = group[0].sources
+        with _gathered(sources):
             if rank == 0:
-                write(e.spec.name, _value(e))
-        if gathered or e.combine is not None or e.sources[0].device.type != "cpu":
+                for e in group:
+                    write(e.spec.name, _value(e))
+        gathered = any(hasattr(t, "ds_id") for t in sources)
+        if gathered or group[0].combine is not None or sources[0].device.type != "cpu":
             release_freed_memory()
 
 

@@ -20,7 +20,8 @@ pipeline key that prevents it. Weight names, for layer i:
 Mixtral layout: transformers 5 holds the experts fused in memory (`mlp.experts.gate_up_proj` (E, 2I, H),
 `mlp.experts.down_proj` (E, H, I)), but its `save_pretrained` writes, and `from_pretrained` converts from, the
 original per-expert layout `block_sparse_moe.experts.j.w1/w2/w3` (conversion_mapping.py, "mixtral"). We write that
-original layout: it is also the one vLLM's Mixtral loader and transformers 4.x read.
+original layout: it is also the one vLLM's Mixtral loader and transformers 4.x read. Kiln files keep their
+experts apart the same way (`ffn.experts.j.up_proj.weight`), while Kiln models stack them in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers.core_model_loading import revert_weight_conversion
 
 from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
 from kiln.model_fields import pipeline_key
@@ -77,7 +79,10 @@ def export_model(src_dir: str | Path, out_dir: str | Path, fmt: str = "auto") ->
     model = model_cls.from_pretrained(src)
     hf_config = to_hf_config(config, fmt, classifier)
     hf_config.save_pretrained(out)
-    tensors = to_hf_state_dict(model.state_dict(), config, fmt)
+    on_disk = revert_weight_conversion(
+        model, model.state_dict()
+    )  # experts apart, as save_pretrained writes them
+    tensors = to_hf_state_dict(on_disk, config, fmt)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"}
     )
@@ -234,19 +239,16 @@ def import_model(src_dir: str | Path) -> KilnForCausalLM:
 
 
 def from_hf_state_dict(hf: dict, config: KilnConfig) -> dict:
-    """In-memory transformers 5 Llama / Mixtral names (Mixtral's experts fused) -> Kiln names."""
+    """In-memory transformers 5 Llama / Mixtral names (Mixtral's experts fused) -> Kiln's in-memory names (its
+    experts stacked)."""
     sd = {}
     for name, tensor in hf.items():
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H) = [gate; up] per expert
             prefix = name.removesuffix("mlp.experts.gate_up_proj")
-            for j, (gate, up) in enumerate(t.chunk(2) for t in tensor):
-                sd[f"{prefix}ffn.experts.{j}.gate_proj.weight"] = gate
-                sd[f"{prefix}ffn.experts.{j}.up_proj.weight"] = up
+            sd[f"{prefix}ffn.experts.gate_proj"], sd[f"{prefix}ffn.experts.up_proj"] = tensor.chunk(2, dim=1)
             continue
-        if name.endswith("mlp.experts.down_proj"):  # (E, H, I)
-            prefix = name.removesuffix("mlp.experts.down_proj")
-            for j, down in enumerate(tensor):
-                sd[f"{prefix}ffn.experts.{j}.down_proj.weight"] = down
+        if name.endswith("mlp.experts.down_proj"):  # (E, H, I), Kiln's stacked layout too
+            sd[name.removesuffix("mlp.experts.down_proj") + "ffn.experts.down_proj"] = tensor
             continue
         for hf_name, kiln in ((".input_layernorm.", ".attn_norm."), (".self_attn.", ".attn."),
                               (".post_attention_layernorm.", ".ffn_norm."), (".mlp.gate.", ".ffn.router."),

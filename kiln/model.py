@@ -26,8 +26,8 @@ Dense models have `router_aux_loss_coef = router_z_loss_coef = 0` and never retu
 
 from __future__ import annotations
 
-import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,9 +45,12 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import MergeModulelist, WeightConverter
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from kiln.grouped_mm import grouped_mm
 from kiln.model_fields import HF_NAMES, hf_values, model_problems
 
 if TYPE_CHECKING:
@@ -308,29 +311,88 @@ def dispatch(top_idx: torch.Tensor, n_experts: int, capacity: int | None):
     Assignments are flattened choice-major (index a = choice * N + token) and sorted stably by expert, so each
     expert holds all first choices before any second choice, each in token order: a capacity limit drops the
     lowest-priority assignments first (GShard, Lepikhin et al. 2020). Returns `kept` (S,) flat assignment indices
-    grouped by expert, `counts` (kept per expert, a list: the expert loop needs sizes) and `routed` (E,) the
-    assignments per expert before the capacity limit."""
+    grouped by expert, `counts` (E,) kept per expert and `routed` (E,) the assignments per expert before the
+    capacity limit, all on the device. Without a capacity nothing waits for the host and every shape is fixed
+    (S = k * N). With one, the kept assignments are a data-dependent number: selecting them is the one host sync
+    (and, under torch.compile, the one graph break) the capacity rule needs."""
     flat_expert = top_idx.t().reshape(-1)  # (k*N,)
     order = torch.argsort(flat_expert, stable=True)  # (k*N,)
-    routed = torch.bincount(flat_expert, minlength=n_experts)  # (E,)
+    routed = torch.zeros(n_experts, dtype=torch.long, device=top_idx.device)
+    routed.index_add_(0, flat_expert, torch.ones_like(flat_expert))  # (E,), a bincount of fixed size
     if capacity is None:
-        return order, routed.tolist(), routed
+        return order, routed, routed
     first = torch.cumsum(routed, 0) - routed  # (E,) where each expert's group starts in `order`
     rank = torch.arange(order.numel(), device=order.device) - first[flat_expert[order]]  # place in its group
     kept = order[rank < capacity]  # (S,) overflow adds nothing: the token rides the residual stream
-    return kept, routed.clamp(max=capacity).tolist(), routed
+    return kept, routed.clamp(max=capacity), routed
+
+
+class Experts(nn.Module):
+    """Every expert's MLP at once, its weights stacked: `gate_proj`, `up_proj` (E, F, C) and `down_proj` (E, C, F),
+    each expert's matrix in nn.Linear's (out, in) layout (as transformers 5 holds Mixtral's experts); biases
+    `*_bias` (E, out). The rows, sorted by expert, go through one grouped matmul per projection
+    (kiln/grouped_mm.py). Checkpoints keep the per-expert layout (`experts.{e}.up_proj.weight`, what Mixtral and
+    Qwen-MoE files hold): `CHECKPOINT_CONVERSION` below stacks them on load and splits them on save."""
+
+    def __init__(self, config: KilnConfig, hidden: int):
+        super().__init__()
+        E, C = config.num_experts, config.hidden_size
+        shapes = {"up_proj": (hidden, C), "down_proj": (C, hidden)}
+        if config.activation == "swiglu":
+            shapes = {"gate_proj": (hidden, C), **shapes}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            n_out, n_in = shapes.get(name, (0, 0))
+            self.register_parameter(
+                name, nn.Parameter(torch.empty(E, n_out, n_in)) if name in shapes else None
+            )
+            bias = nn.Parameter(torch.empty(E, n_out)) if name in shapes and config.bias else None
+            self.register_parameter(f"{name}_bias", bias)
+        self._draw_as_linear_layers()
+
+    @torch.no_grad()
+    def _draw_as_linear_layers(self) -> None:
+        """nn.Linear's own init (`reset_parameters`), expert by expert, gate, up then down: the numbers one layer
+        per projection and expert drew when built. `_init_weights` overwrites them; drawing them keeps the
+        generator where it was, so a seed still gives the model it gave before the experts were stacked."""
+        for e in range(self.up_proj.shape[0]):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                if (w := getattr(self, name)) is None:
+                    continue
+                nn.init.kaiming_uniform_(w[e], a=math.sqrt(5))
+                if (b := getattr(self, f"{name}_bias")) is not None:
+                    bound = 1 / math.sqrt(w.shape[2])
+                    nn.init.uniform_(b[e], -bound, bound)
+
+    def _project(self, name: str, xs, offs, expert_of_row):
+        w, b = getattr(self, name), getattr(self, f"{name}_bias")
+        # a custom op is not autocast-aware: cast here as autocast casts F.linear's operands
+        if torch.is_autocast_enabled(xs.device.type):
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            xs, w, b = xs.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        h = grouped_mm(xs, w.transpose(1, 2), offs)  # (S, in) -> (S, out)
+        return h if b is None else h + b[expert_of_row]
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor, expert_of_row: torch.Tensor) -> torch.Tensor:
+        """xs (S, C) rows grouped by expert, counts (E,) rows per expert, expert_of_row (S,) -> (S, C)."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) where each expert's rows end
+        h = self._project("up_proj", xs, offs, expert_of_row)  # (S, F)
+        if self.gate_proj is not None:
+            h = F.silu(self._project("gate_proj", xs, offs, expert_of_row)) * h
+        else:
+            h = F.gelu(h)
+        return self._project("down_proj", h, offs, expert_of_row)  # (S, C)
 
 
 class MoE(nn.Module):
-    """Top-k mixture of experts: route, group tokens by expert, one matmul chain per expert, weighted scatter-add."""
+    """Top-k mixture of experts: route, sort the assignments by expert, all experts in grouped matmuls, weighted
+    scatter-add back to the tokens. Dropless (no `capacity_factor`), nothing in it waits for the host."""
 
     def __init__(self, config: KilnConfig):
         super().__init__()
         self.k, self.n_experts = config.num_experts_per_tok, config.num_experts
         self.capacity_factor = config.capacity_factor
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        hidden = config.moe_intermediate_size or config.intermediate_size
-        self.experts = nn.ModuleList(MLP(config, hidden) for _ in range(config.num_experts))
+        self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
 
     def capacity(self, n_tokens: int) -> int | None:
         """Switch Transformer eq. 3, with k slots per token: ceil(capacity_factor * tokens * k / experts)."""
@@ -338,59 +400,17 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.k / self.n_experts)
 
-    def grouped_gemm(self, xs: torch.Tensor) -> bool:
-        """One grouped matmul for all experts (bf16 on CUDA, as HF Mixtral's `grouped_mm` path), instead of a
-        Python loop of small matmuls. Not under ZeRO-3, which gathers each expert's weights only when that
-        expert module runs, nor with biases."""
-        w = self.experts[0].up_proj.weight
-        bf16 = w.dtype == torch.bfloat16 or (
-            torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-        )
-        return (
-            xs.is_cuda
-            and bf16
-            and hasattr(F, "grouped_mm")
-            and not hasattr(w, "ds_id")
-            and w.ndim == 2
-            and (self.experts[0].up_proj.bias is None)
-        )
-
-    def experts_grouped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """All experts' MLPs as grouped matmuls over the expert-sorted rows xs (S, C) -> (S, C)."""
-        offs = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=xs.device)  # (E,)
-
-        def stacked(name):  # (E, in, out), bf16: grouped_mm is not autocast-aware
-            return (
-                torch.stack([getattr(e, name).weight for e in self.experts])
-                .transpose(1, 2)
-                .to(torch.bfloat16)
-            )
-
-        xs = xs.to(torch.bfloat16)
-        h = F.grouped_mm(xs, stacked("up_proj"), offs=offs)  # (S, F)
-        if self.experts[0].gate_proj is not None:
-            h = F.silu(F.grouped_mm(xs, stacked("gate_proj"), offs=offs)) * h
-        else:
-            h = F.gelu(h)
-        return F.grouped_mm(h, stacked("down_proj"), offs=offs)  # (S, C)
-
     def forward(self, x, token_mask, router_outputs: bool):
         B, T, C = x.shape
         x = x.reshape(-1, C)  # (N, C)
         N = x.shape[0]
         logits = self.router(x)  # (N, E)
         probs, top_p, top_idx = route(logits, self.k)  # (N, E), (N, k), (N, k)
-        kept, counts, routed = dispatch(top_idx, self.n_experts, self.capacity(N))  # (S,)
+        kept, counts, routed = dispatch(top_idx, self.n_experts, self.capacity(N))  # (S,), (E,), (E,)
         token = kept % N  # (S,) the token of each kept assignment, grouped by expert
         weight = top_p.t().reshape(-1)[kept]  # (S,) its gate weight
-        xs = x[token]  # (S, C) grouped by expert
-        if self.grouped_gemm(xs):
-            y = self.experts_grouped(xs, counts)  # (S, C)
-        else:
-            # Every expert runs, on an empty slice if need be, so DDP and ZeRO-3 always see all parameters used.
-            y = torch.cat(
-                [expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts), strict=True)]
-            )
+        expert_of_row = top_idx.t().reshape(-1)[kept]  # (S,)
+        y = self.experts(x[token], counts, expert_of_row)  # (S, C)
         y = (y * weight[:, None]).to(x.dtype)  # under autocast y is bf16 while x stays fp32
         out = torch.zeros_like(x).index_add_(0, token, y)  # (N, C)
         out = out.view(B, T, C)
@@ -400,8 +420,31 @@ class MoE(nn.Module):
         aux = load_balancing_loss(probs, top_idx, token_mask)
         z = router_z_loss(logits, token_mask)
         load = routed.float() / routed.sum()  # (E,) share of assignments, before capacity
-        dropped = 1.0 - kept.numel() / (N * self.k)  # share of (token, expert) assignments over capacity
-        return out, logits, aux, z, load, torch.tensor(dropped, device=x.device)
+        dropped = 1.0 - kept.shape[0] / (N * self.k)  # share of (token, expert) assignments over capacity
+        return out, logits, aux, z, load, logits.new_tensor(dropped, dtype=torch.float32)
+
+
+CHECKPOINT_CONVERSION = [
+    WeightConverter(
+        f"ffn.experts.*.{name}.{kind}", f"ffn.experts.{name}{suffix}", operations=[MergeModulelist(dim=0)]
+    )
+    for name in ("gate_proj", "up_proj", "down_proj")
+    for kind, suffix in (("weight", ""), ("bias", "_bias"))
+]
+"""Checkpoint files hold each expert's projections apart (`model.layers.1.ffn.experts.3.up_proj.weight`, as Kiln
+wrote them before the experts were stacked, and as Mixtral and Qwen-MoE files do); transformers applies this on
+`from_pretrained` (stacking them into `ffn.experts.up_proj`) and its reverse on `save_pretrained`."""
+
+STACKED_EXPERTS = re.compile(r"^(.*\bffn\.experts)\.(gate_proj|up_proj|down_proj)(_bias)?$")
+
+
+def checkpoint_names(name: str, shape: tuple[int, ...]) -> list[str]:
+    """The names a parameter of this shape has in a checkpoint file: its own, or for a stacked expert parameter
+    one per expert (`...ffn.experts.up_proj` (E, F, C) -> `...ffn.experts.{e}.up_proj.weight` for e < E)."""
+    m = STACKED_EXPERTS.match(name)
+    if m is None:
+        return [name]
+    return [f"{m[1]}.{e}.{m[2]}.{'bias' if m[3] else 'weight'}" for e in range(shape[0])]
 
 
 class Block(GradientCheckpointingLayer):
@@ -477,8 +520,24 @@ class KilnPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm | nn.LayerNorm):
             init.ones_(module.weight)
+        elif isinstance(module, Experts):
+            self._init_experts(module, std)
         if getattr(module, "bias", None) is not None:
             init.zeros_(module.bias)
+
+    def _init_experts(self, experts: Experts, std: float) -> None:
+        """Expert by expert, gate, up then down (down as a residual-stream output): the draws, in order, of one
+        nn.Linear per projection and expert, so a stacked model starts from the values a per-expert one did."""
+        projections = [(n, getattr(experts, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+        projections = [(n, w) for n, w in projections if w is not None]
+        residual = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for e in range(self.config.num_experts):
+            for name, w in projections:
+                if not getattr(w, "_is_hf_initialized", False):  # loaded: kept (a slice has no flag)
+                    init.normal_(w[e], mean=0.0, std=residual if name == "down_proj" else std)
+        for name, _ in projections:
+            if (b := getattr(experts, f"{name}_bias")) is not None:
+                init.zeros_(b)
 
     def num_parameters_total(self) -> int:
         """Every parameter once (a tied matrix is one). `ds_numel`: the full size under DeepSpeed ZeRO-3."""
@@ -489,7 +548,8 @@ class KilnPreTrainedModel(PreTrainedModel):
         c, inactive = self.config, 0
         for module in self.modules():
             if isinstance(module, MoE):
-                per_expert = sum(getattr(p, "ds_numel", p.numel()) for p in module.experts[0].parameters())
+                stacked = sum(getattr(p, "ds_numel", p.numel()) for p in module.experts.parameters())
+                per_expert = stacked // c.num_experts
                 inactive += (c.num_experts - c.num_experts_per_tok) * per_expert
         return self.num_parameters_total() - inactive
 
@@ -723,6 +783,7 @@ class KilnForSequenceClassification(KilnPreTrainedModel):
 
 # Registration at import (idempotent): `AutoModelForCausalLM.from_pretrained(dir)` works after `import kiln.model`.
 AutoConfig.register("kiln", KilnConfig, exist_ok=True)
+register_checkpoint_conversion_mapping("kiln", CHECKPOINT_CONVERSION, overwrite=True)
 AutoModel.register(KilnConfig, KilnModel, exist_ok=True)
 AutoModelForCausalLM.register(KilnConfig, KilnForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(KilnConfig, KilnForSequenceClassification, exist_ok=True)

@@ -285,14 +285,20 @@ def _concrete(model_class, config):
 
 
 def _checkpoint_names(model, reader) -> dict:
-    """Parameter or buffer name -> the checkpoint's name for it: the same, or without the model's
-    base prefix (a base model's checkpoint), as transformers matches them."""
+    """Parameter or buffer name -> the checkpoint's names for it (one; or one per expert for stacked expert
+    weights, kiln/model.py's `checkpoint_names`): the same, or without the model's base prefix (a base
+    model's checkpoint), as transformers matches them."""
+    from kiln.model import checkpoint_names
+
     prefix = getattr(model, "base_model_prefix", "")
-    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
-        if name in reader:
-            yield name, name
-        elif prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in reader:
-            yield name, name[len(prefix) + 1 :]
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        stored = checkpoint_names(name, tuple(getattr(t, "ds_shape", t.shape)))
+        if all(n in reader for n in stored):
+            yield name, stored
+        elif prefix and name.startswith(prefix + "."):
+            short = [n[len(prefix) + 1 :] for n in stored]
+            if all(n in reader for n in short):
+                yield name, short
 
 
 def _fill(model, reader, names: dict) -> None:
@@ -302,6 +308,8 @@ def _fill(model, reader, names: dict) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from kiln.model import STACKED_EXPERTS
+
     rank = dist.get_rank()
     for module_name, module in model.named_modules():
         dot = f"{module_name}." if module_name else ""
@@ -309,14 +317,19 @@ def _fill(model, reader, names: dict) -> None:
         if params:
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0), torch.no_grad():
                 if rank == 0:
-                    for name, p in params:  # one tensor read at a time
-                        p.data.copy_(reader.read(names[name]))
+                    for name, p in params:  # one tensor read at a time (one expert's, for stacked ones)
+                        stored = names[name]
+                        if not STACKED_EXPERTS.match(name):
+                            p.data.copy_(reader.read(stored[0]))
+                        else:
+                            for e, n in enumerate(stored):
+                                p.data[e].copy_(reader.read(n))
             if params[0][1].device.type == "cpu":
                 release_freed_memory()
         for name, buf in module.named_buffers(recurse=False):  # not partitioned: every rank reads them
             if buf is not None and dot + name in names:
                 with torch.no_grad():
-                    buf.copy_(reader.read(names[dot + name]))
+                    buf.copy_(reader.read(names[dot + name][0]))
                 buf._is_hf_initialized = True
         for _, p in params:
             p._is_hf_initialized = True
@@ -327,16 +340,20 @@ def _fill(model, reader, names: dict) -> None:
 
 def _check_shapes(model, reader, names: dict, path) -> None:
     """On every rank, before any gather: a checkpoint that does not fit the model fails them all alike."""
+    from kiln.model import STACKED_EXPERTS
+
     shapes = {
         n: tuple(getattr(t, "ds_shape", t.shape))
         for n, t in [*model.named_parameters(), *model.named_buffers()]
     }
     for name, stored in names.items():
-        if tuple(reader.spec(stored).shape) != shapes[name]:
-            raise ValueError(
-                f"{path}: the checkpoint's {stored} is {tuple(reader.spec(stored).shape)}, the model's "
-                f"{name} {shapes[name]}: the folder's config.json does not describe its weights"
-            )
+        expected = shapes[name][1:] if STACKED_EXPERTS.match(name) else shapes[name]
+        for n in stored:
+            if tuple(reader.spec(n).shape) != expected:
+                raise ValueError(
+                    f"{path}: the checkpoint's {n} is {tuple(reader.spec(n).shape)}, the model's "
+                    f"{name} {shapes[name]}: the folder's config.json does not describe its weights"
+                )
 
 
 def import_model(src_dir, ds_config: dict | None):

@@ -442,7 +442,8 @@ class TrlStageConfig(WorkerGroupConfig):
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    """Module names that get LoRA adapters (every expert's projections match too)."""
+    """Module names that get LoRA adapters: attention and dense feed-forward layers. A MoE layer's experts are
+    stacked parameters of one module, not linear layers: LoRA leaves them (and the router) as they are."""
     max_errors: int = 200
     """How many bad records data_stats.json lists with file:line (all are counted)."""
 

@@ -54,6 +54,13 @@ def rank_slices(ids: np.ndarray, world: int, accum: int) -> list[np.ndarray]:
     return [ids[i : i + micro] for i in starts]
 
 
+def saved(model) -> dict[str, torch.Tensor]:
+    """The model's tensors as its saved files name them (a MoE layer's stacked experts one by one)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {k: v.detach().clone() for k, v in revert_weight_conversion(model, model.state_dict()).items()}
+
+
 def reference_run(
     tokens: Path,
     pcfg: PretrainConfig,
@@ -86,7 +93,7 @@ def reference_run(
     data = PackedTokens(tokens, "train")
     world = pcfg.num_workers
     accum = pcfg.global_batch_size // (world * pcfg.micro_batch_size)
-    trace = Trace([], [], [], [], {}, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    trace = Trace([], [], [], [], {}, saved(model))
     for step in range(pcfg.steps):
         lr = schedule(step, lr=pcfg.lr, min_lr=pcfg.min_lr, warmup=pcfg.warmup_steps, total=pcfg.steps)
         for g in opt.param_groups:
@@ -112,7 +119,7 @@ def reference_run(
         trace.grad_norms.append(norm.item())
         trace.lrs.append(lr)
         trace.batch_crcs.append(zlib.crc32(ids.astype(np.int64).tobytes()))
-    trace.params.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    trace.params.update(saved(model))
     return trace
 
 

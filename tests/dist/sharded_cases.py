@@ -45,15 +45,17 @@ def ds_config(precision: str, zero_stage: int = 3) -> dict:
     )  # fmt: skip
 
 
-def gathered(model) -> dict:
-    """Every parameter's full value (a tied one once), on every rank."""
+def gathered(model, as_saved: bool = False) -> dict:
+    """Every parameter's full value (a tied one once), on every rank; `as_saved`: named as a checkpoint file
+    names them (a MoE layer's stacked experts one by one, as save_pretrained splits them)."""
     import deepspeed
+    from transformers.core_model_loading import revert_weight_conversion
 
     out = {}
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             out[name] = p.data.detach().clone()
-    return out
+    return revert_weight_conversion(model, out) if as_saved else out
 
 
 def mismatched(got: dict, want: dict, dtype) -> list[str]:
@@ -170,7 +172,7 @@ def load_cases(out_dir: Path, rank: int, world: int) -> dict:
             **{k: all(p[k] for p in parts) for k in ("partitioned", "released", "local_share")},
             "local_elements": sum(p["local_elements"] for p in parts),
             "full_elements": sum(p["full_elements"] for p in parts),
-            "mismatched_lm": sorted({n for m in lms for n in mismatched(gathered(m), saved, dtype)}),
+            "mismatched_lm": sorted({n for m in lms for n in mismatched(gathered(m, as_saved=True), saved, dtype)}),
             # the backbone from the checkpoint, the new head as the full load draws it
             "mismatched_head": mismatched(gathered(heads[0]), full_head, dtype),
             "rng_equal": rng_equal,
