@@ -32,6 +32,9 @@ from pathlib import Path
 
 import torch
 
+PER_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
+"""A parameter of a checkpoint written while each expert was its own layers (kiln/model.py's `Experts` stacks
+them now): `model.layers.1.ffn.experts.3.up_proj.weight` is expert 3's slice of `...ffn.experts.up_proj`."""
 ZERO_SHARD = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
 RNG = re.compile(r"^rng_rank(\d+)\.pt$")
 
@@ -56,6 +59,76 @@ def saved_layout(ckpt: Path, tag: str, state: dict) -> dict:
     ranks = {m[1] for m in shards if m[2] == "optim"} or {m[1] for m in map(RNG.match, os.listdir(ckpt)) if m}
     stage = 3 if any(m[2] == "model" for m in shards) else 1 if shards else 0
     return {"world_size": len(ranks), "zero_stage": stage}
+
+
+def per_expert_layout(ckpt: Path, tag: str) -> bool:
+    """Whether checkpoint `tag` holds a MoE model's experts one by one (written before they were stacked):
+    its parameter names, from the model-states file."""
+    folder = Path(ckpt) / tag
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        try:
+            sd = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError):
+            continue
+        return any(PER_EXPERT.match(n) for group in sd.get("param_shapes") or [] for n in group)
+    return False
+
+
+def _stacked_name(m: re.Match) -> str:
+    return f"{m[1]}.{m[3]}{'' if m[4] == 'weight' else '_bias'}"
+
+
+def _stack_dict(named: dict) -> dict:
+    """name -> value with each per-expert run replaced, where its first expert was, by the stacked entry
+    (`stack` of the values in expert order)."""
+    out, experts = {}, {}
+    for name, value in named.items():
+        if m := PER_EXPERT.match(name):
+            stacked = _stacked_name(m)
+            if stacked not in experts:
+                out[stacked] = None  # keeps the place
+                experts[stacked] = {}
+            experts[stacked][int(m[2])] = value
+        else:
+            out[name] = value
+    for stacked, values in experts.items():
+        ordered = [values[e] for e in range(len(values))]
+        if all(isinstance(v, torch.Tensor) for v in ordered):
+            out[stacked] = torch.stack(ordered)
+        else:  # shapes (torch.Size)
+            out[stacked] = torch.Size([len(ordered), *ordered[0]])
+    return out
+
+
+def stack_experts(universal_tag: Path) -> None:
+    """Re-lay a universal checkpoint's folder (`<out>/<tag>`) of a per-expert model as the stacked model
+    loads it: each projection's per-expert folders (`zero/<name>/fp32.pt`, `exp_avg.pt`, `exp_avg_sq.pt`:
+    {"param": tensor, "cat_dim": 0}; `step.pt`) become one folder of the stacked values, and the module
+    weights and parameter shapes of the model-states files are renamed and stacked alike."""
+    zero = Path(universal_tag) / "zero"
+    groups: dict[str, dict[int, Path]] = {}
+    for folder in zero.iterdir():
+        if m := PER_EXPERT.match(folder.name):
+            groups.setdefault(_stacked_name(m), {})[int(m[2])] = folder
+    for stacked, folders in groups.items():
+        ordered = [folders[e] for e in range(len(folders))]
+        (zero / stacked).mkdir()
+        for file in sorted(p.name for p in ordered[0].iterdir()):
+            parts = [torch.load(f / file, map_location="cpu", weights_only=True) for f in ordered]
+            if isinstance(parts[0], dict):  # the parameter's fp32 value or an optimizer moment
+                value = {**parts[0], "param": torch.stack([p["param"] for p in parts])}
+            else:  # step: one count for all
+                value = parts[0]
+            torch.save(value, zero / stacked / file)
+        for f in ordered:
+            shutil.rmtree(f)
+    for path in Path(universal_tag).glob("*model_states.pt"):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(sd.get("module"), dict):
+            sd["module"] = type(sd["module"])(_stack_dict(sd["module"]))
+        if sd.get("param_shapes"):
+            sd["param_shapes"] = [type(g)(_stack_dict(g)) for g in sd["param_shapes"]]
+        torch.save(sd, path)
 
 
 def needs_universal(saved: dict, now: dict) -> bool:
@@ -95,11 +168,12 @@ def layout_change_problem(saved: dict, now: dict) -> str | None:
     )
 
 
-def to_universal(ckpt: Path, tag: str, out: Path) -> Path:
+def to_universal(ckpt: Path, tag: str, out: Path, per_expert: bool = False) -> Path:
     """DeepSpeed's universal form of checkpoint `ckpt`/`tag`, in `out` (returned): `out/<tag>/` and
     `out/latest_universal`, what `engine.load_checkpoint(str(out), tag=tag)` reads with
     `"checkpoint": {"load_universal": True}`. Written into a temporary sibling renamed into place, so
-    `out` is complete or absent; a complete one is reused."""
+    `out` is complete or absent; a complete one is reused. `per_expert`: the checkpoint holds its
+    experts one by one (`per_expert_layout`): the universal one is re-laid as the model stacks them."""
     out = Path(out)
     if (out / tag).is_dir():
         return out
@@ -115,6 +189,8 @@ def to_universal(ckpt: Path, tag: str, out: Path) -> Path:
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
             raise RuntimeError(f"converting checkpoint {ckpt}/{tag} to a universal one failed:\n{tail}")
+        if per_expert:
+            stack_experts(tmp / tag)
         shutil.rmtree(out, ignore_errors=True)  # an incomplete one, or another tag's
         try:
             tmp.rename(out)
@@ -173,21 +249,30 @@ def prepare(wctx, ckpt: Path, tag: str, state: dict, now: dict) -> tuple[Path, b
     `"checkpoint": {"load_universal": True}`) for a worker of layout `now` ({"world_size",
     "zero_stage"}). Under the layout it was written with, the checkpoint as fetched; under another
     world size, its universal form, converted once per node (by its local rank 0, from every rank's
-    files) into a temporary folder the node's ranks share. Raises with `layout_change_problem`'s
-    message where DeepSpeed cannot load it (the run's planning refuses those first)."""
+    files) into a temporary folder the node's ranks share. A checkpoint of a MoE model written before
+    its experts were stacked goes through the universal form too, re-laid (`stack_experts`), on any
+    world size. Raises with `layout_change_problem`'s message where DeepSpeed cannot load it (the
+    run's planning refuses those first)."""
     import torch.distributed as dist
 
     saved = saved_layout(ckpt, tag, state)
     problem = layout_change_problem(saved, now)
     if problem:
         raise RuntimeError(problem)
-    if not needs_universal(saved, now):
+    per_expert = per_expert_layout(ckpt, tag)
+    if per_expert and saved["zero_stage"] == 0:
+        raise RuntimeError(
+            f"checkpoint {ckpt}/{tag} holds its MoE experts one by one (written before Kiln stacked them) under "
+            "ZeRO-0, whose optimizer state has no universal form to re-lay: resume it with the Kiln version "
+            "that wrote it, or start the stage again"
+        )
+    if not (needs_universal(saved, now) or per_expert):
         return Path(ckpt), False
     # the same name on every rank of the run (all read the same trainer_state.json), another per checkpoint
     key = hashlib.sha256(repr((sorted(state.items(), key=str), tag)).encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / f"kiln-universal-{key}"
     if wctx.local_rank == 0:
-        to_universal(wctx.checkpoint(every_rank=True), tag, out)
+        to_universal(wctx.checkpoint(every_rank=True), tag, out, per_expert=per_expert)
     if dist.is_initialized():
         dist.barrier()  # the node's conversion is complete
     return out, True

@@ -258,3 +258,15 @@ def test_fetch_copies_what_a_rank_reads_from_a_filesystem(tmp_path):
     assert got == tmp_path / "rank12"
     assert files(got) == {n: n for n in R.rank_files(CHECKPOINT, 12)}
     assert files(R.fetch(LocalFileSystem(), f"{src}/", tmp_path / "all", None)) == {n: n for n in CHECKPOINT}
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_of_experts_one_by_one_resumes_into_the_stacked_experts(runs):
+    """Written while each expert was its own layers, re-laid through the universal form (`stack_experts`):
+    the stacked model continues the run as the per-expert one did (the same function, the same weights
+    and AdamW moments)."""
+    apart = runs / "experts-apart"
+    assert json.loads((apart / "found.json").read_text()) is True  # per_expert_layout saw it
+    got, want = run(apart, "zero2-zero2-fp32", "stacked"), run(apart, "zero2-zero2-fp32", "one")
+    assert got["experts"] == ["down_proj", "gate_proj", "up_proj"]  # stacked parameters, not experts.{e}.*
+    assert max_diff(got["losses"], want["losses"]) <= 1e-5, (got, want)

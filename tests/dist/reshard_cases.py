@@ -32,6 +32,7 @@ from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB  # noqa: E402
 
 SAVED, MORE = 2, 3  # steps before the checkpoint, steps after
 TAG = f"step{SAVED:08d}"
+EXPERTS_APART = "zero2-zero2-fp32"  # the case of a checkpoint written with the experts one by one
 CASES = ["zero2-zero2-fp32", "zero3-zero3-fp32", "zero1-zero2-fp32", "zero3-zero3-bf16", "zero0-zero0-fp32"]
 
 
@@ -46,9 +47,33 @@ def universal(case: str) -> bool:
     return parse(case)[0] >= 1
 
 
-def engine(zero: int, precision: str, world: int, load_universal: bool = False):
+def per_expert(model) -> None:
+    """Each MoE layer's experts as Kiln held them before it stacked them: one MLP of nn.Linear layers per
+    expert (checkpoint names `ffn.experts.{e}.up_proj.weight`), with the same values and function."""
+    import torch
+
+    from kiln.model import MLP
+
+    class PerExpert(torch.nn.ModuleList):
+        def forward(self, xs, counts, expert_of_row):
+            return torch.cat([mlp(rows) for mlp, rows in zip(self, xs.split(counts.tolist()), strict=True)])
+
+    for layer in model.model.layers:
+        if layer.is_moe:
+            stacked = layer.ffn.experts
+            mlps = PerExpert(
+                MLP(model.config, stacked.up_proj.shape[1]) for _ in range(stacked.up_proj.shape[0])
+            )
+            with torch.no_grad():
+                for e, mlp in enumerate(mlps):
+                    for name in ("gate_proj", "up_proj", "down_proj"):
+                        getattr(mlp, name).weight.copy_(getattr(stacked, name)[e])
+            layer.ffn.experts = mlps
+
+
+def engine(zero: int, precision: str, world: int, load_universal: bool = False, experts_apart: bool = False):
     """pretrain's engine (the model built from the seed, partitioned under ZeRO-3; Kiln's AdamW), and
-    the weight decays its optimizer was built with."""
+    the weight decays its optimizer was built with. `experts_apart`: the model as `per_expert` lays it."""
     import deepspeed
     import torch
 
@@ -66,6 +91,8 @@ def engine(zero: int, precision: str, world: int, load_universal: bool = False):
     torch.manual_seed(SEED)
     with S.sharded_build(config):
         model = KilnForCausalLM(build_config(MODEL, VOCAB, 0, 1))
+    if experts_apart:
+        per_expert(model)
     optimizer = adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     built = [g["weight_decay"] for g in optimizer.param_groups]
     eng, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -112,13 +139,13 @@ def write(out: Path, case: str, run: str, eng, row: dict) -> None:
         (out / case / f"{run}.json").write_text(json.dumps(row))
 
 
-def save_run(out: Path, case: str, train_data, world: int) -> None:
+def save_run(out: Path, case: str, train_data, world: int, experts_apart: bool = False) -> None:
     """SAVED steps, a checkpoint in `one` or `two` as pretrain writes it (DeepSpeed's, RNG, the trainer
     state without a layout), then the MORE steps that follow it."""
     from kiln.training import save_rng, write_json
 
     saved, _, precision = parse(case)
-    eng, _ = engine(saved, precision, world)
+    eng, _ = engine(saved, precision, world, experts_apart=experts_apart)
     train(eng, train_data, 0, SAVED)
     folder = out / case / {1: "one", 2: "two"}[world]
     eng.save_checkpoint(str(folder), tag=TAG)
@@ -142,6 +169,9 @@ def resume(
     if repair:
         repair_universal_load(eng, built)
     loaded = optimizer_state(eng)
+    loaded["experts"] = sorted(
+        {n.rsplit(".", 1)[-1] for n, _ in eng.module.named_parameters() if ".experts." in n}
+    )
     write(
         out, case, run, eng, {"losses": train(eng, train_data, SAVED, SAVED + MORE), "built": built, **loaded}
     )
@@ -189,7 +219,7 @@ def main(out: Path, cases: list[str]) -> None:
     from pyarrow.fs import LocalFileSystem
 
     from data_prep.packed import PackedTokens
-    from kiln.reshard import fetch, to_universal
+    from kiln.reshard import fetch, per_expert_layout, to_universal
     from kiln.training import extension_cache
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -211,6 +241,14 @@ def main(out: Path, cases: list[str]) -> None:
         if universal(case):
             converted = to_universal(out / case / "one", TAG, out / case / "one-universal")
             resume(out, case, train_data, "one-to-one", converted, load_universal=True)
+    if rank == 0:  # a checkpoint of experts one by one, resumed by the stacked model
+        apart = out / "experts-apart"
+        (apart / EXPERTS_APART).mkdir(parents=True, exist_ok=True)
+        save_run(apart, EXPERTS_APART, train_data, 1, experts_apart=True)
+        found = per_expert_layout(apart / EXPERTS_APART / "one", TAG)
+        converted = to_universal(apart / EXPERTS_APART / "one", TAG, apart / "stacked", per_expert=found)
+        resume(apart, EXPERTS_APART, train_data, "stacked", converted, load_universal=True)
+        (apart / "found.json").write_text(json.dumps(found))
     dist.destroy_process_group()
 
     together(torchrun)
