@@ -21,8 +21,11 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 log=${OUT:-/tmp}/gpu_check.log
 failed=0  # every check runs; the script fails at the end if any did
 echo "== GPU-only model tests (flash/efficient kernels, grouped experts, cached generation)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda 2>&1 | tail -5 | tee "$log" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_moe.py -k cuda 2>&1 | tail -5 | tee "$log" \
   || { failed=1; echo "FAILED: the GPU model tests"; }
+echo "== MoE layer forward+backward: grouped matmul vs the loop over experts (bf16, eager and compiled)"
+timeout 120 python3 bench/moe_layer.py --device cuda 2>&1 | grep -v -i "warn" | tee -a "$log" \
+  || { failed=1; echo "FAILED: bench/moe_layer.py"; }
 echo "== pretraining inner loop vs HF (bf16, fp16), and a ~350M dense model (bf16)"
 timeout 420 python3 -m torch.distributed.run --nproc_per_node 1 bench/gpu_pretrain.py --steps ${STEPS:-25} 2>&1 \
   | grep -v -i "warn" | tee -a "$log" || { failed=1; echo "FAILED: bench/gpu_pretrain.py"; }

@@ -35,6 +35,8 @@ for _name, (_ranks, _accum) in SPLITS.items():
         "zero_stage": 2, "num_workers": _ranks, "micro_batch_size": 8 // (_ranks * _accum), "steps": DENSE_STEPS,
     }  # fmt: skip
 DENSE_CASES = {f"dense-{name}" for name in SPLITS}
+# pretrain.compile on the MoE model: torch.compile of the whole decoder, its dropless MoE layers in one graph
+CASES["zero2-fp32-compiled"] = {"zero_stage": 2, "precision": "fp32", "compile": True}
 
 
 def model_for(case: str) -> ModelConfig:
