@@ -18,6 +18,17 @@ What it measures, on the bundled sample (25.8 MB of text) cut into 4 input shard
 Every timing is the best of --reps runs; each run starts from fresh worker processes (cold BPE caches).
 Goals: pipeline >= 70% of raw at 1 and 2 workers; pipeline 2-vs-1 speed-up >= 0.9 x raw's 2-vs-1;
 peak memory at 10x within +-10% of 1x apart from the de-duplication index.
+
+    python bench/data.py --resume        # ~4 min on 2 cores: kill-and-resume of ingest and tokenize
+
+4. resuming mid-stage (`--resume`, instead of 1-3): the sample `--scale` times over (each copy of a
+   document with a distinct suffix) dealt into `--files` .jsonl.zst shards; ingest, then tokenize
+   (one partition per ingest shard), each run in a driver process of its own with a pool of 2
+   workers: once uninterrupted, once killed (SIGKILL to the driver and its pool) when about half
+   its units are recorded (ingest: once mid-clean, once mid-write), then run again in the same work
+   dir. Prints the stage's time uninterrupted, the resumed run's time, their ratio beside the share
+   of units left to do, the "N of M units already done" of the resumed run's log, and whether its
+   artifact equals the uninterrupted one byte for byte (the goal: always).
 """
 
 from __future__ import annotations
@@ -59,6 +70,13 @@ def _noop(i):
     return i
 
 
+def _timed(fn, item):
+    """fn(item) in a pool worker, and the CPU seconds it took there (all its threads)."""
+    t0 = time.process_time()
+    result = fn(item)
+    return result, time.process_time() - t0
+
+
 class PoolContext(LocalContext):
     """A stage context whose map runs on a pool of worker processes (spawned, warmed up first)."""
 
@@ -71,9 +89,13 @@ class PoolContext(LocalContext):
             initargs=(thread_env(num_cpus),),
         )
         list(self.pool.map(_noop, range(workers * 2)))
+        self.task_cpu = 0.0  # CPU seconds the tasks took in the workers
 
-    def map(self, fn, items, *, num_cpus=1):
-        return list(self.pool.map(fn, items))
+    def map(self, fn, items, *, num_cpus=1, progress=None):
+        items = list(items)
+        done = list(self.pool.map(_timed, [fn] * len(items), items))
+        self.task_cpu += sum(cpu for _, cpu in done)
+        return [result for result, _ in done]
 
     def close(self):
         self.pool.shutdown()
@@ -194,13 +216,179 @@ def make_10x(dst: Path) -> Path:
     return dst
 
 
+# -- resuming mid-stage --------------------------------------------------------------------------
+
+
+def make_corpus(folder: Path, scale: int, files: int) -> list[Path]:
+    """The sample `scale` times over, each copy of a document with a distinct suffix (none is a
+    duplicate of another), dealt round-robin into `files` .jsonl.zst shards."""
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().stream_reader(SAMPLE.open("rb")).read()
+    records = [json.loads(line) for line in raw.splitlines()]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"shard-{k:03d}.jsonl.zst" for k in range(files)]
+    outs = [open(p, "wb") for p in paths]
+    writers = [zstandard.ZstdCompressor(level=1).stream_writer(f) for f in outs]
+    n = 0
+    for copy in range(scale):
+        for r in records:
+            line = json.dumps({"text": r["text"] + f"\n[copy {copy}]", "meta": r["meta"]}) + "\n"
+            writers[n % files].write(line.encode())
+            n += 1
+    for w in writers:
+        w.close()
+    return paths
+
+
+def _stage_main(job: str) -> None:
+    """One stage in this process (its driver), map on a pool of 2 workers; prints its seconds."""
+    import logging
+
+    import stages.ingest as ingest
+    import stages.tokenize as tokenize
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    job = json.loads(job)
+    cfg = config(job["sources"])
+    arts = {name: Artifact(name, "b", Path(path), {}) for name, path in job["inputs"].items()}
+    ctx = PoolContext(job["stage"], Path(job["work"]), 2, 1)
+    out = Path(job["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    {"ingest": ingest, "tokenize": tokenize}[job["stage"]].run(cfg, arts, out, ctx)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0 + ctx.task_cpu
+    ctx.close()
+    print(json.dumps({"seconds": seconds, "cpu": cpu}))
+
+
+def run_stage(job: dict, kill_when=None) -> dict:
+    """The stage in a driver process of its own: {"seconds", "log"}; or, with `kill_when` (a
+    function of nothing, true when it is time), killed with its workers then: {"killed": True}."""
+    import signal
+
+    cmd = [sys.executable, __file__, "--stage-run", json.dumps(job)]
+    Path(job["work"]).parent.mkdir(parents=True, exist_ok=True)
+    with open(Path(job["work"]).parent / f"{job['stage']}.log", "w+") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        if kill_when is not None:
+            while proc.poll() is None and not kill_when():
+                time.sleep(0.005)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the driver and its pool: a lost head
+                proc.wait()
+                return {"killed": True}
+        stdout, _ = proc.communicate()
+        log.seek(0)
+        text = log.read()
+    if proc.returncode:
+        raise RuntimeError(f"{job['stage']} failed:\n{text[-3000:]}")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "log": text}
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if names != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def resume_main(args) -> None:
+    import re
+
+    import stages.tokenizer as tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-resume-"))
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        sources = [str(p) for p in make_corpus(tmp / "src", args.scale, args.files)]
+        gen_s = time.perf_counter() - t0
+
+        def job(stage, name, inputs=None):
+            return {
+                "stage": stage, "sources": sources, "inputs": inputs or {},
+                "work": str(tmp / name / "work"), "out": str(tmp / name / "out"),
+            }  # fmt: skip
+
+        def records(work: str, folder: str) -> int:
+            return len(list((Path(work) / folder).glob("*.done.json")))
+
+        ref_ingest = job("ingest", "ingest-ref")
+        full = run_stage(ref_ingest)
+        (tmp / "tok").mkdir()
+        ref_art = {"ingest": Artifact("ingest", "b", Path(ref_ingest["out"]), {})}
+        tokenizer.run(config(sources), ref_art, tmp / "tok", LocalContext("tokenizer", tmp / "w-tokenizer"))
+        inputs = {"ingest": ref_ingest["out"], "tokenizer": str(tmp / "tok")}
+        ref_tok = job("tokenize", "tokenize-ref", inputs)
+        full_tok = run_stage(ref_tok)
+        n_parts = json.loads((Path(ref_tok["out"]) / "index.json").read_text())["partitions"]
+
+        cases = [  # (stage, where it is killed, its uninterrupted run, the unit folder, records to wait for, units)
+            ("ingest", "mid-clean", ref_ingest, full, "parts", args.files // 2, 2 * args.files),
+            ("ingest", "mid-write", ref_ingest, full, "docs", args.files // 2, 2 * args.files),
+            ("tokenize", "mid-way", ref_tok, full_tok, "streams", n_parts // 2, n_parts),
+        ]
+        for stage, where, ref, ref_run, folder, wait_for, units in cases:
+            j = job(stage, f"{stage}-{where}", ref["inputs"])
+            run_stage(j, kill_when=lambda j=j, f=folder, n=wait_for: records(j["work"], f) >= n)
+            done = records(j["work"], "parts") + records(j["work"], "docs") + records(j["work"], "streams")
+            again = run_stage(j)
+            said = re.search(r"(\d+) of (\d+) units already done", again["log"])
+            rows.append(
+                {
+                    "stage": stage, "where": where, "full_s": ref_run["seconds"], "resume_s": again["seconds"],
+                    "full_cpu": ref_run["cpu"], "resume_cpu": again["cpu"],
+                    "done": done, "units": units, "said": said.group(0) if said else "(no line)",
+                    "same": same_bytes(Path(j["out"]), Path(ref["out"])),
+                }
+            )  # fmt: skip
+        total_s = time.perf_counter() - t0
+        docs = json.loads((Path(ref_ingest["out"]) / "stats.json").read_text())["read"]
+        tokens = sum(
+            s["tokens"]
+            for s in json.loads((Path(ref_tok["out"]) / "index.json").read_text())["splits"].values()
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(
+        f"\nKiln data stages killed mid-stage and resumed — {args.files} input files, {docs:,} documents "
+        f"(the sample x{args.scale}), {tokens:,} tokens, {len(os.sched_getaffinity(0))} CPUs, 2 pool workers"
+    )
+    print(
+        "wall: seconds of the stage's run; cpu: CPU seconds of its driver and its tasks (less sensitive to load)"
+    )
+    print(
+        f"{'stage':<10}{'killed':<11}{'units done':>12}{'units left':>12}{'wall full':>11}{'resumed':>9}{'ratio':>7}"
+        f"{'cpu full':>10}{'resumed':>9}{'ratio':>7}  {'identical':<11}log of the resumed run"
+    )
+    for r in rows:
+        print(
+            f"{r['stage']:<10}{r['where']:<11}{r['done']:>6} of {r['units']:<3}{1 - r['done'] / r['units']:>12.2f}"
+            f"{r['full_s']:>11.2f}{r['resume_s']:>9.2f}{r['resume_s'] / r['full_s']:>7.2f}"
+            f"{r['full_cpu']:>10.2f}{r['resume_cpu']:>9.2f}{r['resume_cpu'] / r['full_cpu']:>7.2f}"
+            f"  {'yes' if r['same'] else 'NO':<11}{r['said']!r}"
+        )
+    print(f"(corpus generation {gen_s:.1f} s; bench total {total_s:.0f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--resume", action="store_true", help="kill-and-resume of ingest and tokenize instead")
+    ap.add_argument("--scale", type=int, default=10, help="--resume: the sample this many times over")
+    ap.add_argument("--files", type=int, default=40, help="--resume: input files")
     ap.add_argument("--raw", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--stage-run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw:
         return _raw_main(*args.raw)
+    if args.stage_run:
+        return _stage_main(args.stage_run)
+    if args.resume:
+        return resume_main(args)
     import stages.tokenizer as tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))

@@ -8,6 +8,9 @@
 3. `write_docs(task)`  one task per file: the part minus duplicates, each document written
    `copies` times (set weights), as Parquet shards `text, source, id`.
 
+Steps 1 and 3 are units (pipeline/units.py): each task renames its files into place, then records
+itself done, last; `finished_clean` and `units.finished` give an earlier attempt's result back.
+
 Every record read ends up in exactly one place: kept, or dropped with one reason, so
 `read == kept + sum(dropped)` per file and in total. Check order (first that applies wins):
 invalid_utf8, malformed_json, missing_text, text_not_string, empty, excluded_set, too_short,
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.readers import BadFileError, read_hf, read_lines
+from pipeline import units
 
 BAD_RECORD = ("invalid_utf8", "malformed_json", "missing_text", "text_not_string", "empty")
 UNKNOWN_SET = "unknown"
@@ -59,6 +63,15 @@ class CleanTask:
     include_sets: tuple[str, ...]
     set_weights: dict[str, float]
     max_errors: int
+    record: str
+    """Where the finished unit is recorded (pipeline/units.py)."""
+    identity: dict
+    """What its output depends on: the input file (size, mtime) and the settings above."""
+
+
+def hashes_path(part: str) -> Path:
+    """The content hashes of a part's rows (uint64 .npy), beside it."""
+    return Path(part).with_suffix(".hashes.npy")
 
 
 @dataclass
@@ -74,6 +87,25 @@ class FileResult:
     hashes: np.ndarray | None = None
     """uint64 content hash of each candidate, in file order (the rows of the part)."""
     error: str | None = None
+
+    def counts(self) -> dict:
+        """Everything but the hashes, as JSON (a unit's record)."""
+        return {
+            "index": self.index, "path": self.path, "status": self.status, "read": self.read,
+            "dropped": dict(self.dropped), "errors": self.errors, "blank_lines": self.blank_lines,
+            "error": self.error,
+        }  # fmt: skip
+
+
+def finished_clean(task: CleanTask) -> FileResult | None:
+    """Step 1's result for this file if an earlier attempt finished it (pipeline/units.py), else None."""
+    saved = units.finished(task.record, task.identity)
+    if saved is None:
+        return None
+    res = FileResult(**{**saved, "dropped": Counter(saved["dropped"])})
+    if res.status == "ok":
+        res.hashes = np.load(hashes_path(task.part))
+    return res
 
 
 def parse_record(raw, task: CleanTask) -> tuple[str | None, str | None, str | None, bytes | None]:
@@ -160,9 +192,15 @@ def clean_file(task: CleanTask) -> FileResult:
     except BadFileError as e:
         Path(tmp).unlink(missing_ok=True)
         res.status, res.error = "failed", str(e)
+        units.record(task.record, task.identity, res.counts(), [])  # reading it again would fail again
         return res
     os.replace(tmp, task.part)
     res.hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    hashes_file = hashes_path(task.part)
+    with open(f"{hashes_file}.{os.getpid()}.tmp", "wb") as f:
+        np.save(f, res.hashes)
+    os.replace(f"{hashes_file}.{os.getpid()}.tmp", hashes_file)
+    units.record(task.record, task.identity, res.counts(), [Path(task.part), hashes_file])
     return res
 
 
@@ -193,11 +231,16 @@ class WriteTask:
     set_weights: dict[str, float]
     out_dir: str
     docs_per_shard: int
+    record: str
+    """Where the finished unit is recorded (pipeline/units.py)."""
+    identity: dict
+    """What its output depends on: the part's own identity, the occurrences' digest, the settings."""
 
 
 def write_docs(task: WriteTask) -> dict:
     """Step 3 for one file: shards `part-<file>-<k>.parquet` of `text, source, id` (zstd), written
-    a row group (<= SHARD_GROUP_ROWS documents / PART_BYTES of text) at a time: memory stays flat."""
+    a row group (<= SHARD_GROUP_ROWS documents / PART_BYTES of text) at a time: memory stays flat.
+    Recorded as a finished unit once every shard is in place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -253,10 +296,12 @@ def write_docs(task: WriteTask) -> dict:
                 elif len(buf["id"]) >= SHARD_GROUP_ROWS or state["bytes"] >= PART_BYTES:
                     flush_group()
     close_shard()
-    return {
+    result = {
         "kept": kept,
         "written": written,
         "shards": shards,
         "sets": dict(sets),
         "set_bytes": dict(set_bytes),
     }
+    units.record(task.record, task.identity, result, [Path(task.out_dir) / s["file"] for s in shards])
+    return result

@@ -12,7 +12,8 @@ The convention (also written into index.json, read by `data_prep.packed.PackedTo
 
 Work is split in two so the output does not depend on the number of workers:
 `pack_partition` tokenizes a contiguous range of documents into a flat stream per split (one task
-each), and `assemble` concatenates those streams in partition order and cuts the windows.
+each, a unit recorded as finished once its streams are in place: pipeline/units.py), and
+`assemble` concatenates those streams in partition order and cuts the windows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline import units
 
 SPLITS = ("train", "val")
 ENCODE_BATCH_BYTES = 1 << 20  # texts per encode_batch call: its Encodings take ~30x the text
@@ -58,6 +61,10 @@ class PackTask:
     val_fraction: float
     out_prefix: str
     """Streams go to <out_prefix>.train.bin / .val.bin."""
+    record: str
+    """Where the finished unit is recorded (pipeline/units.py), beside its streams."""
+    identity: dict
+    """What its streams depend on: the ranges' files (size, mtime), the tokenizer's digest, the settings."""
 
 
 def pack_partition(task: PackTask) -> dict:
@@ -101,6 +108,7 @@ def pack_partition(task: PackTask) -> dict:
     for s, f in files.items():
         f.close()
         os.replace(f"{task.out_prefix}.{s}.bin.{tmp}", f"{task.out_prefix}.{s}.bin")
+    units.record(task.record, task.identity, counts, [Path(f"{task.out_prefix}.{s}.bin") for s in SPLITS])
     return counts
 
 

@@ -160,10 +160,20 @@ class StageContext:
 
     # -- fan-out ------------------------------------------------------------------------------
 
-    def map(self, fn: Callable, items: Iterable, *, num_cpus: float = 1) -> list:
+    def map(
+        self, fn: Callable, items: Iterable, *, num_cpus: float = 1, progress: tuple[int, int] | None = None
+    ) -> list:
         """fn(item) for each item, results in item order; on Ray each a task holding `num_cpus`
-        cores, its thread pools that wide (`thread_env`)."""
-        return [fn(item) for item in items]
+        cores, its thread pools that wide (`thread_env`). Each item that finishes is a step of the
+        stage's progress: of len(items), or with `progress=(done, total)` (a stage that resumes, or
+        maps more than once) step done + k of total."""
+        items = list(items)
+        done, total = progress or (0, len(items))
+        results = []
+        for item in items:
+            results.append(fn(item))
+            self.progress(done + len(results), total, unit="units")
+        return results
 
     def run_workers(self, train_fn: Callable, arg: Any, scaling: Scaling) -> list:
         """train_fn(arg, wctx) on each worker; returns each rank's return value (rank order).

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from shutil import disk_usage
 
+from pipeline import units
 from pipeline.artifacts import WORK_STATE
 from pipeline.files import MANIFEST, read_json
 
@@ -162,13 +163,20 @@ def _last_line(exc: BaseException) -> str:
 
 
 def tidy_work_dir(work_dir: Path) -> str:
-    """Keep checkpoints; without any, remove all but the small state files. Says what it did."""
+    """Keep checkpoints, and a data stage's finished units (pipeline/units.py) less the temporary files
+    of those in flight; without either, remove all but the small state files. Says what it did."""
     if not work_dir.is_dir():
         return "it had no work dir"
     checkpoints = [p for pattern in CHECKPOINTS for p in work_dir.glob(pattern) if p.is_dir()]
     if checkpoints:
         size = sum(tree_size(p) for p in checkpoints)
         return f"kept {len(checkpoints)} checkpoint(s) ({human(size)}) in {work_dir}; the next run resumes from them"
+    records = list(work_dir.rglob(f"*{units.RECORD}"))
+    if records:
+        for folder in {r.parent for r in records}:
+            units.clear_temporary(folder)
+        size = tree_size(work_dir)
+        return f"kept {len(records)} finished unit(s) ({human(size)}) in {work_dir}; the next run reuses them"
     parts = [p for p in work_dir.iterdir() if p.name not in WORK_STATE]
     if not parts:
         return f"its work dir {work_dir} held no partial work"

@@ -63,8 +63,9 @@ def _here():
 
 
 class RayStageContext(StageContext):
-    def map(self, fn, items, *, num_cpus: float = 1):
+    def map(self, fn, items, *, num_cpus: float = 1, progress: tuple[int, int] | None = None):
         items = list(items)
+        done, total = progress or (0, len(items))
         # tokenizers' and OpenMP's threads: the task's cores, not the node's
         options: dict = {"runtime_env": {"env_vars": thread_env(num_cpus)}}
         if not self.shared_work:
@@ -79,7 +80,7 @@ class RayStageContext(StageContext):
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             results[index[ready[0]]] = ray.get(ready[0])
-            self.progress(len(refs) - len(pending), len(refs), unit="files")
+            self.progress(done + len(refs) - len(pending), total, unit="units")
         return results
 
     def _check_local_capacity(self, num_cpus: float) -> None:

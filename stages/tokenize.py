@@ -19,20 +19,27 @@ set weights never lands on both sides.
 Documents are cut into `tokenize.partitions` contiguous ranges, tokenized in parallel (`ctx.map`,
 one task per range), each into a raw stream per split in the work dir; the driver stitches the
 streams in range order and cuts the windows, so 1 and N partitions give the same bytes.
-As for ingest, the tasks spread over a cluster's nodes with a shared-filesystem root, and stay on
-the driver's node with an object-store root.
+Each range is a unit (pipeline/units.py), recorded as finished once its streams are in place:
+
+    streams/<k>.train.bin, <k>.val.bin, <k>.done.json
+
+A run that dies keeps them: the next one reuses every range whose record matches what it would make
+now (its documents' shards, the tokenizer's digest, the settings), says in the log "N of M units
+already done", tokenizes the rest and stitches them all again; the streams are removed once the
+artifact is written. As for ingest, the tasks spread over a cluster's nodes with a shared-filesystem
+root, and stay on the driver's node with an object-store root.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from data_prep.documents import doc_shards
 from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_partitions
-from pipeline.files import write_json_atomic
+from pipeline import units
+from pipeline.files import sha256_file, write_json_atomic
 
 VERSION = 1
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
@@ -56,28 +63,45 @@ def run(cfg, inputs, out, ctx) -> dict:
     if n_docs == 0:
         raise RuntimeError(f"tokenize: the ingest artifact {inputs['ingest'].path} holds no documents")
 
-    # 1. tokenize contiguous document ranges in parallel, a raw stream per split each
+    # 1. tokenize contiguous document ranges in parallel, a raw stream per split each; the ranges an
+    # earlier attempt finished are reused
     work = Path(ctx.work_dir) / "streams"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    units.clear_temporary(work)
     plans = plan_partitions(shards, c.partitions or max(len(shards), 4))
+    settings = {"eos_id": eos_id, "dtype": dtype, "val_fraction": c.val_fraction}
+    facts = {str(path): units.file_facts(path) for path, _ in shards}
+    tokenizer_json = tok_dir / "tokenizer.json"
+    tokenizer_digest = sha256_file(tokenizer_json)
     tasks = [
         PackTask(
             index=k,
             ranges=ranges,
-            tokenizer_json=str(tok_dir / "tokenizer.json"),
-            eos_id=eos_id,
-            dtype=dtype,
-            val_fraction=c.val_fraction,
+            tokenizer_json=str(tokenizer_json),
+            **settings,
             out_prefix=str(work / f"{k:05d}"),
+            record=str(units.record_path(work, f"{k:05d}")),
+            identity={
+                "ranges": [[facts[path], lo, hi] for path, lo, hi in ranges],
+                "tokenizer": tokenizer_digest,
+                **settings,
+            },
         )
         for k, ranges in enumerate(plans)
     ]
     ctx.logger.info("tokenize: %d documents in %d partitions, %s ids", n_docs, len(tasks), dtype)
+    counts = [units.finished(t.record, t.identity) for t in tasks]
+    todo = [t for t, cnt in zip(tasks, counts, strict=True) if cnt is None]
+    done = len(tasks) - len(todo)
+    ctx.logger.info("tokenize: %d of %d units already done", done, len(tasks))
     t0 = time.perf_counter()
-    counts = ctx.map(pack_partition, tasks, num_cpus=c.num_cpus)
+    if todo:
+        got = ctx.map(pack_partition, todo, num_cpus=c.num_cpus, progress=(done, len(tasks)))
+        for t, cnt in zip(todo, got, strict=True):
+            counts[t.index] = cnt
     encode_s = time.perf_counter() - t0
-    ctx.progress(1, 2)
+    encoded = sum(counts[t.index][s]["tokens"] for t in todo for s in SPLITS)  # by this attempt
+    ctx.progress(len(tasks), len(tasks), unit="units")
 
     # 2. stitch the streams in partition order and cut them into windows
     splits = {}
@@ -87,7 +111,6 @@ def run(cfg, inputs, out, ctx) -> dict:
         splits[split]["documents"] = sum(cnt[split]["documents"] for cnt in counts)
         if splits[split]["tokens"] != sum(cnt[split]["tokens"] for cnt in counts):
             raise RuntimeError(f"tokenize: {split} stream lengths do not add up; a partition file is damaged")
-    shutil.rmtree(work, ignore_errors=True)
     if sum(s["documents"] for s in splits.values()) != n_docs:
         raise RuntimeError("tokenize: documents tokenized do not add up to the ingest artifact's count")
 
@@ -106,12 +129,12 @@ def run(cfg, inputs, out, ctx) -> dict:
         "splits": splits,
     }
     write_json_atomic(out / "index.json", index)
-    ctx.progress(2, 2)
+    units.discard(work)  # the artifact holds the result now
     tokens = sum(s["tokens"] for s in splits.values())
     ctx.logger.info(
         "tokenize: %d tokens (%.0f tokens/s encoding), train %d sequences, val %d",
         tokens,
-        tokens / max(encode_s, 1e-9),
+        encoded / max(encode_s, 1e-9),
         splits["train"]["sequences"],
         splits["val"]["sequences"],
     )
@@ -121,7 +144,7 @@ def run(cfg, inputs, out, ctx) -> dict:
         "train_sequences": splits["train"]["sequences"],
         "val_sequences": splits["val"]["sequences"],
         "tail_tokens_dropped": sum(s["tail_tokens_dropped"] for s in splits.values()),
-        "tokens_per_second": round(tokens / max(encode_s, 1e-9)),
+        "tokens_per_second": round(encoded / max(encode_s, 1e-9)),  # the tokens encoded in this attempt
     }
 
 

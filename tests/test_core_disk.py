@@ -286,3 +286,20 @@ def test_a_full_disk_other_than_the_run_dirs_is_named_for_what_it_is(small_disk,
     assert f"free on the filesystem of {small_disk}/kiln-ckpt-20/model.pt, which it was writing" in msg
     assert f"(not the run dir's, {store.run_dir})" in msg and "of 8.0 MiB free" in msg
     assert "To go on: free space on that filesystem." in msg and "--root" not in msg
+
+
+def test_a_full_disk_keeps_a_data_stages_finished_units_and_drops_the_half_written(tmp_path):
+    """Finished units are progress the next run reuses (pipeline/units.py): only the temporary files of
+    the units in flight go."""
+    from pipeline import units
+    from pipeline.diskspace import tidy_work_dir
+
+    parts = tmp_path / "work" / "parts"
+    parts.mkdir(parents=True)
+    (parts / "00000.parquet").write_bytes(b"x" * 100)
+    units.record(units.record_path(parts, "00000"), {"input": "a"}, {"kept": 1}, [parts / "00000.parquet"])
+    (parts / "00001.parquet.tmp").write_bytes(b"y" * 50)  # a unit killed half-way
+    said = tidy_work_dir(tmp_path / "work")
+    assert said.startswith("kept 1 finished unit(s)") and "the next run reuses them" in said
+    assert sorted(p.name for p in parts.iterdir()) == ["00000.done.json", "00000.parquet"]
+    assert units.finished(units.record_path(parts, "00000"), {"input": "a"}) == {"kept": 1}

@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -34,13 +35,49 @@ class PickleContext(LocalContext):
         super().__init__(*a, **kw)
         self.reverse = reverse
 
-    def map(self, fn, items, *, num_cpus=1):
+    def map(self, fn, items, *, num_cpus=1, progress=None):
         items = list(items)
         fn = pickle.loads(pickle.dumps(fn))
+        done, total = progress or (0, len(items))
         results = [None] * len(items)
-        for i in reversed(range(len(items))) if self.reverse else range(len(items)):
+        for k, i in enumerate(reversed(range(len(items))) if self.reverse else range(len(items))):
             results[i] = pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(items[i])))))
+            self.progress(done + k + 1, total, unit="units")
         return results
+
+
+class Killed(Exception):
+    """The stage's driver dying mid-stage, as far as the stage can tell."""
+
+
+class CrashContext(PickleContext):
+    """A PickleContext that records the units it runs, (function name, task index), and with
+    `crash_after=k` dies as the task after the k-th starts: k units finished, the rest never ran."""
+
+    def __init__(self, *a, crash_after=None, **kw):
+        super().__init__(*a, **kw)
+        self.crash_after, self.ran = crash_after, []
+
+    def map(self, fn, items, *, num_cpus=1, progress=None):
+        items = list(items)
+        done, total = progress or (0, len(items))
+        results = []
+        for item in items:
+            if len(self.ran) == self.crash_after:
+                raise Killed(f"killed as {fn.__name__} started on unit {item.index}")
+            self.ran.append((fn.__name__, item.index))
+            results.append(pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(item))))))
+            self.progress(done + len(results), total, unit="units")
+        return results
+
+
+def same_files(a: Path, b: Path) -> list[Path]:
+    """The files under two folders, asserted to be the same names with the same bytes."""
+    names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    return names
 
 
 def doc(text, pile_set="Set A"):
@@ -272,3 +309,157 @@ def test_line_splitting_across_chunk_edges(monkeypatch, chunk):
     got = list(readers._split_lines(io.BytesIO(data), max_line_bytes=40))
     assert [n for n, _, _ in got] == list(range(1, len(lines) + 1))
     assert [line for _, _, line in got] == [x if len(x) <= 40 else None for x in lines]
+
+
+# -- resuming mid-stage -------------------------------------------------------------------------
+
+
+def corpus(folder: Path, files: int = 40) -> list[Path]:
+    """Small shards in all three formats; each repeats 5 documents of the one before (duplicates
+    across files) and has a document too short to keep."""
+    folder.mkdir(exist_ok=True)
+    kinds = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+    return [
+        write(
+            folder / f"shard-{k:02d}{kinds[k % 3]}",
+            [doc(prose(i), f"Set {'AB'[i % 2]}") for i in range(10 * k, 10 * k + 15)] + [doc("short")],
+        )
+        for k in range(files)
+    ]
+
+
+def ingest_with(ctx, sources, out: Path, **overrides) -> Path:
+    cfg = PipelineConfig()
+    section = {"sources": tuple(map(str, sources)), "docs_per_shard": 4, **overrides}
+    cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, **section))
+    out.mkdir()
+    ingest.run(cfg, {}, out, ctx)
+    return out
+
+
+def already_done(caplog, stage: str) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if "units already done" in r.getMessage() and stage in r.name
+    ]
+
+
+@pytest.fixture
+def logs(caplog):
+    caplog.set_level(logging.INFO, logger="kiln")
+    return caplog
+
+
+def test_ingest_killed_mid_clean_resumes_from_its_finished_files(tmp_path, logs):
+    files = corpus(tmp_path / "src")
+    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref")
+
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        ingest_with(CrashContext("ingest", work, crash_after=17), files, tmp_path / "killed")
+    assert len(list((work / "parts").glob("*.done.json"))) == 17
+    assert json.loads((work / "progress.json").read_text())["step"] == 17  # of 80: 40 cleaned, 40 written
+    (work / "parts" / "00017.parquet").write_bytes(b"half a part, never recorded")  # the unit in flight
+    logs.clear()
+
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, files, tmp_path / "out")
+    assert already_done(logs, "ingest") == [
+        "ingest: 17 of 80 units already done (17 of 40 files cleaned, 0 written)"
+    ]
+    assert [i for fn, i in again.ran if fn == "clean_file"] == list(range(17, 40))  # not the 17 done
+    assert [i for fn, i in again.ran if fn == "write_docs"] == list(range(40))
+    assert len(same_files(out, ref)) > 40  # every shard and stats.json, byte for byte
+    assert_reconciles(json.loads((out / "stats.json").read_text()))
+    progress = json.loads((work / "progress.json").read_text())
+    assert (progress["step"], progress["total"]) == (80, 80)
+    assert not (work / "parts").exists() and not (work / "docs").exists()  # removed once done
+
+
+def test_ingest_killed_mid_write_redoes_only_the_unwritten_files(tmp_path, logs):
+    files = corpus(tmp_path / "src")
+    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref")
+
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        ingest_with(CrashContext("ingest", work, crash_after=52), files, tmp_path / "killed")
+    logs.clear()
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, files, tmp_path / "out")
+    assert already_done(logs, "ingest") == [
+        "ingest: 52 of 80 units already done (40 of 40 files cleaned, 12 written)"
+    ]
+    assert again.ran == [("write_docs", i) for i in range(12, 40)]
+    same_files(out, ref)
+
+
+def test_ingest_redoes_a_unit_without_its_record_or_with_a_damaged_file(tmp_path, logs):
+    files = corpus(tmp_path / "src", 12)
+    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref")
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        ingest_with(CrashContext("ingest", work, crash_after=18), files, tmp_path / "killed")  # 6 written
+    (work / "parts" / "00004.done.json").unlink()  # killed between renaming its part and recording it
+    part = work / "parts" / "00007.parquet"
+    part.write_bytes(part.read_bytes()[:-10])  # a damaged part: its record no longer holds
+    shard = next((work / "docs").glob("part-00002-*.parquet"))
+    shard.write_bytes(b"")  # a damaged shard: its write unit no longer holds
+    logs.clear()
+
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, files, tmp_path / "out")
+    assert already_done(logs, "ingest") == [
+        "ingest: 10 of 24 units already done (10 of 12 files cleaned, 0 written)"
+    ]
+    assert [i for fn, i in again.ran if fn == "clean_file"] == [4, 7]
+    # of the 6 files written, file 2 has a damaged shard; file 4's shards still hold: its part, cleaned
+    # again, is the same part (same identity, same duplicates)
+    assert [i for fn, i in again.ran if fn == "write_docs"] == [2, *range(6, 12)]
+    assert "ingest: 5 of 12 files already written" in logs.messages
+    same_files(out, ref)
+
+
+def test_ingest_never_reuses_units_made_with_other_settings_or_inputs(tmp_path, logs):
+    files = corpus(tmp_path / "src", 10)
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        ingest_with(CrashContext("ingest", work, crash_after=14), files, tmp_path / "killed")  # 4 written
+
+    # a cleaning setting: nothing is reused
+    logs.clear()
+    again = CrashContext("ingest", work, crash_after=14)
+    with pytest.raises(Killed):
+        ingest_with(again, files, tmp_path / "killed-2", min_chars=100)
+    assert already_done(logs, "ingest") == [
+        "ingest: 0 of 20 units already done (0 of 10 files cleaned, 0 written)"
+    ]
+
+    # a setting of the shards only (the run above cleaned every file and wrote 4 with min_chars=100):
+    # the cleaned files are reused, the shards written again
+    logs.clear()
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, files, tmp_path / "out", min_chars=100, docs_per_shard=3)
+    assert already_done(logs, "ingest") == [
+        "ingest: 10 of 20 units already done (10 of 10 files cleaned, 0 written)"
+    ]
+    assert again.ran == [("write_docs", i) for i in range(10)]
+    ref = ingest_with(
+        PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", min_chars=100, docs_per_shard=3
+    )
+    same_files(out, ref)
+
+    # an input edited after it was cleaned and written: that file is cleaned and written again, and
+    # so is a file written after it whose duplicates it now decides; the others keep their shards
+    with pytest.raises(Killed):
+        ingest_with(CrashContext("ingest", work, crash_after=18), files, tmp_path / "killed-4")  # 8 written
+    write(files[3], [doc(prose(i)) for i in range(40, 46)])  # now holds the first 6 documents of file 4
+    logs.clear()
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, files, tmp_path / "out-2")
+    assert already_done(logs, "ingest") == [
+        "ingest: 9 of 20 units already done (9 of 10 files cleaned, 0 written)"
+    ]
+    assert [i for fn, i in again.ran if fn == "clean_file"] == [3]
+    assert [i for fn, i in again.ran if fn == "write_docs"] == [3, 4, 8, 9]
+    assert "ingest: 6 of 10 files already written" in logs.messages
+    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref-2"), files, tmp_path / "ref-2")
+    same_files(out, ref)

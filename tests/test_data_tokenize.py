@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import pickle
 
 import numpy as np
@@ -24,7 +25,7 @@ import stages.tokenizer as tokenizer
 from data_prep.packed import PackedTokens
 from pipeline.artifacts import Artifact
 from pipeline.config import PipelineConfig
-from tests.test_data_ingest import SAMPLE, PickleContext, doc, write
+from tests.test_data_ingest import SAMPLE, CrashContext, Killed, PickleContext, doc, same_files, write
 
 SEQ_LEN = 64
 
@@ -190,3 +191,43 @@ def test_tiny_corpus_without_validation(tmp_path):
         arts[name] = Artifact(name, "test", tmp_path / name, {})
     assert metrics["val_tokens"] == 0 and len(PackedTokens(tmp_path / "tokenize", "val")) == 0
     assert len(PackedTokens(tmp_path / "tokenize", "train")) == metrics["train_sequences"] > 0
+
+
+def test_tokenize_killed_mid_way_resumes_from_its_finished_partitions(tmp_path, inputs, caplog):
+    caplog.set_level(logging.INFO, logger="kiln")
+    _, ref = run_tokenize(tmp_path, inputs, name="ref", partitions=8, sequences_per_shard=40)
+
+    def tokenize_with(ctx, name, **tk):
+        (tmp_path / name).mkdir()
+        tokenize.run(config(**{"sequences_per_shard": 40, **tk}), inputs, tmp_path / name, ctx)
+        return tmp_path / name
+
+    def already_done():
+        return [m for m in caplog.messages if "units already done" in m]
+
+    work = tmp_path / "work"
+    with pytest.raises(Killed):
+        tokenize_with(CrashContext("tokenize", work, crash_after=3), "killed", partitions=8)
+    assert json.loads((work / "progress.json").read_text())["step"] == 3
+    (work / "streams" / "00001.done.json").unlink()  # killed between its streams and its record
+    (work / "streams" / "00003.train.bin").write_bytes(b"\0" * 10)  # the unit in flight
+    caplog.clear()
+    again = CrashContext("tokenize", work)
+    out = tokenize_with(again, "out", partitions=8)
+    assert already_done() == ["tokenize: 2 of 8 units already done"]
+    assert again.ran == [("pack_partition", k) for k in (1, *range(3, 8))]
+    assert len(same_files(out, ref)) > 4  # every shard and index.json, byte for byte
+    assert not (work / "streams").exists()
+
+    # another setting, or other partitions (how it runs: the same work dir), reuse nothing stale
+    for crash, setting in ((4, {"partitions": 8, "val_fraction": 0.2}), (5, {"partitions": 5})):
+        with pytest.raises(Killed):
+            tokenize_with(CrashContext("tokenize", work, crash_after=crash), f"killed-{crash}", partitions=8)
+        caplog.clear()
+        again = CrashContext("tokenize", work)
+        out = tokenize_with(again, f"out-{crash}", **setting)
+        n = setting["partitions"]
+        assert already_done() == [f"tokenize: 0 of {n} units already done"]
+        assert again.ran == [("pack_partition", k) for k in range(n)]
+        _, ref = run_tokenize(tmp_path, inputs, name=f"ref-{crash}", sequences_per_shard=40, **setting)
+        same_files(out, ref)
