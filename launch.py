@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("stage", help="a stage whose artifact is a model (pretrain, sft, ppo, reward)")
     export.add_argument("out_dir", help="folder to write (must not exist or be empty)")
     common(export)
-    export.add_argument("--format", default="auto", choices=["auto", "kiln", "llama", "mixtral"])
+    export.add_argument("--format", default="auto", choices=["auto", "kiln", "llama", "mixtral", "qwen2_moe"])
     export.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="sample from a stage's model")

@@ -1,13 +1,17 @@
-"""Export Kiln checkpoints as plain Llama / Mixtral checkpoints, import those back, and generate text.
+"""Export Kiln checkpoints as plain Llama / Mixtral / Qwen2-MoE checkpoints, import Llama and Mixtral, generate text.
 
     python launch.py export pretrain out/ --format auto      # -> export_model(src, out, "auto")
     python launch.py generate sft --prompt "Once upon"       # -> generate_text(dir, [...], ...)
     model = import_model("path/to/llama-or-mixtral")         # pretrain.init_from
 
-A Kiln model is exactly Llama when it is dense with RoPE, RMSNorm, SwiGLU and no biases, and exactly Mixtral when,
-in addition, every layer is a top-k (k >= 2) MoE without a capacity limit. The exported folder then loads with
-plain `transformers` (no `import kiln.model`), vLLM or llama.cpp's converters. Anything else is refused with the
-pipeline key that prevents it. Weight names, for layer i:
+A Kiln model is exactly Llama when it is dense with RoPE, RMSNorm, SwiGLU and no biases; exactly Mixtral when, in
+addition, every layer is a top-k (k >= 2) MoE; exactly Qwen2-MoE when its MoE layers are every `moe_every`-th
+(Qwen2-MoE's `decoder_sparse_step`, which Mixtral lacks), any k (`norm_topk_prob` renormalises the k weights as
+Kiln does for k >= 2, and leaves Switch's k = 1 alone), its shared expert given no width
+(`shared_expert_intermediate_size` 0: transformers' adds zeros, vLLM builds none) and a zero gate. The exported
+folder then loads with plain `transformers` (no `import kiln.model`), vLLM or llama.cpp's converters. Anything
+else is refused with the pipeline key that prevents it. HF and vLLM MoE layers are dropless: a model trained with
+`capacity_factor` is exported (with a warning) as the function Kiln computes with it unset. Names, layer i:
 
     Kiln                                   Llama                              Mixtral (on disk)
     model.layers.i.attn_norm               model.layers.i.input_layernorm     (same as Llama)
@@ -16,6 +20,9 @@ pipeline key that prevents it. Weight names, for layer i:
     model.layers.i.ffn.{gate,up,down}_proj ...mlp.{gate,up,down}_proj         -
     model.layers.i.ffn.router              -                                  ...block_sparse_moe.gate
     ...ffn.experts.j.{gate,down,up}_proj   -                                  ...block_sparse_moe.experts.j.{w1,w2,w3}
+
+Qwen2-MoE: Llama's names, the router `...mlp.gate`, the experts `...mlp.experts.j.{gate,up,down}_proj`, and
+`...mlp.shared_expert_gate` (zeros).
 
 Mixtral layout: transformers 5 holds the experts fused in memory (`mlp.experts.gate_up_proj` (E, 2I, H),
 `mlp.experts.down_proj` (E, H, I)), but its `save_pretrained` writes, and `from_pretrained` converts from, the
@@ -39,7 +46,7 @@ from kiln.model_fields import pipeline_key
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "kiln", "llama", "mixtral")
+FORMATS = ("auto", "kiln", "llama", "mixtral", "qwen2_moe")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -53,14 +60,15 @@ TOKENIZER_FILES = (
 
 
 def export_model(src_dir: str | Path, out_dir: str | Path, fmt: str = "auto") -> str:
-    """Write the Kiln model in `src_dir` to `out_dir` as `fmt`; returns the format written. "auto" picks llama or
-    mixtral when the architecture allows, else kiln (with a warning naming why)."""
+    """Write the Kiln model in `src_dir` to `out_dir` as `fmt`; returns the format written. "auto" picks llama,
+    mixtral (experts on every layer) or qwen2_moe (on every moe_every-th) when the architecture allows, else kiln
+    (with a warning naming why)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
     src, out = Path(src_dir), Path(out_dir)
     config = KilnConfig.from_pretrained(src)
     if fmt == "auto":
-        target = "mixtral" if config.num_experts else "llama"
+        target = "llama" if not config.num_experts else "mixtral" if config.moe_every == 1 else "qwen2_moe"
         reasons = standard_format_blockers(config, target)
         fmt = "kiln" if reasons else target
         if reasons:
@@ -74,6 +82,12 @@ def export_model(src_dir: str | Path, out_dir: str | Path, fmt: str = "auto") ->
 
     if reasons := standard_format_blockers(config, fmt):
         raise ValueError(f"cannot export as {fmt}: " + "; ".join(reasons) + "; use --format kiln")
+    if config.num_experts and config.capacity_factor is not None:
+        log.warning(
+            "%s=%s: the model was trained dropping the tokens over each expert's capacity; %s MoE layers (as "
+            "vLLM's) are dropless, so the export routes every token: Kiln's function with the capacity unset",
+            pipeline_key("capacity_factor"), config.capacity_factor, fmt,
+        )  # fmt: skip
     classifier = "KilnForSequenceClassification" in (config.architectures or [])
     model_cls = KilnForSequenceClassification if classifier else KilnForCausalLM
     model = model_cls.from_pretrained(src)
@@ -112,22 +126,19 @@ def standard_format_blockers(config: KilnConfig, fmt: str) -> list[str]:
     if c.bias:
         blocks("bias", f"{name} has no biases")
     if fmt == "llama" and c.num_experts:
-        blocks("num_experts", "Llama is dense (use mixtral)")
-    if fmt == "mixtral":
-        if not c.num_experts:
-            blocks("num_experts", "Mixtral is a mixture of experts (use llama)")
-        else:
-            if c.moe_every != 1:
-                blocks("moe_every", "Mixtral has experts on every layer")
-            if c.capacity_factor is not None:
-                blocks("capacity_factor", "Mixtral never drops tokens")
-            if c.num_experts_per_tok == 1:
-                blocks("num_experts_per_tok", "Switch routing scales by the router probability, Mixtral by 1")
+        blocks("num_experts", "Llama is dense (use mixtral or qwen2_moe)")
+    if fmt in ("mixtral", "qwen2_moe") and not c.num_experts:
+        blocks("num_experts", f"{name} is a mixture of experts (use llama)")
+    if fmt == "mixtral" and c.num_experts:
+        if c.moe_every != 1:
+            blocks("moe_every", "Mixtral has experts on every layer (use qwen2_moe)")
+        if c.num_experts_per_tok == 1:
+            blocks("num_experts_per_tok", "Switch routing scales by the router probability, Mixtral by 1")
     return reasons
 
 
 def to_hf_config(config: KilnConfig, fmt: str, classifier: bool = False):
-    from transformers import LlamaConfig, MixtralConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
     c = config
     common = dict(
@@ -153,6 +164,23 @@ def to_hf_config(config: KilnConfig, fmt: str, classifier: bool = False):
     head = "ForSequenceClassification" if classifier else "ForCausalLM"
     if fmt == "llama":
         return LlamaConfig(**common, intermediate_size=c.intermediate_size, architectures=[f"Llama{head}"])
+    if fmt == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common,
+            intermediate_size=c.intermediate_size,  # the dense layers'
+            moe_intermediate_size=c.moe_intermediate_size or c.intermediate_size,
+            num_experts=c.num_experts,
+            num_experts_per_tok=c.num_experts_per_tok,
+            decoder_sparse_step=c.moe_every,
+            mlp_only_layers=[],
+            norm_topk_prob=c.num_experts_per_tok > 1,  # as route(): k weights renormalised, Switch's not
+            shared_expert_intermediate_size=0,  # Kiln has no shared expert
+            qkv_bias=False,
+            use_sliding_window=False,
+            router_aux_loss_coef=c.router_aux_loss_coef,
+            output_router_logits=False,
+            architectures=[f"Qwen2Moe{head}"],
+        )
     return MixtralConfig(
         **common,
         intermediate_size=c.moe_intermediate_size or c.intermediate_size,
@@ -173,6 +201,8 @@ def to_hf_state_dict(sd: dict, config: KilnConfig, fmt: str) -> dict:
         for kiln, hf in RENAMES[fmt]:
             name = name.replace(kiln, hf)
         out[name] = tensor
+        if fmt == "qwen2_moe" and name.endswith(".mlp.gate.weight"):  # the shared expert's gate, unused
+            out[name.replace(".mlp.gate.", ".mlp.shared_expert_gate.")] = tensor.new_zeros(1, tensor.shape[1])
     return out
 
 
@@ -184,6 +214,8 @@ RENAMES = {
                 (".ffn_norm.", ".post_attention_layernorm."), (".ffn.router.", ".block_sparse_moe.gate."),
                 (".ffn.experts.", ".block_sparse_moe.experts."), (".gate_proj.", ".w1."), (".down_proj.", ".w2."),
                 (".up_proj.", ".w3.")],
+    "qwen2_moe": [(".attn_norm.", ".input_layernorm."), (".attn.", ".self_attn."),
+                  (".ffn_norm.", ".post_attention_layernorm."), (".ffn.router.", ".mlp.gate."), (".ffn.", ".mlp.")],
 }  # fmt: skip
 
 

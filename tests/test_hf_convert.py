@@ -19,6 +19,7 @@ from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2MoeForCausalLM,
 )
 
 from kiln.hf_convert import export_model, generate_text, import_model
@@ -95,6 +96,42 @@ def test_export_loads_in_plain_transformers_with_the_same_logits(
     assert max_diff(model, import_model(tmp_path / "out").eval(), tokens()) <= 1e-5
 
 
+@pytest.mark.parametrize("k", [2, 1], ids=["top2", "switch-top1"])
+def test_experts_on_every_other_layer_export_to_qwen2_moe_that_plain_transformers_runs(
+    tmp_path, tokenizer, k
+):
+    """Mixtral has no dense layers between MoE ones; Qwen2-MoE does (`decoder_sparse_step`). Its shared expert gets
+    no width and a zero gate, so the function is Kiln's, for top-2 (renormalised) and Switch's top-1 (not)."""
+    model = kiln_dir(tmp_path / "kiln", tokenizer, num_hidden_layers=4, num_experts=4, moe_every=2,
+                     moe_intermediate_size=24, num_experts_per_tok=k)  # fmt: skip
+    assert export_model(tmp_path / "kiln", tmp_path / "out", fmt="auto") == "qwen2_moe"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["architectures"] == ["Qwen2MoeForCausalLM"]
+    assert config["decoder_sparse_step"] == 2 and config["shared_expert_intermediate_size"] == 0
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert not f.get_tensor("model.layers.3.mlp.shared_expert_gate.weight").any()
+    assert {f"model.layers.1.mlp.experts.3.{w}_proj.weight" for w in ("gate", "up", "down")} <= keys
+    assert "model.layers.0.mlp.gate_proj.weight" in keys and "model.layers.0.mlp.gate.weight" not in keys
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out"
+    ).eval()  # transformers' own class, no Kiln code
+    assert type(hf) is Qwen2MoeForCausalLM
+    assert max_diff(model, hf, tokens()) <= 1e-5
+
+
+def test_a_capacity_trained_model_exports_dropless_with_a_warning(tmp_path, caplog):
+    """HF and vLLM MoE layers drop nothing: the export is the function with the capacity unset, and says so."""
+    kiln_dir(tmp_path / "kiln", num_experts=4, capacity_factor=1.25)
+    with caplog.at_level("WARNING", logger="kiln.hf_convert"):
+        assert export_model(tmp_path / "kiln", tmp_path / "out", fmt="auto") == "mixtral"
+    assert "model.capacity_factor=1.25" in caplog.text and "dropless" in caplog.text
+    dropless = KilnForCausalLM(tiny(vocab_size=300, max_position_embeddings=1024, num_experts=4)).eval()
+    dropless.load_state_dict(KilnForCausalLM.from_pretrained(tmp_path / "kiln").state_dict())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert max_diff(dropless, hf, tokens()) <= 1e-5
+
+
 def test_mixtral_export_writes_the_per_expert_layout(tmp_path):
     kiln_dir(tmp_path / "kiln", num_experts=3)
     export_model(tmp_path / "kiln", tmp_path / "out", fmt="mixtral")
@@ -136,8 +173,9 @@ def test_import_refuses_what_kiln_cannot_represent(tmp_path):
         ("llama", dict(activation="gelu"), "model.activation=gelu"),
         ("llama", dict(bias=True), "model.bias=true"),
         ("llama", dict(num_experts=4), "model.n_experts=4"),
-        ("mixtral", dict(num_experts=4, capacity_factor=1.25), "model.capacity_factor=1.25"),
         ("mixtral", dict(num_experts=4, moe_every=2), "model.moe_every=2"),
+        ("qwen2_moe", dict(num_experts=0), "model.n_experts=0"),
+        ("qwen2_moe", dict(num_experts=4, moe_every=2, bias=True), "model.bias=true"),
         ("mixtral", dict(num_experts=4, num_experts_per_tok=1), "model.top_k=1"),
     ],
 )

@@ -51,7 +51,7 @@ def small_run(tiny_run, tmp_path_factory):
     return cfg
 
 
-def test_the_small_preset_trains_every_stage_under_zero3_bf16_and_exports_usable_models(small_run):
+def test_the_small_preset_trains_every_stage_under_zero3_bf16_and_exports_usable_models(small_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
@@ -76,6 +76,16 @@ def test_the_small_preset_trains_every_stage_under_zero3_bf16_and_exports_usable
         assert torch.isfinite(model(ids).logits).all(), stage
     reward = AutoModelForSequenceClassification.from_pretrained(paths["reward"]).eval()
     assert torch.isfinite(reward(ids).logits).all()
+    # experts on every other layer export as Qwen2-MoE, which plain transformers runs: dropless, as Kiln's
+    # function with the capacity unset
+    from kiln.hf_convert import export_model
+
+    assert export_model(paths["pretrain"], tmp_path / "hf", "auto") == "qwen2_moe"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    ours = AutoModelForCausalLM.from_pretrained(paths["pretrain"], dtype=torch.float32, capacity_factor=None)
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids).logits).abs().max() <= 1e-4
 
     pre = rows(paths["pretrain"])
     assert any("dropped_frac" in r for r in pre)  # the expert capacity is in force
