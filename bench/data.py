@@ -14,7 +14,8 @@ What it measures, on the bundled sample (25.8 MB of text) cut into 4 input shard
    (`data_prep.packing.ENCODE_BATCH_BYTES` of text each; the ids are counted inside the timed loop, as
    the pipeline collects them), with 1 and 2 rayon threads, in a fresh process;
 3. peak memory (VmHWM) of ingest, in a subprocess, on the sample and on a 10x larger input
-   (each document repeated with a distinct suffix, so de-duplication keeps all of them).
+   (each document repeated with a distinct suffix, so exact de-duplication keeps all of them; near-
+   duplicate removal, which would drop the copies, is off for both: bench/dedup.py measures it).
 Every timing is the best of --reps runs; each run starts from fresh worker processes (cold BPE caches).
 Goals: pipeline >= 70% of raw at 1 and 2 workers; pipeline 2-vs-1 speed-up >= 0.9 x raw's 2-vs-1;
 peak memory at 10x within +-10% of 1x apart from the de-duplication index.
@@ -22,7 +23,8 @@ peak memory at 10x within +-10% of 1x apart from the de-duplication index.
     python bench/data.py --resume        # ~4 min on 2 cores: kill-and-resume of ingest and tokenize
 
 4. resuming mid-stage (`--resume`, instead of 1-3): the sample `--scale` times over (each copy of a
-   document with a distinct suffix) dealt into `--files` .jsonl.zst shards; ingest, then tokenize
+   document with a distinct suffix; near-duplicate removal off, as it would drop the copies) dealt
+   into `--files` .jsonl.zst shards; ingest, then tokenize
    (one partition per ingest shard), each run in a driver process of its own with a pool of 2
    workers: once uninterrupted, once killed (SIGKILL to the driver and its pool) when about half
    its units are recorded (ingest: once mid-clean, once mid-write), then run again in the same work
@@ -113,9 +115,10 @@ def split_sample(folder: Path, shards: int) -> list[Path]:
     return paths
 
 
-def config(sources) -> PipelineConfig:
+def config(sources, **ingest) -> PipelineConfig:
     cfg = PipelineConfig()
-    return dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, sources=tuple(map(str, sources))))
+    section = dataclasses.replace(cfg.ingest, sources=tuple(map(str, sources)), **ingest)
+    return dataclasses.replace(cfg, ingest=section)
 
 
 def run_pipeline(cfg, tok_art, root: Path, workers: int) -> dict:
@@ -178,11 +181,11 @@ def _raw_main(tok_dir: str, docs_dir: str) -> None:
     print(json.dumps(best))
 
 
-def ingest_peak_rss(src: Path, root: Path) -> dict:
+def ingest_peak_rss(src: Path, root: Path, near_dedup: bool = False) -> dict:
     code = (
         "import json, sys, dataclasses; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
         "import stages.ingest as ingest; from pipeline.config import PipelineConfig; from pipeline.context import LocalContext;"
-        "cfg = PipelineConfig(); cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, sources=(sys.argv[1],)));"
+        "cfg = PipelineConfig(); cfg = dataclasses.replace(cfg, ingest=dataclasses.replace(cfg.ingest, sources=(sys.argv[1],), near_dedup=sys.argv[4] == '1'));"
         "out = Path(sys.argv[2]); out.mkdir(parents=True);"
         "m = ingest.run(cfg, {}, out, LocalContext('ingest', out.parent / 'work'));"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the (larger) parent
@@ -192,7 +195,7 @@ def ingest_peak_rss(src: Path, root: Path) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     res = subprocess.run(
-        [sys.executable, "-c", code, str(src), str(root / "out"), str(ROOT)],
+        [sys.executable, "-c", code, str(src), str(root / "out"), str(ROOT), str(int(near_dedup))],
         capture_output=True,
         text=True,
         check=True,
@@ -250,7 +253,7 @@ def _stage_main(job: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     job = json.loads(job)
-    cfg = config(job["sources"])
+    cfg = config(job["sources"], near_dedup=False)  # the copies are near-duplicates by construction
     arts = {name: Artifact(name, "b", Path(path), {}) for name, path in job["inputs"].items()}
     ctx = PoolContext(job["stage"], Path(job["work"]), 2, 1)
     out = Path(job["out"])

@@ -5,16 +5,21 @@
    with their 64-bit content hash, return counts and the hashes (8 bytes per document).
 2. `find_duplicates(hashes)`  in the driver: across all files in input order, which candidates
    repeat an earlier one (the first occurrence is kept).
-3. `write_docs(task)`  one task per file: the part minus duplicates, each document written
-   `copies` times (set weights), as Parquet shards `text, source, id`.
+3. `write_docs(task)`  one task per file: the part minus duplicates (and near-duplicates), each
+   document written `copies` times (set weights), as Parquet shards `text, source, id`.
 
 Steps 1 and 3 are units (pipeline/units.py): each task renames its files into place, then records
 itself done, last; `finished_clean` and `units.finished` give an earlier attempt's result back.
 
+With near-duplicate removal on, step 1 also stores each candidate's MinHash band hashes in its part
+(data_prep/near_dup.py), and between steps 2 and 3 the stage finds the clusters of near-duplicates
+across all files from them; with held-out sets to decontaminate against, step 1 drops the documents
+that quote them (data_prep/decontaminate.py).
+
 Every record read ends up in exactly one place: kept, or dropped with one reason, so
 `read == kept + sum(dropped)` per file and in total. Check order (first that applies wins):
 invalid_utf8, malformed_json, missing_text, text_not_string, empty, excluded_set, too_short,
-too_long, downsampled, duplicate.
+too_long, contaminated, downsampled, duplicate, near_duplicate.
 
 Ids are the document's content hash (16 hex digits), stable across runs and file names; a copy
 (set weight > 1) or a kept duplicate (dedup off) gets `.occurrence.copy` appended. 64-bit hashes
@@ -32,10 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.decontaminate import MIN_WORDS, HeldOut
+from data_prep.near_dup import NearDupSpec, Signer, band_columns, band_hashes
+from data_prep.ngrams import ngram_hashes, word_hashes
 from data_prep.readers import BadFileError, read_hf, read_lines
 from pipeline import units
 
 BAD_RECORD = ("invalid_utf8", "malformed_json", "missing_text", "text_not_string", "empty")
+PART_COLUMNS = ["text", "source", "hash"]
+"""The columns of a part that step 3 reads (the band hashes are step 2's)."""
 UNKNOWN_SET = "unknown"
 PART_ROWS, PART_BYTES = 4096, 4 << 20  # a Parquet row group is flushed at whichever comes first
 SHARD_GROUP_ROWS = 4096  # row group size of the output shards (tokenizer sampling reads by row group)
@@ -66,7 +76,11 @@ class CleanTask:
     record: str
     """Where the finished unit is recorded (pipeline/units.py)."""
     identity: dict
-    """What its output depends on: the input file (size, mtime) and the settings above."""
+    """What its output depends on: the input file (size, mtime) and the settings above and below."""
+    near_dup: NearDupSpec | None = None
+    """With it, the part holds each candidate's band hashes (columns `band_00` ...)."""
+    heldout: HeldOut | None = None
+    """With it, documents that quote a held-out text are dropped as `contaminated`."""
 
 
 def hashes_path(part: str) -> Path:
@@ -151,10 +165,27 @@ def clean_file(task: CleanTask) -> FileResult:
     import pyarrow.parquet as pq
 
     res = FileResult(task.index, task.path)
-    schema = pa.schema([("text", pa.string()), ("source", pa.string()), ("hash", pa.uint64())])
+    bands = band_columns(task.near_dup) if task.near_dup else []
+    schema = pa.schema(
+        [("text", pa.string()), ("source", pa.string()), ("hash", pa.uint64())]
+        + [(name, pa.uint64()) for name in bands]
+    )
+    signer = Signer(task.near_dup) if task.near_dup else None
     tmp = f"{task.part}.{os.getpid()}.tmp"
     hashes = []
-    texts, sources, batch_hashes, batch_bytes = [], [], [], 0
+    batch: dict[str, list] = {"texts": [], "sources": [], "hashes": [], "signatures": []}
+    batch_bytes = 0
+
+    def flush(writer):
+        columns = [batch["texts"], batch["sources"], batch["hashes"]]
+        if signer:
+            by_band = band_hashes(np.stack(batch["signatures"]), task.near_dup).T
+            columns += [np.ascontiguousarray(b) for b in by_band]
+        writer.write_batch(pa.record_batch(columns, schema=schema))
+        hashes.append(np.array(batch["hashes"], dtype=np.uint64))
+        for v in batch.values():
+            v.clear()
+
     # a JSON line may spend up to 12 bytes per character (a "\ud83d\ude00" pair) plus its meta
     max_line = 12 * task.max_chars + (1 << 16)
     lines = read_hf(task.path) if task.path.startswith("hf:") else read_lines(task.path, max_line)
@@ -169,6 +200,11 @@ def clean_file(task: CleanTask) -> FileResult:
                     reason, text = "too_long", None
                 else:
                     reason, text, source, data = parse_record(raw, task)
+                if reason is None and (signer or task.heldout):
+                    words = word_hashes(text)
+                    windows = ngram_hashes(words, MIN_WORDS)  # held-out anchors; shingles by default
+                    if task.heldout and task.heldout.contains(words, windows):
+                        reason = "contaminated"
                 if reason is None:
                     h = content_hash(data)
                     if copies_of(h, task.set_weights.get(source, 1.0)) == 0:
@@ -178,17 +214,18 @@ def clean_file(task: CleanTask) -> FileResult:
                     if reason in BAD_RECORD and len(res.errors) < task.max_errors:
                         res.errors.append({"file": task.path, "line": lineno, "reason": reason})
                     continue
-                texts.append(text)
-                sources.append(source)
-                batch_hashes.append(h)
+                batch["texts"].append(text)
+                batch["sources"].append(source)
+                batch["hashes"].append(h)
+                if signer:
+                    same = signer.spec.shingle == MIN_WORDS
+                    batch["signatures"].append(signer.signature(words, windows if same else None))
                 batch_bytes += len(data)
-                if len(texts) >= PART_ROWS or batch_bytes >= PART_BYTES:
-                    writer.write_batch(pa.record_batch([texts, sources, batch_hashes], schema=schema))
-                    hashes.append(np.array(batch_hashes, dtype=np.uint64))
-                    texts, sources, batch_hashes, batch_bytes = [], [], [], 0
-            if texts:
-                writer.write_batch(pa.record_batch([texts, sources, batch_hashes], schema=schema))
-                hashes.append(np.array(batch_hashes, dtype=np.uint64))
+                if len(batch["texts"]) >= PART_ROWS or batch_bytes >= PART_BYTES:
+                    flush(writer)
+                    batch_bytes = 0
+            if batch["texts"]:
+                flush(writer)
     except BadFileError as e:
         Path(tmp).unlink(missing_ok=True)
         res.status, res.error = "failed", str(e)
@@ -235,6 +272,8 @@ class WriteTask:
     """Where the finished unit is recorded (pipeline/units.py)."""
     identity: dict
     """What its output depends on: the part's own identity, the occurrences' digest, the settings."""
+    near: np.ndarray | None = None
+    """Per candidate row: True = dropped as a near-duplicate (stages/ingest.py decides); None: none is."""
 
 
 def write_docs(task: WriteTask) -> dict:
@@ -273,12 +312,13 @@ def write_docs(task: WriteTask) -> dict:
     row = 0
     part = pq.ParquetFile(task.part)
     for g in range(part.num_row_groups):  # one row group (<= PART_BYTES of text) at a time
-        batch = part.read_row_group(g, use_threads=False)
+        batch = part.read_row_group(g, columns=PART_COLUMNS, use_threads=False)
         texts, sources, hashes = (batch.column(i).to_pylist() for i in range(3))
         for text, source, h in zip(texts, sources, hashes, strict=True):
             occ = int(task.occurrence[row])
+            near = task.near is not None and task.near[row]
             row += 1
-            if occ and task.dedup:
+            if (occ and task.dedup) or near:
                 continue
             kept += 1
             size = len(text.encode("utf-8"))

@@ -33,6 +33,7 @@ __all__ = ["ConfigError", "PipelineConfig", "load_config", "to_dict", "PROJECT_R
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "tiny.yaml"
+TASK_DATA = "data_prep/sample/task"  # the tiny preset's SFT / preference / prompt sets (build_task_data.py)
 
 Precision = Literal["bf16", "fp16", "fp32"]
 frozen = dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +89,33 @@ class IngestConfig:
     """Documents longer than this are dropped as `too_long`."""
     dedup: bool = True
     """Drop exact duplicates (by content hash) across all files; the first in input order is kept."""
+    near_dedup: bool = True
+    """Drop near-duplicates (`near_duplicate`): MinHash LSH over word shingles (data_prep/near_dup.py).
+    Documents are clustered by similar pairs across all files; of each cluster the first in input order
+    is kept. A pair of Jaccard similarity s (of their shingle sets) is found with probability
+    1 - (1 - s^rows)^bands: with the defaults 0.05 at s = 0.5, 0.56 at 0.7, 0.92 at 0.8, 0.98 at 0.84,
+    0.9996 at 0.9: the threshold is Jaccard ~0.8 (found 92% of the time from there; half the pairs at
+    ~0.72 are)."""
+    near_dedup_bands: int = 14
+    """LSH bands: a pair is found when its MinHash values agree over a whole band of `near_dedup_rows`."""
+    near_dedup_rows: int = 8
+    """MinHash values per band (bands x rows hash functions in all). More rows: a sharper threshold,
+    higher; more bands: more recall, a lower one."""
+    near_dedup_shingle: int = 5
+    """Words per shingle (lowercased, split at whitespace; a shorter document is one shingle)."""
+    decontaminate: tuple[str, ...] = (
+        f"{TASK_DATA}/sft_val.jsonl.zst",
+        f"{TASK_DATA}/pref_val.jsonl.zst",
+        f"{TASK_DATA}/prompts_val.jsonl.zst",
+    )
+    """Held-out sets (paths or globs of .jsonl[.zst|.gz] records in any layout, or `hf:NAME[:SPLIT]`)
+    that pretraining must not see: a document sharing a `decontaminate_ngram`-word n-gram with a text
+    in them, or holding a shorter text whole, is dropped as `contaminated` (data_prep/decontaminate.py).
+    The default: the shipped task's held-out sets (sft.eval_data, reward.eval_data, the task prompts).
+    Training sets may be listed too; empty turns the check off. The files are part of the stage's
+    identity: editing one re-runs ingest."""
+    decontaminate_ngram: int = 13
+    """n of the n-gram overlap that counts as contamination, in words (13, as GPT-3)."""
     include_sets: tuple[str, ...] = ()
     """Keep only these Pile subsets (`meta.pile_set_name`); empty keeps all."""
     set_weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -113,6 +141,14 @@ class IngestConfig:
             yield "docs_per_shard: must be >= 1"
         if self.max_errors < 0:
             yield "max_errors: must be >= 0"
+        if self.near_dedup_bands < 1:
+            yield "near_dedup_bands: must be >= 1"
+        if self.near_dedup_rows < 1:
+            yield "near_dedup_rows: must be >= 1"
+        if self.near_dedup_shingle < 1:
+            yield "near_dedup_shingle: must be >= 1 (words per shingle)"
+        if self.decontaminate_ngram < 1:
+            yield "decontaminate_ngram: must be >= 1 (words)"
 
 
 @frozen
@@ -402,7 +438,6 @@ class PretrainConfig(WorkerGroupConfig):
             )
 
 
-TASK_DATA = "data_prep/sample/task"  # the tiny preset's SFT / preference / prompt sets (build_task_data.py)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

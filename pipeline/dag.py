@@ -162,7 +162,8 @@ PIPELINE = DAG(
             "stages.ingest:run",
             sections=("ingest",),
             resources=lambda cfg: {"CPU": 0},  # its per-file tasks hold the CPUs
-            extra_fingerprint=lambda cfg: input_file_stats(cfg.ingest.sources),
+            # the held-out sets decide which documents are dropped: their files are read as its sources are
+            extra_fingerprint=lambda cfg: input_file_stats([*cfg.ingest.sources, *cfg.ingest.decontaminate]),
             headline="docs_kept",
         ),
         Stage(

@@ -29,6 +29,11 @@ UNKEYED = {
 }
 """The keys the old fingerprints left out, by section (every other key was in)."""
 
+AS_BUILT = {"ingest": {"near_dedup": False, "decontaminate": ()}}
+"""Keys added since whose default changed what the stage makes: an artifact built before stage
+versions was made as with these values, not the defaults (a key added with a default that keeps the
+old behaviour needs no entry). Ingest 2 drops near-duplicates and contaminated documents."""
+
 
 @dataclass(frozen=True)
 class Adoption:
@@ -88,7 +93,7 @@ def _same_identity(cfg, now: dict, built: dict, ignore: dict | None = None) -> b
     """The config the artifact was built with (`built`, authenticated by its old fingerprint) is the
     current one but for placement keys (and `ignore`: section -> keys). A key added since counts as
     the same while it holds its default (the behaviour the artifact was built with); a key removed
-    since is ignored."""
+    since is ignored. (AS_BUILT: the keys whose defaults are not the old behaviour.)"""
     for section, values in now.items():
         then = built.get(section)
         if then is None:
@@ -99,7 +104,7 @@ def _same_identity(cfg, now: dict, built: dict, ignore: dict | None = None) -> b
             if key in then:
                 if then[key] != value:
                     return False
-            elif value != to_dict(_default(defaults[key])):
+            elif value != to_dict(AS_BUILT.get(section, {}).get(key, _default(defaults[key]))):
                 return False
     return True
 

@@ -27,6 +27,8 @@ OLD_WORK = {
     "ppo": "87fe29550bb8cbed",
 }
 """The work dirs that run's training stages used (keyed without budget keys), as that code named them."""
+AS_BUILT = ["ingest.near_dedup=false", "ingest.decontaminate=[]"]
+"""What that run's ingest did, which ingest 2 does only when asked (pipeline/legacy.py, AS_BUILT)."""
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def _no_ray(*a, **k):
 
 
 def test_every_stage_of_the_old_run_is_recognised(legacy_root):
-    cfg = load_config(overrides=[f"run.root={legacy_root}"])
+    cfg = load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT])
     plan = plan_of(cfg)
     assert {n: (p.state, p.action) for n, p in plan.items()} == dict.fromkeys(
         PIPELINE.order, ("complete", "skip")
@@ -53,17 +55,25 @@ def test_every_stage_of_the_old_run_is_recognised(legacy_root):
         "sft": plan["sft"].fingerprint,
     }
     # placement is not identity: the old pretrain is adopted whatever its workers now
-    moved = plan_of(load_config(overrides=[f"run.root={legacy_root}", "pretrain.num_workers=1"]))
+    moved = plan_of(load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT, "pretrain.num_workers=1"]))
     assert moved["pretrain"].adopt.old_fingerprint == OLD["pretrain"]
 
 
+def test_ingest_now_dropping_near_duplicates_adopts_nothing(legacy_root):
+    """Today's default ingest makes other documents than that run's: it, and all that reads it, run again."""
+    plan = plan_of(load_config(overrides=[f"run.root={legacy_root}"]))
+    assert {n: (p.adopt, p.action) for n, p in plan.items()} == dict.fromkeys(PIPELINE.order, (None, "run"))
+
+
 def test_another_config_or_changed_input_files_are_not_adopted(legacy_root, tmp_path):
-    changed = plan_of(load_config(overrides=[f"run.root={legacy_root}", "sft.lr=0.002"]))
+    changed = plan_of(load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT, "sft.lr=0.002"]))
     assert changed["sft"].adopt is None and changed["sft"].action == "run"
     assert changed["reward"].adopt is not None and changed["ppo"].adopt is None  # ppo reads sft
     corpus = tmp_path / "corpus.jsonl.zst"
     shutil.copy(PROJECT_ROOT / "data_prep/sample/pile_sample.jsonl.zst", corpus)
-    other = plan_of(load_config(overrides=[f"run.root={legacy_root}", f"ingest.sources=[{corpus}]"]))
+    other = plan_of(
+        load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT, f"ingest.sources=[{corpus}]"])
+    )
     assert all(p.adopt is None for p in other.values())
 
 
@@ -72,7 +82,7 @@ def test_a_damaged_old_artifact_is_damaged_not_adopted(legacy_root):
     m = json.loads(path.read_text())
     m["files"] = {"tokenizer.json": {"size": 10, "sha256": "0" * 64}}  # a file it lists is gone
     path.write_text(json.dumps(m))
-    plan = plan_of(load_config(overrides=[f"run.root={legacy_root}"]))
+    plan = plan_of(load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT]))
     assert plan["tokenizer"].state == "damaged" and plan["tokenizer"].adopt is None
     assert plan["tokenizer"].damage["reason"] == "is missing"
 
@@ -80,13 +90,20 @@ def test_a_damaged_old_artifact_is_damaged_not_adopted(legacy_root):
 def test_run_adopts_in_place_says_so_and_continues_across_runs(legacy_root, monkeypatch, capsys):
     monkeypatch.setattr("pipeline.runner._init_ray", _no_ray)
     capsys.readouterr()
-    args = ["run", "--root", str(legacy_root), "--wandb", "disabled"]
+    args = [
+        "run",
+        "--root",
+        str(legacy_root),
+        "--wandb",
+        "disabled",
+        *(a for k in AS_BUILT for a in ("--set", k)),
+    ]
     assert launch.main([*args, "--until", "pretrain"]) == 0  # upstream first ...
     err = " ".join(capsys.readouterr().err.split())  # as one line, however the terminal wraps it
     for stage in ("ingest", "tokenizer", "tokenize", "pretrain"):
         assert f"{stage}: adopted {stage}-{OLD[stage]}, built before stage versions" in err
     assert launch.main(args) == 0  # ... the rest in a later run, from the adopted inputs
-    cfg = load_config(overrides=[f"run.root={legacy_root}"])
+    cfg = load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT])
     after = plan_of(cfg)
     assert all(p.state == "complete" and p.adopt is None for p in after.values())
     assert {n: p.manifest["adopted_from"] for n, p in after.items()} == OLD
@@ -103,7 +120,7 @@ def test_a_raised_budget_continues_from_the_old_work_dir(legacy_root):
     old_work = legacy_root / "tiny" / ".work" / f"pretrain-{OLD_WORK['pretrain']}"
     (old_work / "ray" / old_work.name / "checkpoint_1").mkdir(parents=True)
     (old_work / "progress.json").write_text(json.dumps({"step": 200, "total": 200, "checkpoint": 200}))
-    cfg = load_config(overrides=[f"run.root={legacy_root}", "pretrain.steps=210"])
+    cfg = load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT, "pretrain.steps=210"])
     plan = {p.name: p for p in make_plan(cfg, PIPELINE, ArtifactStore(str(legacy_root), "tiny"))}
     p = plan["pretrain"]
     assert (p.state, p.action) == ("partial", "run") and p.adopt.manifest is None

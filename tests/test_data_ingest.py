@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import pickle
+import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -84,9 +85,20 @@ def doc(text, pile_set="Set A"):
     return json.dumps({"text": text, "meta": {"pile_set_name": pile_set}})
 
 
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven bold wizards mix hot jam for pale "
+    "kings and queens who sing of rivers stone clay fire kiln glaze wheel potter ash smoke"
+).split()
+
+
 def prose(i, n=120):
-    """A distinct document of about n characters."""
-    return (f"Document {i}: the quick brown fox jumps over the lazy dog. " * (n // 50 + 1))[:n]
+    """A distinct document of about n characters: words drawn at random (seeded by i), so that two of
+    them share no run of a few words and near-duplicate removal keeps them all."""
+    rng = random.Random(i)
+    text = f"Document {i}:"
+    while len(text) < n:
+        text += " " + rng.choice(WORDS)
+    return text[:n]
 
 
 def write(path: Path, lines, kind=None) -> Path:
@@ -297,8 +309,6 @@ def test_sample_slice_reconciles(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 2, 7, 64])
 def test_line_splitting_across_chunk_edges(monkeypatch, chunk):
-    import random
-
     from data_prep import readers
 
     monkeypatch.setattr(readers, "CHUNK", chunk)

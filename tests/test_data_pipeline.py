@@ -41,6 +41,7 @@ def test_three_data_stages_on_the_bundled_sample(tmp_path):
     prov = json.loads((SAMPLE.parent / "provenance.json").read_text())
     assert stats["read"] == prov["docs"] and stats["errors_total"] == 0
     assert stats["dropped"]["duplicate"] > 0 and stats["dropped"]["too_short"] > 0
+    assert stats["dropped"]["near_duplicate"] > 100 and stats["dropped"]["contaminated"] > 300
     assert len(stats["sets"]) >= 4 and metrics["ingest"]["docs_kept"] == stats["kept"]
     assert_reconciles(stats)
 
