@@ -385,7 +385,8 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """Top-k mixture of experts: route, sort the assignments by expert, all experts in grouped matmuls, weighted
-    scatter-add back to the tokens. Dropless (no `capacity_factor`), nothing in it waits for the host."""
+    scatter-add back to the tokens. Dropless (no `capacity_factor`), nothing in it waits for the host (but for
+    the split sizes of the token exchange under expert parallelism, kiln/expert_parallel.py)."""
 
     def __init__(self, config: KilnConfig):
         super().__init__()
@@ -393,6 +394,9 @@ class MoE(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
+        # An expert-parallel process group, set by kiln/expert_parallel.py's `shard_experts` (which also cuts
+        # `experts` to this rank's E/P): rows then go to the ranks holding their experts. None: every expert here.
+        self.expert_parallel = None
 
     def capacity(self, n_tokens: int) -> int | None:
         """Switch Transformer eq. 3, with k slots per token: ceil(capacity_factor * tokens * k / experts)."""
@@ -410,7 +414,12 @@ class MoE(nn.Module):
         token = kept % N  # (S,) the token of each kept assignment, grouped by expert
         weight = top_p.t().reshape(-1)[kept]  # (S,) its gate weight
         expert_of_row = top_idx.t().reshape(-1)[kept]  # (S,)
-        y = self.experts(x[token], counts, expert_of_row)  # (S, C)
+        if self.expert_parallel is None:
+            y = self.experts(x[token], counts, expert_of_row)  # (S, C)
+        else:
+            from kiln.expert_parallel import exchange  # not at the top: it imports this module
+
+            y = exchange(self.experts, x[token], counts, self.expert_parallel)  # (S, C) by their ranks
         y = (y * weight[:, None]).to(x.dtype)  # under autocast y is bf16 while x stays fp32
         out = torch.zeros_like(x).index_add_(0, token, y)  # (N, C)
         out = out.view(B, T, C)
