@@ -116,13 +116,15 @@ def comm_options(p) -> dict:
 
 
 def adamw(model: torch.nn.Module, *, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with no decay on norms, biases and embeddings' 1-d params; fused kernels on GPU. A
-    parameter built partitioned under ZeRO-3 (kiln/sharded.py) counts by its full shape (`ds_shape`):
-    its data is then an empty placeholder."""
+    """AdamW with no decay on norms, biases and other 1-d params; fused kernels on GPU. A stacked MoE
+    expert bias (`ffn.experts.up_proj_bias`, (experts, out)) is a bias, though 2-d. A parameter built
+    partitioned under ZeRO-3 (kiln/sharded.py) counts by its full shape (`ds_shape`): its data is then
+    an empty placeholder."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and not name.endswith("_bias")
+            (decay if matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
 

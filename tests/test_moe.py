@@ -150,3 +150,16 @@ def test_a_seed_gives_the_weights_it_gave_when_each_expert_was_its_own_layers(tm
             h.update(k.encode())
             h.update(f.get_tensor(k).numpy().tobytes())
     assert h.hexdigest()[:16] == digest
+
+
+def test_stacked_expert_biases_get_no_weight_decay():
+    """AdamW decays matrices, not biases or norms: a stacked expert bias (experts, out) is 2-d yet a bias."""
+    from kiln.training import adamw
+
+    model = KilnForCausalLM(tiny(num_experts=3, moe_every=1, bias=True))
+    opt = adamw(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert "model.layers.0.ffn.experts.up_proj" in names and "model.layers.0.attn.q_proj.weight" in names
+    assert not {n for n in names if "bias" in n or "norm" in n}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
