@@ -5,6 +5,7 @@
     len(train), train.seq_len          # sequences, tokens the model sees per sequence
     w = train[i]                       # np.ndarray of seq_len + 1 token ids: inputs w[:-1], labels w[1:]
     b = train.batch([i, j, k])         # (3, seq_len + 1)
+    train.sources                      # {"Pile-CC": (first sequence, sequences), ...}: no window spans two
 
 Sequence i is the same tokens whatever the number of workers that packed them or that read them,
 so resuming pretraining at sample k needs only k (index arithmetic, no iterator replay).
@@ -36,6 +37,11 @@ class PackedTokens:
         self._files = [sh["file"] for sh in info["shards"]]
         self._starts = [sh["first_sequence"] for sh in info["shards"]]
         self._len: int = info["sequences"]
+        self.sources: dict[str, tuple[int, int]] = {
+            name: (src["first_sequence"], src["sequences"]) for name, src in info.get("sources", {}).items()
+        }
+        """Each source's windows, contiguous: (first sequence, how many), in sequence order. Empty for
+        packed data that does not keep its sources apart."""
         self._maps: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:

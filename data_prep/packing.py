@@ -2,23 +2,30 @@
 
 The convention (also written into index.json, read by `data_prep.packed.PackedTokens`):
 - Each split (train / val, chosen per document: low 32 bits of its content hash / 2^32 < val_fraction)
-  is one token stream: every document of the split, in document order (ingest shard order, row order),
-  its tokens followed by EOS (`<|endoftext|>`), so EOS sits between documents and after the last.
-- Sequence i of a split is stream[i*(seq_len+1) : (i+1)*(seq_len+1)]: windows of seq_len+1 tokens
-  (inputs = w[:-1], labels = w[1:]), back to back, no overlap. A sequence may span documents.
-- The last len(stream) % (seq_len+1) tokens fill no window: counted as `tail_tokens_dropped`.
+  holds one token stream per source (the document's `source`, its Pile subset): every document of the
+  split and source, in document order (ingest shard order, row order), its tokens followed by EOS
+  (`<|endoftext|>`), so EOS sits between documents and after the last.
+- Each stream is cut into windows of seq_len+1 tokens, window i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)]
+  (inputs = w[:-1], labels = w[1:]), back to back, no overlap. A window may span documents, never
+  sources: pretraining blends the sources when it draws batches (kiln/mixture.py), so a weight
+  changed there re-runs pretraining only.
+- The last len(stream) % (seq_len+1) tokens of each stream fill no window: `tail_tokens_dropped`.
+- A split's sequences are its sources' windows, source after source in sorted name order; index.json
+  gives each source's `first_sequence` and `sequences`.
 - Shard k of a split holds sequences [k*S, (k+1)*S) (S = sequences_per_shard) as a .npy array of
   shape (rows, seq_len+1), uint16 when every token id fits, else uint32.
 
 Work is split in two so the output does not depend on the number of workers:
-`pack_partition` tokenizes a contiguous range of documents into a flat stream per split (one task
-each, a unit recorded as finished once its streams are in place: pipeline/units.py), and
-`assemble` concatenates those streams in partition order and cuts the windows.
+`pack_partition` tokenizes a contiguous range of documents into a flat stream per split and source
+(one task each, a unit recorded as finished once its streams are in place: pipeline/units.py), and
+`assemble` concatenates each source's streams in partition order and cuts the windows.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,80 +67,108 @@ class PackTask:
     dtype: str
     val_fraction: float
     out_prefix: str
-    """Streams go to <out_prefix>.train.bin / .val.bin."""
+    """Streams go to <out_prefix>.<split>.<source slug>.bin (`stream_name`)."""
     record: str
     """Where the finished unit is recorded (pipeline/units.py), beside its streams."""
     identity: dict
     """What its streams depend on: the ranges' files (size, mtime), the tokenizer's digest, the settings."""
 
 
+def stream_name(prefix: str, split: str, source: str) -> str:
+    """The file of one split's and source's token stream: the source's name made safe for a path, and
+    its CRC32 so that two names made alike stay apart."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", source)[:40]
+    return f"{prefix}.{split}.{slug}-{zlib.crc32(source.encode()):08x}.bin"
+
+
 def pack_partition(task: PackTask) -> dict:
-    """Tokenize one range of documents into a raw token stream per split; return the counts."""
+    """Tokenize one range of documents into a raw token stream per split and source; return the
+    counts: per split, documents and tokens in all, and per source those and its stream's file name."""
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(task.tokenizer_json)
     tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not EOS
-    counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
+    counts = {s: {"documents": 0, "tokens": 0, "sources": {}} for s in SPLITS}
     tmp = f"{os.getpid()}.tmp"  # a task retried elsewhere writes its own, then renames
-    files = {s: open(f"{task.out_prefix}.{s}.bin.{tmp}", "wb") for s in SPLITS}
+    files: dict[tuple[str, str], tuple] = {}  # (split, source) -> (open file, final path)
     texts: list[str] = []
-    splits: list[str] = []
+    keys: list[tuple[str, str]] = []
     size = 0
 
     def flush():
-        bufs = {s: [] for s in SPLITS}
-        for enc, split in zip(tok.encode_batch_fast(texts, add_special_tokens=False), splits, strict=True):
-            buf = bufs[split]
+        bufs: dict[tuple[str, str], list[int]] = {}
+        for enc, key in zip(tok.encode_batch_fast(texts, add_special_tokens=False), keys, strict=True):
+            buf = bufs.setdefault(key, [])
             buf.extend(enc.ids)
             buf.append(task.eos_id)
-            counts[split]["documents"] += 1
-        for s, buf in bufs.items():
-            if buf:
-                np.asarray(buf, dtype=task.dtype).tofile(files[s])
-                counts[s]["tokens"] += len(buf)
+        for key, buf in bufs.items():
+            split, source = key
+            if key not in files:
+                final = stream_name(task.out_prefix, split, source)
+                files[key] = (open(f"{final}.{tmp}", "wb"), final)
+                counts[split]["sources"][source] = {"documents": 0, "tokens": 0, "file": Path(final).name}
+            np.asarray(buf, dtype=task.dtype).tofile(files[key][0])
+            counts[split]["sources"][source]["tokens"] += len(buf)
+        for split, source in keys:
+            counts[split]["sources"][source]["documents"] += 1
         texts.clear()
-        splits.clear()
+        keys.clear()
 
     for path, start, end in task.ranges:
-        for text, doc_id in _rows(pq.ParquetFile(path), start, end):
+        for text, doc_id, source in _rows(pq.ParquetFile(path), start, end):
             texts.append(text)
-            splits.append("val" if is_val(int(doc_id[:16], 16), task.val_fraction) else "train")
+            split = "val" if is_val(int(doc_id[:16], 16), task.val_fraction) else "train"
+            keys.append((split, source))
             size += len(text)
             if size >= ENCODE_BATCH_BYTES:
                 flush()
                 size = 0
     if texts:
         flush()
-    for s, f in files.items():
+    for f, final in files.values():
         f.close()
-        os.replace(f"{task.out_prefix}.{s}.bin.{tmp}", f"{task.out_prefix}.{s}.bin")
-    units.record(task.record, task.identity, counts, [Path(f"{task.out_prefix}.{s}.bin") for s in SPLITS])
+        os.replace(f"{final}.{tmp}", final)
+    for split in SPLITS:
+        counts[split]["sources"] = dict(sorted(counts[split]["sources"].items()))
+        for key in ("documents", "tokens"):
+            counts[split][key] = sum(c[key] for c in counts[split]["sources"].values())
+    units.record(task.record, task.identity, counts, [Path(final) for _, final in files.values()])
     return counts
 
 
 def _rows(pf, start: int, end: int):
-    """(text, id) of rows [start, end) of a Parquet file, one row group at a time."""
+    """(text, id, source) of rows [start, end) of a Parquet file, one row group at a time."""
     first = 0
+    columns = ["text", "id", "source"]
     for g in range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         lo, hi = max(start, first), min(end, first + n)
         if lo < hi:
-            t = pf.read_row_group(g, columns=["text", "id"]).slice(lo - first, hi - lo)
-            yield from zip(t.column("text").to_pylist(), t.column("id").to_pylist(), strict=True)
+            t = pf.read_row_group(g, columns=columns).slice(lo - first, hi - lo)
+            yield from zip(*(t.column(c).to_pylist() for c in columns), strict=True)
         first += n
         if first >= end:
             return
 
 
-def assemble(streams: list[Path], out: Path, split: str, seq_len: int, per_shard: int, dtype: str) -> dict:
-    """Cut the concatenated streams into windows and write shards <split>-<k>.npy; the split's index."""
+def assemble(
+    sources: dict[str, list[Path]], out: Path, split: str, seq_len: int, per_shard: int, dtype: str
+) -> dict:
+    """Cut each source's streams (in partition order) into windows, the sources one after another in
+    sorted name order, and write them as shards <split>-<k>.npy; the split's index."""
     width = seq_len + 1
     item = np.dtype(dtype).itemsize
-    total = sum(p.stat().st_size // item for p in streams)
-    sequences = total // width
+    layout, first = {}, 0
+    for source in sorted(sources):
+        tokens = sum(p.stat().st_size // item for p in sources[source])
+        n = tokens // width
+        layout[source] = {"first_sequence": first, "sequences": n, "tokens": int(tokens),
+                          "tail_tokens_dropped": int(tokens - n * width)}  # fmt: skip
+        first += n
+    sequences = first
     shards = []
-    reader = _Concat(streams, dtype)
+    reader = _Windows([(sources[s], layout[s]["sequences"] * width) for s in layout], dtype)
     for k, first in enumerate(range(0, sequences, per_shard)):
         rows = min(per_shard, sequences - first)
         name = f"{split}-{k:05d}.npy"
@@ -155,13 +190,42 @@ def assemble(streams: list[Path], out: Path, split: str, seq_len: int, per_shard
         os.replace(tmp, out / name)
         shards.append({"file": name, "sequences": rows, "first_sequence": first})
     reader.close()
+    total = sum(v["tokens"] for v in layout.values())
     return {
         "tokens": int(total),
         "sequences": int(sequences),
         "tokens_in_sequences": int(sequences * width),
         "tail_tokens_dropped": int(total - sequences * width),
         "shards": shards,
+        "sources": layout,
     }
+
+
+class _Windows:
+    """The tokens of every window, source after source: of each (streams, n) the first n tokens of
+    the streams read as one, the rest (the source's tail) skipped."""
+
+    def __init__(self, segments: list[tuple[list[Path], int]], dtype: str):
+        self.segments, self.dtype = [(s, n) for s, n in segments if n], dtype
+        self.reader, self.left = None, 0
+
+    def read(self, n: int) -> np.ndarray:
+        parts = []
+        while n:
+            if not self.left:
+                if self.reader is not None:
+                    self.reader.close()
+                streams, self.left = self.segments.pop(0)
+                self.reader = _Concat(streams, self.dtype)
+            got = self.reader.read(min(n, self.left))
+            self.left -= len(got)
+            n -= len(got)
+            parts.append(got)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def close(self):
+        if self.reader is not None:
+            self.reader.close()
 
 
 class _Concat:

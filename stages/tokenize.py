@@ -7,12 +7,14 @@ Inputs: {"ingest", "tokenizer"}. Artifact:
     train-00000.npy, ...   (rows, seq_len + 1) uint16/uint32 windows of the training stream
     val-00000.npy, ...     the same for validation
     index.json             dtype, seq_len, the window convention, per split: tokens, documents,
-                           sequences, tail_tokens_dropped, shards (file, sequences, first_sequence)
+                           sequences, tail_tokens_dropped, shards (file, sequences, first_sequence),
+                           sources (per source: first_sequence, sequences, tokens, documents, ...)
 
 Read it with `data_prep.packed.PackedTokens(artifact.path, "train")`: len(), [i] -> seq_len + 1 ids.
-The convention (data_prep/packing.py): per split, every document's tokens then EOS, in document
-order; sequence i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)], no overlap; the short tail is
-counted, not stored. A document is in validation when the low 32 bits of its content hash / 2^32 <
+The convention (data_prep/packing.py): per split and source, every document's tokens then EOS, in
+document order; window i = stream[i*(seq_len+1) : (i+1)*(seq_len+1)], no overlap; the short tail is
+counted, not stored; the sources' windows one after another (no window spans two sources), so that
+pretraining can blend them by weight when it draws batches (`pretrain.mixture`). A document is in validation when the low 32 bits of its content hash / 2^32 <
 `tokenize.val_fraction`: stable across runs, seeds and worker counts, and a text repeated by ingest
 set weights never lands on both sides.
 
@@ -21,7 +23,7 @@ one task per range), each into a raw stream per split in the work dir; the drive
 streams in range order and cuts the windows, so 1 and N partitions give the same bytes.
 Each range is a unit (pipeline/units.py), recorded as finished once its streams are in place:
 
-    streams/<k>.train.bin, <k>.val.bin, <k>.done.json
+    streams/<k>.train.<source>.bin, <k>.val.<source>.bin, <k>.done.json
 
 A run that dies keeps them: the next one reuses every range whose record matches what it would make
 now (its documents' shards, the tokenizer's digest, the settings), says in the log "N of M units
@@ -41,8 +43,8 @@ from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_p
 from pipeline import units
 from pipeline.files import sha256_file, write_json_atomic
 
-VERSION = 1
-"""What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
+VERSION = 2
+"""2: windows packed per source (none spans two). What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
 WINDOW_RULE = (
@@ -85,6 +87,7 @@ def run(cfg, inputs, out, ctx) -> dict:
                 "ranges": [[facts[path], lo, hi] for path, lo, hi in ranges],
                 "tokenizer": tokenizer_digest,
                 **settings,
+                "streams": "per split and source",  # what an earlier layout's record lacks
             },
         )
         for k, ranges in enumerate(plans)
@@ -106,9 +109,16 @@ def run(cfg, inputs, out, ctx) -> dict:
     # 2. stitch the streams in partition order and cut them into windows
     splits = {}
     for split in SPLITS:
-        streams = [work / f"{k:05d}.{split}.bin" for k in range(len(tasks))]
-        splits[split] = assemble(streams, out, split, c.seq_len, c.sequences_per_shard, dtype)
+        sources: dict[str, list[Path]] = {}
+        for cnt in counts:  # partition order
+            for source, facts in cnt[split]["sources"].items():
+                sources.setdefault(source, []).append(work / facts["file"])
+        splits[split] = assemble(sources, out, split, c.seq_len, c.sequences_per_shard, dtype)
         splits[split]["documents"] = sum(cnt[split]["documents"] for cnt in counts)
+        for source, facts in splits[split]["sources"].items():
+            facts["documents"] = sum(
+                cnt[split]["sources"].get(source, {}).get("documents", 0) for cnt in counts
+            )
         if splits[split]["tokens"] != sum(cnt[split]["tokens"] for cnt in counts):
             raise RuntimeError(f"tokenize: {split} stream lengths do not add up; a partition file is damaged")
     if sum(s["documents"] for s in splits.values()) != n_docs:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ import stages.ingest as ingest
 import stages.tokenize as tokenize
 import stages.tokenizer as tokenizer
 from data_prep.packed import PackedTokens
+from data_prep.packing import stream_name
 from pipeline.artifacts import Artifact
 from pipeline.config import PipelineConfig
 from tests.test_data_ingest import SAMPLE, CrashContext, Killed, PickleContext, doc, same_files, write
@@ -74,50 +76,63 @@ def run_tokenize(tmp_path, inputs, name="out", reverse=False, **tk):
 
 
 def expected_streams(inputs, val_fraction=0.1):
-    """Each split's stream rebuilt from scratch: documents in order, tokens then EOS."""
+    """Each split's and source's stream rebuilt from scratch: documents in order, tokens then EOS."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(inputs["tokenizer"].path / "tokenizer.json"))
     tok.encode_special_tokens = True
     eos = tok.token_to_id("<|endoftext|>")
     stats = json.loads((inputs["ingest"].path / "stats.json").read_text())
-    streams = {"train": [], "val": []}
+    streams = {"train": {}, "val": {}}
     for shard in stats["shards"]:
         for row in pq.read_table(inputs["ingest"].path / "docs" / shard["file"]).to_pylist():
             split = "val" if (int(row["id"][:16], 16) & 0xFFFFFFFF) / 2**32 < val_fraction else "train"
-            streams[split] += tok.encode(row["text"], add_special_tokens=False).ids + [eos]
+            stream = streams[split].setdefault(row["source"], [])
+            stream += tok.encode(row["text"], add_special_tokens=False).ids + [eos]
     return streams, eos
 
 
-def test_packing_keeps_every_token_in_order(tmp_path, inputs):
+def test_packing_keeps_every_token_in_order_and_each_source_apart(tmp_path, inputs):
     metrics, out = run_tokenize(tmp_path, inputs, sequences_per_shard=50)
     index = json.loads((out / "index.json").read_text())
-    streams, eos = expected_streams(inputs)
+    by_source, eos = expected_streams(inputs)
     width = SEQ_LEN + 1
     assert index["eos_id"] == eos and index["dtype"] == "uint16" and index["tokens_per_sequence"] == width
-    for split, stream in streams.items():
+    for split, sources in by_source.items():
         info = index["splits"][split]
         data = PackedTokens(out, split)
-        n = len(stream) // width
-        assert (info["tokens"], info["sequences"], len(data)) == (len(stream), n, n)
-        assert info["tail_tokens_dropped"] == len(stream) - n * width < width
+        assert len(sources) > 3 and list(info["sources"]) == sorted(sources)  # the sample's Pile subsets
+        windows, first = [], 0
+        for name in sorted(sources):  # each source's windows, one source after another
+            stream, src = sources[name], info["sources"][name]
+            n = len(stream) // width
+            assert (src["first_sequence"], src["sequences"], src["tokens"]) == (first, n, len(stream))
+            assert src["tail_tokens_dropped"] == len(stream) - n * width < width
+            assert data.sources[name] == (first, n)
+            windows += stream[: n * width]  # every token, in order, no overlap, no window across sources
+            first += n
+        n = first
+        assert (info["tokens"], info["sequences"], len(data)) == (sum(map(len, sources.values())), n, n)
         assert info["tokens_in_sequences"] + info["tail_tokens_dropped"] == info["tokens"]
+        assert sum(s["documents"] for s in info["sources"].values()) == info["documents"]
         packed = np.concatenate([data[i] for i in range(len(data))]) if n else np.zeros(0)
-        assert packed.tolist() == stream[: n * width]  # every token, in order, no overlap
+        assert packed.tolist() == windows
         files = sorted(p.name for p in out.glob(f"{split}-*.npy"))
         assert files == [s["file"] for s in info["shards"]] and len(files) == -(-n // 50)
     assert index["splits"]["val"]["documents"] > 0 and index["splits"]["train"]["documents"] > 0
     assert sum(s["documents"] for s in index["splits"].values()) == index["documents"]
-    assert metrics["train_tokens"] == len(streams["train"]) and metrics["val_sequences"] == len(
-        PackedTokens(out, "val")
-    )
+    assert metrics["train_tokens"] == sum(map(len, by_source["train"].values())) and metrics[
+        "val_sequences"
+    ] == len(PackedTokens(out, "val"))
 
 
 def test_literal_special_token_in_text_is_not_eos(tmp_path, inputs):
     _, out = run_tokenize(tmp_path, inputs)
     streams, eos = expected_streams(inputs)
     n_docs = json.loads((out / "index.json").read_text())["documents"]
-    assert sum(s.count(eos) for s in streams.values()) == n_docs  # exactly one EOS per document
+    assert (
+        sum(s.count(eos) for split in streams.values() for s in split.values()) == n_docs
+    )  # one EOS per document
 
 
 def test_one_or_many_partitions_and_any_task_order_give_the_same_bytes(tmp_path, inputs):
@@ -210,7 +225,9 @@ def test_tokenize_killed_mid_way_resumes_from_its_finished_partitions(tmp_path, 
         tokenize_with(CrashContext("tokenize", work, crash_after=3), "killed", partitions=8)
     assert json.loads((work / "progress.json").read_text())["step"] == 3
     (work / "streams" / "00001.done.json").unlink()  # killed between its streams and its record
-    (work / "streams" / "00003.train.bin").write_bytes(b"\0" * 10)  # the unit in flight
+    source = json.loads((ref / "index.json").read_text())["splits"]["train"]["sources"]
+    partial = stream_name(str(work / "streams" / "00003"), "train", next(iter(source)))
+    Path(partial).write_bytes(b"\0" * 10)  # the unit in flight, half written
     caplog.clear()
     again = CrashContext("tokenize", work)
     out = tokenize_with(again, "out", partitions=8)
