@@ -12,6 +12,7 @@ import os
 import random
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -141,7 +142,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, total: int) -> fl
 
 
 @lru_cache(maxsize=4)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n windows in epoch `epoch` of the natural (unweighted) draw."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -152,7 +154,7 @@ def global_batch(step: int, batch: int, n: int, seed: int) -> np.ndarray:
     while len(out) < batch:
         epoch, offset = divmod(pos, n)
         take = min(batch - len(out), n - offset)
-        out.extend(_epoch_permutation(n, seed, epoch)[offset : offset + take].tolist())
+        out.extend(epoch_permutation(n, seed, epoch)[offset : offset + take].tolist())
         pos += take
     return np.asarray(out, dtype=np.int64)
 
@@ -202,13 +204,12 @@ def prefetched(read, items):
             yield ahead.result()
 
 
-def micro_batch_ids(
-    start: int, total: int, batch: int, n: int, seed: int, accum: int, rank: int, world: int, micro: int
-):
+def micro_batch_ids(start: int, total: int, draw, accum: int, rank: int, world: int, micro: int):
     """The sequence ids this rank trains on, micro-step by micro-step, from optimizer step `start` to
-    `total` (`global_batch` cut by `micro_batch`): what the pretraining loop reads, in its order."""
+    `total` (`draw(step)`, the global batch, cut by `micro_batch`): what the pretraining loop reads, in its
+    order."""
     for step in range(start, total):
-        ids = global_batch(step, batch, n, seed)
+        ids = draw(step)
         for a in range(accum):
             yield micro_batch(ids, a, rank, world, micro)
 
@@ -296,6 +297,83 @@ def all_reduce_mean(values: dict, device, local: dict | None = None) -> dict[str
     if own:
         t = torch.cat([t, torch.stack([local[k].to(device=device, dtype=torch.float64) for k in own])])
     return dict(zip(keys + own, t.tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The pretraining held-out windows a model stage scores by source: the first `count` of
+    `heldout_windows` in the tokenize artifact's validation split (`tokens_dir`)."""
+
+    tokens_dir: Path
+    count: int
+
+    @staticmethod
+    def of(cfg, tokens_dir) -> HeldOut:
+        """The windows pretraining scores at each evaluation (eval_batches x workers micro-batches), so
+        that every stage after it scores the same ones whatever its own number of workers."""
+        p = cfg.pretrain
+        return HeldOut(Path(tokens_dir), p.eval_batches * p.num_workers * p.micro_batch_size)
+
+
+def heldout_windows(n_val: int, n: int) -> np.ndarray:
+    """`n` of a validation split's `n_val` windows spread evenly over it, the first among them: as the
+    sources lie one after another, each gets its natural share."""
+    n = min(n, n_val)
+    return (np.arange(n) * n_val) // max(1, n)
+
+
+def eval_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of window `ids` (`kiln.chat_eval.rank_share`: every rank runs as many forward
+    passes, each one collective under ZeRO-3), its padding as -1: scored, then left out."""
+    from kiln.chat_eval import rank_share
+
+    padded, real = rank_share(np.asarray(ids).tolist(), rank, world)
+    return np.asarray(padded[:real] + [-1] * (len(padded) - real), dtype=np.int64)
+
+
+def per_source_loss(logits_of, data, ids, micro: int, device) -> torch.Tensor:
+    """Summed next-token loss of windows `ids` of `data` (a PackedTokens) by source: (2, sources + 2) float64 on
+    the device, row 0 the sums of each window's mean token loss, row 1 the windows; column `sources` holds the
+    windows of no source (packed data that does not keep its sources apart), the last one the padding (-1,
+    `eval_share`). `logits_of(inputs)` is the model's (B, T, V) logits. Nothing waits for the host."""
+    firsts = np.asarray([first for first, _ in data.sources.values()], dtype=np.int64)
+    ends = np.asarray([first + n for first, n in data.sources.values()], dtype=np.int64)
+    S = len(firsts)
+    sums = torch.zeros(2, S + 2, dtype=torch.float64, device=device)
+    for i in range(0, len(ids), micro):
+        batch = np.asarray(ids[i : i + micro], dtype=np.int64)
+        k = np.searchsorted(firsts, batch, side="right") - 1  # the source each window lies in
+        inside = (k >= 0) & (batch < ends[np.clip(k, 0, None)]) if S else np.zeros(len(batch), bool)
+        col = torch.as_tensor(np.where(batch < 0, S + 1, np.where(inside, k, S)), device=device)
+        x, y = load_batch(data, np.where(batch < 0, 0, batch), device)
+        logits = logits_of(x).float()  # (B, T, V)
+        row = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # (B,)
+        sums[0].index_add_(0, col, row.double())
+        sums[1].index_add_(0, col, torch.ones_like(row, dtype=torch.float64))
+    return sums
+
+
+def loss_metrics(sums: torch.Tensor, sources: list[str], name: str) -> dict[str, float]:
+    """`<name>` over every window scored and `<name>/<source>` over each source's, from `per_source_loss`
+    sums added over the ranks (one collective, one host sync). A source with no window scored has no key."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    loss, windows = sums[:, :-1].tolist()  # the padding left out
+    out = {name: sum(loss) / max(1.0, sum(windows))}
+    return out | {f"{name}/{source}": loss[j] / windows[j] for j, source in enumerate(sources) if windows[j]}
+
+
+def score_heldout(logits_of, held: HeldOut, rank: int, world: int, micro: int, device, name: str) -> dict:
+    """`loss_metrics` of a model stage over the pretraining held-out windows `held`, each rank its share."""
+    from data_prep.packed import PackedTokens
+
+    val = PackedTokens(held.tokens_dir, "val")
+    ids = eval_share(heldout_windows(len(val), held.count), rank, world)
+    with torch.no_grad():
+        sums = per_source_loss(logits_of, val, ids, micro, device)
+    return loss_metrics(sums, list(val.sources), name)
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16/fp16

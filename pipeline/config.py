@@ -23,6 +23,7 @@ Cross-field rules live in each section's `check()`; all problems are reported at
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -381,6 +382,11 @@ class PretrainConfig(WorkerGroupConfig):
     """Sequences per worker per forward/backward."""
     global_batch_size: int = 16
     """Sequences per optimizer step; accumulation = global / (workers * micro)."""
+    mixture: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Weight of each source (a document's Pile subset, `meta.pile_set_name`) when batches are drawn
+    (kiln/mixture.py): {"Pile-CC": 2, "Github": 1} draws twice as many windows from Pile-CC; a source not
+    listed is not drawn. Empty: every source in its natural proportion, each window once per epoch.
+    Changing it re-runs pretraining and what follows, not the data stages."""
     weight_decay: float = 0.1
     """AdamW weight decay (not on norms and biases)."""
     beta1: float = 0.9
@@ -427,6 +433,11 @@ class PretrainConfig(WorkerGroupConfig):
                 f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
                 f"micro_batch_size = {per_step}; use a multiple of {per_step}"
             )
+        for name, w in self.mixture.items():
+            if not (isinstance(w, int | float) and w >= 0 and math.isfinite(w)):
+                yield f"mixture.{name}: {w!r} is not a weight (a finite number >= 0)"
+        if self.mixture and not any(isinstance(w, int | float) and w > 0 for w in self.mixture.values()):
+            yield "mixture: no source has a weight > 0; give one a weight > 0 (or leave the mixture empty)"
         if self.offload_params and self.zero_stage != 3:
             yield "offload_params: parameter offload needs zero_stage=3"
         if self.offload_optimizer and self.zero_stage == 0:

@@ -86,6 +86,18 @@ def _check_config(cfg, index: dict, tok_dir: Path) -> Vocab:
             f"pretrain.global_batch_size: {cfg.pretrain.global_batch_size} is more than the "
             f"{n_train} training sequences; lower it or ingest more data"
         )
+    if cfg.pretrain.mixture:
+        from kiln.mixture import mixture_problems
+
+        sources = index["splits"]["train"].get("sources")
+        if sources is None:
+            errors.append(
+                "pretrain.mixture: the token shards do not keep their sources apart (packed before tokenize "
+                "version 2); re-run tokenize, or leave pretrain.mixture empty"
+            )
+        else:
+            sources = {k: (v["first_sequence"], v["sequences"]) for k, v in sources.items()}
+            errors.extend(mixture_problems(cfg.pretrain.mixture, sources))
     if cfg.pretrain.init_from:
         import transformers
 
@@ -117,6 +129,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     from kiln import reshard as R
     from kiln import sharded as S
     from kiln import training as T
+    from kiln.mixture import Mixture
     from kiln.model import KilnForCausalLM, build_config
 
     p, seed = job.section, job.seed
@@ -161,6 +174,8 @@ def _train(job: PretrainJob, wctx) -> dict:
 
     train = PackedTokens(job.tokens_dir, "train")
     val = PackedTokens(job.tokens_dir, "val")
+    mix = Mixture(train.sources, len(train), p.mixture or None, seed)
+    draw = partial(mix.batch, size=p.global_batch_size)
     tokens_per_step = p.global_batch_size * train.seq_len
     flops_per_token = model.flops_per_token(train.seq_len) if hasattr(model, "flops_per_token") else None
     peak = T.peak_flops(device)
@@ -185,14 +200,14 @@ def _train(job: PretrainJob, wctx) -> dict:
     # the one before computes; the order is the index arithmetic's, as if read in the loop
     batches = T.prefetched(
         partial(T.read_windows, train, pin=device.type == "cuda"),
-        T.micro_batch_ids(step, total, p.global_batch_size, len(train), seed, accum, rank, world, p.micro_batch_size),
+        T.micro_batch_ids(step, total, draw, accum, rank, world, p.micro_batch_size),
     )  # fmt: skip
     while step < total:
         t0 = time.perf_counter()
         lr = T.lr_at(step, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_steps, total=total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = T.global_batch(step, p.global_batch_size, len(train), seed)
+        ids = draw(step)
         # losses (and the grad norm, the MoE stats) stay on the device until the step is done: one host
         # sync per step (all_reduce_mean), none per micro-step
         sums = {
@@ -251,9 +266,14 @@ def _train(job: PretrainJob, wctx) -> dict:
             return {STOPPED: step}
 
     T.export_engine(engine, job.export_dir, job.tokenizer_dir, rank)
+    seen = {
+        f"tokens_seen/{k}": n * train.seq_len
+        for k, n in mix.windows_per_source(step, p.global_batch_size).items()
+    }
     return (
         {k: v for k, v in last.items() if not k.startswith("expert_load_")}
         | expert_imbalance(last)
+        | seen
         | {"steps": step}
     )
 
@@ -282,27 +302,22 @@ def expert_imbalance(row: dict) -> dict:
 
 
 def _evaluate(engine, val, p, rank, world, device) -> dict:
-    """Validation loss over the first eval_batches * world micro-batches (each rank its share)."""
+    """Held-out loss over eval_batches x workers micro-batches of validation windows spread over the split
+    (`heldout_windows`, each rank its share): `val_loss` over them all, `val_loss/<source>` over each
+    source's. Every later model stage scores the same windows (kiln.training.HeldOut)."""
     import math
 
-    import numpy as np
     import torch
 
     from kiln import training as T
 
-    n = min(len(val), p.eval_batches * world * p.micro_batch_size)
-    ids = np.arange(n)[rank::world]
-    # the losses summed on the device (in order, in float64): no host sync per batch
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    ids = T.eval_share(T.heldout_windows(len(val), p.eval_batches * world * p.micro_batch_size), rank, world)
     engine.eval()
     with torch.no_grad():
-        for i in range(0, len(ids), p.micro_batch_size):
-            x, y = T.load_batch(val, ids[i : i + p.micro_batch_size], device)
-            total += engine(input_ids=x, shift_labels=y).lm_loss.double()
-            count += 1
+        sums = T.per_source_loss(lambda x: engine(input_ids=x).logits, val, ids, p.micro_batch_size, device)
     engine.train()
-    mean = T.all_reduce_mean({"val_loss": total / max(1, count)}, device)["val_loss"]
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50))}
+    out = T.loss_metrics(sums, list(val.sources), "val_loss")
+    return out | {"val_ppl": math.exp(min(out["val_loss"], 50))}
 
 
 def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank, world, zero_stage) -> None:

@@ -333,7 +333,8 @@ def test_prefetched_micro_batches_are_the_loops_own_in_its_order(tmp_path):
             for s in range(start, total)
             for a in range(accum)
         ]  # fmt: skip
-        ids = T.micro_batch_ids(start, total, batch, len(data), SEED, accum, rank, world, micro)
+        draw = partial(T.global_batch, batch=batch, n=len(data), seed=SEED)
+        ids = T.micro_batch_ids(start, total, draw, accum, rank, world, micro)
         got = [T.to_device(w, torch.device("cpu")) for w in T.prefetched(partial(T.read_windows, data), ids)]
         assert len(got) == len(want) == (total - start) * accum
         for (gx, gy), (wx, wy) in zip(got, want, strict=True):
