@@ -42,12 +42,16 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
 from data_prep.chat_data import load_records, split_eval, warn_malformed
 from kiln.workers import WorkerJob, run_group
 from pipeline.config import PROJECT_ROOT, ConfigError, TrlStageConfig
+
+if TYPE_CHECKING:
+    from kiln.training import HeldOut
 
 KILN_STATE = "kiln_state.json"
 LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch"}
@@ -103,6 +107,8 @@ class TrlJob(WorkerJob):
     """Held-out records."""
     task_prompts: list = field(default_factory=list)
     """Held-out prompts of the shipped task, answered at each evaluation (sft)."""
+    heldout: HeldOut | None = None
+    """Pretraining's held-out windows, scored by source at each evaluation (sft): what it cost each source."""
 
 
 def run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out: Path, **extra) -> dict:

@@ -190,11 +190,12 @@ PIPELINE = DAG(
             workers=_workers("pretrain"),
             headline="val_loss",
         ),
-        # sft and reward read only pretrain, so they train at the same time when resources allow
+        # sft and reward read only pretrain (and sft the held-out windows it scores by source), so they train
+        # at the same time when resources allow
         Stage(
             "sft",
             "stages.sft:run",
-            inputs=("pretrain",),
+            inputs=("pretrain", "tokenize"),
             sections=("sft", "run"),
             workers=_workers("sft"),
             extra_fingerprint=lambda cfg: input_file_stats(

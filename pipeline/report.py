@@ -2,7 +2,10 @@
 
     write_report(store.run_dir, plan, "kiln run tiny")    # -> <run_dir>/report.html
 
-A table of every stage with its headline numbers (NUMBERS), then a section per complete stage: its
+A table of every stage with its headline numbers (NUMBERS); the held-out loss of each source after each
+model stage (`by_source`: pretraining's validation windows, scored again after every later stage, so
+that what fine-tuning cost each source shows) beside the tokens pretraining drew from it; then a
+section per complete stage: its
 headline chart (CHARTS: the columns a user looks at first, those missing left out), for a MoE
 pretraining each MoE layer's expert load over the steps (collapse or imbalance at a glance) and, folded in
 `<details>`, every metric: all the manifest's numbers and a grid of every numeric metrics.jsonl
@@ -18,6 +21,7 @@ not imported.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -59,7 +63,7 @@ def write_report(run_dir: Path, plan, title: str) -> Path:
         f"<h1>{html.escape(title)}</h1>",
         "<table><tr><th>stage</th><th>state</th><th>headline metrics</th><th>artifact</th></tr>",
     ]
-    sections = []
+    sections, every = [], {}
     for p in plan:
         manifest = p.manifest
         if manifest is None and p.path and Path(p.path, "manifest.json").is_file():
@@ -74,11 +78,65 @@ def write_report(run_dir: Path, plan, title: str) -> Path:
         )
         if manifest:
             sections.append(_section(run_dir, p, manifest, metrics))
+            every[p.name] = metrics
     parts.append("</table>")
+    parts.append(by_source(run_dir / ".work" / "report", every))
     parts.extend(sections)
     out = run_dir / "report.html"
     _write_atomic(out, "\n".join(parts).encode())
     return out
+
+
+def by_source(cache: Path, metrics: dict[str, dict]) -> str:
+    """Per source: the tokens pretraining drew from it (`tokens_seen/<source>`) and its held-out loss after
+    each model stage (pretrain's `val_loss/<source>`, a later stage's `heldout_loss/<source>`), as a
+    table and a grouped bar chart (drawn once per set of numbers, cached); "" when no stage has them."""
+    losses = {}
+    for stage, m in metrics.items():
+        prefix = "val_loss/" if stage == "pretrain" else "heldout_loss/"
+        got = {k.removeprefix(prefix): v for k, v in m.items() if k.startswith(prefix) and _number(v)}
+        if got:
+            losses[stage] = got
+    if not losses:
+        return ""
+    tokens = {k.removeprefix("tokens_seen/"): v for k, v in metrics.get("pretrain", {}).items()
+              if k.startswith("tokens_seen/")}  # fmt: skip
+    sources = sorted(set(tokens).union(*losses.values()))
+    head = "".join(f"<th>{html.escape(s)} loss</th>" for s in losses)
+    rows = "".join(
+        f"<tr><td>{html.escape(src)}</td><td>{tokens.get(src, '')}</td>"
+        + "".join(f"<td>{_fmt(losses[s][src]) if src in losses[s] else ''}</td>" for s in losses)
+        + "</tr>"
+        for src in sources
+    )
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, losses], sort_keys=True).encode()).hexdigest()[:16]
+    png = cache / "by_source" / f"{key}.png"
+    if not png.is_file():
+        _write_atomic(png, _source_bars(losses, sources))
+        for old in png.parent.glob("*.png"):
+            if old != png:
+                old.unlink(missing_ok=True)
+    return (
+        "<h2>held-out loss by source</h2>"
+        + _img(png.read_bytes())
+        + f"<table><tr><th>source</th><th>tokens seen in pretraining</th>{head}</tr>{rows}</table>"
+    )
+
+
+def _source_bars(losses: dict[str, dict[str, float]], sources: list[str]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(sources) * len(losses)), 3.2))
+    width = 0.8 / len(losses)
+    for j, (stage, got) in enumerate(losses.items()):
+        xs = [i + j * width for i, src in enumerate(sources) if src in got]
+        ax.bar(xs, [got[src] for src in sources if src in got], width, label=stage)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(sources))], sources, rotation=30, ha="right", fontsize=7
+    )
+    ax.set_ylabel("held-out loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    return _png(plt, fig)
 
 
 def _section(run_dir: Path, p, manifest: dict, metrics: dict) -> str:

@@ -2,7 +2,8 @@
 
     python launch.py run --only sft --set sft.steps=600 --set sft.lora_r=8
 
-Inputs: {"pretrain"} (weights and tokenizer only: a fresh optimizer, a fresh schedule). Artifact:
+Inputs: {"pretrain"} (weights and tokenizer only: a fresh optimizer, a fresh schedule) and
+{"tokenize"} (pretraining's held-out windows, scored by source). Artifact:
 
     config.json, model.safetensors, generation_config.json   the fine-tuned KilnForCausalLM (LoRA merged in)
     tokenizer.json, tokenizer_config.json, chat_template.jinja
@@ -18,8 +19,11 @@ an assistant turn with `<|end|>`, so the model learns to stop. `sft.lora_r > 0` 
 
 Held-out metrics at each evaluation (and at step 0, the pretrained model): `val_loss` on
 `sft.eval_data`, and `task_accuracy`: greedy answers to `sft.task_prompts`, stopped at `<|end|>` or
-EOS, judged by data_prep/task.py's `check`. Resume (a dead worker group, or a re-run) continues from
-the stage's own last checkpoint: TRL's DeepSpeed state, scheduler, RNG and data position.
+EOS, judged by data_prep/task.py's `check`; and `heldout_loss/<source>`: the language-modelling loss
+on the windows pretraining holds out (`val_loss/<source>` in its metrics), so the manifest shows
+what fine-tuning cost each source (`heldout_loss_pretrained/<source>`: before it). Resume (a dead
+worker group, or a re-run) continues from the stage's own last checkpoint: TRL's DeepSpeed state,
+scheduler, RNG and data position.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from kiln import trl_bridge as B
+from kiln.training import HeldOut
 from pipeline.preemption import STOPPED
 
 VERSION = 1
@@ -50,9 +55,11 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     ctx.logger.info(
         "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
     )
+    heldout = HeldOut.of(cfg, inputs["tokenize"].path)
     return B.run_trainer(
-        ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, task_prompts=prompts
-    )
+        ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, task_prompts=prompts,
+        heldout=heldout,
+    )  # fmt: skip
 
 
 def train_worker(job: B.TrlJob, wctx) -> dict:
@@ -64,6 +71,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
     from kiln import sharded as S
     from kiln.chat_eval import stop_ids, task_accuracy
+    from kiln.training import score_heldout
 
     s, seed = job.section, job.seed
     B.setup_worker(wctx, s.cpus_per_worker)
@@ -84,14 +92,19 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     synced = s.zero_stage == 3 and wctx.world_size > 1
 
     def evaluate(m) -> dict:
+        scored = {}
+        if job.heldout is not None:
+            device = next(m.parameters()).device
+            scored = score_heldout(lambda x: m(input_ids=x).logits, job.heldout, wctx.rank, wctx.world_size,
+                                   s.micro_batch_size, device, "heldout_loss")  # fmt: skip
         if not job.task_prompts:
-            return {}
+            return scored
         found = task_accuracy(
             m, tok, job.task_prompts, s.max_new_tokens, wctx.rank, wctx.world_size, synced=synced
         )
         if wctx.rank == 0:
             log.info("sft: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
-        return {k: v for k, v in found.items() if k != "task_samples"}
+        return scored | {k: v for k, v in found.items() if k != "task_samples"}
 
     bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=job.wandb_run_id, resumed=kiln_state)
     lora = B.lora_config(s, "CAUSAL_LM")
@@ -108,7 +121,13 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     B.export(trainer, job.export_dir, tok, lora, wctx.rank)
     shutil.rmtree(out_dir, ignore_errors=True)
     final = bridge.last_eval
-    return {
+    heldout = {k: v for k, v in final.items() if k.startswith("heldout_loss")}
+    heldout |= {
+        k.replace("heldout_loss", "heldout_loss_pretrained", 1): v
+        for k, v in bridge.baseline.items()
+        if k.startswith("heldout_loss")
+    }
+    return heldout | {
         "steps": trainer.state.global_step,
         "train_loss": _last_train_loss(trainer),
         "val_loss": final.get("val_loss"),

@@ -32,11 +32,13 @@ def _rows(n: int, every: int, train: dict, evaluation: dict) -> list[dict]:
 
 METRICS = {  # each stage's manifest metrics
     "ingest": {"docs_kept": 90, "docs_dropped": 10, "duplicates": 1, "bad_records": 0, "text_bytes": 9},
-    "pretrain": {"val_loss": 4.5, "val_ppl": 90.0, "steps": 12, "expert_imbalance": 2.4},
-    "sft": {"val_loss": 2.0, "task_accuracy": 0.25},
+    "pretrain": {"val_loss": 4.5, "val_ppl": 90.0, "steps": 12, "expert_imbalance": 2.4,
+                 "val_loss/Github": 3.5, "val_loss/Pile-CC": 5.0, "tokens_seen/Github": 512, "tokens_seen/Pile-CC": 2048},
+    "sft": {"val_loss": 2.0, "task_accuracy": 0.25, "heldout_loss/Github": 3.75, "heldout_loss/Pile-CC": 5.25,
+            "heldout_loss_pretrained/Github": 3.5},
     "reward": {"pairwise_accuracy": 0.8},
-    "ppo": {"task_accuracy": 0.3, "score": 1.5},
-}
+    "ppo": {"task_accuracy": 0.3, "score": 1.5, "heldout_loss/Pile-CC": 5.5},
+}  # fmt: skip
 ROWS = {  # metrics.jsonl (a data stage has none); ppo logs no task_accuracy_sampled: its chart shows the rest
     # a MoE model: MoE layers 1 and 3, three experts each (expert_load_l{layer}_{expert})
     "pretrain": _rows(
@@ -140,9 +142,20 @@ def test_headline_charts_lead_and_every_metric_is_folded(drawn):
     grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 4}
     assert labels.count(None) == sum(grids.values())
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 2 * len(HEADLINE) + 1
-    # headline, expert load (an empty file: nothing to draw) and grid of each stage with a metrics.jsonl
-    assert len(cached(run_dir)) == 3 * len(HEADLINE)
+    assert len(images) == 2 * len(HEADLINE) + 2  # and the loss by source
+    # headline, expert load (an empty file: nothing to draw) and grid of each stage with a metrics.jsonl,
+    # and the loss by source
+    assert len(cached(run_dir)) == 3 * len(HEADLINE) + 1
+
+
+def test_heldout_loss_by_source_after_each_model_stage_beside_the_tokens_drawn(drawn):
+    _, _, html, labels = drawn
+    part = html[html.index("<h2>held-out loss by source</h2>") : html.index("<h2>ingest</h2>")]
+    assert part.count("<img") == 1
+    head = "<tr><th>source</th><th>tokens seen in pretraining</th><th>pretrain loss</th><th>sft loss</th><th>ppo loss</th></tr>"
+    assert head in part
+    assert "<tr><td>Github</td><td>512</td><td>3.5</td><td>3.75</td><td></td></tr>" in part
+    assert "<tr><td>Pile-CC</td><td>2048</td><td>5</td><td>5.25</td><td>5.5</td></tr>" in part
 
 
 def test_second_report_reuses_the_cache_without_matplotlib(drawn):
