@@ -17,8 +17,9 @@ The convention (also written into index.json, read by `data_prep.packed.PackedTo
 
 Work is split in two so the output does not depend on the number of workers:
 `pack_partition` tokenizes a contiguous range of documents into a flat stream per split and source
-(one task each, a unit recorded as finished once its streams are in place: pipeline/units.py), and
-`assemble` concatenates each source's streams in partition order and cuts the windows.
+(one task each, a unit recorded as finished once its streams are in place: pipeline/units.py);
+`plan_shards` lays each source's streams in partition order and cuts the windows, and `write_shard`
+writes one shard file from the token ranges it holds (one task each, in parallel: the same bytes).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pipeline import units
 
 SPLITS = ("train", "val")
 ENCODE_BATCH_BYTES = 1 << 20  # texts per encode_batch call: its Encodings take ~30x the text
-COPY_TOKENS = 4 << 20  # tokens copied per read when assembling shards
+COPY_TOKENS = 4 << 20  # tokens copied per read when writing a shard
 
 
 def is_val(h: int, val_fraction: float) -> bool:
@@ -152,46 +153,50 @@ def _rows(pf, start: int, end: int):
             return
 
 
-def assemble(
+@dataclass
+class ShardTask:
+    """One shard file to write: `rows` windows of `width` tokens, read from `pieces`, each (stream file,
+    first token, tokens) of the sources' streams, in order."""
+
+    path: str
+    rows: int
+    width: int
+    dtype: str
+    pieces: list[tuple[str, int, int]]
+
+
+def plan_shards(
     sources: dict[str, list[Path]], out: Path, split: str, seq_len: int, per_shard: int, dtype: str
-) -> dict:
-    """Cut each source's streams (in partition order) into windows, the sources one after another in
-    sorted name order, and write them as shards <split>-<k>.npy; the split's index."""
+) -> tuple[dict, list[ShardTask]]:
+    """The split's index and the shards that hold it: each source's streams (in partition order) cut into
+    windows, the sources one after another in sorted name order, shard k the windows [k*S, (k+1)*S).
+    Each shard is written by `write_shard` on its own, so the shards of a split can be written in parallel
+    and give the bytes one writer would."""
     width = seq_len + 1
     item = np.dtype(dtype).itemsize
-    layout, first = {}, 0
+    layout, runs, first = {}, [], 0  # runs: (first window, windows, that source's stream files and sizes)
     for source in sorted(sources):
-        tokens = sum(p.stat().st_size // item for p in sources[source])
+        sizes = [(str(p), p.stat().st_size // item) for p in sources[source]]
+        tokens = sum(n for _, n in sizes)
         n = tokens // width
         layout[source] = {"first_sequence": first, "sequences": n, "tokens": int(tokens),
                           "tail_tokens_dropped": int(tokens - n * width)}  # fmt: skip
+        runs.append((first, n, sizes))
         first += n
     sequences = first
-    shards = []
-    reader = _Windows([(sources[s], layout[s]["sequences"] * width) for s in layout], dtype)
-    for k, first in enumerate(range(0, sequences, per_shard)):
-        rows = min(per_shard, sequences - first)
+    shards, tasks = [], []
+    for k, lo in enumerate(range(0, sequences, per_shard)):
+        hi = min(lo + per_shard, sequences)
         name = f"{split}-{k:05d}.npy"
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "wb") as f:  # header + raw rows, streamed: memory stays flat
-            np.lib.format.write_array_header_1_0(
-                f,
-                {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                    "fortran_order": False,
-                    "shape": (rows, width),
-                },
-            )
-            left = rows * width
-            while left:
-                chunk = reader.read(min(left, COPY_TOKENS))
-                chunk.tofile(f)
-                left -= len(chunk)
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "sequences": rows, "first_sequence": first})
-    reader.close()
+        pieces = []
+        for start, n, sizes in runs:  # the sources' windows in [lo, hi), as token ranges of their streams
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                pieces += _token_range(sizes, (a - start) * width, (b - a) * width)
+        tasks.append(ShardTask(str(out / name), hi - lo, width, dtype, pieces))
+        shards.append({"file": name, "sequences": hi - lo, "first_sequence": lo})
     total = sum(v["tokens"] for v in layout.values())
-    return {
+    index = {
         "tokens": int(total),
         "sequences": int(sequences),
         "tokens_in_sequences": int(sequences * width),
@@ -199,58 +204,41 @@ def assemble(
         "shards": shards,
         "sources": layout,
     }
+    return index, tasks
 
 
-class _Windows:
-    """The tokens of every window, source after source: of each (streams, n) the first n tokens of
-    the streams read as one, the rest (the source's tail) skipped."""
-
-    def __init__(self, segments: list[tuple[list[Path], int]], dtype: str):
-        self.segments, self.dtype = [(s, n) for s, n in segments if n], dtype
-        self.reader, self.left = None, 0
-
-    def read(self, n: int) -> np.ndarray:
-        parts = []
-        while n:
-            if not self.left:
-                if self.reader is not None:
-                    self.reader.close()
-                streams, self.left = self.segments.pop(0)
-                self.reader = _Concat(streams, self.dtype)
-            got = self.reader.read(min(n, self.left))
-            self.left -= len(got)
-            n -= len(got)
-            parts.append(got)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-    def close(self):
-        if self.reader is not None:
-            self.reader.close()
+def _token_range(sizes: list[tuple[str, int]], start: int, count: int) -> list[tuple[str, int, int]]:
+    """Tokens [start, start + count) of files read one after another, as (file, first token, tokens) pieces."""
+    pieces, offset = [], 0
+    for path, n in sizes:
+        a, b = max(start, offset), min(start + count, offset + n)
+        if a < b:
+            pieces.append((path, a - offset, b - a))
+        offset += n
+    return pieces
 
 
-class _Concat:
-    """Read a list of raw token files as one stream."""
-
-    def __init__(self, paths: list[Path], dtype: str):
-        self.paths, self.dtype, self.i, self.f = list(paths), dtype, 0, None
-
-    def read(self, n: int) -> np.ndarray:
-        parts, need = [], n
-        while need and self.i < len(self.paths):
-            if self.f is None:
-                self.f = open(self.paths[self.i], "rb")
-            got = np.fromfile(self.f, dtype=self.dtype, count=need)
-            if len(got) < need:
-                self.f.close()
-                self.f, self.i = None, self.i + 1
-            parts.append(got)
-            need -= len(got)
-        if need:
-            raise RuntimeError(
-                f"token streams ended {need} tokens early: a partition file changed while packing"
-            )
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
+def write_shard(task: ShardTask) -> str:
+    """Write one shard (`plan_shards`): header, then its windows' tokens copied piece by piece, memory
+    flat; under a temporary name, renamed into place."""
+    item = np.dtype(task.dtype).itemsize
+    if sum(n for _, _, n in task.pieces) != task.rows * task.width:
+        raise RuntimeError(f"{task.path}: its pieces do not hold {task.rows} windows; a stream file changed")
+    tmp = Path(task.path).with_name(f".{Path(task.path).name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(task.dtype)), "fortran_order": False,
+                  "shape": (task.rows, task.width)}  # fmt: skip
+        np.lib.format.write_array_header_1_0(f, header)
+        for path, first, n in task.pieces:
+            with open(path, "rb") as src:
+                src.seek(first * item)
+                while n:
+                    chunk = np.fromfile(src, dtype=task.dtype, count=min(n, COPY_TOKENS))
+                    if not len(chunk):
+                        raise RuntimeError(
+                            f"{path} ended {n} tokens early: a stream file changed while packing"
+                        )
+                    chunk.tofile(f)
+                    n -= len(chunk)
+    os.replace(tmp, task.path)
+    return task.path

@@ -19,8 +19,9 @@ pretraining can blend them by weight when it draws batches (`pretrain.mixture`).
 set weights never lands on both sides.
 
 Documents are cut into `tokenize.partitions` contiguous ranges, tokenized in parallel (`ctx.map`,
-one task per range), each into a raw stream per split in the work dir; the driver stitches the
-streams in range order and cuts the windows, so 1 and N partitions give the same bytes.
+one task per range), each into a raw stream per split and source in the work dir; the driver lays the
+streams in range order and cuts the windows, and each shard file is written by a task of its own from
+the token ranges it holds, so 1 and N partitions, and any order of the tasks, give the same bytes.
 Each range is a unit (pipeline/units.py), recorded as finished once its streams are in place:
 
     streams/<k>.train.<source>.bin, <k>.val.<source>.bin, <k>.done.json
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 from data_prep.documents import doc_shards
-from data_prep.packing import SPLITS, PackTask, assemble, pack_partition, plan_partitions
+from data_prep.packing import SPLITS, PackTask, pack_partition, plan_partitions, plan_shards, write_shard
 from pipeline import units
 from pipeline.files import sha256_file, write_json_atomic
 
@@ -104,16 +105,17 @@ def run(cfg, inputs, out, ctx) -> dict:
             counts[t.index] = cnt
     encode_s = time.perf_counter() - t0
     encoded = sum(counts[t.index][s]["tokens"] for t in todo for s in SPLITS)  # by this attempt
-    ctx.progress(len(tasks), len(tasks), unit="units")
 
-    # 2. stitch the streams in partition order and cut them into windows
-    splits = {}
+    # 2. lay each source's streams in partition order, cut them into windows, and write the shards, each
+    # by a task of its own (in parallel, the bytes one writer would make)
+    splits, shard_tasks = {}, []
     for split in SPLITS:
         sources: dict[str, list[Path]] = {}
         for cnt in counts:  # partition order
             for source, facts in cnt[split]["sources"].items():
                 sources.setdefault(source, []).append(work / facts["file"])
-        splits[split] = assemble(sources, out, split, c.seq_len, c.sequences_per_shard, dtype)
+        splits[split], shards = plan_shards(sources, out, split, c.seq_len, c.sequences_per_shard, dtype)
+        shard_tasks += shards
         splits[split]["documents"] = sum(cnt[split]["documents"] for cnt in counts)
         for source, facts in splits[split]["sources"].items():
             facts["documents"] = sum(
@@ -123,6 +125,11 @@ def run(cfg, inputs, out, ctx) -> dict:
             raise RuntimeError(f"tokenize: {split} stream lengths do not add up; a partition file is damaged")
     if sum(s["documents"] for s in splits.values()) != n_docs:
         raise RuntimeError("tokenize: documents tokenized do not add up to the ingest artifact's count")
+    t0 = time.perf_counter()
+    ctx.map(
+        write_shard, shard_tasks, num_cpus=c.num_cpus, progress=(len(tasks), len(tasks) + len(shard_tasks))
+    )
+    ctx.logger.info("tokenize: %d shards written in %.1f s", len(shard_tasks), time.perf_counter() - t0)
 
     index = {
         "format": "kiln-packed-v1",

@@ -52,8 +52,9 @@ class Killed(Exception):
 
 
 class CrashContext(PickleContext):
-    """A PickleContext that records the units it runs, (function name, task index), and with
-    `crash_after=k` dies as the task after the k-th starts: k units finished, the rest never ran."""
+    """A PickleContext that records the units it runs, (function name, task index; a shard task by its
+    file), and with `crash_after=k` dies as the task after the k-th starts: k units finished, the rest
+    never ran."""
 
     def __init__(self, *a, crash_after=None, **kw):
         super().__init__(*a, **kw)
@@ -64,9 +65,11 @@ class CrashContext(PickleContext):
         done, total = progress or (0, len(items))
         results = []
         for item in items:
+            unit = getattr(item, "index", None)
+            unit = Path(item.path).name if unit is None else unit
             if len(self.ran) == self.crash_after:
-                raise Killed(f"killed as {fn.__name__} started on unit {item.index}")
-            self.ran.append((fn.__name__, item.index))
+                raise Killed(f"killed as {fn.__name__} started on unit {unit}")
+            self.ran.append((fn.__name__, unit))
             results.append(pickle.loads(pickle.dumps(fn(pickle.loads(pickle.dumps(item))))))
             self.progress(done + len(results), total, unit="units")
         return results

@@ -208,6 +208,11 @@ def test_tiny_corpus_without_validation(tmp_path):
     assert len(PackedTokens(tmp_path / "tokenize", "train")) == metrics["train_sequences"] > 0
 
 
+def packed(ctx) -> list[tuple[str, int]]:
+    """The partitions a CrashContext ran (not the shards it wrote after them)."""
+    return [r for r in ctx.ran if r[0] == "pack_partition"]
+
+
 def test_tokenize_killed_mid_way_resumes_from_its_finished_partitions(tmp_path, inputs, caplog):
     caplog.set_level(logging.INFO, logger="kiln")
     _, ref = run_tokenize(tmp_path, inputs, name="ref", partitions=8, sequences_per_shard=40)
@@ -232,7 +237,7 @@ def test_tokenize_killed_mid_way_resumes_from_its_finished_partitions(tmp_path, 
     again = CrashContext("tokenize", work)
     out = tokenize_with(again, "out", partitions=8)
     assert already_done() == ["tokenize: 2 of 8 units already done"]
-    assert again.ran == [("pack_partition", k) for k in (1, *range(3, 8))]
+    assert packed(again) == [("pack_partition", k) for k in (1, *range(3, 8))]
     assert len(same_files(out, ref)) > 4  # every shard and index.json, byte for byte
     assert not (work / "streams").exists()
 
@@ -245,6 +250,6 @@ def test_tokenize_killed_mid_way_resumes_from_its_finished_partitions(tmp_path, 
         out = tokenize_with(again, f"out-{crash}", **setting)
         n = setting["partitions"]
         assert already_done() == [f"tokenize: 0 of {n} units already done"]
-        assert again.ran == [("pack_partition", k) for k in range(n)]
+        assert packed(again) == [("pack_partition", k) for k in range(n)]
         _, ref = run_tokenize(tmp_path, inputs, name=f"ref-{crash}", sequences_per_shard=40, **setting)
         same_files(out, ref)
