@@ -174,7 +174,9 @@ def test_multinode_preset_loads_and_plans(tmp_path):
 
     cfg = load_config(PRESET, [f"run.root={tmp_path}"])
     p, m = cfg.pretrain, cfg.model
-    assert p.precision == "bf16" and p.zero_stage >= 1 and p.gpus_per_worker >= 1  # ZeRO: the plan picks (test_core_sizing)
+    assert (
+        p.precision == "bf16" and p.zero_stage >= 1 and p.gpus_per_worker >= 1
+    )  # ZeRO: the plan picks (test_core_sizing)
     assert p.num_workers >= 16 and m.n_experts >= 8 and m.d_model >= 1024
     assert p.global_batch_size % (p.num_workers * p.micro_batch_size) == 0
     plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name))
