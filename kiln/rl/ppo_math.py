@@ -235,18 +235,27 @@ def policy_loss(
       approx_kl   k3 estimate of KL(old || new) on samples of the old policy (Schulman 2020 blog);
       ratio_mean  mean of ratio_t.
     """
-    log_ratio = logp - old_logp  # (B, T)
-    ratio = torch.exp(log_ratio)  # (B, T)
-    surr_unclipped = ratio * advantages  # (B, T)
-    surr_clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages  # (B, T)
-    loss = token_mean(-torch.min(surr_unclipped, surr_clipped), mask, num_tokens)
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    loss = token_mean(-surrogate, mask, num_tokens)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean((surr_clipped < surr_unclipped).to(logp.dtype), mask),
+            "clip_frac": masked_mean(clipped.to(logp.dtype), mask),
             "approx_kl": masked_mean(kl_k3(old_logp, logp), mask),
-            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_mean": masked_mean(torch.exp(logp - old_logp), mask),
         }
     return loss, stats
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) (the objective inside `policy_loss`'s
+    expectation, to maximise) and where the clipped term is the smaller (no gradient there). (B, T) each;
+    advantages may be (B, 1), one per sequence."""
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    unclipped = ratio * advantages  # (B, T)
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages  # (B, T)
+    return torch.min(unclipped, clipped), clipped < unclipped
 
 
 def value_loss(
