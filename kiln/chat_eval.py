@@ -121,7 +121,11 @@ def task_accuracy(model, tok, prompts, max_new_tokens: int, rank=0, world=1, syn
 def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, world=1) -> dict:
     """Held-out pairwise accuracy (overall, per kind of rejected answer, per class of kind), mean
     margin, Bradley-Terry loss, and the mean and std of the rewards of every held-out answer (chosen
-    and rejected, each distinct sequence once): the normalisation statistics PPO uses."""
+    and rejected, each distinct sequence once): the normalisation statistics PPO uses. And two measures
+    of whether the scores can be trusted as a reward: `calibration_ece`, how far the Bradley-Terry
+    probability is from the frequency with which it is right (`expected_calibration_error`), and
+    `length_correlation`, the Pearson correlation of an answer's score with its length in tokens (a
+    reward model that prefers long answers invites a policy to ramble: Singhal et al. 2023)."""
     texts = {}
     for p in pairs:
         for side in ("chosen", "rejected"):
@@ -137,6 +141,12 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, wor
     margin = chosen - rejected  # (N,)
     right = (margin > 0).float()
     every = torch.tensor(list(scores.values()))
+    answers = {}
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            answers.setdefault(_key(p["prompt"] + p[side]), p[side])
+    lengths = {k: sum(len(tok(m["content"], add_special_tokens=False)["input_ids"]) for m in a)
+               for k, a in answers.items()}  # fmt: skip
     out = {
         "pairwise_accuracy": right.mean().item(),
         "margin": margin.mean().item(),
@@ -144,6 +154,8 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, wor
         "reward_mean": every.mean().item(),
         "reward_std": every.std(unbiased=False).item(),
         "eval_pairs": len(pairs),
+        "calibration_ece": expected_calibration_error(torch.sigmoid(margin)),
+        "length_correlation": pearson([scores[k] for k in lengths], list(lengths.values())),
     }
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
@@ -153,6 +165,35 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, wor
     for name, idx in sorted(groups.items()):
         out[f"pairwise_accuracy_{name.partition('_')[2]}"] = right[idx].mean().item()
     return out
+
+
+def expected_calibration_error(p_chosen: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3) of
+    pairwise preferences: each pair's prediction is the answer it gives the higher probability, with
+    confidence max(p, 1 - p) in [0.5, 1], right when that is the chosen answer. The pairs are put in `bins`
+    equal-width bins of confidence; ECE = sum over bins of (pairs in it / pairs) * |accuracy - mean
+    confidence|: 0 when a reward model that says 80 % is right 80 % of the time. p_chosen (N,)."""
+    conf = torch.maximum(p_chosen, 1 - p_chosen)
+    right = (p_chosen > 0.5).float()
+    which = ((conf - 0.5) * 2 * bins).long().clamp(max=bins - 1)  # (N,) bin of each pair
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            ece += inside.float().mean().item() * abs(
+                right[inside].mean().item() - conf[inside].mean().item()
+            )
+    return ece
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation of two equal-length series; None when either is constant (or under two points)."""
+    if len(x) < 2:
+        return None
+    t = torch.tensor([x, y], dtype=torch.float64)
+    if (t.std(dim=1) == 0).any():
+        return None
+    return torch.corrcoef(t)[0, 1].item()
 
 
 @torch.no_grad()

@@ -20,7 +20,10 @@ over it are left out of the held-out figures (`eval_too_long_pairs`).
 Held-out metrics at each evaluation (and at step 0): pairwise accuracy overall, per kind of rejected
 answer and per class of kind (data_prep/task.py: well-formed-but-wrong vs damaged), mean margin,
 Bradley-Terry loss, and the mean and std of the rewards of every held-out answer. The last two go into
-the manifest (`reward_mean`, `reward_std`) so PPO can normalise rewards to mean 0, std 1.
+the manifest (`reward_mean`, `reward_std`) so PPO can normalise rewards to mean 0, std 1. So do two
+measures of whether the scores can be trusted as a reward: `calibration_ece` (expected calibration
+error of the Bradley-Terry probability) and `length_correlation` (of a held-out answer's score with its
+length in tokens).
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         "steps": trainer.state.global_step,
         **headline,
         "margin": final.get("margin"),
+        "calibration_ece": final.get("calibration_ece"),
+        "length_correlation": final.get("length_correlation"),
         "val_loss": final.get("val_loss"),
         "eval_pairs": final.get("eval_pairs"),
         "initial_pairwise_accuracy": bridge.baseline.get("pairwise_accuracy"),

@@ -142,6 +142,9 @@ def test_reward_model_judges_correctness_and_is_ready_for_ppo(tiny_run):
         abs(again["pairwise_accuracy"] - m["pairwise_accuracy"]) < 1e-6
     )  # the exported weights are the trained ones
     assert abs(again["reward_mean"] - m["reward_mean"]) < 1e-4
+    # the quality measures a PPO run reads, in the manifest and as the exported model gives them
+    assert 0 <= m["calibration_ece"] <= 0.5 and -1 <= m["length_correlation"] <= 1
+    assert again["calibration_ece"] == pytest.approx(m["calibration_ece"], abs=1e-5)
 
     before, after = tensors(pre), tensors(rm)
     backbone = {k: v for k, v in after.items() if k.startswith("model.")}
