@@ -2,7 +2,7 @@
 
     /work/venv/bin/python bench/ppo.py --model-dir runs/tiny/sft-*  # a Kiln policy folder (model + tokenizer)
     /work/venv/bin/python bench/ppo.py                             # a random model of configs/tiny.yaml
-    python bench/ppo.py --batch 64 --max-new-tokens 16 --repeats 3 # ~20 s on 2 cores (1 thread)
+    python bench/ppo.py --batch 64 --max-new-tokens 16 --repeats 3 --rank-iterations 0  # ~20 s on 2 cores
 
 1. Rollout speed, one process, the same weights, prompts and settings on both sides: kiln/rl/rollout.py's
    `sample` on the Kiln policy against `transformers`' `generate(do_sample=True, top_k=0, use_cache=True)`
@@ -21,6 +21,17 @@
    policy's config with random weights (reward_mean 0, reward_std 1): they cost what trained ones do. The
    pipeline runs ppo on 2 workers of 1 thread with half the rollout batch each: the shares compare, the
    times do not.
+3. ZeRO-3 rollouts on 2 ranks (2 spawned processes, gloo, `--threads` each; the ppo section of
+   configs/tiny.yaml, `--rank-iterations` PPO iterations, the first a warm-up, the setups' iterations
+   interleaved): ZeRO-2 against ZeRO-3 with `zero3_persistence_threshold: 0` (every parameter
+   partitioned), with `ppo.gather_for_rollout` false (before: the sampler's forward passes gather the
+   parameters through ZeRO-3's hooks) and true (after: the policy gathered once per rollout,
+   kiln.training.gathered); with DeepSpeed's other gathering defaults, under which this small model
+   stays gathered between forward passes once prefetched, and keeping nothing (ZERO3_SETUPS), as a
+   model far larger than the prefetch bucket is gathered again at every token. Per setup: the rollout's
+   seconds (the slowest rank's, mean over iterations), its ratio to ZeRO-2's, its all-gather calls
+   (kiln.training.counted_allgathers, per rank), and the experience and update seconds; and whether the
+   first iteration's rollouts (the same weights everywhere) are the same tokens in all setups.
 `--threads` defaults to 1, as a ppo worker: on a busy 2-core machine 2 threads made every call ~100x slower.
 Timings are printed, never asserted.
 """
@@ -29,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
 import os
 import socket
 import statistics
@@ -150,69 +163,157 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
-    """Seconds of generation, experience and update of each PPO iteration (stages/ppo.py's pieces)."""
+def join_group(rank: int, world: int, port: int) -> None:
+    """This process as `rank` of a gloo group of `world` on loopback (DeepSpeed's, as the ppo workers')."""
     import logging
 
     import deepspeed
-    import numpy as np
-    from transformers import AutoTokenizer
 
-    from kiln import training as T
-    from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
-    from stages import ppo as S
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    os.environ["LOCAL_RANK"] = "0"
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["LOCAL_RANK"] = str(rank)
     deepspeed.init_distributed(dist_backend="gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    p = CFG.ppo
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    stops = stop_ids(tok)
-    prompts = task_prompts()
-    ids = [prompt_ids(tok, q) for q in prompts]
-    torch.manual_seed(0)
-    policy = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, dropout=0.0)
-    ref = copy.deepcopy(policy)
-    config = KilnConfig.from_pretrained(policy_dir, num_labels=1, dropout=0.0)
-    config.pad_token_id = tok.pad_token_id
-    critic, reward = KilnForSequenceClassification(config), KilnForSequenceClassification(config)
-    for model in (policy, critic):  # as the stage: training mode, dropout 0
-        T.trainable(model, p.activation_checkpointing)
-    mini = p.mini_batch_size
-    accum = mini // p.micro_batch_size
-    actor, critic = T.engine(policy, p, p.lr, accum, 1), T.engine(critic, p, p.critic_lr, accum, 1)
-    ref, reward = T.frozen(ref, p, torch.device("cpu")), T.frozen(reward, p, torch.device("cpu"))
-    # experience() also checks the sampled answers with the task's program when there are task prompts
-    job = S.PpoJob(
-        section=p, seed=CFG.run.seed, export_dir=policy_dir, wandb_run_id=None, sft_dir=policy_dir,
-        reward_dir=policy_dir, reward_mean=0.0, reward_std=1.0, value_norm=(0.0, 1.0), prompts=[],
-        task_prompts=prompts if p.task_prompts else [],
-    )  # fmt: skip
-    times: dict[str, list[float]] = {"gen": [], "experience": [], "update": []}
-    seed, n = CFG.run.seed, p.rollout_batch_size
+
+
+def ppo_iterations(policy_dir: Path, a) -> dict[str, list[float]]:
+    """Seconds of generation, experience and update of each PPO iteration (stages/ppo.py's pieces)."""
+    join_group(0, 1, free_port())
+    run = PpoRank(policy_dir, CFG.ppo, 0, 1)
     for it in range(a.ppo_iterations):
-        order = T.global_batch(it, n, len(prompts), seed)
+        run.iteration(it)
+    return run.times
+
+
+class PpoRank:
+    """One rank's PPO models (section `p`) and its iterations, as stages/ppo.py runs them: `iteration(it)`
+    times the generation, experience and update of a rank's share of rollout batch `it` and counts the
+    generation's all-gather calls into `times` (iteration 0 a warm-up, left out); `rollout_crc` is a
+    checksum of iteration 0's rollout tokens."""
+
+    def __init__(self, policy_dir: Path, p, rank: int, world: int):
+        from transformers import AutoTokenizer
+
+        from kiln import training as T
+        from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+        from stages import ppo as S
+
+        self.p, self.rank, self.world = p, rank, world
+        self.tok = tok = AutoTokenizer.from_pretrained(policy_dir)
+        self.stops = stop_ids(tok)
+        self.prompts = task_prompts()
+        self.ids = [prompt_ids(tok, q) for q in self.prompts]
+        torch.manual_seed(0)
+        policy = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, dropout=0.0)
+        ref = copy.deepcopy(policy)
+        config = KilnConfig.from_pretrained(policy_dir, num_labels=1, dropout=0.0)
+        config.pad_token_id = tok.pad_token_id
+        critic, reward = KilnForSequenceClassification(config), KilnForSequenceClassification(config)
+        for model in (policy, critic):  # as the stage: training mode, dropout 0
+            T.trainable(model, p.activation_checkpointing)
+        self.mini = p.mini_batch_size // world
+        accum = self.mini // p.micro_batch_size
+        self.models = S.Models(
+            actor=T.engine(policy, p, p.lr, accum, world), critic=T.engine(critic, p, p.critic_lr, accum, world),
+            ref=T.frozen(ref, p, torch.device("cpu")), reward=T.frozen(reward, p, torch.device("cpu")),
+        )  # fmt: skip
+        self.synced = p.zero_stage == 3 and world > 1 and not p.gather_for_rollout  # as the stage
+        # experience() also checks the sampled answers with the task's program when there are task prompts
+        self.job = S.PpoJob(
+            section=p, seed=CFG.run.seed, export_dir=policy_dir, wandb_run_id=None, sft_dir=policy_dir,
+            reward_dir=policy_dir, reward_mean=0.0, reward_std=1.0, value_norm=(0.0, 1.0), prompts=[],
+            task_prompts=self.prompts if p.task_prompts else [],
+        )  # fmt: skip
+        self.times: dict[str, list] = {"gen": [], "experience": [], "update": [], "allgathers": []}
+        self.rollout_crc = None
+
+    def iteration(self, it: int) -> None:
+        import zlib
+
+        import numpy as np
+
+        from kiln import training as T
+        from stages import ppo as S
+
+        p, m, seed, n = self.p, self.models, CFG.run.seed, self.p.rollout_batch_size
+        mine = range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        order = T.global_batch(it, n, len(self.prompts), seed)
         t0 = time.perf_counter()
-        seeds = [rollout_seed(seed, it, j) for j in range(n)]
-        roll = S.sample_rollout(
-            actor.module, [ids[j] for j in order], seeds, p, stops, tok.pad_token_id, False
-        )
+        seeds = [rollout_seed(seed, it, j) for j in mine]
+        with T.counted_allgathers() as gathers, T.gathered(m.actor, enabled=p.gather_for_rollout):
+            roll = S.sample_rollout(m.actor.module, [self.ids[order[j]] for j in mine], seeds, p, self.stops,
+                                    self.tok.pad_token_id, self.synced)  # fmt: skip
         t1 = time.perf_counter()
-        convs = [prompts[j] for j in order]
-        models = S.Models(actor=actor, critic=critic, ref=ref, reward=reward)
-        exp, _ = S.experience(roll, convs, models, tok, job, p.kl_coef, 1)
+        convs = [self.prompts[order[j]] for j in mine]
+        exp, _ = S.experience(roll, convs, m, self.tok, self.job, p.kl_coef, self.world)
         t2 = time.perf_counter()
-        S.ppo_update(actor, critic, exp, p, mini, 1, np.random.default_rng([seed, it, 0]))
+        rng = np.random.default_rng([seed, it, self.rank])
+        S.ppo_update(m.actor, m.critic, exp, p, self.mini, self.world, rng)
         t3 = time.perf_counter()
-        if it:  # the first iteration is a warm-up
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                times[k].append(v)
-    return times
+        if it == 0:  # a warm-up
+            self.rollout_crc = zlib.crc32(roll.tokens.numpy().tobytes())
+            return
+        for k, v in zip(self.times, (t1 - t0, t2 - t1, t3 - t2, gathers.n), strict=True):
+            self.times[k].append(v)
+
+
+KEEP_NOTHING = {"zero3_prefetch_bucket_size": 0, "zero3_max_reuse_distance": 0}
+"""ZeRO-3 keeping no parameter gathered between its uses, as for a model far larger than DeepSpeed's
+prefetch bucket (5e7 elements) and reuse distance (1e9): each forward pass gathers every parameter."""
+BEFORE = {"zero_stage": 3, "gather_for_rollout": False}
+ZERO3_SETUPS = (
+    ("ZeRO-2", {"zero_stage": 2}),
+    ("ZeRO-3, per forward (before)", BEFORE),
+    ("ZeRO-3, per rollout (after)", {"zero_stage": 3}),
+    ("ZeRO-3 keep nothing, per forward (before)", BEFORE | KEEP_NOTHING),
+    ("ZeRO-3 keep nothing, per rollout (after)", {"zero_stage": 3} | KEEP_NOTHING),
+)
+"""(label, ppo keys) of part 3, over the ppo section of configs/tiny.yaml with zero3_persistence_threshold 0:
+ZeRO-2 first (the ratios' base), then ZeRO-3 with `gather_for_rollout` false (before) and true (after),
+with DeepSpeed's other gathering defaults and with KEEP_NOTHING."""
+
+
+def rank_worker(rank: int, world: int, port: int, policy_dir: Path, a, out: Path) -> None:
+    """One rank of part 3: every setup's models, their iterations interleaved (so that a busy moment on the
+    machine slows all of them); rank 0 writes what `zero3_rollouts` returns to `out`."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(a.threads)
+    join_group(rank, world, port)
+    runs = [
+        PpoRank(policy_dir, dataclasses.replace(CFG.ppo, num_workers=world, zero3_persistence_threshold=0, **keys),
+                rank, world)
+        for _, keys in ZERO3_SETUPS
+    ]  # fmt: skip
+    for it in range(a.rank_iterations):
+        for run in runs:
+            run.iteration(it)
+    rows = []
+    for (label, _), run in zip(ZERO3_SETUPS, runs, strict=True):
+        t = run.times
+        slowest = torch.tensor(t["gen"], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a rollout ends when its slowest rank does
+        rows.append({
+            "setup": label, "rollout_s": slowest.mean().item(), "allgathers": statistics.mean(t["allgathers"]),
+            "experience_s": statistics.mean(t["experience"]), "update_s": statistics.mean(t["update"]),
+            "rollout_crc": run.rollout_crc,
+        })  # fmt: skip
+    if rank == 0:
+        out.write_text(json.dumps(rows))
+
+
+def zero3_rollouts(policy_dir: Path, a, world: int = 2) -> list[dict]:
+    """Part 3 (module docstring) on `world` spawned ranks: a row per setup of ZERO3_SETUPS."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-ppo-ranks-") as tmp:
+        out = Path(tmp) / "rows.json"
+        mp.start_processes(rank_worker, args=(world, free_port(), policy_dir, a, out), nprocs=world,
+                           start_method="spawn")  # fmt: skip
+        return json.loads(out.read_text())
 
 
 def report(policy_dir: Path, a) -> None:
-    """Measure and print both parts (module docstring)."""
+    """Measure and print the parts (module docstring)."""
     rows, note = compare_rollouts(policy_dir, a)
     policy = a.model_dir or "random (configs/tiny.yaml)"
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32; policy {policy}")
@@ -225,9 +326,16 @@ def report(policy_dir: Path, a) -> None:
     for label, per_row, steps, tps, ms in rows:
         print(f"| {label:<22} | {a.batch:>5} | {a.max_new_tokens:>10} | {per_row:>10.1f} | {steps:>5.0f} "
               f"| {tps:>8.0f} | {ms:>7.1f} | {tps / hf_tps:>26.2f}x, {hf_ms / ms:>4.2f}x |")  # fmt: skip
-    if a.ppo_iterations < 2:
-        return
-    mean = {k: statistics.mean(v) for k, v in ppo_iterations(policy_dir, a).items()}
+    if a.ppo_iterations >= 2:
+        report_iteration(policy_dir, a)
+    if a.rank_iterations >= 2:
+        report_zero3(policy_dir, a)
+
+
+def report_iteration(policy_dir: Path, a) -> None:
+    """Measure and print part 2."""
+    times = ppo_iterations(policy_dir, a)
+    mean = {k: statistics.mean(times[k]) for k in ("gen", "experience", "update")}
     total, p = sum(mean.values()), CFG.ppo
     print(f"\nPPO iteration, 1 rank x {torch.get_num_threads()} threads, ZeRO-{p.zero_stage}: rollout batch "
           f"{p.rollout_batch_size}, {p.max_new_tokens} new tokens, {p.ppo_epochs} epochs of mini-batches "
@@ -237,6 +345,22 @@ def report(policy_dir: Path, a) -> None:
     print("|------------|--------------|----------|-------------|-----------|")
     print(f"| {mean['gen']:>10.2f} | {mean['experience']:>12.2f} | {mean['update']:>8.2f} | {total:>11.2f} "
           f"| {mean['gen'] / total:>9.0%} |")  # fmt: skip
+
+
+def report_zero3(policy_dir: Path, a) -> None:
+    """Measure and print part 3."""
+    rows, p = zero3_rollouts(policy_dir, a), CFG.ppo
+    print(f"\nPPO rollouts on 2 ranks x {a.threads} thread(s) (gloo): rollout batch {p.rollout_batch_size} "
+          f"({p.rollout_batch_size // 2} per rank), {p.max_new_tokens} new tokens, ZeRO-3 with "
+          f"zero3_persistence_threshold 0; mean of {a.rank_iterations - 1} iterations after 1 warm-up")  # fmt: skip
+    print(f"| {'engines':<41} | rollout s | vs ZeRO-2 | all-gathers per rollout | experience s | update s |")
+    print(f"|{'-' * 43}|-----------|-----------|-------------------------|--------------|----------|")
+    base = rows[0]["rollout_s"]
+    for r in rows:
+        print(f"| {r['setup']:<41} | {r['rollout_s']:>9.2f} | {r['rollout_s'] / base:>8.2f}x "
+              f"| {r['allgathers']:>23.0f} | {r['experience_s']:>12.2f} | {r['update_s']:>8.2f} |")  # fmt: skip
+    same = len({r["rollout_crc"] for r in rows}) == 1
+    print(f"first iteration's rollouts, the same tokens in all {len(rows)}: {'yes' if same else 'NO'}")
 
 
 def main() -> None:
@@ -256,6 +380,10 @@ def main() -> None:
     ap.add_argument(
         "--ppo-iterations", type=int, default=3, help="PPO iterations, the first a warm-up; 0 = skip"
     )
+    ap.add_argument(
+        "--rank-iterations", type=int, default=4,
+        help="PPO iterations per setup of the 2-rank ZeRO-3 comparison, the first a warm-up; 0 = skip",
+    )  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-ppo-policy-") as tmp:

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -508,8 +508,9 @@ def engine_config(p, accum, world) -> dict:
 
 
 def frozen(model, p, device):
-    """A model that only scores: sharded by a DeepSpeed inference engine under ZeRO-3 (section `p`'s
-    zero_stage, micro_batch_size, precision), else on the device."""
+    """A model that only scores: under ZeRO-3 a DeepSpeed inference engine that shards it (section `p`'s
+    zero_stage, micro_batch_size, precision; called as the model is, and `gathered` takes it), else
+    the model on the device."""
     model.requires_grad_(False).eval()
     if p.zero_stage == 3:
         import deepspeed
@@ -525,6 +526,111 @@ def frozen(model, p, device):
             "fp16": {"enabled": p.precision == "fp16"},
         }
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.module.eval()
+        engine.eval()  # the model's mode; DeepSpeed's `eval` leaves the engine's own flag, which callers read
+        engine.training = False
+        return engine
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.precision, torch.float32)
     return model.to(device=device, dtype=dtype)
+
+
+@contextmanager
+def gathered(*engines, enabled: bool = True):
+    """The ZeRO-3 engines among `engines` with their parameters gathered whole once for the block,
+    and their ZeRO-3 hooks off meanwhile: a forward pass inside calls no collective, where a ZeRO-3
+    forward gathers every partitioned parameter again (in sampling, at every token). A rank may then
+    run more or fewer forward passes than the others. As TRL's `unwrap_model_for_generation`: its
+    `remove_hooks` / `add_hooks`, and here also the start-of-forward hook of the root module paused
+    (its trace bookkeeping broadcasts while a trace is recorded, which `add_hooks` restarts).
+
+    Every rank enters and leaves together (the gather and the release are collectives); parameters
+    are read, not updated, inside. Each rank holds the whole of these models for the block (as TRL and
+    OpenRLHF do for generation): `enabled=False` (a model too large to gather) leaves the block as it
+    is, and so do models below ZeRO-3 (None among `engines` is skipped). Yields whether it gathered."""
+    zero3 = [e for e in engines if enabled and _partitions_weights(e)]
+    if not zero3:
+        yield False
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with ExitStack() as stack:
+        for e in zero3:
+            stack.enter_context(deepspeed.zero.GatheredParameters(list(e.module.parameters())))
+        paused = []
+        try:
+            for e in zero3:
+                remove_hooks(e)
+                paused.append((e, _pause_start_of_forward(e)))
+            yield True
+        finally:
+            for e, resume in reversed(paused):
+                resume()
+                add_hooks(e)  # re-registers the hooks and invalidates the trace: the next forward records it
+
+
+def _partitions_weights(engine) -> bool:
+    return engine is not None and getattr(engine, "zero_optimization_partition_weights", lambda: False)()
+
+
+def zero3_offload(engine):
+    """What holds a ZeRO-3 engine's parameter hooks (DeepSpeed's DeepSpeedZeRoOffload): a training
+    engine's optimizer's, an inference engine's optimizer itself (as TRL's `remove_hooks` finds it)."""
+    return getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+
+
+def _pause_start_of_forward(engine):
+    """Replaces the ZeRO-3 root module's start-of-forward hook by a no-op, in place (hook order kept);
+    returns what puts it back."""
+    offload = zero3_offload(engine)
+    hooks, key = offload.module._forward_pre_hooks, offload.fwd_pre_hook.id
+    hook = hooks[key]
+    hooks[key] = lambda *_: None
+
+    def resume():
+        hooks[key] = hook
+
+    return resume
+
+
+ALLGATHER_METHODS = ("all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced")
+"""The all-gather methods of DeepSpeed's communication backend (`deepspeed.comm.comm.cdb`, which the
+engines make: torch.distributed underneath). deepspeed.comm's all-gathers (`allgather_fn`,
+`all_gather_into_tensor`, `all_gather`, `all_gather_coalesced`) each call one of them once, ZeRO-3's
+parameter fetches among them: in DeepSpeed 0.19 (measured on gloo; NCCL takes the same path), one
+`all_gather_into_tensor` per partitioned parameter fetched, those of a module or of a
+GatheredParameters launched together."""
+
+
+class Count:
+    """A running count (`counted_allgathers`)."""
+
+    def __init__(self):
+        self.n = 0
+
+
+@contextmanager
+def counted_allgathers():
+    """Counts the all-gather calls this rank makes through DeepSpeed's communication backend inside
+    the block (`ALLGATHER_METHODS`): calls, whatever their size; the project's own metric and
+    object gathers (torch.distributed directly) are not counted. Yields a `Count` (`.n`, read at
+    any time). Without a DeepSpeed process group it counts 0."""
+    from deepspeed.comm import comm
+
+    count, backend = Count(), comm.cdb
+    saved = {name: vars(backend).get(name) for name in ALLGATHER_METHODS} if backend is not None else {}
+    for name in saved:
+        call = getattr(backend, name)
+
+        def counting(*args, _call=call, **kwargs):
+            count.n += 1
+            return _call(*args, **kwargs)
+
+        setattr(backend, name, counting)
+    try:
+        yield count
+    finally:
+        for name, before in saved.items():  # an outer count's wrapper, or the class's method
+            if before is None:
+                delattr(backend, name)
+            else:
+                setattr(backend, name, before)

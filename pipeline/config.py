@@ -556,7 +556,7 @@ class PpoConfig(WorkerGroupConfig):
     # As for pretraining, not bit-for-bit neutral: each rank shuffles its own share of a rollout
     # batch into mini-batches, so the world size decides which rollouts share an update.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
-        *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors",
+        *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors", "gather_for_rollout",
     )  # fmt: skip
 
     prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
@@ -621,6 +621,12 @@ class PpoConfig(WorkerGroupConfig):
     """Peak learning rate of the value model."""
     max_errors: int = 200
     """How many bad prompt records are listed with file:line (all are counted)."""
+    gather_for_rollout: bool = True
+    """ZeRO-3: each model's parameters gathered whole once per rollout (the policy's for sampling and
+    for the held-out evaluation, each model's for its experience passes) rather than at every forward
+    pass, that is at every sampled token; the ranks then sample without stepping together. Every rank
+    holds one whole model meanwhile (as TRL and OpenRLHF do): false for a model too large for that,
+    which then samples gathering per forward pass. The same numbers either way; no effect below ZeRO-3."""
 
     def check(self):
         yield from super().check()

@@ -24,9 +24,21 @@ reference and reward models are frozen, ZeRO-3-sharded inference engines under Z
                    take the same step as 1 worker on the same rollouts
     4. controller  a fixed beta, or the adaptive one (Ziegler et al. 2019) toward `kl_target`
 
+Under ZeRO-3 (`ppo.gather_for_rollout`, default on) the policy's parameters are gathered whole once
+for the rollout, with DeepSpeed's hooks off (kiln.training.gathered), rather than by the hooks at every
+forward pass, that is at every sampled token (all of them for a model larger than what DeepSpeed keeps
+gathered between uses: `zero3_prefetch_bucket_size`, `zero3_max_reuse_distance`); each model's are
+gathered once for its experience passes, and the policy's for the held-out evaluation. A gathered forward calls no collective, so the ranks sample
+without stepping together (below, or without the gather, they step until every rank is done). Each
+rank holds one whole model at a time meanwhile, as TRL and OpenRLHF do for generation: turn the key off
+for a model too large for that. The numbers are the same either way (the same weights, gathered once
+or per forward pass).
+
 Metrics per iteration: score (raw reward-model score), score_norm, reward (score_norm plus the KL
 penalty, per response), kl (k1 per response), kl_coef, entropy, policy/value loss, clip fractions,
-approx_kl, response_length, ended_frac, gen_share (the share of the iteration spent sampling).
+approx_kl, response_length, ended_frac, gen_share (the share of the iteration spent sampling),
+rollout_s (the rollout's wall time) and rollout_allgathers (the all-gather calls it made through
+DeepSpeed, ZeRO-3's parameter fetches: kiln.training.counted_allgathers; 0 below ZeRO-3), rank 0's.
 The shipped task's checking program judges the policy's answers to held-out prompts before the first
 iteration, every `eval_every` and at the end (`task_accuracy` greedy, `task_accuracy_sampled` as the
 rollouts sample, with the same seeds each time): nothing in training sees it. Each later evaluation
@@ -270,7 +282,9 @@ def _train(job: PpoJob, wctx) -> dict:
     actor = T.engine(policy, p, p.lr, accum, world)
     critic = T.engine(critic, p, p.critic_lr, accum, world)
     ref, reward = T.frozen(ref, p, device), reward and T.frozen(reward, p, device)
-    synced = p.zero_stage == 3 and world > 1
+    # ZeRO-3 forwards gather parameters collectively, so every rank steps the sampler until all are done;
+    # with the parameters gathered for the rollout (T.gathered) a forward calls no collective
+    synced = p.zero_stage == 3 and world > 1 and not p.gather_for_rollout
     kl_ctl = (
         M.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         if p.kl_target is not None
@@ -311,9 +325,12 @@ def _train(job: PpoJob, wctx) -> dict:
         order = T.global_batch(it, p.rollout_batch_size, len(job.prompts), seed)
         mine = range(rank * local_n, (rank + 1) * local_n)  # positions in the global rollout batch
         prompts = [job.prompts[order[j]] for j in mine]
-        roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [rollout_seed(seed, it, j) for j in mine],
-                              p, stops, tok.pad_token_id, synced)  # fmt: skip
+        t_roll = time.perf_counter()
+        with T.counted_allgathers() as gathers, T.gathered(actor, enabled=p.gather_for_rollout):
+            roll = sample_rollout(actor.module, [q["ids"] for q in prompts], [rollout_seed(seed, it, j) for j in mine],
+                                  p, stops, tok.pad_token_id, synced)  # fmt: skip
         t_gen = time.perf_counter() - t0
+        rollout = {"rollout_s": time.perf_counter() - t_roll, "rollout_allgathers": gathers.n}
 
         # 2. experience
         convs = [q["messages"] for q in prompts]
@@ -333,7 +350,7 @@ def _train(job: PpoJob, wctx) -> dict:
         if it == 1:
             baseline["score"] = row["score"]  # the SFT policy's rollouts, scored
         dt = time.perf_counter() - t0
-        row.update(step=it, lr=p.lr * frac, iteration_s=dt, gen_share=t_gen / dt)
+        row.update(step=it, lr=p.lr * frac, iteration_s=dt, gen_share=t_gen / dt, **rollout)
         row["prompt_crc"] = zlib.crc32(order.tobytes())  # which prompts this iteration sampled
         if it % p.eval_every == 0 or it == total:
             metrics, after = _evaluate(actor, tok, job, wctx, synced)
@@ -372,23 +389,28 @@ def experience(
     roll, prompts, models: Models, tok, job: PpoJob, kl_coef: float, world: int
 ) -> tuple[Experience, dict]:
     """Everything the update needs from one rollout batch, and the rollout's metrics.
-    Forward passes in micro-batches; rewards, GAE and whitening over the whole batch."""
+    Forward passes in micro-batches, model by model (under ZeRO-3 each gathered once for its passes:
+    `ppo.gather_for_rollout`); rewards, GAE and whitening over the whole batch."""
     import torch
 
+    from kiln import training as T
     from kiln.chat_eval import decode_responses, score_conversations, stop_ids
     from kiln.rl import ppo_math as M
 
     p = job.section
     P, micro, stops = roll.prompt_len, p.micro_batch_size, stop_ids(tok)
     rmask = roll.response_mask.float()  # (B, R)
-    old_logp, ref_logp, values = [], [], []
-    with torch.no_grad():
-        for i in range(0, roll.tokens.shape[0], micro):
-            x, m = roll.tokens[i : i + micro], roll.mask[i : i + micro]
-            old_logp.append(_logprobs(models.actor, x, m, P, p.temperature))
-            ref_logp.append(_logprobs(models.ref, x, m, P, p.temperature))
-            values.append(_values(models.critic, x, m, P, job.value_norm))
-    old_logp, ref_logp, values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(values)  # (B, R)
+    parts = [
+        (roll.tokens[i : i + micro], roll.mask[i : i + micro]) for i in range(0, len(roll.tokens), micro)
+    ]
+
+    def passes(model, fn, *args):  # (B, R): `fn` over the micro-batches, the model gathered once
+        with torch.no_grad(), T.gathered(model, enabled=p.gather_for_rollout):
+            return torch.cat([fn(model, x, m, P, *args) for x, m in parts])
+
+    old_logp = passes(models.actor, _logprobs, p.temperature)
+    ref_logp = passes(models.ref, _logprobs, p.temperature)
+    values = passes(models.critic, _values, job.value_norm)
 
     answers = decode_responses(tok, roll, stops)
     if p.reward_source == "task":  # the checking program: 1 right, 0 wrong (used as it is)
@@ -398,9 +420,9 @@ def experience(
         score = raw.to(values.device)
     else:
         convs = [q + [{"role": "assistant", "content": a}] for q, a in zip(prompts, answers, strict=True)]
-        raw = torch.tensor(
-            score_conversations(models.reward, tok, convs, batch_size=micro), device=values.device
-        )  # (B,)
+        with T.gathered(models.reward, enabled=p.gather_for_rollout):
+            found = score_conversations(models.reward, tok, convs, batch_size=micro)
+        raw = torch.tensor(found, device=values.device)  # (B,)
         score = (raw - job.reward_mean) / job.reward_std
     score = M.eos_penalty(score, roll.ended, p.missing_eos_penalty)
 
@@ -521,13 +543,22 @@ def _evaluate(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:
     `task_accuracy` of the greedy answers, and `task_accuracy_sampled` over `task_samples` answers
     per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
     prompt and sample, so every evaluation draws the same noise and a change measures the policy.
-    Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`."""
+    Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `_flips`.
+    Under ZeRO-3 the policy is gathered once for all of it (`ppo.gather_for_rollout`)."""
+    from kiln import training as T
+
+    if not job.task_prompts:
+        return {}, ""
+    with T.gathered(actor, enabled=job.section.gather_for_rollout):
+        return _judge(actor, tok, job, wctx, synced)
+
+
+def _judge(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:
+    """`_evaluate`'s measures, its policy as it is (gathered or not)."""
     from kiln.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
     from kiln.rl.rollout import rollout_seed, sample
 
     p, prompts = job.section, job.task_prompts
-    if not prompts:
-        return {}, ""
     rank, world = wctx.rank, wctx.world_size
     found = task_accuracy(actor.module, tok, prompts, p.max_new_tokens, rank, world, synced=synced)
     if rank == 0:

@@ -1,6 +1,6 @@
 """The ppo stage on the tiny preset (the session's `tiny_run`): what it improves and by how much, the
-learning-rate-0 and KL-coefficient-0 controls, 2 workers against 1 on the same rollouts, and exact
-resume after a killed worker.
+learning-rate-0 and KL-coefficient-0 controls, 2 workers against 1 on the same rollouts, ZeRO-3 with
+the policy gathered once per rollout against ZeRO-2, and exact resume after a killed worker.
 
 Figures on the shipped task (2 cores, fp32) are asserted with margins and printed (`pytest -s`):
 the reward-model score and the task accuracy judged by data_prep/task.py's program, before and
@@ -10,6 +10,7 @@ the accuracy PPO reaches with the program itself as the reward.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from tests.pipeline_helpers import (
     wait_for,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = pytest.mark.timeout(1800)
 
 KL_BOUND = 4.0
@@ -59,6 +62,8 @@ ITERATION_KEYS = (
     "ended_frac",
     "gen_share",
     "rollout_task_accuracy",
+    "rollout_s",
+    "rollout_allgathers",
 )
 
 
@@ -277,6 +282,79 @@ def test_two_workers_take_the_same_first_update_as_one(tiny_run, tmp_path):
     )
     assert moved > 1e-5 and worst <= 1e-5
     assert torch.isfinite(torch.tensor(worst))
+
+
+ZERO3 = (
+    "ppo.zero_stage=3", "ppo.zero3_persistence_threshold=0", "ppo.zero3_prefetch_bucket_size=0",
+    "ppo.zero3_max_reuse_distance=0",
+)  # fmt: skip
+"""ZeRO-3 with every parameter partitioned and none kept between its uses (as for a model far larger
+than DeepSpeed's defaults keep): a forward pass through ZeRO-3's hooks gathers each parameter again."""
+
+
+def test_zero3_ppo_gathering_once_per_rollout_gives_zero2s_iterations(tiny_run, tmp_path):
+    """2 workers, 3 iterations: ZeRO-3 (ZERO3), each model gathered once for its rollout and experience
+    passes (`ppo.gather_for_rollout`, on by default), gives ZeRO-2's metrics (fp32, within 1e-5) and
+    weights, under the same artifact identity (the ZeRO keys are placement). Each rollout makes the
+    same number of all-gather calls, one gather of the policy; ZeRO-2's none."""
+    runs = {
+        z: _short_run(tiny_run, tmp_path / f"zero{z}", "ppo.iterations=3", *extra)[1]
+        for z, extra in ((2, ()), (3, ZERO3))
+    }
+    assert runs[2].name == runs[3].name  # the same fingerprint
+    two, three = iterations(runs[2]), iterations(runs[3])
+    assert [r["step"] for r in three] == [1, 2, 3]
+    keys = ("score", "score_norm", "reward", "kl", "kl_coef", "policy_loss", "value_loss", "entropy",
+            "clip_frac", "value_clip_frac", "approx_kl", "values", "returns")  # fmt: skip
+    for a, b in zip(two, three, strict=True):
+        assert a["prompt_crc"] == b["prompt_crc"] and a["response_length"] == b["response_length"]
+        for key in keys:
+            assert abs(a[key] - b[key]) <= 1e-5, (a["step"], key, a[key], b[key])
+    a, b = tensors(runs[2]), tensors(runs[3])
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    gathers = [r["rollout_allgathers"] for r in three]
+    print(
+        f"\nppo ZeRO-3 vs ZeRO-2, 3 iterations: largest weight difference {worst:.2e}; rollout all-gathers "
+        f"{gathers} (ZeRO-3), rollout seconds {[round(r['rollout_s'], 2) for r in three]} (ZeRO-3) and "
+        f"{[round(r['rollout_s'], 2) for r in two]} (ZeRO-2)"
+    )
+    assert worst <= 1e-5
+    assert all(r["rollout_allgathers"] == 0 for r in two)
+    assert gathers[0] > 0 and len(set(gathers)) == 1
+
+
+@pytest.fixture(scope="module")
+def gather_ranks(tmp_path_factory) -> list[dict]:
+    from tests.dist.common import torchrun
+
+    out = tmp_path_factory.mktemp("rollout-gather")
+    torchrun(ROOT / "tests/dist/rollout_gather_cases.py", out, timeout=240)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(300)
+def test_a_gathered_zero3_rollout_makes_the_same_all_gathers_at_8_and_16_tokens(gather_ranks):
+    """tests/dist/rollout_gather_cases.py on 2 ranks, ZeRO-3 with nothing kept between uses: sampling
+    through ZeRO-3's hooks gathers every parameter at each forward pass (8 or 16 of them); gathered
+    once (kiln.training.gathered) a rollout makes one all-gather per parameter at 8 tokens and at 16,
+    samples the same tokens, and leaves the engine to train as before (the same losses, the hooks
+    back, the parameters partitioned again); a frozen inference engine alike. Gathered, the ranks step
+    apart: rank 0's rows stop at once while rank 1's run 16 steps, with no collective to wait on."""
+    from tests.dist.rollout_gather_cases import PROMPTS
+
+    for rank, got in enumerate(gather_ranks):
+        n, width = got["parameters"], max(map(len, PROMPTS[rank]))
+        for per_forward, gathered in (("per_forward", "gathered"), ("frozen_per_forward", "frozen_gathered")):
+            for new, a, b in zip((8, 16), got[per_forward], got[gathered], strict=True):
+                assert len(a["tokens"][0]) == width + new  # no row stopped: a forward pass per token
+                assert a["allgathers"] == n * new and not a["gathered"], (rank, per_forward, new)
+                assert b["allgathers"] == n and b["gathered"], (rank, gathered, new)
+                assert a["tokens"] == b["tokens"]
+        assert [r["loss"] for r in got["per_forward"]] == [r["loss"] for r in got["gathered"]]
+        assert got["hooks_after"] == got["hooks_before"] and got["partitioned_after"]
+        assert got["loss_after"][0] == got["loss_after"][1]
+        assert len(got["apart"]["tokens"][0]) == width + (1 if rank == 0 else 16)
+        assert got["apart"]["allgathers"] == n
 
 
 def test_raising_iterations_continues_from_the_last_checkpoint(tiny_run, tmp_path):
