@@ -215,7 +215,7 @@ PIPELINE = DAG(
         Stage(
             "ppo",
             "stages.ppo:run",
-            inputs=("sft", "reward"),
+            inputs=("sft", "reward", "tokenize"),
             sections=("ppo", "run"),
             workers=_workers("ppo"),
             extra_fingerprint=lambda cfg: input_file_stats(

@@ -2,7 +2,7 @@
 
     python launch.py run --only ppo --set ppo.iterations=80 --set ppo.kl_target=6
 
-Inputs: {"sft", "reward"}. The policy starts from the SFT model and a frozen copy of it is the
+Inputs: {"sft", "reward"}, and {"tokenize"} for pretraining's held-out windows. The policy starts from the SFT model and a frozen copy of it is the
 reference; the reward model scores responses, normalised to mean 0, std 1 with the statistics in its
 manifest (`reward_mean`, `reward_std` on held-out data); the value model starts from the reward model
 (or from the SFT backbone with a fresh head: `ppo.critic_init`). Artifact:
@@ -43,7 +43,9 @@ The shipped task's checking program judges the policy's answers to held-out prom
 iteration, every `eval_every` and at the end (`task_accuracy` greedy, `task_accuracy_sampled` as the
 rollouts sample, with the same seeds each time): nothing in training sees it. Each later evaluation
 is paired with the first, answer by answer: `task_sampled_gained` went wrong -> right, `task_sampled_lost`
-right -> wrong (McNemar's test: a real change when gained - lost > 2 sqrt(gained + lost)).
+right -> wrong (McNemar's test: a real change when gained - lost > 2 sqrt(gained + lost)). Each
+evaluation also scores the windows pretraining holds out, by source (`heldout_loss/<source>`; before
+PPO: `heldout_loss_sft/<source>`), so the manifest shows what PPO cost each source.
 Resume restores both engines with their optimizers, the KL controller, the iteration and each rank's
 global RNGs; prompts, samples and mini-batch orders are functions of (seed, iteration), so a resumed
 run repeats an uninterrupted one. Actor and critic train with dropout 0 (as TRL's `disable_dropout`):
@@ -65,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kiln.training import HeldOut
 from kiln.workers import WorkerJob, run_group
 from pipeline.config import PpoConfig
 from pipeline.preemption import STOPPED
@@ -123,6 +126,8 @@ class PpoJob(WorkerJob):
     """Training prompts as {"messages", "ids"} (`_load_prompts`)."""
     task_prompts: list
     """Held-out prompts of the shipped task (conversations), for the task accuracy."""
+    heldout: HeldOut | None = None
+    """Pretraining's held-out windows, scored by source at each evaluation: what PPO cost each source."""
 
 
 log = logging.getLogger("kiln.ppo")
@@ -158,7 +163,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     job = PpoJob.new(
         ctx, cfg, p, sft_dir=Path(inputs["sft"].path), reward_dir=Path(inputs["reward"].path),
         reward_mean=mean, reward_std=std, value_norm=(mean, std) if p.critic_init == "reward" else (0.0, 1.0),
-        prompts=prompts, task_prompts=task,
+        prompts=prompts, task_prompts=task, heldout=HeldOut.of(cfg, inputs["tokenize"].path),
     )  # fmt: skip
     metrics = run_group(ctx, train_worker, job, out)
     (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))
@@ -372,9 +377,15 @@ def _train(job: PpoJob, wctx) -> dict:
     keep = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",
             "task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost")  # fmt: skip
     out = {k: last[k] for k in keep if k in last} | {"iterations": it}
+    out |= {k: v for k, v in last.items() if k.startswith("heldout_loss")}
     for k in ("task_accuracy", "task_accuracy_sampled", "score"):  # before PPO (the SFT policy)
         if k in baseline:
             out[f"{k}_sft"] = baseline[k]
+    out |= {
+        k.replace("heldout_loss", "heldout_loss_sft", 1): v
+        for k, v in baseline.items()
+        if k.startswith("heldout_loss")
+    }
     return out
 
 
@@ -547,10 +558,17 @@ def _evaluate(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:
     Under ZeRO-3 the policy is gathered once for all of it (`ppo.gather_for_rollout`)."""
     from kiln import training as T
 
-    if not job.task_prompts:
-        return {}, ""
-    with T.gathered(actor, enabled=job.section.gather_for_rollout):
-        return _judge(actor, tok, job, wctx, synced)
+    p = job.section
+    with T.gathered(actor, enabled=p.gather_for_rollout):
+        scored = {}
+        if job.heldout is not None:  # the policy's loss on pretraining's held-out windows, by source
+            device = next(actor.module.parameters()).device
+            scored = T.score_heldout(lambda x: actor.module(input_ids=x).logits, job.heldout, wctx.rank,
+                                     wctx.world_size, p.micro_batch_size, device, "heldout_loss")  # fmt: skip
+        if not job.task_prompts:
+            return scored, ""
+        found, outcomes = _judge(actor, tok, job, wctx, synced)
+        return scored | found, outcomes
 
 
 def _judge(actor, tok, job: PpoJob, wctx, synced) -> tuple[dict, str]:

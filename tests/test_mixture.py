@@ -160,3 +160,22 @@ def test_pretraining_with_a_mixture_reports_tokens_and_heldout_loss_per_source(t
     scored = {k for k in natural if k.startswith("val_loss/")}
     assert scored and scored == {k for k in metrics if k.startswith("val_loss/")}
     assert scored <= {f"val_loss/{k}" for k in sources}
+
+
+def test_sft_and_ppo_score_the_windows_pretraining_held_out_before_and_after_training(tiny_run):
+    """The loss on pretraining's held-out windows, by source, after each model stage: before sft it is
+    pretraining's own `val_loss/<source>` (the same windows, the same model), before ppo sft's; after each,
+    what that stage cost each source."""
+    from tests.pipeline_helpers import artifact, manifest
+
+    _, cfg, _ = tiny_run
+    pretrain, sft, ppo = (manifest(artifact(cfg, s))["metrics"] for s in ("pretrain", "sft", "ppo"))
+    sources = [k.removeprefix("val_loss/") for k in pretrain if k.startswith("val_loss/")]
+    assert len(sources) > 3
+    for source in sources:
+        assert sft[f"heldout_loss_pretrained/{source}"] == pytest.approx(
+            pretrain[f"val_loss/{source}"], abs=1e-4
+        )
+        assert ppo[f"heldout_loss_sft/{source}"] == pytest.approx(sft[f"heldout_loss/{source}"], abs=1e-4)
+        assert sft[f"heldout_loss/{source}"] != sft[f"heldout_loss_pretrained/{source}"]
+        assert ppo[f"heldout_loss/{source}"] != ppo[f"heldout_loss_sft/{source}"]
