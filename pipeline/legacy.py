@@ -34,6 +34,11 @@ AS_BUILT = {"ingest": {"near_dedup": False, "decontaminate": ()}}
 versions was made as with these values, not the defaults (a key added with a default that keeps the
 old behaviour needs no entry). Ingest 2 drops near-duplicates and contaminated documents."""
 
+MADE_AS_BEFORE = {"ingest": 2, "tokenizer": 1, "tokenize": 1, "pretrain": 1, "sft": 1, "reward": 1, "ppo": 1}
+"""The last version of each stage that makes what it made before stage versions (with AS_BUILT's keys):
+an artifact of that time is taken over only by these. Tokenize 2 packs each source apart, so an old
+tokenize artifact, and all that reads it, is built again."""
+
 
 @dataclass(frozen=True)
 class Adoption:
@@ -48,7 +53,9 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
     work dir, so the longer run continues from its checkpoints. `plan` holds the upstream stages
     already planned: each input must be such an artifact too, adopted in this plan or in an
     earlier run (its manifest says `adopted_from`)."""
-    old_inputs = {}
+    if planned.version > MADE_AS_BEFORE.get(stage.name, 0):
+        return None  # the stage makes something else now
+    adopted_inputs = {}
     for dep in planned.inputs:
         q = plan[dep]
         old = (
@@ -58,7 +65,7 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
         )
         if old is None:
             return None
-        old_inputs[dep] = old
+        adopted_inputs[dep] = old
     extra = stage.extra_fingerprint(cfg) if stage.extra_fingerprint is not None else None
     now = section_dict(cfg, stage.sections)
     budgets = {s: budget_keys(cfg, s) for s in now}
@@ -66,6 +73,12 @@ def find(cfg, stage, store, planned, plan: dict) -> Adoption | None:
     for m in store.previous(stage.name):
         if "version" in m or "code_version" not in m:
             continue  # built with stage versions already, or not by Kiln
+        # the inputs it was built from: an input added since (sft's and ppo's tokenize: the held-out
+        # windows they score) is not in its old fingerprint
+        recorded = m.get("inputs", adopted_inputs)
+        if not set(recorded) <= set(adopted_inputs):
+            continue  # read an input it no longer reads
+        old_inputs = {dep: adopted_inputs[dep] for dep in recorded}
         built = m.get("config", {})
         keyed = {s: {k: v for k, v in d.items() if k not in UNKEYED.get(s, ())} for s, d in built.items()}
         if extra is not None:

@@ -13,7 +13,7 @@ only: no Ray, no torch, so a run with nothing to do and `status` answer in well 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 
 from pipeline import legacy
 from pipeline.artifacts import ArtifactStore
@@ -292,6 +292,21 @@ def _verify_inputs(store, plan: dict[str, PlannedStage], p: PlannedStage) -> Non
         q.damage, q.adopt = {"file": problem.file, "reason": problem.reason}, None
 
 
+@cache
+def _defaults(section: str) -> dict:
+    from pipeline.config import PipelineConfig, to_dict
+
+    return to_dict(getattr(PipelineConfig(), section))
+
+
+def _default(section: str, key: str):
+    """A key's default: one an artifact's recorded config lacks (added since) is no change at it."""
+    return _defaults(section).get(key, _MISSING) if section != "_extra" else _MISSING
+
+
+_MISSING = object()
+
+
 def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict, plan: dict) -> str:
     if p.state == "damaged":
         return f"damaged artifact: {p.damage['file']} {p.damage['reason']}"
@@ -318,7 +333,7 @@ def _why(store, p: PlannedStage, rerun_inputs: set[str], keyed: dict, plan: dict
         for s, d in keyed.items()
         if s != "_extra"
         for k, v in d.items()
-        if old_cfg.get(s, {}).get(k) != v
+        if old_cfg.get(s, {}).get(k) != v and not (k not in old_cfg.get(s, {}) and v == _default(s, k))
     ]
     if diffs and p.state == "partial":
         diffs[-1] += f" (continues from step {prog.get('step')})"

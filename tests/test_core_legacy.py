@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import launch
+from pipeline import legacy
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
 from tests.pipeline_helpers import plan_of
@@ -33,9 +34,23 @@ AS_BUILT = ["ingest.near_dedup=false", "ingest.decontaminate=[]"]
 
 @pytest.fixture
 def legacy_root(tmp_path, monkeypatch):
+    """A copy of the old run. Since it was built, tokenize 2 packs each source apart, so a real old run's
+    tokenize and all that reads it run again (`test_tokenize_2_builds_the_old_tokenize_and_all_after_again`);
+    to exercise how the training stages are taken over, the other tests declare tokenize 2 the old
+    run's (pipeline/legacy.py's MADE_AS_BEFORE)."""
     monkeypatch.chdir(PROJECT_ROOT)  # the preset names its sample corpus relative to the project
+    monkeypatch.setitem(legacy.MADE_AS_BEFORE, "tokenize", 2)
     shutil.copytree(LEGACY, tmp_path / "tiny")
     return tmp_path
+
+
+def test_tokenize_2_builds_the_old_tokenize_and_all_after_again(legacy_root, monkeypatch):
+    monkeypatch.setitem(legacy.MADE_AS_BEFORE, "tokenize", 1)  # what tokenize 1 made, as it stands
+    plan = plan_of(load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT]))
+    assert {n: (p.adopt is not None, p.action) for n, p in plan.items()} == {
+        "ingest": (True, "skip"), "tokenizer": (True, "skip"), "tokenize": (False, "run"),
+        "pretrain": (False, "run"), "sft": (False, "run"), "reward": (False, "run"), "ppo": (False, "run"),
+    }  # fmt: skip
 
 
 def _no_ray(*a, **k):
@@ -50,9 +65,10 @@ def test_every_stage_of_the_old_run_is_recognised(legacy_root):
     )
     assert {n: p.adopt.old_fingerprint for n, p in plan.items()} == OLD
     assert {n: plan[n].adopt.old_work_key for n in OLD_WORK} == OLD_WORK
-    assert plan["ppo"].adopt.manifest["inputs"] == {
+    assert plan["ppo"].adopt.manifest["inputs"] == {  # it reads tokenize now (the held-out windows)
         "reward": plan["reward"].fingerprint,
         "sft": plan["sft"].fingerprint,
+        "tokenize": plan["tokenize"].fingerprint,
     }
     # placement is not identity: the old pretrain is adopted whatever its workers now
     moved = plan_of(load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT, "pretrain.num_workers=1"]))
