@@ -17,8 +17,16 @@ data-parallel rank, Ψ parameters over N ranks, b bytes per weight (2 in bf16/fp
   than `stage3_max_reuse_distance` and the prefetch bucket), and reduce-scatters the gradients at
   every micro-step; parameters of at most `stage3_param_persistence_threshold` elements stay whole
   once gathered and are gathered once per step.
-bench/comm_volume.py measures these bytes with DeepSpeed's comms logger and bench/pretrain_memory.py
-the memory, and print the ratios to this plan. Activations are an estimate (tensors saved for
+- expert parallelism over P ranks (ZeRO-1/2; kiln/expert_parallel.py, GShard): a rank holds E/P of
+  each MoE layer's experts, whose gradients are reduced and weights gathered over the N/P ranks
+  holding the same experts (`*_expert_data`); each MoE layer exchanges its rows in an all-to-all
+  within the P ranks, twice forward (to the experts, back) and twice backward (activation
+  checkpointing: twice more), micro_batch_size x seq_len x top_k rows of the hidden size each (what
+  enters from one rank is its own rows, whatever the routing: summed over the ranks the rows sent
+  and received are equal), and before each forward the (E,) int64 counts. A rank sends
+  (P - 1) / P of its rows to the others under an even routing.
+bench/comm_volume.py measures these bytes with DeepSpeed's comms logger, bench/expert_parallel.py the
+all-to-all's, and bench/pretrain_memory.py the memory, and print the ratios to this plan. Activations are an estimate (tensors saved for
 backward, SDPA attention: no T x T scores), as are the time and MFU: a lower bound on time, an upper
 bound on MFU, from peak FLOP/s and link bandwidth alone.
 """
@@ -146,6 +154,8 @@ class Setup:
     max_reuse_distance: int = 1_000_000_000  # stage3_max_reuse_distance default
     prefetch_bucket_size: int = 50_000_000  # stage3_prefetch_bucket_size default
     shard_within: int = 0  # ZeRO++ hpZ: a second copy of the weights sharded within groups of this many ranks
+    expert_parallel: int = 1  # ranks that split each MoE layer's experts (pretrain.expert_parallel)
+    top_k: int = 0  # experts per token: the rows of expert parallelism's all-to-all
 
 
 @dataclass
@@ -172,16 +182,27 @@ def training_cost(tensors: list[Tensor], s: Setup, trainable: int | None = None)
     train = psi if trainable is None else trainable
     n, z, b = s.world, s.zero_stage, BYTES[s.precision]
     bg = BYTES[s.grad_reduce_dtype] if s.precision != "fp32" else 4
+    P = s.expert_parallel
+    if P > 1 and (trainable is not None or z not in (1, 2) or n % P):
+        raise ValueError("expert parallelism: every parameter trained, ZeRO-1/2, P dividing the world size")
+    experts = sum(t.numel for t in tensors if t.expert) if P > 1 else 0
+    held = psi - experts + experts // P  # what a rank holds: E/P of the experts
     cost = Cost()
     where = cost.host_memory if s.offload_params else cost.memory
-    where["weights"] = b * psi // (n if z == 3 else 1)
+    where["weights"] = b * (psi // n if z == 3 else held)
     # ZeRO-1 reduces once per step: under accumulation it holds every gradient until then; without,
     # DeepSpeed (one optimizer for stages 1 and 2) keeps only this rank's partition, as ZeRO-2 does
-    cost.memory["gradients"] = b * train // (n if z >= 2 or (z == 1 and s.grad_accum == 1) else 1)
+    # (an expert's partition is 1 / (N/P) of the E/P experts held: 1/N of them, as without P)
+    partitioned = z >= 2 or (z == 1 and s.grad_accum == 1)
+    cost.memory["gradients"] = b * train // n if partitioned else b * (held if trainable is None else train)
     opt = cost.host_memory if s.offload_optimizer else cost.memory
-    opt["optimizer"] = (8 if s.precision == "fp32" else 12) * train if z == 0 else 12 * train // n
+    opt["optimizer"] = (8 if s.precision == "fp32" else 12) * held if z == 0 else 12 * train // n
     a = s.grad_accum
     if n == 1:
+        return cost
+    if P > 1:
+        _expert_parallel_comm(cost, tensors, s, train - experts, experts // P)
+        cost.wire = int(sum(_wire(k, v, s) for k, v in cost.comm.items()))
         return cost
     if z <= 1:
         cost.comm["all_reduce"] = bg * train
@@ -209,10 +230,43 @@ def training_cost(tensors: list[Tensor], s: Setup, trainable: int | None = None)
     return cost
 
 
+def _expert_parallel_comm(cost: Cost, tensors: list[Tensor], s: Setup, shared: int, held: int) -> None:
+    """ZeRO-1/2's reductions and gathers under expert parallelism: the shared parameters' over the N ranks, a
+    rank's E/P experts' over the N/P holding them (none in a group of one); and the MoE layers' all-to-alls."""
+    a, b = s.grad_accum, BYTES[s.precision]
+    bg = BYTES[s.grad_reduce_dtype] if s.precision != "fp32" else 4
+    reductions = a if s.zero_stage == 2 else 1
+    cost.comm["all_reduce"] = reductions * bg * shared
+    cost.comm["all_gather"] = b * shared
+    if s.world // s.expert_parallel > 1:
+        cost.comm["all_reduce_expert_data"] = reductions * bg * held
+        cost.comm["all_gather_expert_data"] = b * held
+    cost.comm["all_to_all"] = a * all_to_all_bytes(tensors, s)
+
+
+def all_to_all_bytes(tensors: list[Tensor], s: Setup) -> int:
+    """Tensor bytes one rank's MoE layers put into expert parallelism's all-to-alls per micro-step (module
+    docstring): per MoE layer 4 exchanges of its micro_batch_size x seq_len x top_k rows (6 with activation
+    checkpointing, whose recomputed forward exchanges again) and 1 (2) of the (E,) int64 counts."""
+    layers = {t.layer: t.shape for t in tensors if t.expert and t.name.endswith(".up_proj")}  # (E, F, C)
+    if s.expert_parallel == 1 or not layers:
+        return 0
+    forwards = 2 if s.activation_checkpointing else 1
+    rows = s.micro_batch_size * s.seq_len * s.top_k
+    b = BYTES[s.precision]
+    return sum(2 * (forwards + 1) * rows * C * b + forwards * E * 8 for E, _, C in layers.values())
+
+
 def _wire(collective: str, size: int, s: Setup) -> float:
-    """Bytes a rank sends for a collective over `size` tensor bytes (ring algorithms)."""
-    n = s.shard_within if collective == "all_gather_within_group" else s.world
-    return size * (n - 1) / n * (2 if collective == "all_reduce" else 1)
+    """Bytes a rank sends for a collective over `size` tensor bytes (ring algorithms; an all-to-all: the share
+    of its rows bound for the other ranks of its group under an even routing)."""
+    n = {
+        "all_gather_within_group": s.shard_within,
+        "all_to_all": s.expert_parallel,
+        "all_reduce_expert_data": s.world // s.expert_parallel,
+        "all_gather_expert_data": s.world // s.expert_parallel,
+    }.get(collective, s.world)
+    return size * (n - 1) / n * (2 if collective.startswith("all_reduce") else 1)
 
 
 def _largest_layer(tensors: list[Tensor]) -> int:
@@ -285,7 +339,8 @@ def step_time(flops: float, cost: Cost, s: Setup, hw: Hardware) -> dict:
 
     def bandwidth(collective: str) -> float:
         inside = not across or (
-            collective == "all_gather_within_group" and s.shard_within <= hw.gpus_per_node
+            (collective == "all_gather_within_group" and s.shard_within <= hw.gpus_per_node)
+            or (collective == "all_to_all" and s.expert_parallel <= hw.gpus_per_node)  # consecutive ranks
         )
         return (hw.intra_node_gbs if inside else hw.inter_node_gbs) * 1e9
 
@@ -296,8 +351,11 @@ def step_time(flops: float, cost: Cost, s: Setup, hw: Hardware) -> dict:
     elif s.zero_stage == 3:
         exposed = max(0.0, comm - compute)
     else:
+        # the all-to-alls sit between a MoE layer's router and its experts: nothing overlaps them
         reduce_window = backward / s.grad_accum if s.zero_stage <= 1 else backward
-        exposed = max(0.0, secs.get("all_reduce", 0.0) - reduce_window) + secs.get("all_gather", 0.0)
+        reduce = secs.get("all_reduce", 0.0) + secs.get("all_reduce_expert_data", 0.0)
+        gather = secs.get("all_gather", 0.0) + secs.get("all_gather_expert_data", 0.0)
+        exposed = max(0.0, reduce - reduce_window) + gather + secs.get("all_to_all", 0.0)
     step = compute + exposed
     mfu = flops / (step * s.world * hw.peak_tflops * 1e12) if step > 0 else 0.0
     return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "step_time_s": step, "mfu": mfu}

@@ -4,6 +4,7 @@
     shard_experts(model, group)                     # before the optimizer and the engine are built
     local_experts(E, P, rank)                       # range(rank * E/P, (rank + 1) * E/P): its global expert ids
     slice_experts(full_state_dict, P, rank)         # a full model's tensors -> that rank's, same names
+    for_deepspeed(model, P)                         # pretraining: the above over DeepSpeed's groups, marked for it
 
 Each rank routes its own tokens with the replicated router (the router, the load-balancing and z losses, the
 expert-load statistics and a capacity limit are those of its own tokens, as without expert parallelism), sorts
@@ -28,9 +29,20 @@ Checkpoint names stay the global ones: a sharded layer's parameters keep their n
 and hold the slice `local_experts(...)` of the full tensor along dim 0; `checkpoint_names_of_slice` gives the
 per-expert names of the experts a slice holds (`...ffn.experts.{global id}.up_proj.weight`). P = 1 (a group of
 one rank) changes nothing: the layer keeps every expert and takes the path it takes without a group.
+
+DeepSpeed (0.19.8, ZeRO-1/2). `for_deepspeed` shards over DeepSpeed's own expert-parallel groups and marks the
+expert parameters as DeepSpeed's MoE marks its own (`allreduce = False`, `group_name`), with a parameterless
+`deepspeed.moe.layer.MoE` in the model so that the engine acts on the marks: it then reduces an expert's
+gradient over its expert-data-parallel group, divided by the whole data-parallel size (the mean above), and
+ZeRO-1/2 partition the expert parameters over that group; the gradient norm it clips by counts every expert
+once. The optimizer's groups keep the experts apart (kiln/training.py `adamw`). ZeRO-3 is out (DeepSpeed's
+ZeRO-3 partitions only its AutoEP layers' experts by group), and so is ZeRO-0, whose clipping averages the
+ranks' norms, each of its own experts.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -87,7 +99,7 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
                 raise ValueError(f"experts.{name} has {param.shape[0]} experts, not {moe.n_experts}")
             local = param.detach()[held.start : held.stop].clone()
             moe.experts.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
-        moe.expert_parallel = group
+        moe.expert_parallel, moe.exchange = group, exchange
     return model
 
 
@@ -132,3 +144,112 @@ def exchange(
     y = experts(rows[order], received.sum(0), local_expert[order])  # (R, C) grouped by local expert
     y = torch.empty_like(y).index_copy(0, order, y)  # back to the received order
     return _AllToAll.apply(y, sent_to, got_from, group)  # (S, C)
+
+
+# ---------------------------------------------------------------------------------------------------- DeepSpeed
+
+
+def group_name(size: int) -> str:
+    """DeepSpeed's name of the expert-parallel (and expert-data-parallel) groups of `size` ranks, the key a
+    parameter's `group_name` gives (deepspeed.moe's `ep_size_{size}`)."""
+    return f"ep_size_{size}"
+
+
+def deepspeed_groups(size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(this rank's expert-parallel group, its expert-data-parallel group) of DeepSpeed's layout for `size`,
+    made once per process (every rank calls it, after the process group is up): expert-parallel groups of
+    `size` consecutive ranks [0 .. P-1], [P .. 2P-1], ...; expert-data-parallel groups the ranks holding the
+    same experts, r, r + P, r + 2P, ... ZeRO-1/2 partition and reduce the expert parameters over the latter,
+    so `shard_experts` must cut them over the former. Private DeepSpeed API (`deepspeed.utils.groups`,
+    0.19.8): tests/test_expert_parallel_pretrain.py holds it to the layout."""
+    from deepspeed.utils import groups
+
+    name = group_name(size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(size)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+@lru_cache(maxsize=1)
+def _marker_type() -> type:
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelMarker(DeepSpeedMoE):
+        """Tells DeepSpeed's engine that the model it wraps has expert-parallel parameters; holds and computes
+        nothing.
+
+        Why it exists: DeepSpeed 0.19.8 treats parameters marked `allreduce=False` as experts (reduced over
+        their expert-data-parallel group only, divided by the whole data-parallel size, and partitioned by
+        ZeRO-1/2 over that group) only when its engine finds a module that is a `deepspeed.moe.layer.MoE`
+        (`has_moe_layers`); no config key says so. Kiln's MoE layer cannot be one: DeepSpeed then saves its
+        experts by the names of its own layer, which Kiln's stacked experts do not have. Without the marker,
+        marked parameters fail in ZeRO-2's reduction (no expert group), and unmarked ones are silently
+        averaged and partitioned as replicas: rank 0's experts overwrite the others'.
+
+        No parameter, buffer or state-dict key; `num_local_experts = 0` keeps DeepSpeed from writing or
+        reading per-expert checkpoint files: ZeRO-1/2's shards hold each rank's experts (stages/pretrain.py
+        `_restore_experts`)."""
+
+        def __init__(self, n_experts: int, size: int):
+            nn.Module.__init__(self)  # not DeepSpeed's MoE's: no gate, no experts
+            self.num_experts, self.ep_size = n_experts, size
+            self.expert_group_name = group_name(size)
+            self.num_local_experts = 0
+            self.enable_expert_tensor_parallelism = False
+            self.use_residual = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """The engine calls it at construction: the groups exist already (`deepspeed_groups`)."""
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelMarker marks a model for DeepSpeed; it has no forward pass")
+
+    return ExpertParallelMarker
+
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name in `model`: parameter} of the experts of its sharded MoE layers (`shard_experts`)."""
+    out = {}
+    for prefix, moe in model.named_modules():
+        if isinstance(moe, MoE) and moe.expert_parallel is not None:
+            for name, p in moe.experts.named_parameters():
+                out[f"{prefix}.experts.{name}" if prefix else f"experts.{name}"] = p
+    return out
+
+
+def for_deepspeed(model: nn.Module, size: int) -> nn.Module:
+    """`model` (a full MoE model, every expert on every rank, before its optimizer is built) made expert-parallel
+    over `size` ranks for a DeepSpeed ZeRO-1/2 engine: its experts cut over `deepspeed_groups`' expert-parallel
+    group (`shard_experts`), each expert parameter marked as DeepSpeed marks its own (`allreduce = False`,
+    `group_name`), and a parameterless `ExpertParallelMarker` added (as `expert_parallel_marker`) so that the
+    engine acts on the marks. The optimizer's groups are then split by
+    `deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer` (kiln/training.py `adamw` does).
+    Every rank calls it; `size` 1 changes nothing."""
+    if size == 1:
+        return model
+    n_experts = {m.n_experts for m in model.modules() if isinstance(m, MoE)}
+    if not n_experts:
+        raise ValueError("expert parallelism splits the experts of MoE layers, and this model has none")
+    shard_experts(model, deepspeed_groups(size)[0])
+    for p in expert_parameters(model).values():
+        p.allreduce, p.group_name = False, group_name(size)
+    model.add_module("expert_parallel_marker", _marker_type()(max(n_experts), size))
+    return model
+
+
+def is_expert_parameter(p: torch.Tensor) -> bool:
+    """Whether DeepSpeed treats `p` as an expert parameter (deepspeed.moe.utils' `is_moe_param`)."""
+    return getattr(p, "allreduce", True) is False
+
+
+def owner_expert(t: torch.Tensor, e: int, n_experts: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Expert `e` of the stacked expert parameter `t` (this rank's slice), on every rank of the expert-parallel
+    `group`: broadcast from the rank that holds it (a collective of the group, one expert at a time)."""
+    size = dist.get_world_size(group)
+    owner, at = divmod(e, n_experts // size)
+    if dist.get_rank(group) == owner:
+        value = t.detach()[at].contiguous()
+    else:
+        value = t.new_empty(t.shape[1:])
+    dist.broadcast(value, src=dist.get_global_rank(group, owner), group=group)
+    return value

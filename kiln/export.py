@@ -25,6 +25,10 @@ heap's freed pages are handed back after each (`release_freed_memory`). Host mem
 largest tensor (twice it while DeepSpeed gathers it on CPU), never by a shard or the model
 (bench/export_memory.py).
 
+Expert parallelism (kiln/expert_parallel.py): a rank holds E/P of a MoE layer's experts; the export writes all E,
+expert by expert, each sent to rank 0 by the rank of its expert-parallel group that holds it (a broadcast every
+rank of that group joins; the ranks of other groups leave at once), so the folder is the model without it.
+
 LoRA (peft): each LoRA linear is merged while streaming, W + scaling * B @ A (transposed for
 `fan_in_fan_out`; `lora_bias` adds scaling * B.bias to the bias), computed in fp32 from the gathered
 W, A and B (gathered together) and cast back to W's dtype; the keys are the base model's
@@ -50,7 +54,8 @@ from pathlib import Path
 
 import torch
 
-from kiln.model import STACKED_EXPERTS, checkpoint_names
+from kiln.expert_parallel import owner_expert
+from kiln.model import STACKED_EXPERTS, MoE, checkpoint_names
 from kiln.safetensors_stream import MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
 from kiln.sharded import release_freed_memory
 
@@ -67,6 +72,7 @@ class Entry:
     combine: Callable[..., torch.Tensor] | None = None
     parameter: bool = True
     part: int | None = None  # of a stacked expert parameter, the expert this entry is
+    expert_group: object = None  # an expert-parallel layer's group (a rank holds E/P experts): a collective
 
 
 def _expert(t: torch.Tensor, e: int) -> torch.Tensor:
@@ -157,15 +163,28 @@ def plan_export(model) -> tuple[torch.nn.Module, list[Entry]]:
     base, lora, wrappers = _peft_parts(model)
     entries: list[Entry] = []
     special = {**lora, **wrappers}
+    split = {
+        n + ".experts": m
+        for n, m in base.named_modules()
+        if isinstance(m, MoE) and m.expert_parallel is not None
+    }
     for key, t in base.state_dict(keep_vars=True).items():
         parameter = isinstance(t, torch.nn.Parameter)
         owner = _owner(key, special) if special else None
         if owner is None:
             shape = live_shape(t)
-            if STACKED_EXPERTS.match(key):  # written expert by expert, as save_pretrained splits them
+            if m := STACKED_EXPERTS.match(key):  # written expert by expert, as save_pretrained splits them
+                moe = split.get(m[1])  # expert parallelism: this rank holds E/P of them
+                if moe is not None:
+                    shape = (moe.n_experts, *shape[1:])
                 for e, name in enumerate(checkpoint_names(key, shape)):
                     spec = TensorSpec(name, shape[1:], t.dtype)
-                    entries.append(Entry(spec, (t,), partial(_expert, e=e), parameter=parameter, part=e))
+                    if moe is None:
+                        entries.append(Entry(spec, (t,), partial(_expert, e=e), parameter=parameter, part=e))
+                        continue
+                    group = moe.expert_parallel
+                    take = partial(owner_expert, e=e, n_experts=moe.n_experts, group=group)
+                    entries.append(Entry(spec, (t,), take, parameter, part=e, expert_group=group))
             else:
                 entries.append(Entry(TensorSpec(key, shape, t.dtype), (t,), parameter=parameter))
             continue
@@ -275,13 +294,18 @@ def stream_weights(
 ) -> None:
     """Each entry gathered in turn (every rank, the same order) and on rank 0 passed to `write` while
     it is gathered; then released (and the memory it took handed back). Consecutive entries of one
-    tensor (the experts of a stacked parameter) share one gather."""
+    tensor (the experts of a stacked parameter) share one gather. An expert of an expert-parallel layer
+    comes from the rank that holds it, one expert at a time (every rank of rank 0's group takes part)."""
     for _, group in itertools.groupby(entries, key=lambda e: tuple(map(id, e.sources))):
         group = list(group)
         sources = group[0].sources
         with _gathered(sources):
-            if rank == 0:
-                for e in group:
+            for e in group:
+                if e.expert_group is not None:
+                    value = _value(e)  # a collective of the expert-parallel group
+                    if rank == 0:
+                        write(e.spec.name, value)
+                elif rank == 0:
                     write(e.spec.name, _value(e))
         gathered = any(hasattr(t, "ds_id") for t in sources)
         if gathered or group[0].combine is not None or sources[0].device.type != "cpu":
@@ -346,7 +370,10 @@ def export_model(
 
     base, entries = plan_export(model)
     sharded = any(hasattr(t, "ds_id") for e in entries for t in e.sources)
-    if rank != 0 and not sharded:
+    # under expert parallelism the ranks of rank 0's expert-parallel group send it the experts they hold
+    experts_from = {e.expert_group for e in entries if e.expert_group is not None}
+    with_rank0 = any(0 in torch.distributed.get_process_group_ranks(g) for g in experts_from)
+    if rank != 0 and not sharded and not with_rank0:
         return
     if sharded:
         _optimizer_hook(engine, "checkpoint_event_prologue")

@@ -394,9 +394,11 @@ class MoE(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config, config.moe_intermediate_size or config.intermediate_size)
-        # An expert-parallel process group, set by kiln/expert_parallel.py's `shard_experts` (which also cuts
-        # `experts` to this rank's E/P): rows then go to the ranks holding their experts. None: every expert here.
+        # An expert-parallel process group and the exchange of rows with it, set by kiln/expert_parallel.py's
+        # `shard_experts` (which also cuts `experts` to this rank's E/P): rows then go to the ranks holding their
+        # experts. None: every expert here.
         self.expert_parallel = None
+        self.exchange = None
 
     def capacity(self, n_tokens: int) -> int | None:
         """Switch Transformer eq. 3, with k slots per token: ceil(capacity_factor * tokens * k / experts)."""
@@ -417,9 +419,7 @@ class MoE(nn.Module):
         if self.expert_parallel is None:
             y = self.experts(x[token], counts, expert_of_row)  # (S, C)
         else:
-            from kiln.expert_parallel import exchange  # not at the top: it imports this module
-
-            y = exchange(self.experts, x[token], counts, self.expert_parallel)  # (S, C) by their ranks
+            y = self.exchange(self.experts, x[token], counts, self.expert_parallel)  # (S, C) by their ranks
         y = (y * weight[:, None]).to(x.dtype)  # under autocast y is bf16 while x stays fp32
         out = torch.zeros_like(x).index_add_(0, token, y)  # (N, C)
         out = out.view(B, T, C)
@@ -549,15 +549,26 @@ class KilnPreTrainedModel(PreTrainedModel):
                 init.zeros_(b)
 
     def num_parameters_total(self) -> int:
-        """Every parameter once (a tied matrix is one). `ds_numel`: the full size under DeepSpeed ZeRO-3."""
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        """Every parameter once (a tied matrix is one). `ds_numel`: the full size under DeepSpeed ZeRO-3; a MoE
+        layer's experts all of them, also where expert parallelism leaves a rank E/P (kiln/expert_parallel.py)."""
+        held = {id(p): n for n, p in self._stacked_experts()}
+        return sum(held.get(id(p), getattr(p, "ds_numel", p.numel())) for p in self.parameters())
+
+    def _stacked_experts(self):
+        """(its size with all the layer's experts, the parameter) of each stacked expert parameter."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                for p in module.experts.parameters():
+                    n = getattr(p, "ds_numel", p.numel())
+                    yield (n if module.expert_parallel is None else n // p.shape[0] * module.n_experts), p
 
     def num_parameters_active(self) -> int:
         """Parameters one token passes through: all but the (E - k) experts it is not routed to in each MoE layer."""
         c, inactive = self.config, 0
+        held = {id(p): n for n, p in self._stacked_experts()}
         for module in self.modules():
             if isinstance(module, MoE):
-                stacked = sum(getattr(p, "ds_numel", p.numel()) for p in module.experts.parameters())
+                stacked = sum(held[id(p)] for p in module.experts.parameters())
                 per_expert = stacked // c.num_experts
                 inactive += (c.num_experts - c.num_experts_per_tok) * per_expert
         return self.num_parameters_total() - inactive
@@ -613,8 +624,10 @@ class KilnModel(KilnPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=c)
         past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fast causal path
+        # No padding: take the fast causal path. A one-token step keeps its mask, (B, 1, 1, S), which costs
+        # nothing, where the test would wait on the device at every decoded token (kiln/rl/rollout.py).
+        if attention_mask is not None and attention_mask.dim() == 2 and T > 1 and bool(attention_mask.all()):
+            attention_mask = None
         if position_ids is None:
             if attention_mask is not None:  # count real tokens only, so left padding works without the caller
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]

@@ -44,9 +44,11 @@ def saved_layout(ckpt: Path, tag: str, state: dict) -> dict:
     when recorded, else DeepSpeed's model-states file (its `dp_world_size` and `ds_config`, read with
     weights_only), else the file names: one optimizer shard per rank (none under ZeRO-0, whose world
     size the RNG files give), per-rank model states under ZeRO-3. ZeRO-1 and 2 write the same files,
-    and each loads the other's: the names say 1."""
+    and each loads the other's: the names say 1. With the expert parallelism where recorded
+    (`expert_parallel`; a checkpoint without it was written before it existed, with 1)."""
     if "layout" in state:
-        return {k: int(state["layout"][k]) for k in ("world_size", "zero_stage")}
+        keys = [k for k in ("world_size", "zero_stage", "expert_parallel") if k in state["layout"]]
+        return {k: int(state["layout"][k]) for k in keys}
     folder = Path(ckpt) / tag
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         try:
@@ -155,8 +157,28 @@ def unsupported(old_stage: int, new_stage: int) -> str | None:
     )
 
 
+def expert_layout_problem(saved_ep: int, saved_world: int, ep: int, world: int) -> str | None:
+    """Why a checkpoint written with expert parallelism `saved_ep` on `saved_world` ranks cannot resume with
+    `ep` on `world` ranks, or None: only on the layout it was written with, when either is above 1."""
+    if saved_ep == ep and (ep == 1 or saved_world == world):
+        return None
+    return (
+        "each rank's shards hold the experts of its place in its expert-parallel group; DeepSpeed loads them "
+        "only as saved, and its conversion to the universal form, which reshards, would merge the different "
+        "experts of one name as if they were shards of one tensor"
+    )
+
+
 def layout_change_problem(saved: dict, now: dict) -> str | None:
-    """Why a checkpoint of layout `saved` cannot resume under layout `now` (DeepSpeed 0.19.8), or None."""
+    """Why a checkpoint of layout `saved` cannot resume under layout `now` (DeepSpeed 0.19.8), or None.
+    `expert_parallel` where absent: 1."""
+    was, ep = saved.get("expert_parallel", 1), now.get("expert_parallel", 1)
+    if why := expert_layout_problem(was, saved["world_size"], ep, now["world_size"]):
+        return (
+            f"the checkpoint was written with expert_parallel={was} on num_workers={saved['world_size']} and "
+            f"cannot resume with expert_parallel={ep} on num_workers={now['world_size']}: {why}. Set them back "
+            "to resume from it, or delete the stage's work folder to start over"
+        )
     old, new = saved["zero_stage"], now["zero_stage"]
     why = unsupported(old, new)
     if why is None:

@@ -120,13 +120,22 @@ def adamw(model: torch.nn.Module, *, lr: float, betas, weight_decay: float) -> t
     """AdamW with no decay on norms, biases and other 1-d params; fused kernels on GPU. A stacked MoE
     expert bias (`ffn.experts.up_proj_bias`, (experts, out)) is a bias, though 2-d. A parameter built
     partitioned under ZeRO-3 (kiln/sharded.py) counts by its full shape (`ds_shape`): its data is then
-    an empty placeholder."""
+    an empty placeholder. Expert-parallel expert parameters (kiln/expert_parallel.py `for_deepspeed`) go
+    into groups of their own, each with its group's weight decay, as DeepSpeed's MoE needs them
+    (`split_params_into_different_moe_groups_for_optimizer`: `"moe": True`, named by their
+    expert-parallel group, partitioned by ZeRO-1/2 over the expert-data-parallel ranks)."""
+    from kiln.expert_parallel import is_expert_parameter
+
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and not name.endswith("_bias")
             (decay if matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if any(is_expert_parameter(p) for p in decay + no_decay):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer as split
+
+        groups = split([{**g, "name": name} for g, name in zip(groups, ("decay", "no_decay"), strict=True)])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
 
 

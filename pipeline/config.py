@@ -368,11 +368,17 @@ class PretrainConfig(WorkerGroupConfig):
     # bit-for-bit neutral: sums run in another order, an MoE model's load-balancing loss and expert
     # capacity are per micro-batch, and `val_loss` averages eval_batches x workers x micro-batch
     # sequences. What one changes to fit a cluster does not make another model by name.
+    # expert_parallel is placement too: it decides which rank computes an expert's rows, not what is
+    # computed (every token meets the same experts with the same weights; the gradients are the same sums,
+    # reduced over other groups). Measured against expert_parallel=1 on the same ranks: losses within
+    # float32 rounding (tests/test_expert_parallel_pretrain.py).
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "offload_optimizer", "offload_params",
+        "expert_parallel",
     )  # fmt: skip
-    # DeepSpeed saves one shard per rank, laid out by ZeRO stage: the checkpoint records both
-    # (WorkerGroupConfig.CHECKPOINT_LAYOUT), and `layout_problem` says which changes it resumes under.
+    # DeepSpeed saves one shard per rank, laid out by ZeRO stage, and under expert parallelism each rank's
+    # experts: the checkpoint records the three, and `layout_problem` says which changes it resumes under.
+    CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.CHECKPOINT_LAYOUT, "expert_parallel")
 
     steps: int = 200
     """Optimizer steps to train for (a budget: raising it continues a finished run)."""
@@ -405,13 +411,29 @@ class PretrainConfig(WorkerGroupConfig):
     """Validation micro-batches per evaluation."""
     init_from: str | None = None
     """A Llama or Mixtral Hugging Face folder to start from (weights only) instead of random init."""
+    expert_parallel: int = 1
+    """Expert parallelism (GShard; kiln/expert_parallel.py): each group of this many consecutive workers
+    splits every MoE layer's experts, each worker holding n_experts / expert_parallel of them and sending
+    each token's rows to the worker holding its experts (all-to-all, dropless). 1 = every worker holds
+    every expert. Divides num_workers and the MoE model's experts; zero_stage 1 or 2 (DeepSpeed 0.19
+    partitions expert-parallel parameters with ZeRO-1/2 only). The same losses and model as 1: what it
+    changes is the memory of the experts (and their optimizer state) per worker, and the traffic. A
+    checkpoint resumes only with the expert_parallel and num_workers that wrote it."""
 
     @staticmethod
     def layout_problem(old: dict, new: dict) -> str | None:
         """Pretraining resumes on another number of workers (kiln/reshard.py converts the checkpoint to
-        DeepSpeed's universal form), not under a ZeRO stage DeepSpeed cannot load it into."""
-        from kiln.reshard import unsupported
+        DeepSpeed's universal form), not under a ZeRO stage DeepSpeed cannot load it into, and not under
+        another expert parallelism or, with one, another number of workers (`expert_layout_problem`)."""
+        from kiln.reshard import expert_layout_problem, unsupported
 
+        was, now = old.get("expert_parallel", 1), new.get("expert_parallel", 1)  # 1: written before the key
+        if why := expert_layout_problem(was, old["num_workers"], now, new["num_workers"]):
+            return (
+                f"pretrain.expert_parallel={was} on pretrain.num_workers={old['num_workers']} and cannot be "
+                f"resumed with pretrain.expert_parallel={now} on pretrain.num_workers={new['num_workers']} ({why}): "
+                f"set pretrain.expert_parallel={was} and pretrain.num_workers={old['num_workers']} to resume from it"
+            )
         why = unsupported(old["zero_stage"], new["zero_stage"])
         if why is None:
             return None
@@ -446,6 +468,41 @@ class PretrainConfig(WorkerGroupConfig):
             yield (
                 "compile: ZeRO-3 fetches parameters through hooks that torch.compile cannot trace; "
                 "set pretrain.compile=false or pretrain.zero_stage<=2"
+            )
+        yield from self._expert_parallel_problems()
+
+    def _expert_parallel_problems(self):
+        P = self.expert_parallel
+        if P < 1:
+            yield "expert_parallel: must be >= 1 (1 = every worker holds every expert)"
+            return
+        if P == 1:
+            return
+        if self.num_workers >= 1 and self.num_workers % P:
+            yield (
+                f"expert_parallel: {P} does not divide num_workers={self.num_workers} (the workers form groups of "
+                f"{P} that split the experts); use a divisor of num_workers"
+            )
+        if self.zero_stage == 3:
+            yield (
+                f"expert_parallel: {P} needs zero_stage 1 or 2, and zero_stage is 3: DeepSpeed 0.19 partitions "
+                "expert-parallel parameters over their expert-data-parallel group with ZeRO-1/2 only (its ZeRO-3 "
+                "takes its own AutoEP layers, not Kiln's MoE layer), and the ZeRO-3 build partitions the experts "
+                "before they can be split; set pretrain.zero_stage=2 or pretrain.expert_parallel=1"
+            )
+        elif self.zero_stage == 0:
+            yield (
+                f"expert_parallel: {P} needs zero_stage 1 or 2, and zero_stage is 0: DeepSpeed 0.19's ZeRO-0 clips "
+                "gradients by the mean of the ranks' norms, each of which sees its own experts only, so the model "
+                "would depend on expert_parallel (measured: losses 4e-4 apart after 20 steps), and its checkpoint "
+                "holds rank 0's experts alone; set pretrain.zero_stage=1 (the same traffic, the optimizer state "
+                "partitioned) or pretrain.expert_parallel=1"
+            )
+        if self.compile:
+            yield (
+                f"compile: expert_parallel={P} exchanges each MoE layer's rows with an all-to-all whose split sizes "
+                "are read on the host, untested under torch.compile; set pretrain.compile=false or "
+                "pretrain.expert_parallel=1"
             )
 
 
@@ -722,6 +779,22 @@ class PipelineConfig:
     """RLHF: PPO with a KL penalty against the SFT model, scored by the reward model."""
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
     """The accelerator, for the plan before launch (`run --dry-run`): read by no stage."""
+
+    def check(self):
+        # Rules across sections (each section's own are its check()'s). With pretrain.init_from the model is
+        # the checkpoint's: stages/pretrain.py checks its experts before the workers start.
+        P, E = self.pretrain.expert_parallel, self.model.n_experts
+        if P > 1 and not self.pretrain.init_from:
+            if E == 0:
+                yield (
+                    f"pretrain.expert_parallel: {P} splits a MoE model's experts, and model.n_experts is 0 (a dense "
+                    "model); set pretrain.expert_parallel=1"
+                )
+            elif E % P:
+                yield (
+                    f"pretrain.expert_parallel: {P} does not divide model.n_experts={E} (each worker of a group holds "
+                    "as many experts); use a divisor of model.n_experts"
+                )
 
 
 def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):

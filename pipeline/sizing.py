@@ -51,7 +51,9 @@ def plan_of(cfg, stage: str) -> dict:
 _COMPARED = ("memory_per_rank_bytes", "comm_bytes_per_step", "step_time_s", "mfu")
 
 
-def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int) -> C.Setup:
+def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int, top_k: int = 0) -> C.Setup:
+    # expert parallelism (pretraining) runs under ZeRO-1/2 only: the other stages' rows are without it
+    ep = getattr(section, "expert_parallel", 1) if zero_stage in (1, 2) else 1
     return C.Setup(
         world=section.num_workers, zero_stage=zero_stage, precision=section.precision, micro_batch_size=micro,
         grad_accum=accum, seq_len=seq_len, activation_checkpointing=section.activation_checkpointing,
@@ -60,7 +62,7 @@ def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int) -> C.
         persistence_threshold=section.zero3_persistence_threshold,
         max_reuse_distance=section.zero3_max_reuse_distance,
         prefetch_bucket_size=section.zero3_prefetch_bucket_size,
-        shard_within=section.zero3_shard_within if zero_stage == 3 else 0,
+        shard_within=section.zero3_shard_within if zero_stage == 3 else 0, expert_parallel=ep, top_k=top_k,
     )  # fmt: skip
 
 
@@ -78,7 +80,7 @@ def _cost(cfg, stage: str, s, m: dict, vocab: int, zero_stage: int) -> dict:
         seq = cfg.tokenize.seq_len if stage == "pretrain" else s.max_length
         accum = s.global_batch_size // (s.num_workers * s.micro_batch_size)
         pairs = 2 if stage == "reward" else 1  # a preference pair is two sequences
-        setup = _setup(s, zero_stage, pairs * s.micro_batch_size, accum, seq)
+        setup = _setup(s, zero_stage, pairs * s.micro_batch_size, accum, seq, m["num_experts_per_tok"])
         tensors = C.parameter_tensors(m, vocab, value_head=stage == "reward")
         lora = C.lora_parameters(tensors, s.lora_r, s.lora_targets) if getattr(s, "lora_r", 0) else None
         trained, frozen = [(tensors, lora)], []

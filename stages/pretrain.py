@@ -9,7 +9,9 @@ micro-steps -> clip -> step -> schedule -> log -> eval -> checkpoint. Data order
 would. Checkpoints hold DeepSpeed's engine state plus a small JSON of loop state (step, tokens seen,
 W&B run id) and per-rank RNG state; they are reported to Ray Train, which restarts a dead group from
 the last one. At the end the model is exported from the live engine (gathered under ZeRO-3) as a
-Hugging Face folder with the tokenizer.
+Hugging Face folder with the tokenizer. With `pretrain.expert_parallel` P > 1 each group of P ranks splits
+the MoE layers' experts (kiln/expert_parallel.py `for_deepspeed`, ZeRO-1/2): the same model, every expert
+in the exported folder; its checkpoints resume on the P and worker count that wrote them.
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ def _check_config(cfg, index: dict, tok_dir: Path) -> Vocab:
                 f"pretrain.init_from: the model's vocabulary ({init_cfg.vocab_size}) cannot hold the "
                 f"tokenizer's {len(tok)} tokens; use that model's tokenizer (tokenizer.path)"
             )
+        P = cfg.pretrain.expert_parallel
+        experts = getattr(init_cfg, "num_local_experts", None) or getattr(init_cfg, "num_experts", None) or 0
+        if P > 1 and (experts == 0 or experts % P):
+            what = "is dense (no experts)" if experts == 0 else f"has {experts} experts per MoE layer"
+            errors.append(
+                f"pretrain.expert_parallel: {P} splits the experts of each MoE layer, and pretrain.init_from's model "
+                f"{what}; set pretrain.expert_parallel to 1{f' or another divisor of {experts}' if experts else ''}"
+            )
     if errors:
         raise ConfigError(errors, "pretrain")
     return Vocab(size=len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id, bos=tok.bos_token_id)
@@ -126,6 +136,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     import torch
 
     from data_prep.packed import PackedTokens
+    from kiln import expert_parallel as EP
     from kiln import reshard as R
     from kiln import sharded as S
     from kiln import training as T
@@ -151,7 +162,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         T.check_resumed(state["step"], p.steps, "pretrain.steps", ckpt)
-        layout = {"world_size": world, "zero_stage": p.zero_stage}
+        layout = {"world_size": world, "zero_stage": p.zero_stage, "expert_parallel": p.expert_parallel}
         ckpt, universal = R.prepare(wctx, ckpt, state["tag"], state, layout)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -166,6 +177,9 @@ def _train(job: PretrainJob, wctx) -> dict:
             model = KilnForCausalLM(config)
     if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    # expert parallelism: each rank keeps its group's share of the experts, marked for DeepSpeed, before the
+    # optimizer (whose groups keep them apart) is built
+    EP.for_deepspeed(model, p.expert_parallel)
     optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     decays = [g["weight_decay"] for g in optimizer.param_groups]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -187,6 +201,8 @@ def _train(job: PretrainJob, wctx) -> dict:
     if state is not None:
         engine.load_checkpoint(str(ckpt), tag=state["tag"], load_lr_scheduler_states=False)
         R.repair_universal_load(engine, decays)
+        if p.expert_parallel > 1:  # DeepSpeed gave every rank the experts of expert-parallel rank 0
+            _restore_experts(engine)
         R.finish(wctx, ckpt, universal)
         rng = ckpt / f"rng_rank{rank}.pt"  # each rank's RNG streams: on the world size that wrote them
         if not universal and rng.exists():
@@ -258,7 +274,7 @@ def _train(job: PretrainJob, wctx) -> dict:
             row.update(_evaluate(engine, val, p, rank, world, device))
         wctx.progress(step, total)
         if step % p.checkpoint_every == 0 or step == total or stopping:
-            _save(engine, wctx, row, step, tokens_seen, job.wandb_run_id, rank, world, p.zero_stage)
+            _save(engine, wctx, row, step, tokens_seen, job.wandb_run_id, rank, world, p)
         else:
             wctx.report(row)
         last = row
@@ -320,7 +336,7 @@ def _evaluate(engine, val, p, rank, world, device) -> dict:
     return out | {"val_ppl": math.exp(min(out["val_loss"], 50))}
 
 
-def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank, world, zero_stage) -> None:
+def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank, world, p: PretrainConfig) -> None:
     """DeepSpeed checkpoint + loop state + RNG into a fresh folder, reported (Ray copies it)."""
     from kiln import training as T
 
@@ -329,8 +345,19 @@ def _save(engine, wctx, row, step, tokens_seen, wandb_run_id, rank, world, zero_
     engine.save_checkpoint(str(folder), tag=tag)
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
-        state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id,
-                 "layout": {"world_size": world, "zero_stage": zero_stage}}  # fmt: skip
+        layout = {"world_size": world, "zero_stage": p.zero_stage, "expert_parallel": p.expert_parallel}
+        state = {"step": step, "tokens_seen": tokens_seen, "tag": tag, "wandb_run_id": wandb_run_id}
+        state["layout"] = layout
         # the row too: the stage's headline, should a resume find no step left
         T.write_json(folder / "trainer_state.json", state | {"last": row})
     wctx.report(row, checkpoint_dir=folder)  # the context stores it, then deletes the folder
+
+
+def _restore_experts(engine) -> None:
+    """After DeepSpeed 0.19.8 loads an expert-parallel ZeRO-1/2 checkpoint on the layout that wrote it, each
+    rank's own experts back into its module: the model-states file, written by rank 0 alone, holds rank 0's
+    slice of each expert parameter (under the global name), which every rank loads; each rank's fp32 master
+    partition came from its own ZeRO shard, and is copied into the module here (`update_lp_params`, as after
+    an optimizer step). The steps that follow are those of the run without the interruption
+    (tests/test_expert_parallel_pretrain.py)."""
+    engine.optimizer.update_lp_params()
