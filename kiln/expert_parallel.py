@@ -162,8 +162,11 @@ def deepspeed_groups(size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     same experts, r, r + P, r + 2P, ... ZeRO-1/2 partition and reduce the expert parameters over the latter,
     so `shard_experts` must cut them over the former. Private DeepSpeed API (`deepspeed.utils.groups`,
     0.19.8): tests/test_expert_parallel_pretrain.py holds it to the layout."""
+    import deepspeed
     from deepspeed.utils import groups
 
+    if not deepspeed.comm.is_initialized():  # a Ray Train worker: torch's group is up, DeepSpeed's not yet
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # takes the group torch has
     name = group_name(size)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(size)
