@@ -13,6 +13,8 @@ planned: its architecture is the checkpoint's).
 
 from __future__ import annotations
 
+import dataclasses
+
 from kiln import capacity as C
 from kiln.model_fields import hf_values
 
@@ -44,8 +46,25 @@ def plan_of(cfg, stage: str) -> dict:
         z: {k: v for k, v in _cost(cfg, stage, section, m, vocab, z).items() if k in _COMPARED}
         for z in (0, 1, 2, 3)
     }
+    plan["by_expert_parallel"] = _by_expert_parallel(cfg, stage, section, m, vocab)
     plan["warnings"] = _warnings(cfg, stage, section, plan)
     return plan
+
+
+def _by_expert_parallel(cfg, stage: str, section, m: dict, vocab: int) -> dict:
+    """Pretraining of a MoE model: the compared costs at each expert_parallel the workers and experts allow
+    (the divisors of both), under the configured ZeRO stage, or ZeRO-2 where that is 0 or 3 (expert
+    parallelism runs under ZeRO-1/2 only). {} for other stages and dense models."""
+    experts = m.get("num_experts") or 0
+    if stage != "pretrain" or experts < 2:
+        return {}
+    zero = section.zero_stage if section.zero_stage in (1, 2) else 2
+    out = {}
+    for P in (p for p in range(1, experts + 1) if experts % p == 0 and section.num_workers % p == 0):
+        other = dataclasses.replace(section, expert_parallel=P, zero_stage=zero)
+        out[P] = {k: v for k, v in _cost(cfg, stage, other, m, vocab, zero).items() if k in _COMPARED}
+        out[P]["zero_stage"] = zero
+    return out
 
 
 _COMPARED = ("memory_per_rank_bytes", "comm_bytes_per_step", "step_time_s", "mfu")
@@ -123,6 +142,20 @@ def _hardware(hw) -> C.Hardware:
     )
 
 
+def _faster_expert_parallel(section, plan: dict, limit: float):
+    """(P, its costs) of the expert parallelism that fits and is more than 5 % faster than the plan as
+    configured, the fastest such; None if none is."""
+    now = getattr(section, "expert_parallel", 1)
+    fits = {
+        P: p for P, p in plan.get("by_expert_parallel", {}).items() if p["memory_per_rank_bytes"] <= limit
+    }
+    faster = {P: p for P, p in fits.items() if P != now and p["step_time_s"] < 0.95 * plan["step_time_s"]}
+    if not faster:
+        return None
+    P = min(faster, key=lambda q: (faster[q]["step_time_s"], q))
+    return P, faster[P]
+
+
 FITS = 0.8
 """A stage fits when a rank needs at most this share of the accelerator's memory: the allocator's
 fragmentation, NCCL's buffers and the CUDA context take part of the rest."""
@@ -155,6 +188,14 @@ def _warnings(cfg, stage: str, section, plan: dict) -> list[str]:
             f"{stage}: communication-bound: {plan['exposed_comm_s']:.2f} s of a {plan['step_time_s']:.2f} s step is "
             f"communication that compute does not hide (MFU at most {plan['mfu']:.0%}); raise "
             f"{stage}.micro_batch_size or global_batch_size, or change zero_stage"
+        )
+    ep = _faster_expert_parallel(section, plan, limit)
+    if ep is not None:
+        P, alt = ep
+        out.append(
+            f"{stage}: {stage}.expert_parallel={P} with zero_stage={alt['zero_stage']} fits "
+            f"({alt['memory_per_rank_bytes'] / C.GiB:.1f} GiB per rank) and is faster: {alt['step_time_s']:.2f} s "
+            f"per step (MFU at most {alt['mfu']:.0%}) vs {plan['step_time_s']:.2f} s now"
         )
     if (
         best is not None

@@ -128,9 +128,17 @@ def test_warnings_name_the_keys_when_a_stage_will_not_fit_or_waits_on_the_networ
     assert not any("zero_stage=" in w for w in plan_of(cfg, "pretrain")["warnings"])  # the preset's pick
     big = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, zero_stage=0))
     warnings = " ".join(plan_of(big, "pretrain")["warnings"])
-    assert "more than 80% of the A100 80GB's 80 GiB" in warnings and "pretrain.zero_stage=1 needs" in warnings
+    assert "more than 80% of the A100 80GB's 80 GiB" in warnings and "pretrain.zero_stage=2 needs" in warnings
     slow = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, zero_stage=3))
     warnings = " ".join(plan_of(slow, "pretrain")["warnings"])
     assert "communication-bound" in warnings and "pretrain.micro_batch_size" in warnings
-    assert "pretrain.zero_stage=1 fits" in warnings
+    assert "pretrain.zero_stage=2 fits" in warnings
+    # every expert on every GPU: the plan points at splitting them over a node's GPUs
+    whole = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, expert_parallel=1))
+    planned = plan_of(whole, "pretrain")
+    assert sorted(planned["by_expert_parallel"]) == [1, 2, 4, 8]  # divisors of the 8 experts and 32 workers
+    memory = [planned["by_expert_parallel"][P]["memory_per_rank_bytes"] for P in (1, 2, 4, 8)]
+    assert memory == sorted(memory, reverse=True)
+    assert "pretrain.expert_parallel=8 with zero_stage=2 fits" in " ".join(planned["warnings"])
+    assert not any("expert_parallel=" in w for w in plan_of(cfg, "pretrain")["warnings"])  # the preset's pick
     assert plan_of(load_config(), "pretrain")["warnings"] == []  # no hardware described: no verdicts
