@@ -66,3 +66,13 @@ def torchrun(script: Path, out: Path, timeout: float) -> None:
            str(script), str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def leave() -> None:
+    """End a rank's script once its work is written: destroy the process group, flush, and exit at once
+    (gloo can abort at interpreter exit after the work is done, a known PyTorch gloo shutdown race)."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)

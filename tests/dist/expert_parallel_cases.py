@@ -14,12 +14,13 @@ dropped fractions, the expert loads and the parameter names of both.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tests.dist.common import leave  # noqa: E402
 
 CASES = {
     "swiglu-top2-bias": dict(num_experts=4, num_experts_per_tok=2, bias=True),
@@ -126,10 +127,7 @@ def main(out: Path) -> None:
         row = case_row(case, rank, world, groups)
         (out / f"{case}-rank{rank}.json").write_text(json.dumps(row))
     dist.barrier()
-    # gloo can abort at interpreter exit after the work is done (a known PyTorch gloo shutdown race): leave cleanly.
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB  # noqa: E402
+from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB, leave  # noqa: E402
 
 STEPS = 20
 CASES: dict[str, list[dict]] = {  # the section of each start (of two for a resumed case)
@@ -151,10 +151,7 @@ def main(out: Path) -> None:
     for name in CASES if not only else only.split(","):
         run_case(out, name)
         dist.barrier()
-    # gloo can abort at interpreter exit after the work is done (a known PyTorch gloo shutdown race): leave cleanly.
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import replace
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.dist.common import MODEL, SEED, VOCAB  # noqa: E402
+from tests.dist.common import MODEL, SEED, VOCAB, leave  # noqa: E402
 
 # every init branch of the model: learned positions, LayerNorm with biases, biased linears, GELU,
 # an LM head tied to the embedding (the MoE one has RMSNorm, experts, routers, RoPE)
@@ -172,7 +171,9 @@ def load_cases(out_dir: Path, rank: int, world: int) -> dict:
             **{k: all(p[k] for p in parts) for k in ("partitioned", "released", "local_share")},
             "local_elements": sum(p["local_elements"] for p in parts),
             "full_elements": sum(p["full_elements"] for p in parts),
-            "mismatched_lm": sorted({n for m in lms for n in mismatched(gathered(m, as_saved=True), saved, dtype)}),
+            "mismatched_lm": sorted(
+                {n for m in lms for n in mismatched(gathered(m, as_saved=True), saved, dtype)}
+            ),
             # the backbone from the checkpoint, the new head as the full load draws it
             "mismatched_head": mismatched(gathered(heads[0]), full_head, dtype),
             "rng_equal": rng_equal,
@@ -267,10 +268,7 @@ def main(out_dir: Path) -> None:
     results |= trl_case(out_dir, world)  # last: its arguments leave accelerate's state set up
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    # gloo can abort at interpreter exit after the work is done (a known PyTorch gloo shutdown race): leave cleanly.
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave()
 
 
 if __name__ == "__main__":
