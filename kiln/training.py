@@ -309,7 +309,7 @@ def all_reduce_mean(values: dict, device, local: dict | None = None) -> dict[str
 
 
 @dataclass(frozen=True)
-class HeldOut:
+class HeldOutWindows:
     """The pretraining held-out windows a model stage scores by source: the first `count` of
     `heldout_windows` in the tokenize artifact's validation split (`tokens_dir`)."""
 
@@ -317,11 +317,11 @@ class HeldOut:
     count: int
 
     @staticmethod
-    def of(cfg, tokens_dir) -> HeldOut:
+    def of(cfg, tokens_dir) -> HeldOutWindows:
         """The windows pretraining scores at each evaluation (eval_batches x workers micro-batches), so
         that every stage after it scores the same ones whatever its own number of workers."""
         p = cfg.pretrain
-        return HeldOut(Path(tokens_dir), p.eval_batches * p.num_workers * p.micro_batch_size)
+        return HeldOutWindows(Path(tokens_dir), p.eval_batches * p.num_workers * p.micro_batch_size)
 
 
 def heldout_windows(n_val: int, n: int) -> np.ndarray:
@@ -374,12 +374,21 @@ def loss_metrics(sums: torch.Tensor, sources: list[str], name: str) -> dict[str,
     return out | {f"{name}/{source}": loss[j] / windows[j] for j, source in enumerate(sources) if windows[j]}
 
 
-def score_heldout(logits_of, held: HeldOut, rank: int, world: int, micro: int, device, name: str) -> dict:
-    """`loss_metrics` of a model stage over the pretraining held-out windows `held`, each rank its share."""
+def score_heldout(
+    logits_of, held: HeldOutWindows, rank: int, world: int, micro: int, device, name: str
+) -> dict:
+    """`score_windows` of a model stage over the pretraining held-out windows `held`."""
     from data_prep.packed import PackedTokens
 
-    val = PackedTokens(held.tokens_dir, "val")
-    ids = eval_share(heldout_windows(len(val), held.count), rank, world)
+    return score_windows(
+        logits_of, PackedTokens(held.tokens_dir, "val"), held.count, rank, world, micro, device, name
+    )
+
+
+def score_windows(logits_of, val, count: int, rank: int, world: int, micro: int, device, name: str) -> dict:
+    """`loss_metrics` over `count` windows of the validation split `val` (a PackedTokens) spread over it
+    (`heldout_windows`), each rank its share (`eval_share`), in micro-batches of `micro`."""
+    ids = eval_share(heldout_windows(len(val), count), rank, world)
     with torch.no_grad():
         sums = per_source_loss(logits_of, val, ids, micro, device)
     return loss_metrics(sums, list(val.sources), name)

@@ -51,7 +51,7 @@ from kiln.workers import WorkerJob, run_group
 from pipeline.config import PROJECT_ROOT, ConfigError, TrlStageConfig
 
 if TYPE_CHECKING:
-    from kiln.training import HeldOut
+    from kiln.training import HeldOutWindows
 
 KILN_STATE = "kiln_state.json"
 LOG_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch"}
@@ -107,7 +107,7 @@ class TrlJob(WorkerJob):
     """Held-out records."""
     task_prompts: list = field(default_factory=list)
     """Held-out prompts of the shipped task, answered at each evaluation (sft)."""
-    heldout: HeldOut | None = None
+    heldout: HeldOutWindows | None = None
     """Pretraining's held-out windows, scored by source at each evaluation (sft): what it cost each source."""
 
 

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.training import HeldOut
+from kiln.training import HeldOutWindows
 from kiln.workers import WorkerJob, run_group
 from pipeline.config import PpoConfig
 from pipeline.preemption import STOPPED
@@ -126,7 +126,7 @@ class PpoJob(WorkerJob):
     """Training prompts as {"messages", "ids"} (`_load_prompts`)."""
     task_prompts: list
     """Held-out prompts of the shipped task (conversations), for the task accuracy."""
-    heldout: HeldOut | None = None
+    heldout: HeldOutWindows | None = None
     """Pretraining's held-out windows, scored by source at each evaluation: what PPO cost each source."""
 
 
@@ -163,7 +163,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     job = PpoJob.new(
         ctx, cfg, p, sft_dir=Path(inputs["sft"].path), reward_dir=Path(inputs["reward"].path),
         reward_mean=mean, reward_std=std, value_norm=(mean, std) if p.critic_init == "reward" else (0.0, 1.0),
-        prompts=prompts, task_prompts=task, heldout=HeldOut.of(cfg, inputs["tokenize"].path),
+        prompts=prompts, task_prompts=task, heldout=HeldOutWindows.of(cfg, inputs["tokenize"].path),
     )  # fmt: skip
     metrics = run_group(ctx, train_worker, job, out)
     (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))

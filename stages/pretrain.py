@@ -320,19 +320,17 @@ def expert_imbalance(row: dict) -> dict:
 def _evaluate(engine, val, p, rank, world, device) -> dict:
     """Held-out loss over eval_batches x workers micro-batches of validation windows spread over the split
     (`heldout_windows`, each rank its share): `val_loss` over them all, `val_loss/<source>` over each
-    source's. Every later model stage scores the same windows (kiln.training.HeldOut)."""
+    source's. Every later model stage scores the same windows (kiln.training.HeldOutWindows)."""
     import math
-
-    import torch
 
     from kiln import training as T
 
-    ids = T.eval_share(T.heldout_windows(len(val), p.eval_batches * world * p.micro_batch_size), rank, world)
+    n = p.eval_batches * world * p.micro_batch_size
     engine.eval()
-    with torch.no_grad():
-        sums = T.per_source_loss(lambda x: engine(input_ids=x).logits, val, ids, p.micro_batch_size, device)
+    out = T.score_windows(
+        lambda x: engine(input_ids=x).logits, val, n, rank, world, p.micro_batch_size, device, "val_loss"
+    )
     engine.train()
-    out = T.loss_metrics(sums, list(val.sources), "val_loss")
     return out | {"val_ppl": math.exp(min(out["val_loss"], 50))}
 
 

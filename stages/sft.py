@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from kiln import trl_bridge as B
-from kiln.training import HeldOut
+from kiln.training import HeldOutWindows
 from pipeline.preemption import STOPPED
 
 VERSION = 1
@@ -55,7 +55,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     ctx.logger.info(
         "sft: %d training and %d held-out records, %d task prompts", len(train), len(held), len(prompts)
     )
-    heldout = HeldOut.of(cfg, inputs["tokenize"].path)
+    heldout = HeldOutWindows.of(cfg, inputs["tokenize"].path)
     return B.run_trainer(
         ctx, cfg, s, inputs["pretrain"].path, train_worker, train, held, stats, out, task_prompts=prompts,
         heldout=heldout,
