@@ -69,10 +69,12 @@ from pipeline import units
 from pipeline.config import PROJECT_ROOT
 from pipeline.files import write_json_atomic
 
-VERSION = 2
+VERSION = 3
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing.
-2: near-duplicates and documents quoting the held-out sets are dropped (`near_duplicate`, `contaminated`)."""
+2: near-duplicates and documents quoting the held-out sets are dropped (`near_duplicate`, `contaminated`).
+3: MinHash signatures by rensa (data_prep/near_dup.py): other near-duplicate pairs are found than with
+ingest 2's; with `ingest.near_dedup` off the output is ingest 2's."""
 
 BAND_TASK_MIN_DOCS = 1_000_000
 """From this many candidates on, each band of the near-duplicate search is a task of its own
