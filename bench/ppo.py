@@ -1,13 +1,19 @@
 """PPO rollouts: our KV-cache sampler against transformers' generate; the generation share of an iteration.
 
-    /work/venv/bin/python bench/ppo.py --model-dir runs/tiny/sft-*  # a Kiln policy folder (model + tokenizer)
-    /work/venv/bin/python bench/ppo.py                             # a random model of configs/tiny.yaml
+    python bench/ppo.py --model-dir runs/tiny/sft-*                # a Kiln policy folder (model + tokenizer)
+    python bench/ppo.py                                            # a random model of configs/tiny.yaml
     python bench/ppo.py --batch 64 --max-new-tokens 16 --repeats 3 --rank-iterations 0  # ~20 s on 2 cores
+    python bench/ppo.py --ppo-iterations 0 --rank-iterations 0    # part 1 alone: the samplers
 
-1. Rollout speed, one process, the same weights, prompts and settings on both sides: kiln/rl/rollout.py's
-   `sample` on the Kiln policy against `transformers`' `generate(do_sample=True, top_k=0, use_cache=True)`
-   on the same weights exported by kiln/hf_convert.py ("auto": Llama or Mixtral) and loaded with
-   AutoModelForCausalLM (a logits check first). Prompts: the shipped task's (ppo.prompts of
+1. Rollout speed, one process, the same weights, prompts and settings on every side: kiln/rl/rollout.py's
+   `sample` on the Kiln policy (preallocated KV cache, counter-based noise drawn for all rows at once, no
+   host read per step but the stop check), the sampler it replaced on the same policy (`sample_before`
+   below, a copy: transformers' DynamicCache grown by concatenation, one torch.Generator and one
+   torch.rand per row per step, a host read per step), and `transformers`' `generate(do_sample=True,
+   top_k=0, use_cache=True)` on the same weights exported by kiln/hf_convert.py ("auto": Llama or
+   Mixtral) and loaded with AutoModelForCausalLM (a logits check first). A greedy call of both Kiln
+   samplers checks they decode the same tokens (the noise differs by design: another random stream).
+   `--device cuda` runs this part on a GPU (the clock stops once the device is done). Prompts: the shipped task's (ppo.prompts of
    configs/tiny.yaml) through the tokenizer's chat template, left-padded, `--batch` of them; both stop at
    stop_ids(tok) or after `--max-new-tokens`; temperature and top_p default to the ppo section's. tokens/s
    counts the real response tokens (up to and including the stop token); ms/step is a call's time (prefill
@@ -93,28 +99,93 @@ def ours(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[
     t0 = time.perf_counter()
     roll = sample(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                   top_p=a.top_p, stop_ids=stops, pad_id=pad_id)  # fmt: skip
-    dt = time.perf_counter() - t0
+    dt = synced_clock(a) - t0
     return dt, int(roll.response_mask.sum()), roll.response.shape[1]
+
+
+def synced_clock(a) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs behind the host)."""
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def before(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[float, int, int]:
+    """The same for `sample_before`, the sampler kiln/rl/rollout.py's replaced."""
+    seeds = [rep * len(ids) + i for i in range(len(ids))]
+    t0 = time.perf_counter()
+    roll = sample_before(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                         top_p=a.top_p, stop_ids=stops, pad_id=pad_id)  # fmt: skip
+    dt = synced_clock(a) - t0
+    return dt, int(roll.response_mask.sum()), roll.response.shape[1]
+
+
+@torch.no_grad()
+def sample_before(model, prompt_ids, *, seeds, max_new_tokens, temperature, top_p, stop_ids, pad_id):
+    """kiln/rl/rollout.py's `sample` before issue 23 item 3 (without `synced`), kept here to be measured
+    against: transformers' DynamicCache (grown by concatenation at every layer and token), a
+    torch.Generator per prompt drawing one torch.rand per row per step, a host read per step."""
+    from kiln.rl.rollout import Rollout, nucleus
+
+    device = next(model.parameters()).device
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
+    B, P = ids.shape
+    stops = torch.tensor(stop_ids, device=device)
+
+    def pick(logits):
+        logits = logits.float()
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = nucleus(logits / temperature, top_p)
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in gens])
+        gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))  # (B, V)
+        return (logits + gumbel).argmax(-1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache, logits = out.cache, out.logits[:, -1]  # (B, V)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, keep = [], []
+        for t in range(max_new_tokens):
+            nxt = pick(logits)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            keep.append(~done)
+            tokens.append(nxt)
+            done = done | torch.isin(nxt, stops)
+            if t == max_new_tokens - 1 or int((~done).sum()) == 0:
+                break
+            mask = torch.cat([mask, keep[-1].long()[:, None]], dim=1)  # (B, P + t + 1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
+    finally:
+        model.train(was_training)
+    response = torch.stack(tokens, dim=1)  # (B, R)
+    response_mask = torch.stack(keep, dim=1).long()  # (B, R)
+    full_mask = torch.cat([mask[:, :P], response_mask], dim=1)
+    return Rollout(torch.cat([ids, response], dim=1), full_mask, P, done)
 
 
 @torch.no_grad()
 def hf(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[float, int, int]:
     """The same for transformers' generate (sampling, no top-k, the KV cache)."""
-    x, mask = left_pad(ids, pad_id, "cpu")
+    x, mask = left_pad(ids, pad_id, a.device)
     torch.manual_seed(rep)
     t0 = time.perf_counter()
     out = model.generate(x, attention_mask=mask, do_sample=True, temperature=a.temperature, top_p=a.top_p,
                          top_k=0, max_new_tokens=a.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
                          use_cache=True)  # fmt: skip
-    dt = time.perf_counter() - t0
-    response = out[:, x.shape[1] :]
+    dt = synced_clock(a) - t0
+    response = out[:, x.shape[1] :].cpu()
     return dt, real_tokens(response, stops), response.shape[1]
 
 
 @torch.no_grad()
 def logits_gap(kiln, hf_model, ids: list[list[int]], pad_id: int) -> float:
     """Largest |logit difference| on the real tokens of the left-padded prompts (positions from the mask)."""
-    x, mask = left_pad(ids, pad_id, "cpu")
+    x, mask = left_pad(ids, pad_id, next(kiln.parameters()).device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     a = kiln(input_ids=x, attention_mask=mask).logits
     b = hf_model(input_ids=x, attention_mask=mask, position_ids=pos).logits
@@ -131,23 +202,29 @@ def compare_rollouts(policy_dir: Path, a) -> tuple[list[tuple], str]:
     stops, pad_id = stop_ids(tok), tok.pad_token_id
     prompts = task_prompts()
     ids = [prompt_ids(tok, prompts[i % len(prompts)]) for i in range(a.batch)]
-    kiln = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    kiln = KilnForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval().to(a.device)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-ppo-hf-") as export:
         fmt = export_model(policy_dir, export, "auto")
-        hf_model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval().to(a.device)
     gap = logits_gap(kiln, hf_model, ids[:8], pad_id)
     experts = getattr(hf_model.config, "_experts_implementation", None)
     note = (f"export: {fmt} -> {type(hf_model).__name__}" + (f" (experts: {experts})" if experts else "")
             + f", vocab {kiln.config.vocab_size}; max |logit diff| on 8 prompts {gap:.1e}")  # fmt: skip
 
-    runs = {"ours": [], "hf": []}
-    sides = {"ours": (ours, kiln), "hf": (hf, hf_model)}
-    for rep in range(a.warmup + a.repeats):  # interleaved, so a noisy moment hits both
+    greedy = dict(seeds=list(range(len(ids))), max_new_tokens=a.max_new_tokens, temperature=0.0, top_p=1.0,
+                  stop_ids=stops, pad_id=pad_id)  # fmt: skip
+    same = torch.equal(sample(kiln, ids, **greedy).tokens, sample_before(kiln, ids, **greedy).tokens)
+    note += f"; greedy: the new and the previous sampler decode the same tokens: {'yes' if same else 'NO'}"
+
+    runs = {"ours": [], "before": [], "hf": []}
+    sides = {"ours": (ours, kiln), "before": (before, kiln), "hf": (hf, hf_model)}
+    for rep in range(a.warmup + a.repeats):  # interleaved, so a noisy moment hits all
         for name, (call, model) in sides.items():
             result = call(model, ids, a, stops, pad_id, rep)
             if rep >= a.warmup:
                 runs[name].append(result)
     rows = [summary("kiln.rl.rollout.sample", runs["ours"], a.batch)]
+    rows.append(summary("sampler before (copy)", runs["before"], a.batch))
     return rows + [summary("transformers generate", runs["hf"], a.batch)], note
 
 
@@ -316,16 +393,23 @@ def report(policy_dir: Path, a) -> None:
     """Measure and print the parts (module docstring)."""
     rows, note = compare_rollouts(policy_dir, a)
     policy = a.model_dir or "random (configs/tiny.yaml)"
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, fp32; policy {policy}")
+    where = (
+        torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    )
+    print(f"\ntorch {torch.__version__}, {a.device} ({where}), fp32; policy {policy}")
     print(f"{note}; temperature {a.temperature}, top_p {a.top_p}; "
           f"median of {a.repeats} after {a.warmup} warm-up calls")  # fmt: skip
     print(f"| {'rollout sampler':<22} | batch | new tokens | tokens/row | steps | tokens/s | ms/step "
-          "| ratio vs HF generate: tokens/s, step |")  # fmt: skip
-    print(f"|{'-' * 24}|-------|------------|------------|-------|----------|---------|{'-' * 37}|")
+          "| ratio vs HF generate: tokens/s, step | vs before: step |")  # fmt: skip
+    print(
+        f"|{'-' * 24}|-------|------------|------------|-------|----------|---------|{'-' * 37}|{'-' * 17}|"
+    )
     hf_tps, hf_ms = rows[-1][3:]
+    before_ms = rows[1][4]
     for label, per_row, steps, tps, ms in rows:
         print(f"| {label:<22} | {a.batch:>5} | {a.max_new_tokens:>10} | {per_row:>10.1f} | {steps:>5.0f} "
-              f"| {tps:>8.0f} | {ms:>7.1f} | {tps / hf_tps:>26.2f}x, {hf_ms / ms:>4.2f}x |")  # fmt: skip
+              f"| {tps:>8.0f} | {ms:>7.1f} | {tps / hf_tps:>26.2f}x, {hf_ms / ms:>4.2f}x "
+              f"| {before_ms / ms:>14.2f}x |")  # fmt: skip
     if a.ppo_iterations >= 2:
         report_iteration(policy_dir, a)
     if a.rank_iterations >= 2:
@@ -375,6 +459,7 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads; 1 as a ppo worker of configs/tiny.yaml"
     )
+    ap.add_argument("--device", default="cpu", help="where part 1's models run: cpu, cuda")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(

@@ -1,9 +1,13 @@
 """The PPO sampler of kiln/rl/rollout.py on tiny random models: greedy rollouts equal a hand-written
-no-cache decode and `generate`, a response depends only on its prompt, seed and weights, stop tokens
-end a row (padding and masks after it), `nucleus` keeps the smallest top-p set, `pick` draws from the
-tempered nucleus distribution, and `synced=False` needs no torch.distributed.
+no-cache decode and `generate`, every step samples from the logits a no-cache forward gives (the
+preallocated cache, ragged prompts, any position scheme, dense or MoE), a response depends only on its
+prompt, seed and weights (alone, in other batches, in any order), stop tokens end a row (padding and masks
+after it), the stop check's schedule changes no token and is the only host read per step, `nucleus`
+keeps the smallest top-p set, the counter-based noise is SplitMix64's bits and `pick` draws from the
+tempered nucleus distribution with it, and `synced` keeps stepping for other ranks (and needs no
+torch.distributed without it).
 
-/work/venv/bin/pytest tests/test_rollout.py -q        # a few seconds on 2 cores
+/work/venv/bin/pytest tests/test_rollout.py -q        # ~20 s on 2 cores
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from kiln.model import KilnForCausalLM
-from kiln.rl.rollout import left_pad, nucleus, pick, sample
+from kiln.rl import rollout
+from kiln.rl.rollout import KVCache, left_pad, nucleus, pick, response_logits, sample, stream_keys, uniforms
 from tests.tiny_models import V, tiny
 
 PAD = 0
@@ -56,6 +61,12 @@ def unused_token(seqs: list[list[int]]) -> int:
     """A token id (not pad) that none of the sequences contains: a stop id that never fires."""
     used = {t for s in seqs for t in s}
     return next(t for t in range(2, V) if t not in used)
+
+
+def same_rollout(a, b) -> bool:
+    return a.prompt_len == b.prompt_len and all(
+        torch.equal(getattr(a, f), getattr(b, f)) for f in ("tokens", "mask", "ended")
+    )
 
 
 # --------------------------------------------------------------------------------------------- left_pad
@@ -110,6 +121,60 @@ def test_greedy_rollout_with_stops_equals_generate():
     assert r.ended[0] and not r.ended[1]
 
 
+# --------------------------------------------------------------------------------------------- cache
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
+def test_each_step_samples_from_the_logits_of_a_no_cache_forward(monkeypatch, position, experts):
+    """Sampling over ragged prompts, rows stopping at different steps: the logits each step drew from,
+    through the preallocated cache, are one no-cache forward's over the finished rollout, at every
+    position whose token was real."""
+    model = make(position=position, num_experts=experts)
+    seen = []
+
+    def recording_pick(logits, keys, temperature, top_p):
+        seen.append(logits.clone())
+        return pick(logits, keys, temperature, top_p)
+
+    monkeypatch.setattr(rollout, "pick", recording_pick)
+    stops = [1, 2, 3, 4, 5, 6, 7, 8]
+    r = roll(model, prompts=PROMPTS * 2, seeds=list(range(8)), max_new_tokens=10, stop_ids=stops)
+    assert r.ended.any() and not r.ended.all() and len(seen) == r.response.shape[1]
+    with torch.no_grad():
+        full = model(input_ids=r.tokens, attention_mask=r.mask, use_cache=False).logits  # (B, P + R, V)
+    P = r.prompt_len
+    for t, logits in enumerate(seen):
+        real = r.mask[:, P - 1 + t].bool()  # rows whose step-t logits came from a real token
+        assert (logits[real] - full[real, P - 1 + t]).abs().max() <= 1e-5
+
+
+def test_the_cache_is_written_in_place_and_returns_the_positions_written():
+    cache = KVCache(5)
+    k = torch.randn(2, 3, 4, 8)
+    keys, values = cache.update(k, k + 1, 0)
+    assert cache.get_seq_length() == 4 and torch.equal(keys, k) and torch.equal(values, k + 1)
+    buffer = cache.layers[0].keys
+    assert buffer.shape == (2, 3, 5, 8)  # allocated once, at the first update
+    step = torch.randn(2, 3, 1, 8)
+    keys, _ = cache.update(step, step, 0)
+    assert keys.shape == (2, 3, 5, 8) and keys.data_ptr() == buffer.data_ptr() and cache.get_seq_length() == 5
+    assert torch.equal(keys[:, :, :4], k) and torch.equal(keys[:, :, 4:], step)
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache.update(step, step, 0)
+
+
+def test_response_logits_are_the_full_forwards_at_the_response_positions():
+    model = make()
+    r = roll(model, max_new_tokens=6)
+    P = r.prompt_len
+    with torch.no_grad():
+        full = model(input_ids=r.tokens, attention_mask=r.mask).logits[:, P - 1 : -1]
+        ours = response_logits(model, r.tokens, r.mask, P)
+    assert ours.shape == full.shape == (len(PROMPTS), r.response.shape[1], V)
+    assert (ours - full).abs().max() <= 1e-5
+
+
 # --------------------------------------------------------------------------------------------- seeds
 
 
@@ -121,8 +186,7 @@ def test_a_response_depends_only_on_its_prompt_seed_and_weights():
     batch = roll(model, seeds=seeds, **kw)
     torch.manual_seed(1)  # the global RNG plays no part
     again = roll(model, seeds=seeds, **kw)
-    for field in ("tokens", "mask", "ended"):
-        assert torch.equal(getattr(batch, field), getattr(again, field))
+    assert same_rollout(batch, again)
 
     for b, (p, s) in enumerate(zip(PROMPTS, seeds, strict=True)):
         alone = roll(model, prompts=[p], seeds=[s], **kw)
@@ -137,6 +201,31 @@ def test_a_response_depends_only_on_its_prompt_seed_and_weights():
         tuple(real_response(roll(model, prompts=[PROMPTS[0]], seeds=[s], **kw), 0)) for s in range(6)
     }
     assert len(responses) > 1
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_any_order_of_a_batch_gives_each_prompt_the_same_response(top_p):
+    """Each prompt alone, then the batch in several orders (reversed, rotated, interleaved) and twice over:
+    every row gets its own response, token for token."""
+    model = make(initializer_range=0.05)  # flatter distributions: the noise decides more tokens
+    seeds = [rollout.rollout_seed(1234, 3, j) for j in range(len(PROMPTS))]
+    kw = dict(max_new_tokens=8, top_p=top_p, stop_ids=[1])
+    want = [
+        real_response(roll(model, prompts=[p], seeds=[s], **kw), 0)
+        for p, s in zip(PROMPTS, seeds, strict=True)
+    ]
+    assert len({tuple(w) for w in want}) == len(PROMPTS)
+    for order in ([3, 2, 1, 0], [1, 2, 3, 0], [2, 0, 3, 1], [0, 1, 2, 3, 3, 2, 1, 0]):
+        r = roll(model, prompts=[PROMPTS[i] for i in order], seeds=[seeds[i] for i in order], **kw)
+        assert [real_response(r, b) for b in range(len(order))] == [want[i] for i in order]
+
+
+def test_one_seed_per_prompt_and_at_least_one_new_token():
+    model = make()
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        roll(model, seeds=[0])  # would otherwise broadcast one stream over every row
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        roll(model, max_new_tokens=0)
 
 
 def test_sampling_runs_in_eval_mode_and_restores_training_mode():
@@ -201,6 +290,44 @@ def test_stop_layout_holds_for_sampled_rows():
     assert r.ended.any() and not r.ended.all()  # both kinds of rows were checked
 
 
+@pytest.mark.parametrize("every", [2, 3, 5, 100])
+def test_checking_for_stops_less_often_changes_no_token(every):
+    """The rows of PROMPTS * 4 stop at different steps, all before the 12th: checking every `every`
+    steps runs past the last stop, and the rollout is cut back to the same one."""
+    model = make(initializer_range=0.02)
+    stops = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    kw = dict(prompts=PROMPTS * 4, seeds=list(range(16)), max_new_tokens=40, stop_ids=stops)
+    each = roll(model, check_every=1, **kw)
+    assert each.ended.all() and each.response.shape[1] < 40  # the batch ended early
+    assert same_rollout(roll(model, check_every=every, **kw), each)
+
+
+def test_no_host_read_per_step_beyond_the_stop_check(monkeypatch):
+    """Host reads of device values (`bool`, `int`, `float`, `item`, `tolist`) in one rollout of a batch
+    that runs to max_new_tokens: the same number at 3 steps as at 12 with no check in between (the
+    prefill's padding test and the final cut), and one per check with `check_every=1`."""
+    model = make()
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads.append(1)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_of(new: int, every: int) -> int:
+        reads.clear()
+        r = roll(model, max_new_tokens=new, check_every=every, stop_ids=[V])  # outside the vocabulary
+        assert r.response.shape[1] == new
+        return len(reads)
+
+    few, many = reads_of(3, 100), reads_of(12, 100)
+    assert few == many <= 2
+    assert reads_of(12, 1) == many + 11  # a check after each step but the last
+
+
 # --------------------------------------------------------------------------------------------- nucleus
 
 
@@ -227,7 +354,7 @@ def test_nucleus_keeps_the_argmax_even_at_top_p_zero():
     answer token 0 whatever the logits."""
     logits = torch.tensor([[0.1, 3.0, 0.2]])
     assert kept(logits, 0.0) == [False, True, False]
-    assert pick(logits, [torch.Generator().manual_seed(0)], 1.0, 0.0).tolist() == [1]
+    assert pick(logits, stream_keys([0], 1, "cpu")[:, 0], 1.0, 0.0).tolist() == [1]
 
 
 def test_nucleus_works_per_row_in_any_token_order_and_keeps_kept_logits():
@@ -244,6 +371,53 @@ def test_nucleus_at_top_p_one_returns_the_logits_unchanged():
     assert torch.equal(nucleus(logits, 1.0), logits)
 
 
+# --------------------------------------------------------------------------------------------- noise
+
+WORD = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """SplitMix64 (Steele, Lea & Flood 2014) in Python ints: (next state, output)."""
+    state = (state + 0x9E3779B97F4A7C15) & WORD
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & WORD
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & WORD
+    return state, z ^ (z >> 31)
+
+
+def test_the_noise_is_splitmix64s_bits():
+    """The step keys are SplitMix64's outputs from each seed (the published first output from seed 0
+    included), and token v's uniform the top 23 bits of the v-th output from the step's key."""
+    assert splitmix64(0)[1] == 0xE220A8397B1DCDAF
+    seeds, steps, vocab = [0, 12345, -7, 2**64 + 5, rollout.rollout_seed(1234, -3, 17)], 3, 40
+    keys = stream_keys(seeds, steps, "cpu")
+    for b, seed in enumerate(seeds):
+        state = seed & WORD
+        for t in range(steps):
+            state, out = splitmix64(state)
+            assert keys[b, t].item() & WORD == out
+    u = uniforms(keys[:, 1], vocab)
+    assert u.dtype == torch.float32 and u.shape == (len(seeds), vocab)
+    for b in range(len(seeds)):
+        state = keys[b, 1].item() & WORD
+        for v in range(vocab):
+            state, out = splitmix64(state)
+            assert u[b, v].item() == ((out >> 41) * 2 + 1) * 2.0**-24
+
+
+def test_uniforms_of_a_row_depend_on_its_key_alone_and_look_uniform():
+    keys = stream_keys(range(64), 2, "cpu")[:, 1]
+    u = uniforms(keys, 5000)  # (64, 5000)
+    assert torch.equal(uniforms(keys[[7]], 5000)[0], u[7])
+    assert torch.equal(uniforms(keys.flip(0), 5000), u.flip(0))
+    assert 2.0**-24 <= u.min() and u.max() <= 1 - 2.0**-24
+    assert abs(u.mean().item() - 0.5) < 3e-3 and abs(u.var().item() - 1 / 12) < 1e-3
+    counts = torch.histc(u, bins=16, min=0, max=1)  # chi-square, 15 degrees of freedom: 50 is far out
+    expected = u.numel() / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 50
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):  # neighbouring tokens, neighbouring seeds
+        assert torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].abs() < 0.01
+
+
 # --------------------------------------------------------------------------------------------- pick
 
 
@@ -254,8 +428,8 @@ def test_pick_draws_from_the_tempered_nucleus_distribution(temperature, top_p):
     n = 20000
     base = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = base.log().expand(n, 4)
-    gen = torch.Generator().manual_seed(1234)
-    drawn = pick(logits, [gen] * n, temperature, top_p)  # one generator: n independent draws
+    keys = stream_keys(range(n), 1, "cpu")[:, 0]  # n seeds: n independent draws
+    drawn = pick(logits, keys, temperature, top_p)
     freq = torch.bincount(drawn, minlength=4).double() / n
 
     # The nucleus is taken after the temperature: at top_p 0.75, two tokens at T=1 and three at T=2.
@@ -273,19 +447,18 @@ def test_pick_draws_from_the_tempered_nucleus_distribution(temperature, top_p):
     assert ((freq - expected).abs() <= bound).all(), (freq, expected, bound)
 
 
-def test_pick_at_temperature_zero_is_argmax_and_draws_no_noise():
+def test_pick_at_temperature_zero_is_argmax_and_draws_no_noise(monkeypatch):
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
-    states = [g.get_state() for g in gens]
-    assert pick(logits, gens, 0.0, 0.5).tolist() == [1, 0]
-    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states, strict=True))
+    monkeypatch.setattr(rollout, "uniforms", None)  # any draw would fail
+    assert pick(logits, None, 0.0, 0.5).tolist() == [1, 0]
 
 
-def test_pick_row_i_uses_generator_i():
+def test_pick_row_i_uses_key_i():
     logits = torch.zeros(2, V)  # uniform: the draw is the noise's argmax
-    a = pick(logits, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)], 1.0, 1.0)
-    b = pick(logits[:1], [torch.Generator().manual_seed(2)], 1.0, 1.0)
-    c = pick(logits[:1], [torch.Generator().manual_seed(1)], 1.0, 1.0)
+    keys = stream_keys([1, 2], 1, "cpu")[:, 0]
+    a = pick(logits, keys, 1.0, 1.0)
+    b = pick(logits[:1], keys[1:], 1.0, 1.0)
+    c = pick(logits[:1], keys[:1], 1.0, 1.0)
     assert a.tolist() == [int(c), int(b)]
 
 
@@ -303,22 +476,37 @@ def test_unsynced_sampling_needs_no_process_group(monkeypatch):
     assert r.response.shape[0] == len(PROMPTS)
 
 
-def test_synced_sampling_keeps_stepping_while_another_rank_has_rows(monkeypatch):
-    """Every local row stops at once; a (faked) other rank stays open for 3 more steps, so this rank
-    keeps feeding pad tokens through the model (ZeRO-3 needs the same number of forwards on every rank)."""
-    model = make()
-    firsts = [greedy_by_hand(model, p, 1)[0] for p in PROMPTS]
-    calls = []
+def fake_other_rank(monkeypatch, every: int, steps: int):
+    """A (faked) other rank whose rows stay open for `steps` steps: each stop check (a sum of open rows
+    after step `every` * its number) adds its open row; the final cut (a max) its `steps` columns.
+    Returns the values this rank contributed: (checks, cuts)."""
+    checks, cuts = [], []
 
-    def all_reduce(t, *args, **kwargs):
-        calls.append(int(t))
-        t += 1 if len(calls) <= 3 else 0  # the other rank's open rows
+    def all_reduce(t, op=dist.ReduceOp.SUM, **kwargs):
+        if op == dist.ReduceOp.MAX:
+            cuts.append(int(t))
+            t.clamp_(min=steps)
+        else:
+            checks.append(int(t))
+            t += 1 if every * len(checks) < steps else 0
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return checks, cuts
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_synced_sampling_keeps_stepping_while_another_rank_has_rows(monkeypatch, every):
+    """Every local row stops at once; another rank stays open for 4 steps, so this rank keeps feeding
+    pad tokens through the model (ZeRO-3 needs the same number of forwards on every rank) until a
+    check finds all done, and returns the other rank's 4 columns."""
+    model = make()
+    firsts = [greedy_by_hand(model, p, 1)[0] for p in PROMPTS]
+    checks, cuts = fake_other_rank(monkeypatch, every, steps=4)
     forwards = []
     model.register_forward_hook(lambda *a: forwards.append(1))
-    r = roll(model, temperature=0.0, max_new_tokens=8, stop_ids=firsts, synced=True)
-    assert calls == [0, 0, 0, 0]  # this rank reports no open rows from the first step on
-    assert len(forwards) == 1 + 3  # the prefill, then one step per call that still found open rows
+    r = roll(model, temperature=0.0, max_new_tokens=8, stop_ids=firsts, synced=True, check_every=every)
+    assert checks == [0] * (4 // every)  # this rank reports no open rows from the first step on
+    assert cuts == [1]  # its rows used 1 step
+    assert len(forwards) == 1 + 3  # the prefill, then a step after each of the first 3 samples
     assert r.response.shape[1] == 4 and r.ended.all()
     assert r.response[:, 1:].eq(PAD).all() and r.response_mask.tolist() == [[1, 0, 0, 0]] * len(PROMPTS)
