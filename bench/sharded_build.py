@@ -1,6 +1,6 @@
 """Peak host memory per rank while building models under ZeRO-3: full build vs sharded (kiln/sharded.py).
 
-    python bench/sharded_build.py [--layers 8] [--d-model 1024] [--vocab 50000]
+    python bench/sharded_build.py [--layers 8] [--d-model 1024] [--vocab 50000] [--only build|ppo|stage]
 
 Two gloo ranks (torchrun; `--ranks N` for more), every case in fresh processes, all in one run; each rank reads its own
 peak resident set (VmHWM in /proc/self/status) before building (the process itself: Python, torch,
@@ -13,6 +13,15 @@ DeepSpeed, the process group) and after. Both paths end with the model partition
   resident when it is partitioned, one model after the other); sharded: each with
   `sharded.from_pretrained`, as stages/ppo.py loads them (built partitioned, filled module by
   module, rank 0 reading one tensor at a time).
+- stage: stages/ppo.py's own `build_models` at ZeRO-3, from an SFT folder (the causal LM) and a
+  reward folder (a classifier of the same size): the four models and their DeepSpeed engines (AdamW
+  for the actor and the critic, ZeRO-3 inference engines for the reference and the reward model).
+  sharded: as the stage builds them; full: the same with `kiln.sharded.from_pretrained` swapped for
+  transformers' plain load, as ppo built them before (each model whole on every rank until its
+  engine partitions it). Both end holding what the engines keep, the same in both: the four models'
+  shards and, for the actor and the critic, ZeRO-3's optimizer partitions (fp32 master weights and
+  AdamW's two moments, which DeepSpeed creates as it builds the engine: 3/N of each model), which
+  bound the ratio.
 Every case runs twice: with glibc's default allocator, whose heap keeps pages that partitioned
 builds free (how many depends on the order of frees, so on the rank), and with every free of 1 MiB
 or more handed back to the OS at once (MALLOC_MMAP_THRESHOLD_), where VmHWM is what the process
@@ -37,13 +46,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = [("build", "full"), ("build", "sharded"), ("ppo", "full"), ("ppo", "sharded")]
+CASES = [(w, m) for w in ("build", "ppo", "stage") for m in ("full", "sharded")]
 ALLOCATORS = {
     "glibc default": {},
     # every free of 1 MiB or more goes back to the OS at once: VmHWM is then what the process held
     # at its peak, without the freed pages glibc's heap keeps (which depend on the order of frees)
     "MALLOC_MMAP_THRESHOLD_=1MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
 }
+
+
+SAVED = ("ckpt", "reward")
+"""The checkpoints the ppo and stage cases load, saved once per run and linked into each case's folder."""
 
 
 def model_config(args):
@@ -101,6 +114,8 @@ def worker(what: str, mode: str, args, out: Path) -> None:
         else:
             with S.sharded_build(ds):
                 models = [KilnForCausalLM(config)]
+    elif what == "stage":
+        models = ppo_stage(mode, out, dist.get_world_size())
     else:
         ckpt = out / "ckpt"
         load = dict(dtype=torch.float32, dropout=0.0)
@@ -113,8 +128,8 @@ def worker(what: str, mode: str, args, out: Path) -> None:
         else:  # as stages/ppo.py loads them
             models = [S.from_pretrained(causal, ckpt, ds, **load), S.from_pretrained(classifier, ckpt, ds, **head, **load),
                       S.from_pretrained(causal, ckpt, ds, **load), S.from_pretrained(classifier, ckpt, ds, **head, **load)]  # fmt: skip
-    if mode == "full":  # what deepspeed.initialize does first with a whole model under ZeRO-3
-        for m in models:
+    if mode == "full" and what != "stage":  # (the stage's engines did it already)
+        for m in models:  # what deepspeed.initialize does first with a whole model under ZeRO-3
             deepspeed.zero.Init(module=m, config_dict_or_path=ds)
     seconds = time.perf_counter() - t0
     assert all(S.is_partitioned(m) for m in models)
@@ -135,13 +150,45 @@ def worker(what: str, mode: str, args, out: Path) -> None:
     os._exit(0)
 
 
-def save_checkpoint(args, out: Path) -> None:
+def ppo_stage(mode: str, out: Path, world: int) -> list:
+    """The "stage" case: stages/ppo.py's `build_models` on this rank (the smallest batch for `world`
+    ranks); returns the four engines' models."""
     import torch
 
-    from kiln.model import KilnForCausalLM
+    from kiln import sharded as S
+    from pipeline.config import PpoConfig
+    from stages import ppo
+
+    p = PpoConfig(
+        num_workers=world, zero_stage=3, micro_batch_size=1, mini_batch_size=world, rollout_batch_size=world
+    )
+    job = ppo.PpoJob(
+        section=p, seed=0, export_dir=out / "export", wandb_run_id=None, sft_dir=out / "ckpt",
+        reward_dir=out / "reward", reward_mean=0.0, reward_std=1.0, value_norm=(0.0, 1.0), prompts=[],
+        task_prompts=[],
+    )  # fmt: skip
+
+    def plain_load(model_class, path, ds_config, **kwargs):
+        return model_class.from_pretrained(path, **kwargs)
+
+    if mode == "full":  # ppo before kiln/sharded.py: each model loaded whole, its engine partitions it
+        S.from_pretrained = plain_load
+    m = ppo.build_models(job, world, torch.device("cpu"), pad_id=0)
+    return [m.actor.module, m.critic.module, m.ref.module, m.reward.module]
+
+
+def save_checkpoint(args, out: Path) -> None:
+    """The checkpoint of the "ppo" case (also the "stage" case's SFT folder) and the "stage" case's
+    reward folder (a classifier of the same config, its value head included)."""
+    import torch
+
+    from kiln.model import KilnForCausalLM, KilnForSequenceClassification
 
     torch.manual_seed(0)
-    KilnForCausalLM(model_config(args)).save_pretrained(out / "ckpt")
+    config = model_config(args)
+    KilnForCausalLM(config).save_pretrained(out / "ckpt")
+    config.num_labels = 1
+    KilnForSequenceClassification(config).save_pretrained(out / "reward")
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -164,7 +211,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--d-ff", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--only", choices=["build", "ppo"], help="run one of the two cases (default: both)")
+    parser.add_argument(
+        "--only", choices=["build", "ppo", "stage"], help="run one of the cases (default: all)"
+    )
     parser.add_argument("--ranks", type=int, default=2, help="gloo ranks (a GPU node has 8; memory only)")
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", metavar="OUT", help=argparse.SUPPRESS)
@@ -181,17 +230,20 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         me = str(Path(__file__).resolve())
-        if any(w == "ppo" for w, _ in cases):  # the checkpoint ppo's models load
+        if any(w in ("ppo", "stage") for w, _ in cases):  # the checkpoints ppo's models load
             subprocess.run([sys.executable, me, "--checkpoint", str(out), *flags(args)], env=env, check=True)
-        (out / "ckpt").mkdir(exist_ok=True)
+        for folder in SAVED:
+            (out / folder).mkdir(exist_ok=True)
         for a, extra in enumerate(ALLOCATORS.values()):
             for what, mode in cases:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks),
                        "--master_port", str(free_port()), me, "--worker", what, mode, str(out / str(a)), *flags(args)]  # fmt: skip
                 (out / str(a)).mkdir(exist_ok=True)
-                (out / str(a) / "ckpt").symlink_to(out / "ckpt")
+                for folder in SAVED:
+                    (out / str(a) / folder).symlink_to(out / folder)
                 proc = subprocess.run(cmd, env=env | extra, capture_output=True, text=True)
-                (out / str(a) / "ckpt").unlink()
+                for folder in SAVED:
+                    (out / str(a) / folder).unlink()
                 if proc.returncode != 0:
                     print(f"{what} {mode} failed:\n{proc.stderr[-4000:]}", file=sys.stderr)
                     return
@@ -206,7 +258,8 @@ def report(out: Path, args, cases, total_s: float) -> None:
         (a, w, m, r): json.loads((out / str(a) / f"{w}-{m}-rank{r}.json").read_text())
         for a in range(len(ALLOCATORS)) for w, m in cases for r in range(args.ranks)
     }  # fmt: skip
-    one = rows[(0, *cases[0], 0)]["full_bytes"] / (4 if cases[0][0] == "ppo" else 1)  # ppo: four models
+    models = 1 if cases[0][0] == "build" else 4  # ppo and stage: four of the same size
+    one = rows[(0, *cases[0], 0)]["full_bytes"] / models
     print(f"model: {args.layers} layers, d_model {args.d_model}, d_ff {args.d_ff}, vocab {args.vocab}: "
           f"{one / 4 / 1e6:.0f}M fp32 parameters, {one / 2**20:.0f} MiB; {args.ranks} gloo ranks, ZeRO-3\n")  # fmt: skip
     for a, name in enumerate(ALLOCATORS):

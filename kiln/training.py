@@ -59,7 +59,7 @@ def deepspeed_config(
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = param_offload()
     if zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         zero.update(
@@ -89,6 +89,12 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def param_offload() -> dict:
+    """ZeRO-3's parameter offload to CPU memory (`zero_optimization.offload_param`), pinned when there
+    are GPUs to copy to."""
+    return {"device": "cpu", "pin_memory": torch.cuda.is_available()}
 
 
 def zero3_gather(
@@ -517,19 +523,26 @@ def engine(model, p, lr, accum, world):
     return engine
 
 
-def engine_config(p, accum, world) -> dict:
-    """The DeepSpeed config `engine` gives its engines (section `p`, `accum` micro-steps, `world` ranks)."""
+def engine_config(p, accum, world, offload_params: bool = False) -> dict:
+    """The DeepSpeed config `engine` gives its engines (section `p`, `accum` micro-steps, `world` ranks);
+    with `offload_params` (ZeRO-3) the parameters' partitions in CPU memory, as `frozen(offload=True)`
+    keeps them: the config ppo builds its frozen models under."""
     return deepspeed_config(
         zero_stage=p.zero_stage, precision=p.precision, micro_batch_size=p.micro_batch_size,
-        grad_accum=accum, world_size=world, grad_clip=p.grad_clip, **comm_options(p),
+        grad_accum=accum, world_size=world, grad_clip=p.grad_clip, offload_params=offload_params,
+        **comm_options(p),
     )  # fmt: skip
 
 
-def frozen(model, p, device):
+def frozen(model, p, device, offload: bool = False):
     """A model that only scores: under ZeRO-3 a DeepSpeed inference engine that shards it (section `p`'s
     zero_stage, micro_batch_size, precision; called as the model is, and `gathered` takes it), else
-    the model on the device."""
+    the model on the device. `offload` (ZeRO-3 only): DeepSpeed's parameter offload, the partitions
+    kept in CPU memory and copied to the device when gathered; a model built partitioned keeps them
+    where its build put them, so build it under the same offload (`engine_config(offload_params=True)`)."""
     model.requires_grad_(False).eval()
+    if offload and p.zero_stage != 3:
+        raise ValueError(f"frozen: parameter offload is ZeRO-3's, and zero_stage is {p.zero_stage}")
     if p.zero_stage == 3:
         import deepspeed
 
@@ -537,9 +550,12 @@ def frozen(model, p, device):
             p.zero3_persistence_threshold, p.zero3_max_reuse_distance, p.zero3_prefetch_bucket_size,
             p.zero3_shard_within,
         )  # fmt: skip
+        zero = {"stage": 3, **gather}
+        if offload:
+            zero["offload_param"] = param_offload()
         config = {
             "train_micro_batch_size_per_gpu": p.micro_batch_size,
-            "zero_optimization": {"stage": 3, **gather},
+            "zero_optimization": zero,
             "bf16": {"enabled": p.precision == "bf16"},
             "fp16": {"enabled": p.precision == "fp16"},
         }

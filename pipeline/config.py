@@ -614,6 +614,7 @@ class PpoConfig(WorkerGroupConfig):
     # batch into mini-batches, so the world size decides which rollouts share an update.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors", "gather_for_rollout",
+        "offload_frozen",
     )  # fmt: skip
 
     prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
@@ -684,9 +685,20 @@ class PpoConfig(WorkerGroupConfig):
     pass, that is at every sampled token; the ranks then sample without stepping together. Every rank
     holds one whole model meanwhile (as TRL and OpenRLHF do): false for a model too large for that,
     which then samples gathering per forward pass. The same numbers either way; no effect below ZeRO-3."""
+    offload_frozen: bool = False
+    """ZeRO-3: the frozen models' parameters (the reference and the reward model) kept in CPU memory
+    (DeepSpeed's parameter offload; they are built there, partitioned) and copied to the accelerator
+    only for their experience passes, so that between those it holds none of them, where it would hold
+    their 1/num_workers shares. Each pass then copies the model from host memory. The same numbers
+    either way; on CPU workers no effect. Needs zero_stage=3."""
 
     def check(self):
         yield from super().check()
+        if self.offload_frozen and self.zero_stage != 3:
+            yield (
+                f"offload_frozen: offloads ZeRO-3's partitioned parameters and zero_stage is {self.zero_stage} "
+                "(each rank holds the frozen models whole); set zero_stage=3 or offload_frozen=false"
+            )
         if self.iterations < 1:
             yield "iterations: must be >= 1"
         if not self.prompts:

@@ -31,7 +31,7 @@ def stage_plans(cfg) -> dict[str, dict]:
 
 def plan_of(cfg, stage: str) -> dict:
     """The plan object of one training stage: params_total, params_active, params_trainable,
-    memory_per_rank_bytes (and `memory` by kind), host_memory_per_rank_bytes, comm_bytes_per_step
+    memory_per_rank_bytes (and `memory` by kind), host_memory_per_rank_bytes (and `host_memory`), comm_bytes_per_step
     (and `comm` by collective, `comm_wire_bytes_per_step`), tokens_per_step, flops_per_step; with
     `hardware:` also compute_s, comm_s, step_time_s, mfu; `by_zero_stage`; `warnings`."""
     if cfg.pretrain.init_from:
@@ -108,10 +108,11 @@ def _cost(cfg, stage: str, s, m: dict, vocab: int, zero_stage: int) -> dict:
     for tensors, trainable in trained:
         cost.add(C.training_cost(tensors, setup, trainable))
     b, n = C.BYTES[setup.precision], setup.world
+    # ppo.offload_frozen (ZeRO-3): the frozen models' shares sit in host memory between their passes
+    where = cost.host_memory if getattr(s, "offload_frozen", False) and zero_stage == 3 else cost.memory
     for tensors in frozen:
-        cost.memory["frozen_models"] = cost.memory.get("frozen_models", 0) + b * sum(
-            t.numel for t in tensors
-        ) // (n if zero_stage == 3 else 1)
+        share = b * sum(t.numel for t in tensors) // (n if zero_stage == 3 else 1)
+        where["frozen_models"] = where.get("frozen_models", 0) + share
     cost.memory["activations"] = len(trained) * C.activation_bytes(m, setup, vocab)
     main = trained[0][0]
     flops = sum(C.flops_per_token(t, m, seq) for t, _ in trained) * tokens
@@ -122,6 +123,7 @@ def _cost(cfg, stage: str, s, m: dict, vocab: int, zero_stage: int) -> dict:
         "memory_per_rank_bytes": sum(cost.memory.values()),
         "memory": cost.memory,
         "host_memory_per_rank_bytes": sum(cost.host_memory.values()),
+        "host_memory": cost.host_memory,
         "comm_bytes_per_step": sum(cost.comm.values()),
         "comm": cost.comm,
         "comm_wire_bytes_per_step": cost.wire,

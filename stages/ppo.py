@@ -34,6 +34,11 @@ rank holds one whole model at a time meanwhile, as TRL and OpenRLHF do for gener
 for a model too large for that. The numbers are the same either way (the same weights, gathered once
 or per forward pass).
 
+Under ZeRO-3 all four models are built partitioned (`build_models`, kiln/sharded.py): no rank holds a
+whole one while they load. With `ppo.offload_frozen` the reference's and the reward model's partitions
+are made and kept in CPU memory (DeepSpeed's parameter offload) and copied to the accelerator only
+when gathered for their experience passes: between those it holds none of the two.
+
 Metrics per iteration: score (raw reward-model score), score_norm, reward (score_norm plus the KL
 penalty, per response), kl (k1 per response), kl_coef, entropy, policy/value loss, clip fractions,
 approx_kl, response_length, ended_frac, gen_share (the share of the iteration spent sampling),
@@ -244,10 +249,8 @@ def train_worker(job: PpoJob, wctx) -> dict:
 def _train(job: PpoJob, wctx) -> dict:
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
-    from kiln import sharded as S
     from kiln import training as T
     from kiln.chat_eval import stop_ids
     from kiln.rl import ppo_math as M
@@ -266,27 +269,8 @@ def _train(job: PpoJob, wctx) -> dict:
     stops = stop_ids(tok)
     local_n = p.rollout_batch_size // world
     mini = p.mini_batch_size // world  # rollouts per rank per optimizer step
-    accum = mini // p.micro_batch_size
-    load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
-    # under ZeRO-3 all four load already partitioned (no rank holds a whole model; kiln/sharded.py),
-    # under the engines' config (T.engine's; the frozen ones share its dtype and ZeRO-3 settings)
-    ds_config = T.engine_config(p, accum, world)
-    policy = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, ds_config, **load)
-    critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
-    critic = S.from_pretrained(
-        AutoModelForSequenceClassification, critic_dir, ds_config, num_labels=1, **load
-    )
-    critic.config.pad_token_id = tok.pad_token_id
-    ref = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, ds_config, **load)
-    reward = None
-    if p.reward_source == "model":
-        reward = S.from_pretrained(AutoModelForSequenceClassification, job.reward_dir, ds_config, **load)
-    for model in (policy, critic):
-        T.trainable(model, p.activation_checkpointing)
-
-    actor = T.engine(policy, p, p.lr, accum, world)
-    critic = T.engine(critic, p, p.critic_lr, accum, world)
-    ref, reward = T.frozen(ref, p, device), reward and T.frozen(reward, p, device)
+    models = build_models(job, world, device, tok.pad_token_id)
+    actor, critic = models.actor, models.critic
     # ZeRO-3 forwards gather parameters collectively, so every rank steps the sampler until all are done;
     # with the parameters gathered for the rollout (T.gathered) a forward calls no collective
     synced = p.zero_stage == 3 and world > 1 and not p.gather_for_rollout
@@ -339,7 +323,7 @@ def _train(job: PpoJob, wctx) -> dict:
 
         # 2. experience
         convs = [q["messages"] for q in prompts]
-        exp, row = experience(roll, convs, Models(actor, critic, ref, reward), tok, job, kl_ctl.value, world)
+        exp, row = experience(roll, convs, models, tok, job, kl_ctl.value, world)
         # 3. update
         rng = np.random.default_rng([seed, it, rank])
         row |= ppo_update(actor, critic, exp, p, mini, world, rng)
@@ -387,6 +371,45 @@ def _train(job: PpoJob, wctx) -> dict:
         if k.startswith("heldout_loss")
     }
     return out
+
+
+def build_models(job: PpoJob, world: int, device, pad_id: int) -> Models:
+    """A rank's four models: the actor and the critic as DeepSpeed training engines, the reference and
+    the reward model (None with `reward_source: task`) frozen (kiln.training.frozen). Under ZeRO-3
+    each is built partitioned (kiln/sharded.py): no rank ever holds a whole one, and the gathered
+    weights are those of the plain load (tests/test_ppo.py). The actor and the critic are built under
+    their engines' DeepSpeed config; the frozen ones under it too, with `ppo.offload_frozen` plus
+    DeepSpeed's parameter offload, so their partitions are made in CPU memory and stay there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
+    from kiln import sharded as S
+    from kiln import training as T
+
+    p = job.section
+    accum = p.mini_batch_size // world // p.micro_batch_size  # micro-batches per optimizer step
+    load = dict(dtype=torch.float32, dropout=0.0)  # no dropout in PPO: old and new logprobs, one function
+    trained_config = T.engine_config(p, accum, world)
+    frozen_config = T.engine_config(p, accum, world, offload_params=p.offload_frozen)
+    policy = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, trained_config, **load)
+    critic_dir = job.reward_dir if p.critic_init == "reward" else job.sft_dir
+    critic = S.from_pretrained(
+        AutoModelForSequenceClassification, critic_dir, trained_config, num_labels=1, **load
+    )
+    critic.config.pad_token_id = pad_id
+    ref = S.from_pretrained(AutoModelForCausalLM, job.sft_dir, frozen_config, **load)
+    reward = None
+    if p.reward_source == "model":
+        reward = S.from_pretrained(AutoModelForSequenceClassification, job.reward_dir, frozen_config, **load)
+    for model in (policy, critic):
+        T.trainable(model, p.activation_checkpointing)
+    return Models(
+        actor=T.engine(policy, p, p.lr, accum, world),
+        critic=T.engine(critic, p, p.critic_lr, accum, world),
+        ref=T.frozen(ref, p, device, offload=p.offload_frozen),
+        reward=reward and T.frozen(reward, p, device, offload=p.offload_frozen),
+    )
 
 
 def sample_rollout(model, prompts, seeds, p, stops, pad_id, synced):
@@ -475,8 +498,11 @@ def _is_right(prompt: list[dict], answer: str) -> bool:
 
 def _response_logits(model, x, m, P, temperature: float):
     """Logits predicting the response tokens x[:, P:], (B, R, V), at the sampling temperature: the
-    logprobs are then those of the distribution the rollouts were drawn from."""
-    logits = model(input_ids=x, attention_mask=m).logits[:, P - 1 : -1]
+    logprobs are then those of the distribution the rollouts were drawn from. The LM head runs on
+    the response's positions only, not the prompt's."""
+    from kiln.rl.rollout import response_logits
+
+    logits = response_logits(model, x, m, P)
     return logits / temperature if temperature > 0 else logits
 
 

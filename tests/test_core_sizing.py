@@ -142,3 +142,17 @@ def test_warnings_name_the_keys_when_a_stage_will_not_fit_or_waits_on_the_networ
     assert "pretrain.expert_parallel=8 with zero_stage=2 fits" in " ".join(planned["warnings"])
     assert not any("expert_parallel=" in w for w in plan_of(cfg, "pretrain")["warnings"])  # the preset's pick
     assert plan_of(load_config(), "pretrain")["warnings"] == []  # no hardware described: no verdicts
+
+
+def test_offloading_ppos_frozen_models_moves_their_shares_to_host_memory():
+    """ppo.offload_frozen at ZeRO-3: the reference's and the reward model's shares are planned in host
+    memory, not the accelerator's; nothing else moves."""
+    cfg = load_config(PRESET)
+    ppo = dataclasses.replace(cfg.ppo, zero_stage=3, offload_frozen=False)
+    kept = plan_of(dataclasses.replace(cfg, ppo=ppo), "ppo")
+    moved = plan_of(dataclasses.replace(cfg, ppo=dataclasses.replace(ppo, offload_frozen=True)), "ppo")
+    frozen = kept["memory"]["frozen_models"]
+    assert frozen > 0 and "frozen_models" not in moved["memory"]
+    assert moved["host_memory"]["frozen_models"] == frozen
+    assert moved["memory_per_rank_bytes"] == kept["memory_per_rank_bytes"] - frozen
+    assert moved["host_memory_per_rank_bytes"] == kept["host_memory_per_rank_bytes"] + frozen

@@ -441,3 +441,69 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
     final, ref_final = manifest(path)["metrics"], manifest(ref_path)["metrics"]
     for key in ("task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost"):
         assert final[key] == ref_final[key], key
+
+
+@pytest.fixture(scope="module")
+def build_ranks(tmp_path_factory) -> list[dict]:
+    from tests.dist.common import torchrun
+
+    out = tmp_path_factory.mktemp("ppo-build")
+    torchrun(ROOT / "tests/dist/ppo_build_cases.py", out, timeout=240)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(300)
+def test_ppo_builds_its_four_models_partitioned_with_the_full_builds_weights(build_ranks):
+    """tests/dist/ppo_build_cases.py on 2 ranks: stages/ppo.py's `build_models` at ZeRO-3 (the critic
+    from the SFT backbone with a fresh value head) loads the actor, critic, reference and reward model
+    partitioned (no rank holds a whole one, before any engine), with the weights of its ZeRO-2 build,
+    each parameter this rank's 1/2 share, the whole released. With `ppo.offload_frozen` the reference
+    and the reward model are built under DeepSpeed's parameter offload and their engines fetch from
+    CPU memory; the trained two are untouched."""
+    from kiln.training import param_offload
+
+    cpu = param_offload()
+    for rank, got in enumerate(build_ranks):
+        c = got["build"]
+        # policy, critic, reference, reward: each partitioned as it loads, the frozen two built offloaded
+        assert [x["offload"] for x in c["loads"]] == [None, None, cpu, cpu], rank
+        assert all(x["partitioned"] for x in c["loads"]), rank
+        for name in ("actor", "critic", "ref", "reward"):
+            m = c[name]
+            assert m["mismatched"] == [], (rank, name)
+            assert m["partitioned"] and m["released"] and m["local_share"], (rank, name, m)
+            offloaded = name in ("ref", "reward")
+            want = {"config": "cpu", "hooks": "cpu"} if offloaded else {"config": None, "hooks": None}
+            assert m["offload"] == want, (rank, name, m["offload"])
+
+
+@pytest.mark.timeout(300)
+def test_offloading_the_frozen_models_leaves_ppos_iterations_as_they_were(build_ranks):
+    """The ppo worker on 2 ranks at ZeRO-3, 2 iterations, `ppo.offload_frozen` off and on: the same
+    metrics (within 1e-6; wall-clock times aside) and the same all-gather calls per rollout."""
+    rows = build_ranks[0]["train"]
+    off, on = rows["offload_off"], rows["offload_on"]
+    assert [r["step"] for r in off] == [r["step"] for r in on] == [0, 1, 2]
+    timed = ("time", "iteration_s", "gen_share", "rollout_s")
+    for a, b in zip(off, on, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - set(timed):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    assert off[-1]["kl"] > 0 and off[1]["rollout_allgathers"] > 0  # the policy moved; ZeRO-3 gathered it
+
+
+def test_offload_frozen_is_zero3_placement():
+    """`ppo.offload_frozen` needs ZeRO-3 (refused below it, naming the key), and it is placement: the
+    ppo artifact's identity is the same with it on or off."""
+    from pipeline.config import ConfigError
+    from pipeline.plan import fingerprinted_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ppo.offload_frozen=true"])  # the preset's ppo runs ZeRO-2
+    (error,) = [x for x in e.value.errors if "offload_frozen" in x]
+    assert error.startswith("ppo.offload_frozen:") and "zero_stage is 2" in error and "zero_stage=3" in error
+    identity = [
+        fingerprinted_config(load_config(None, ["ppo.zero_stage=3", f"ppo.offload_frozen={on}"]), PIPELINE["ppo"])[1]
+        for on in ("false", "true")
+    ]  # fmt: skip
+    assert identity[0] == identity[1]
