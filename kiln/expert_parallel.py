@@ -38,6 +38,12 @@ ZeRO-1/2 partition the expert parameters over that group; the gradient norm it c
 once. The optimizer's groups keep the experts apart (kiln/training.py `adamw`). ZeRO-3 is out (DeepSpeed's
 ZeRO-3 partitions only its AutoEP layers' experts by group), and so is ZeRO-0, whose clipping averages the
 ranks' norms, each of its own experts.
+
+Checkpoints. Each rank's ZeRO-1/2 shard holds its own experts' slice (under the global name); DeepSpeed loads
+them as saved on the P and world size that wrote them (stages/pretrain.py `_restore_experts`). Under another
+P (1 included) or world size, kiln/reshard.py converts the checkpoint into DeepSpeed's universal form with
+each stacked expert parameter whole, its optimizer state with it (`relay_experts`), and DeepSpeed's loader
+gives each rank the slice `local_experts` names for the new P.
 """
 
 from __future__ import annotations
@@ -191,7 +197,7 @@ def _marker_type() -> type:
 
         No parameter, buffer or state-dict key; `num_local_experts = 0` keeps DeepSpeed from writing or
         reading per-expert checkpoint files: ZeRO-1/2's shards hold each rank's experts (stages/pretrain.py
-        `_restore_experts`)."""
+        `_restore_experts`; kiln/reshard.py `relay_experts` for another layout)."""
 
         def __init__(self, n_experts: int, size: int):
             nn.Module.__init__(self)  # not DeepSpeed's MoE's: no gate, no experts

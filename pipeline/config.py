@@ -13,7 +13,8 @@ Three kinds of keys are treated specially by the artifact store:
 - `CHECKPOINT_LAYOUT`: the placement keys an in-stage checkpoint is recorded with (the world size and
   the ZeRO stage). A partial stage whose checkpoint was written under other values is refused when
   the run is planned, naming the keys, why, and the ways out (pipeline/plan.py), unless its section's
-  `layout_problem` accepts the change: pretraining resumes on another number of workers.
+  `layout_problem` accepts the change: pretraining resumes on another number of workers or expert
+  parallelism.
 - `BUDGET_KEYS`: how long to train, not what to train. They are part of the artifact's fingerprint
   (training longer gives a new model, and its downstream re-runs) but not of the stage's work dir,
   so raising `pretrain.steps` after a finished run continues from its last checkpoint.
@@ -377,7 +378,8 @@ class PretrainConfig(WorkerGroupConfig):
         "expert_parallel",
     )  # fmt: skip
     # DeepSpeed saves one shard per rank, laid out by ZeRO stage, and under expert parallelism each rank's
-    # experts: the checkpoint records the three, and `layout_problem` says which changes it resumes under.
+    # experts: the checkpoint records the three, and `layout_problem` says which changes it resumes under
+    # (kiln/reshard.py converts it for the others).
     CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = (*WorkerGroupConfig.CHECKPOINT_LAYOUT, "expert_parallel")
 
     steps: int = 200
@@ -418,22 +420,16 @@ class PretrainConfig(WorkerGroupConfig):
     every expert. Divides num_workers and the MoE model's experts; zero_stage 1 or 2 (DeepSpeed 0.19
     partitions expert-parallel parameters with ZeRO-1/2 only). The same losses and model as 1: what it
     changes is the memory of the experts (and their optimizer state) per worker, and the traffic. A
-    checkpoint resumes only with the expert_parallel and num_workers that wrote it."""
+    checkpoint resumes under another expert_parallel or num_workers too: kiln/reshard.py re-lays its
+    experts, each whole with its optimizer state, for the new split."""
 
     @staticmethod
     def layout_problem(old: dict, new: dict) -> str | None:
-        """Pretraining resumes on another number of workers (kiln/reshard.py converts the checkpoint to
-        DeepSpeed's universal form), not under a ZeRO stage DeepSpeed cannot load it into, and not under
-        another expert parallelism or, with one, another number of workers (`expert_layout_problem`)."""
-        from kiln.reshard import expert_layout_problem, unsupported
+        """Pretraining resumes on another number of workers and under another expert parallelism
+        (kiln/reshard.py converts the checkpoint to DeepSpeed's universal form, its experts re-laid), not
+        under a ZeRO stage DeepSpeed cannot load it into (`unsupported`)."""
+        from kiln.reshard import unsupported
 
-        was, now = old.get("expert_parallel", 1), new.get("expert_parallel", 1)  # 1: written before the key
-        if why := expert_layout_problem(was, old["num_workers"], now, new["num_workers"]):
-            return (
-                f"pretrain.expert_parallel={was} on pretrain.num_workers={old['num_workers']} and cannot be "
-                f"resumed with pretrain.expert_parallel={now} on pretrain.num_workers={new['num_workers']} ({why}): "
-                f"set pretrain.expert_parallel={was} and pretrain.num_workers={old['num_workers']} to resume from it"
-            )
         why = unsupported(old["zero_stage"], new["zero_stage"])
         if why is None:
             return None

@@ -11,7 +11,8 @@ W&B run id) and per-rank RNG state; they are reported to Ray Train, which restar
 the last one. At the end the model is exported from the live engine (gathered under ZeRO-3) as a
 Hugging Face folder with the tokenizer. With `pretrain.expert_parallel` P > 1 each group of P ranks splits
 the MoE layers' experts (kiln/expert_parallel.py `for_deepspeed`, ZeRO-1/2): the same model, every expert
-in the exported folder; its checkpoints resume on the P and worker count that wrote them.
+in the exported folder; its checkpoints resume under any P and worker count the configuration accepts
+(kiln/reshard.py re-lays the experts where either changes).
 """
 
 from __future__ import annotations
@@ -156,16 +157,10 @@ def _train(job: PretrainJob, wctx) -> dict:
         grad_accum=accum, world_size=world, grad_clip=p.grad_clip,
         offload_optimizer=p.offload_optimizer, offload_params=p.offload_params, **T.comm_options(p),
     )  # fmt: skip
-    # the checkpoint to resume from, read before the engine is built: one written under another world
-    # size loads through DeepSpeed's universal form, which the engine must be configured for
-    ckpt, state = wctx.checkpoint(), None
+    ckpt, state = wctx.checkpoint(), None  # the checkpoint to resume from
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         T.check_resumed(state["step"], p.steps, "pretrain.steps", ckpt)
-        layout = {"world_size": world, "zero_stage": p.zero_stage, "expert_parallel": p.expert_parallel}
-        ckpt, universal = R.prepare(wctx, ckpt, state["tag"], state, layout)
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
     # under ZeRO-3 the model is built already partitioned (no rank holds all of it), with the initial
     # weights of the full build (kiln/sharded.py); below it, the plain build
     vocab = job.vocab
@@ -182,6 +177,14 @@ def _train(job: PretrainJob, wctx) -> dict:
     EP.for_deepspeed(model, p.expert_parallel)
     optimizer = T.adamw(model, lr=p.lr, betas=(p.beta1, p.beta2), weight_decay=p.weight_decay)
     decays = [g["weight_decay"] for g in optimizer.param_groups]
+    # read before the engine is built: a checkpoint written under another world size or expert parallelism
+    # loads through DeepSpeed's universal form (with this optimizer's groups), which the engine must be
+    # configured for
+    if state is not None:
+        layout = {"world_size": world, "zero_stage": p.zero_stage, "expert_parallel": p.expert_parallel}
+        ckpt, universal = R.prepare(wctx, ckpt, state["tag"], state, layout, optimizer.param_groups)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if p.compile:
         engine.compile()
@@ -201,7 +204,7 @@ def _train(job: PretrainJob, wctx) -> dict:
     if state is not None:
         engine.load_checkpoint(str(ckpt), tag=state["tag"], load_lr_scheduler_states=False)
         R.repair_universal_load(engine, decays)
-        if p.expert_parallel > 1:  # DeepSpeed gave every rank the experts of expert-parallel rank 0
+        if p.expert_parallel > 1 and not universal:  # loaded as saved: rank 0's experts on every rank
             _restore_experts(engine)
         R.finish(wctx, ckpt, universal)
         rng = ckpt / f"rng_rank{rank}.pt"  # each rank's RNG streams: on the world size that wrote them

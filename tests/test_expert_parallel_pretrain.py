@@ -2,22 +2,27 @@
 the model that every expert on every rank trains: the stage's own loop on 2 CPU ranks (gloo), beside the same run
 with expert_parallel=1, which tests/test_pretrain_dist.py holds to an independent single-process loop.
 
-One torchrun launch (tests/dist/expert_parallel_pretrain_cases.py, ~25 s): the tiny MoE model (4 experts, top-2),
-fp32, 20 steps of 8 sequences (2 ranks x 2 micro-steps), ZeRO-1 and ZeRO-2, expert_parallel 1 and 2 (and 2 with
-the optimizer offloaded; and bf16 under ZeRO-2); a run stopped at step 10 (as on a preemption) and resumed under
-ZeRO-2, and under ZeRO-1.
+One torchrun launch (tests/dist/expert_parallel_pretrain_cases.py, ~45 s on 2 busy cores, ~10 s of it the
+resumes under another layout): the tiny MoE model (4 experts, top-2), fp32, 20 steps of 8 sequences (2 ranks x
+2 micro-steps), ZeRO-1 and ZeRO-2, expert_parallel 1 and 2 (and 2 with the optimizer offloaded; and bf16 under
+ZeRO-2); a run stopped at step 10 (as on a preemption) and resumed under ZeRO-2, and under ZeRO-1; one stopped
+under expert_parallel=2 and resumed under 1 (on 2 ranks, and on 1), and one stopped under 1 and resumed under 2.
 
 Measured (this CPU, gloo): losses within 2.4e-7 of expert_parallel=1, gradient norms within 6.6e-7, every
 gradient of optimizer steps 1 and 2 within 1e-8 (the experts' whole tensors, gathered from their ranks), the
 exported weights within 4.9e-6 after 20 steps; the resumed run's losses and weights identical to the run that
 was not stopped (ZeRO-2; 1.2e-7 when it resumes under ZeRO-1). Without `_restore_experts` after DeepSpeed's load
-the resumed losses move by 3.7e-3: rank 1 would resume with rank 0's experts. The tolerances are 40x or more
-above the measured errors.
+the resumed losses move by 3.7e-3: rank 1 would resume with rank 0's experts. Resumed under another expert
+parallelism or number of workers (kiln/reshard.py: the universal form, each expert whole with its optimizer
+state, bit for bit): steps 11-20 within 2.4e-7 of the expert_parallel=2 run never stopped, gradient norms within
+6e-7, weights within 1.2e-7 (4.8e-6 for the run whose first 10 steps were expert_parallel=1). Without the run's
+own optimizer groups in the universal form (`take_groups`), 1 -> 2 resumes with its experts as initialised:
+losses 2.5e-2 apart. The tolerances are 15x (gradient norms) to 40x or more above the measured errors.
 
 Refused (config, planning, the stage's checks before its workers): ZeRO-3 and ZeRO-0 with expert_parallel > 1, a
 dense model (or pretrain.init_from's), a group size that does not divide the workers or the experts,
-torch.compile; a checkpoint resumed under another expert_parallel or, with one, another number of workers
-(DeepSpeed's universal conversion would merge different experts as shards of one tensor).
+torch.compile; a checkpoint resumed under a ZeRO stage DeepSpeed cannot load it into (kiln/reshard.py
+`unsupported`).
 """
 
 from __future__ import annotations
@@ -119,6 +124,76 @@ def test_a_stopped_expert_parallel_run_resumes_where_it_stopped(runs, case):
         torch.testing.assert_close(g[name], value, rtol=0, atol=PARAM, msg=name)
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    "case", ["ep2to1-zero2-resumed", "ep2to1-zero2-one-rank-resumed", "ep1to2-zero2-resumed"]
+)
+def test_a_checkpoint_resumes_under_another_expert_parallelism_and_number_of_workers(runs, case):
+    """Stopped at step 10 under one expert parallelism (2 ranks), resumed under another (2 ranks, or 1 rank):
+    steps 11-20 are those of the expert_parallel=2 run never stopped, within float32 rounding (another order
+    of sums: the experts' rows are gathered and reduced elsewhere, one rank accumulates four micro-batches
+    where two ranks average two each). Steps 1-10 are exactly those of the first start's layout."""
+    first = "ep1-zero2" if case.startswith("ep1to2") else "ep2-zero2"
+    want, got, before = metrics(runs, "ep2-zero2"), metrics(runs, case), metrics(runs, first)
+    half = STEPS // 2
+    assert [r["loss"] for r in got[:half]] == [r["loss"] for r in before[:half]]
+    assert [r["batch_crc"] for r in got] == [r["batch_crc"] for r in want]
+    assert [r["loss"] for r in got[half:]] == pytest.approx([r["loss"] for r in want[half:]], abs=LOSS, rel=0)
+    assert [r["grad_norm"] for r in got[half:]] == pytest.approx(
+        [r["grad_norm"] for r in want[half:]], abs=GRAD_NORM, rel=0
+    )
+    w, g = exported(runs, "ep2-zero2"), exported(runs, case)
+    assert sorted(g) == sorted(w)
+    for name, value in w.items():
+        torch.testing.assert_close(g[name], value, rtol=0, atol=PARAM, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_an_expert_parallel_checkpoint_converts_into_whole_experts_with_their_optimizer_state(runs):
+    """The universal form of the expert_parallel=2 checkpoint at step 10 (kiln/reshard.py `to_universal`): each
+    stacked expert parameter whole, (4, ...), its fp32 master weights and Adam moments those of rank 0's two
+    experts then rank 1's, bit for bit, as their ZeRO-2 shards hold them; marked as DeepSpeed marks expert
+    parameters, for its loader to slice under any expert parallelism; the model-states file of whole shapes."""
+    from deepspeed.checkpoint import constants as C
+
+    from kiln import reshard as R
+
+    assert (R.PARAM, R.EP_IS_EXPERT, R.EP_EXPERTS) == (C.PARAM, C.EP_IS_EXPERT_PARAM, C.EP_NUM_EXPERTS)
+    tag = f"step{STEPS // 2:08d}"
+    universal = runs / "ep2-universal"
+    assert (universal / "latest_universal").read_text() == tag and not (universal / tag / "tmp").exists()
+    written = runs / "ep2to1-zero2-resumed" / "checkpoint" / tag
+    shards = [  # each rank's: its parameters' places in its flat groups, the groups' fp32 and Adam states
+        torch.load(written / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        for rank in (0, 1)
+    ]
+    shards = [sd["optimizer_state_dict"] for sd in shards]
+    experts = list(shards[0]["param_slice_mappings"][2])  # the expert-parallel group's parameters
+    states = torch.load(universal / tag / R.MODEL_STATES, weights_only=True)
+    shapes = {n: s for group in states["param_shapes"] for n, s in group.items()}
+    assert experts and sorted(experts) == sorted(n for n in shapes if R.STACKED_EXPERTS.match(n))
+    for name in experts:
+        folder = universal / tag / "zero" / name
+        assert torch.load(folder / "step.pt", weights_only=False) == STEPS // 2
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            saved = torch.load(folder / f"{key}.pt", weights_only=True)
+            assert saved[C.EP_IS_EXPERT_PARAM] is True and saved[C.EP_NUM_EXPERTS] == MODEL.n_experts
+            whole = saved[C.PARAM]
+            assert whole.shape[0] == MODEL.n_experts and shapes[name] == whole.shape, name
+            for rank, sd in enumerate(
+                shards
+            ):  # the expert group's flat states, this parameter's place in them
+                flat = {
+                    "fp32": sd["single_partition_of_fp32_groups"][2],
+                    **sd["base_optimizer_state"]["state"][2],
+                }
+                at = sd["param_slice_mappings"][2][name]
+                held = flat[key][at.start : at.start + at.numel].view(MODEL.n_experts // 2, *whole.shape[1:])
+                assert torch.equal(whole[2 * rank : 2 * rank + 2], held), (name, key, rank)
+
+
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
@@ -152,10 +227,12 @@ def test_expert_parallelism_is_refused_where_it_would_change_the_model_or_cannot
     assert load_config(None, init_from).pretrain.expert_parallel == 2
 
 
-def test_expert_parallelism_is_placement_and_a_checkpoint_resumes_only_on_its_own_layout(tmp_path):
-    """Changing it re-runs nothing (the model is the same); a checkpoint written with it resumes only with the
-    expert_parallel and num_workers that wrote it, and planning says so, naming the keys and the way back."""
+def test_expert_parallelism_is_placement_and_a_checkpoint_resumes_under_another(tmp_path):
+    """Changing it re-runs nothing (the model is the same); a checkpoint written with it resumes under another
+    expert_parallel or num_workers (through the universal form), and planning accepts that; what DeepSpeed
+    cannot load (another ZeRO stage but 1 <-> 2) it refuses, naming the key and the way back."""
     from kiln import reshard as R
+    from kiln.model import STACKED_EXPERTS
     from pipeline.artifacts import ArtifactStore
     from pipeline.config import load_config
     from tests.pipeline_helpers import plan_of
@@ -177,27 +254,32 @@ def test_expert_parallelism_is_placement_and_a_checkpoint_resumes_only_on_its_ow
 
     assert problems("pretrain.expert_parallel=2") == []
     assert problems("pretrain.expert_parallel=2", "pretrain.zero_stage=1") == []  # ZeRO-1 loads ZeRO-2's
-    (why,) = problems("pretrain.expert_parallel=1")
+    assert problems("pretrain.expert_parallel=1") == []
+    assert (
+        problems("pretrain.expert_parallel=1", "pretrain.num_workers=1", "pretrain.micro_batch_size=4") == []
+    )
+    assert (
+        problems("pretrain.expert_parallel=2", "pretrain.num_workers=4", "pretrain.micro_batch_size=2") == []
+    )
+    (why,) = problems("pretrain.expert_parallel=1", "pretrain.zero_stage=3")
     assert why.startswith(
-        f"pretrain: its checkpoint at step 10 ({work}) was written with pretrain.expert_parallel=2 on "
-        "pretrain.num_workers=2 and cannot be resumed with pretrain.expert_parallel=1 on pretrain.num_workers=2 "
-        "(each rank's shards hold the experts of its place in its expert-parallel group"
+        f"pretrain: its checkpoint at step 10 ({work}) was written with pretrain.zero_stage=2 and cannot be "
+        "resumed with pretrain.zero_stage=3 (DeepSpeed converts a ZeRO-3 checkpoint into a universal one"
     )
-    assert why.endswith(
-        "set pretrain.expert_parallel=2 and pretrain.num_workers=2 to resume from it, or start the stage over: "
-        "delete that folder, or run with `--from pretrain` (which re-runs what follows too)"
-    )
-    (why,) = problems("pretrain.expert_parallel=2", "pretrain.num_workers=4", "pretrain.micro_batch_size=2")
-    assert "cannot be resumed with pretrain.expert_parallel=2 on pretrain.num_workers=4" in why
-    # and inside the workers (a checkpoint recorded before the key: expert_parallel 1)
+    assert "set pretrain.zero_stage=2 to resume from it" in why
+    # and inside the workers: a new world size or expert parallelism goes through the universal form, which
+    # re-lays the model's stacked experts
+    assert R.STACKED_EXPERTS.pattern == STACKED_EXPERTS.pattern
     saved = {"world_size": 2, "zero_stage": 2, "expert_parallel": 2}
     assert R.layout_change_problem(saved, saved) is None and not R.needs_universal(saved, saved)
-    now = saved | {"world_size": 4}
-    assert "cannot resume with expert_parallel=2 on num_workers=4" in R.layout_change_problem(saved, now)
-    assert not R.needs_universal(saved, now)
-    old = {"world_size": 2, "zero_stage": 2}
-    assert R.layout_change_problem(old, {**old, "world_size": 1, "expert_parallel": 1}) is None
-    assert "expert_parallel=1 on num_workers=2" in R.layout_change_problem(old, old | {"expert_parallel": 2})
+    assert not R.needs_universal(saved, saved | {"zero_stage": 1})  # ZeRO-1 loads the shards as saved
+    for now in (saved | {"world_size": 4}, saved | {"expert_parallel": 1}, saved | {"world_size": 1, "expert_parallel": 1}):  # fmt: skip
+        assert R.layout_change_problem(saved, now) is None and R.needs_universal(saved, now), now
+    old = {"world_size": 2, "zero_stage": 2}  # recorded before the key: expert_parallel 1
+    assert R.needs_universal(old, old | {"expert_parallel": 2})
+    assert not R.needs_universal(old, old | {"expert_parallel": 1})
+    problem = R.layout_change_problem(saved, {**saved, "zero_stage": 3, "expert_parallel": 1})
+    assert "zero_stage=2 on num_workers=2 and cannot resume with zero_stage=3" in problem
 
 
 def test_adamw_keeps_expert_parameters_in_groups_of_their_own_with_their_weight_decay():

@@ -9,7 +9,14 @@ exported model OUT_DIR/<case>/export/; rank 0 writes OUT_DIR/<case>/grads.pt: ev
 (averaged over the ranks, before clipping) at optimizer steps 1 and 2, the experts' whole (E, ...) tensors,
 gathered from the ranks that hold them. A resumed case is asked to stop (as on a preemption) at step
 STEPS // 2, where it saves a checkpoint and returns, then is started again in the same folder (its second
-section: another ZeRO stage in `ep2-zero2to1-resumed`) and resumes from that checkpoint.
+section: another ZeRO stage in `ep2-zero2to1-resumed`, another expert parallelism in `ep2to1-...` and
+`ep1to2-...`, and one worker in `ep2to1-zero2-one-rank-resumed`) and resumes from that checkpoint.
+
+Each start is a new start of the stage (on Ray, new worker processes): what DeepSpeed keeps per process of
+expert-parallel groups is forgotten first (`forget_expert_groups`). First every 2-rank start, in the one
+process group torchrun set up; then that group is closed, and rank 0 runs the 1-worker starts alone, in a
+group of its own, while rank 1 converts the expert-parallel checkpoint of `ep2to1-zero2-resumed` at step
+STEPS // 2 (kiln/reshard.py `to_universal`) into OUT_DIR/ep2-universal, for the test to read.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB, leave  # noqa: E402
+from tests.dist.common import MODEL, PRETRAIN, SEED, VOCAB, free_port, leave  # noqa: E402
 
 STEPS = 20
 CASES: dict[str, list[dict]] = {  # the section of each start (of two for a resumed case)
@@ -34,6 +41,13 @@ CASES |= {
 CASES["ep2-zero2-offload"] = [{"zero_stage": 2, "expert_parallel": 2, "offload_optimizer": True}]
 CASES["ep2-zero2-resumed"] = [{"zero_stage": 2, "expert_parallel": 2}] * 2
 CASES["ep2-zero2to1-resumed"] = [{"zero_stage": 2, "expert_parallel": 2}, {"zero_stage": 1, "expert_parallel": 2}]  # fmt: skip
+# resumed under another expert parallelism: the checkpoint converted, its experts re-laid (kiln/reshard.py)
+EP1, EP2 = {"zero_stage": 2, "expert_parallel": 1}, {"zero_stage": 2, "expert_parallel": 2}
+CASES["ep2to1-zero2-resumed"] = [EP2, EP1]
+CASES["ep1to2-zero2-resumed"] = [EP1, EP2]
+CASES["ep2to1-zero2-one-rank-resumed"] = [EP2, EP1 | {"num_workers": 1}]
+# the case whose checkpoint at step STEPS // 2 rank 1 converts into OUT_DIR/ep2-universal (`convert`)
+CONVERTED = "ep2to1-zero2-resumed"
 
 
 def sections(case: str):
@@ -102,7 +116,21 @@ def recording(grads: dict):
     return wrapped
 
 
-def run_case(out: Path, name: str) -> None:
+def forget_expert_groups() -> None:
+    """Forget the expert-parallel groups DeepSpeed keeps per process (`deepspeed.utils.groups`), as a new
+    process would: its universal loader gives expert parameters the slice of the largest of them, which a start
+    without expert parallelism must not find from an earlier one. The next expert-parallel start makes its own
+    (kiln/expert_parallel.py `deepspeed_groups`)."""
+    from deepspeed.utils import groups
+
+    groups._EXPERT_PARALLEL_GROUP.clear()
+    groups._EXPERT_PARALLEL_GROUP_RANKS.clear()
+    groups._EXPERT_DATA_PARALLEL_GROUP.clear()
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS.clear()
+
+
+def run_case(out: Path, name: str, starts: list[int]) -> None:
+    """The starts `starts` of case `name` (indices into its `sections`), on the ranks of the process group."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -127,9 +155,10 @@ def run_case(out: Path, name: str) -> None:
     initialize = deepspeed.initialize
     deepspeed.initialize = recording(grads)
     try:
-        for i, sec in enumerate(runs):
+        for i in starts:
+            forget_expert_groups()
             job = PretrainJob(
-                section=sec, model=MODEL, seed=SEED, tokens_dir=out / "tokens", tokenizer_dir=out / "tokens",
+                section=runs[i], model=MODEL, seed=SEED, tokens_dir=out / "tokens", tokenizer_dir=out / "tokens",
                 vocab=Vocab(size=VOCAB, pad=0, eos=1, bos=None), export_dir=out / name / "export", wandb_run_id=None,
             )  # fmt: skip
             stops = i < len(runs) - 1
@@ -138,8 +167,33 @@ def run_case(out: Path, name: str) -> None:
             dist.barrier()  # every rank's checkpoint copied into place before one looks for it (Ray: a new group)
     finally:
         deepspeed.initialize = initialize
-    if int(os.environ["RANK"]) == 0:
+    if int(os.environ["RANK"]) == 0 and 0 in starts:  # the first start records optimizer steps 1 and 2
         torch.save(grads, out / name / "grads.pt")
+
+
+def convert(out: Path) -> None:
+    """`CONVERTED`'s checkpoint at step STEPS // 2, written with expert_parallel 2 on 2 ranks, in its universal
+    form in OUT_DIR/ep2-universal."""
+    from kiln.reshard import to_universal
+
+    layout = {"world_size": 2, "zero_stage": 2, "expert_parallel": 2}
+    to_universal(
+        out / CONVERTED / "checkpoint", f"step{STEPS // 2:08d}", out / "ep2-universal", layout=layout
+    )
+
+
+def alone() -> None:
+    """Leave torchrun's process group for a group of this process alone, on a store of its own."""
+    import deepspeed.utils.groups
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    deepspeed.utils.groups._WORLD_GROUP = None  # DeepSpeed's clone of the closed group
+    dist.init_process_group("gloo")
 
 
 def main(out: Path) -> None:
@@ -148,9 +202,21 @@ def main(out: Path) -> None:
 
     torch.set_num_threads(1)
     only = os.environ.get("KILN_EP_CASES")  # a comma-separated subset, for a quicker look
-    for name in CASES if not only else only.split(","):
-        run_case(out, name)
+    names = list(CASES) if not only else only.split(",")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+    def starts(name: str, workers: int) -> list[int]:
+        return [i for i, sec in enumerate(sections(name)) if sec.num_workers == workers]
+
+    for name in names:
+        run_case(out, name, starts(name, world))
         dist.barrier()
+    alone()
+    if rank == 0:
+        for name in [n for n in names if starts(n, 1)]:
+            run_case(out, name, starts(name, 1))
+    elif CONVERTED in names:
+        convert(out)
     leave()
 
 
