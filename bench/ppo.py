@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,12 +94,15 @@ def real_tokens(response: torch.Tensor, stops: list[int]) -> int:
     return int(first.sum())
 
 
-def ours(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[float, int, int]:
-    """(seconds, real response tokens, generated steps) of one call of kiln.rl.rollout.sample."""
+def timed_sample(
+    sampler, model, ids: list[list[int]], a, stops, pad_id: int, rep: int
+) -> tuple[float, int, int]:
+    """(seconds, real response tokens, generated steps) of one call of `sampler` (kiln.rl.rollout.sample or
+    `sample_before`, the sampler it replaced)."""
     seeds = [rep * len(ids) + i for i in range(len(ids))]
     t0 = time.perf_counter()
-    roll = sample(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                  top_p=a.top_p, stop_ids=stops, pad_id=pad_id)  # fmt: skip
+    roll = sampler(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                   top_p=a.top_p, stop_ids=stops, pad_id=pad_id)  # fmt: skip
     dt = synced_clock(a) - t0
     return dt, int(roll.response_mask.sum()), roll.response.shape[1]
 
@@ -110,17 +114,6 @@ def synced_clock(a) -> float:
     return time.perf_counter()
 
 
-def before(model, ids: list[list[int]], a, stops, pad_id: int, rep: int) -> tuple[float, int, int]:
-    """The same for `sample_before`, the sampler kiln/rl/rollout.py's replaced."""
-    seeds = [rep * len(ids) + i for i in range(len(ids))]
-    t0 = time.perf_counter()
-    roll = sample_before(model, ids, seeds=seeds, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                         top_p=a.top_p, stop_ids=stops, pad_id=pad_id)  # fmt: skip
-    dt = synced_clock(a) - t0
-    return dt, int(roll.response_mask.sum()), roll.response.shape[1]
-
-
-@torch.no_grad()
 def sample_before(model, prompt_ids, *, seeds, max_new_tokens, temperature, top_p, stop_ids, pad_id):
     """kiln/rl/rollout.py's `sample` before issue 23 item 3 (without `synced`), kept here to be measured
     against: transformers' DynamicCache (grown by concatenation at every layer and token), a
@@ -217,7 +210,8 @@ def compare_rollouts(policy_dir: Path, a) -> tuple[list[tuple], str]:
     note += f"; greedy: the new and the previous sampler decode the same tokens: {'yes' if same else 'NO'}"
 
     runs = {"ours": [], "before": [], "hf": []}
-    sides = {"ours": (ours, kiln), "before": (before, kiln), "hf": (hf, hf_model)}
+    sides = {"ours": (partial(timed_sample, sample), kiln), "before": (partial(timed_sample, sample_before), kiln),
+             "hf": (hf, hf_model)}  # fmt: skip
     for rep in range(a.warmup + a.repeats):  # interleaved, so a noisy moment hits all
         for name, (call, model) in sides.items():
             result = call(model, ids, a, stops, pad_id, rep)

@@ -10,7 +10,6 @@ the accuracy PPO reaches with the program itself as the reward.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -325,11 +324,11 @@ def test_zero3_ppo_gathering_once_per_rollout_gives_zero2s_iterations(tiny_run, 
 
 @pytest.fixture(scope="module")
 def gather_ranks(tmp_path_factory) -> list[dict]:
-    from tests.dist.common import torchrun
+    from tests.dist.common import rank_reports
 
-    out = tmp_path_factory.mktemp("rollout-gather")
-    torchrun(ROOT / "tests/dist/rollout_gather_cases.py", out, timeout=240)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return rank_reports(
+        ROOT / "tests/dist/rollout_gather_cases.py", tmp_path_factory.mktemp("rollout-gather"), timeout=240
+    )
 
 
 @pytest.mark.timeout(300)
@@ -445,11 +444,11 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
 
 @pytest.fixture(scope="module")
 def build_ranks(tmp_path_factory) -> list[dict]:
-    from tests.dist.common import torchrun
+    from tests.dist.common import rank_reports
 
-    out = tmp_path_factory.mktemp("ppo-build")
-    torchrun(ROOT / "tests/dist/ppo_build_cases.py", out, timeout=240)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return rank_reports(
+        ROOT / "tests/dist/ppo_build_cases.py", tmp_path_factory.mktemp("ppo-build"), timeout=240
+    )
 
 
 @pytest.mark.timeout(300)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.common import torchrun
+from tests.dist.common import rank_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDS = [f"build-{m}-{p}" for m in ("moe", "dense") for p in ("fp32", "bf16")]
@@ -29,9 +29,7 @@ BUILDS = [f"build-{m}-{p}" for m in ("moe", "dense") for p in ("fp32", "bf16")]
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("sharded")
-    torchrun(ROOT / "tests/dist/sharded_cases.py", out, timeout=240)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return rank_reports(ROOT / "tests/dist/sharded_cases.py", tmp_path_factory.mktemp("sharded"), timeout=240)
 
 
 @pytest.mark.timeout(300)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -66,6 +67,12 @@ def torchrun(script: Path, out: Path, timeout: float) -> None:
            str(script), str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def rank_reports(script: Path, out: Path, timeout: float) -> list[dict]:
+    """`torchrun(script, out)`, then what each of the 2 ranks wrote to `out`/rank<r>.json."""
+    torchrun(script, out, timeout)
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 def leave() -> None:
