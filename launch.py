@@ -89,14 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
 
     export = sub.add_parser("export", help="write a stage's model as a folder plain transformers/vLLM load")
-    export.add_argument("stage", help="a stage whose artifact is a model (pretrain, sft, ppo, reward)")
+    export.add_argument("stage", help="a stage whose artifact is a model (pretrain, sft, ppo, grpo, reward)")
     export.add_argument("out_dir", help="folder to write (must not exist or be empty)")
     common(export)
     export.add_argument("--format", default="auto", choices=["auto", "kiln", "llama", "mixtral", "qwen2_moe"])
     export.set_defaults(func=cmd_export)
 
     gen = sub.add_parser("generate", help="sample from a stage's model")
-    gen.add_argument("stage", help="a stage whose artifact is a causal LM (pretrain, sft, ppo)")
+    gen.add_argument("stage", help="a stage whose artifact is a causal LM (pretrain, sft, ppo, grpo)")
     common(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -194,7 +194,9 @@ def _dry_run(cfg, sel, as_json: bool) -> int:
 
     plan = make_plan(cfg, PIPELINE, ArtifactStore(cfg.run.root, cfg.run.name), sel)
     ok = not any(p.problems for p in plan if p.action == "run")
-    costs = stage_plans(cfg)
+    planned = {p.name for p in plan}
+    # not an opt-in stage left off (grpo)
+    costs = {name: c for name, c in stage_plans(cfg).items() if name in planned}
     if as_json:
         rows = [
             {"stage": p.name, "state": p.state, "action": p.action, "reason": p.reason, "notes": p.notes,
@@ -272,10 +274,11 @@ def cmd_submit(args, console) -> int:
     from pipeline.submit import SubmitError, submit
 
     cfg = _load(args)  # every config error here, before anything is uploaded
-    names = PIPELINE.topological(cfg)
     for name in [*(args.only or "").split(","), args.start, args.until]:
-        if name and name.strip() not in names:
-            console.print(f"[red]error:[/red] unknown stage {name!r}; stages are: {', '.join(names)}")
+        if name and name.strip() not in PIPELINE.by_name:
+            console.print(
+                f"[red]error:[/red] unknown stage {name!r}; stages are: {', '.join(PIPELINE.order)}"
+            )
             return 2
     try:
         return submit(args, cfg)
@@ -336,13 +339,14 @@ def _model_artifact(args, console):
     """The complete artifact of `args.stage` for the current config, or None (with a message)."""
     from pipeline.artifacts import ArtifactStore
     from pipeline.dag import PIPELINE
-    from pipeline.plan import PlanError, make_plan
+    from pipeline.plan import PlanError, Selection, make_plan
 
     cfg = _load(args)
     if args.stage not in PIPELINE.by_name:
         raise PlanError(f"unknown stage {args.stage!r}; stages are: {', '.join(PIPELINE.order)}")
     store = ArtifactStore(cfg.run.root, cfg.run.name)
-    planned = {p.name: p for p in make_plan(cfg, PIPELINE, store)}[args.stage]
+    # named, so that an opt-in stage that is off (grpo) is planned too
+    planned = {p.name: p for p in make_plan(cfg, PIPELINE, store, Selection(until=args.stage))}[args.stage]
     stored = planned.adopt.old_fingerprint if planned.adopt else planned.fingerprint  # not yet adopted
     art = store.find(args.stage, stored)
     if art is None:  # the config or code changed since: the newest complete one, said out loud

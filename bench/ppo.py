@@ -22,8 +22,8 @@
    samples a stop token: both sides then generate every step (its tokenizer is a BPE trained on the prompts,
    so its vocabulary is smaller than the preset's 4096).
 2. The PPO iteration, in this process on 1 rank (gloo, DeepSpeed ZeRO as ppo.zero_stage, the ppo section of
-   configs/tiny.yaml, `--ppo-iterations`, the first a warm-up): stages/ppo.py's sample_rollout, experience
-   and ppo_update, timed apart. The reward and value models are KilnForSequenceClassification of the
+   configs/tiny.yaml, `--ppo-iterations`, the first a warm-up): kiln/rl/loop.py's sample_rollout, experience
+   and ppo_update (stages/ppo.py), timed apart. The reward and value models are KilnForSequenceClassification of the
    policy's config with random weights (reward_mean 0, reward_std 1): they cost what trained ones do. The
    pipeline runs ppo on 2 workers of 1 thread with half the rollout batch each: the shares compare, the
    times do not.
@@ -266,6 +266,7 @@ class PpoRank:
 
         from kiln import training as T
         from kiln.model import KilnConfig, KilnForCausalLM, KilnForSequenceClassification
+        from kiln.rl.loop import Models
         from stages import ppo as S
 
         self.p, self.rank, self.world = p, rank, world
@@ -283,7 +284,7 @@ class PpoRank:
             T.trainable(model, p.activation_checkpointing)
         self.mini = p.mini_batch_size // world
         accum = self.mini // p.micro_batch_size
-        self.models = S.Models(
+        self.models = Models(
             actor=T.engine(policy, p, p.lr, accum, world), critic=T.engine(critic, p, p.critic_lr, accum, world),
             ref=T.frozen(ref, p, torch.device("cpu")), reward=T.frozen(reward, p, torch.device("cpu")),
         )  # fmt: skip
@@ -303,6 +304,7 @@ class PpoRank:
         import numpy as np
 
         from kiln import training as T
+        from kiln.rl.loop import sample_rollout
         from stages import ppo as S
 
         p, m, seed, n = self.p, self.models, CFG.run.seed, self.p.rollout_batch_size
@@ -311,7 +313,7 @@ class PpoRank:
         t0 = time.perf_counter()
         seeds = [rollout_seed(seed, it, j) for j in mine]
         with T.counted_allgathers() as gathers, T.gathered(m.actor, enabled=p.gather_for_rollout):
-            roll = S.sample_rollout(m.actor.module, [self.ids[order[j]] for j in mine], seeds, p, self.stops,
+            roll = sample_rollout(m.actor.module, [self.ids[order[j]] for j in mine], seeds, p, self.stops,
                                     self.tok.pad_token_id, self.synced)  # fmt: skip
         t1 = time.perf_counter()
         convs = [self.prompts[order[j]] for j in mine]

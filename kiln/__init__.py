@@ -8,7 +8,7 @@
     kiln.training    DeepSpeed config and engines, LR schedule, data order, RNG state, devices
     kiln.trl_bridge  what the TRL trainer stages share: data, trainer args, the callback
     kiln.chat_eval   held-out task accuracy and reward-model pair scoring
-    kiln.rl          RL math (ppo_math) and rollouts (rollout)
+    kiln.rl          RL math (ppo_math, group_math), rollouts (rollout), the RL stages' loop (loop)
 
 Nothing here imports Ray; stage entry points live in stages/, the pipeline in pipeline/.
 """

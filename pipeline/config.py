@@ -261,8 +261,8 @@ class ModelConfig:
 
 @frozen
 class WorkerGroupConfig:
-    """What every training stage (pretrain, sft, reward, ppo) sets the same way: its workers, DeepSpeed,
-    the optimizer and its schedule, evaluation and checkpoint cadence."""
+    """What every training stage (pretrain, sft, reward, ppo, grpo) sets the same way: its workers,
+    DeepSpeed, the optimizer and its schedule, evaluation and checkpoint cadence."""
 
     # How the group communicates is placement too, grad_reduce_dtype included: under bf16 it moves the
     # losses as much as the ZeRO stage does (rounding of the sums), and under fp32 not at all.
@@ -602,8 +602,9 @@ class RewardConfig(TrlStageConfig):
 
 
 @frozen
-class PpoConfig(WorkerGroupConfig):
-    """PPO with a KL penalty (stages/ppo.py): the policy from sft, the reward (and value) model from reward."""
+class RlConfig(WorkerGroupConfig):
+    """What the RL stages (ppo, grpo: kiln/rl/loop.py) set the same way: prompts, sampling, the rollout
+    and update batches, the held-out task evaluation, what scores a response, the frozen models."""
 
     BUDGET_KEYS: ClassVar[tuple[str, ...]] = ("iterations",)
     # As for pretraining, not bit-for-bit neutral: each rank shuffles its own share of a rollout
@@ -618,19 +619,21 @@ class PpoConfig(WorkerGroupConfig):
     per record (or HH strings ending with a Human turn; data_prep/chat_data.py)."""
     task_prompts: str | None = f"{TASK_DATA}/prompts_val.jsonl.zst"
     """Held-out prompts of the shipped task: greedy answers judged by data_prep/task.py's program before,
-    during and after PPO (`task_accuracy`), a measure that training never optimises. Null for another task."""
+    during and after training (`task_accuracy`), a measure that training never optimises (unless
+    `reward_source: task`). Null for another task."""
     task_eval_size: int = 200
     """Task prompts answered at each evaluation."""
     task_samples: int = 4
     """Answers sampled per task prompt (as the rollouts are) for `task_accuracy_sampled`."""
     iterations: int = 40
-    """PPO iterations, each a rollout then `ppo_epochs` passes over it (a budget: raising it continues)."""
+    """Iterations, each a rollout then `ppo_epochs` passes over it (a budget: raising it continues)."""
     rollout_batch_size: int = 32
     """Prompts sampled per iteration, over all workers."""
     mini_batch_size: int = 16
-    """Rollouts per optimizer step, over all workers; rollout_batch_size / mini_batch_size steps per epoch."""
+    """Responses per optimizer step, over all workers: each epoch takes (responses per iteration) /
+    mini_batch_size steps."""
     micro_batch_size: int = 16
-    """Rollouts per worker per forward/backward (gradient accumulation up to the mini-batch)."""
+    """Responses per worker per forward/backward (gradient accumulation up to the mini-batch)."""
     ppo_epochs: int = 2
     """Passes over each rollout batch (in a fresh order each time)."""
     max_prompt_length: int = 128
@@ -644,35 +647,15 @@ class PpoConfig(WorkerGroupConfig):
     ratios and the KL use the full softmax (as TRL's do), not the truncated distribution: keep 1.0
     unless the rollouts need it."""
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty against the reference (the SFT model) in the rewards."""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator in the rewards: k1 = log(pi / ref) (unbiased), k3 = (r - 1) - log r (>= 0)."""
-    kl_target: float | None = None
-    """With a target (nats per response), beta adapts toward it (Ziegler et al. 2019); null = fixed beta."""
-    kl_horizon: float = 10000
-    """Responses over which the adaptive controller moves beta by about e^0.2 under a persistent error."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """lambda of GAE."""
+    """beta: weight of the KL penalty against the reference (the SFT model)."""
     clip_eps: float = 0.2
     """Policy ratio clip range."""
-    value_clip_eps: float = 0.2
-    """Value clip range (in units of the normalised reward)."""
-    entropy_coef: float = 0.0
-    """Weight of an entropy bonus in the policy loss."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over each rollout batch (all workers)."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the normalised score of a response that never ended (0 = off)."""
     reward_source: Literal["model", "task"] = "model"
     """What scores a response: the reward model (RLHF), or the shipped task's checking program
     (data_prep/task.py: 1 right, 0 wrong; RL from a verifiable reward). With `task` the task accuracy is
     what training optimises, no longer an independent measure."""
-    critic_init: Literal["reward", "sft"] = "reward"
-    """Value model start: the reward model, or the SFT backbone with a fresh value head."""
-    critic_lr: float = 5e-4
-    """Peak learning rate of the value model."""
     max_errors: int = 200
     """How many bad prompt records are listed with file:line (all are counted)."""
     gather_for_rollout: bool = True
@@ -702,23 +685,55 @@ class PpoConfig(WorkerGroupConfig):
         if min(self.rollout_batch_size, self.mini_batch_size, self.micro_batch_size, self.ppo_epochs) < 1:
             yield "rollout_batch_size, mini_batch_size, micro_batch_size and ppo_epochs: must be >= 1"
         elif self.num_workers >= 1:
-            if self.rollout_batch_size % self.mini_batch_size:
-                yield (
-                    f"rollout_batch_size: {self.rollout_batch_size} is not a multiple of mini_batch_size "
-                    f"{self.mini_batch_size}"
-                )
-            per_step = self.num_workers * self.micro_batch_size
-            if self.mini_batch_size % per_step:
-                yield (
-                    f"mini_batch_size: {self.mini_batch_size} is not divisible by num_workers x "
-                    f"micro_batch_size = {per_step}; use a multiple of {per_step}"
-                )
+            yield from self.batch_problems()
         if not 0 < self.top_p <= 1 or self.temperature < 0:
             yield "top_p must be in (0, 1] and temperature >= 0"
         if min(self.max_new_tokens, self.max_prompt_length, self.task_eval_size, self.task_samples) < 1:
             yield "max_new_tokens, max_prompt_length, task_eval_size and task_samples: must be >= 1"
         if self.kl_coef < 0:
             yield "kl_coef: must be >= 0 (0 = no KL penalty)"
+        if self.reward_source == "task" and not self.task_prompts:
+            yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
+
+    def batch_problems(self):
+        """The rules between the batch sizes and the workers (each at least 1)."""
+        per_step = self.num_workers * self.micro_batch_size
+        if self.mini_batch_size % per_step:
+            yield (
+                f"mini_batch_size: {self.mini_batch_size} is not divisible by num_workers x "
+                f"micro_batch_size = {per_step}; use a multiple of {per_step}"
+            )
+
+
+@frozen
+class PpoConfig(RlConfig):
+    """PPO with a KL penalty (stages/ppo.py): the policy from sft, the reward (and value) model from reward."""
+
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty against the reference (the SFT model) in the rewards."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the rewards: k1 = log(pi / ref) (unbiased), k3 = (r - 1) - log r (>= 0)."""
+    kl_target: float | None = None
+    """With a target (nats per response), beta adapts toward it (Ziegler et al. 2019); null = fixed beta."""
+    kl_horizon: float = 10000
+    """Responses over which the adaptive controller moves beta by about e^0.2 under a persistent error."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE."""
+    value_clip_eps: float = 0.2
+    """Value clip range (in units of the normalised reward)."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus in the policy loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over each rollout batch (all workers)."""
+    critic_init: Literal["reward", "sft"] = "reward"
+    """Value model start: the reward model, or the SFT backbone with a fresh value head."""
+    critic_lr: float = 5e-4
+    """Peak learning rate of the value model."""
+
+    def check(self):
+        yield from super().check()
         if self.kl_target is not None and not (self.kl_target > 0 and self.kl_horizon > 0):
             yield "kl_target and kl_horizon: must be > 0 (or kl_target null for a fixed kl_coef)"
         elif self.kl_target is not None:
@@ -729,10 +744,72 @@ class PpoConfig(WorkerGroupConfig):
                     f"kl_horizon: must be > 0.2 x rollout_batch_size = {0.2 * self.rollout_batch_size:g}, or one "
                     f"update can scale beta by 1 - 0.2 x {self.rollout_batch_size} / {self.kl_horizon:g} <= 0"
                 )
-        if self.reward_source == "task" and not self.task_prompts:
-            yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             yield "gamma and lam: must be in [0, 1]"
+
+    def batch_problems(self):
+        if self.rollout_batch_size % self.mini_batch_size:
+            yield (
+                f"rollout_batch_size: {self.rollout_batch_size} is not a multiple of mini_batch_size "
+                f"{self.mini_batch_size}"
+            )
+        yield from super().batch_problems()
+
+
+@frozen
+class GrpoConfig(RlConfig):
+    """GRPO and its relatives, Dr. GRPO and RLOO (stages/grpo.py): `group_size` responses per prompt,
+    each scored against its group's, no value model. An opt-in stage: off unless `enabled`.
+
+        GRPO       baseline: group_mean,    scale_advantages: true,  weighting: sequence_mean
+        Dr. GRPO   baseline: group_mean,    scale_advantages: false, weighting: constant
+        RLOO       baseline: leave_one_out, scale_advantages: false, weighting: token_mean"""
+
+    # `enabled` says whether a run builds the stage, not what the stage makes
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (*RlConfig.PLACEMENT_KEYS, "enabled")
+
+    enabled: bool = False
+    """Whether a run builds grpo (beside ppo, from the same sft and reward artifacts). Off by default:
+    `--set grpo.enabled=true` adds it to a run; a selection that names it (`--only grpo`, `--from grpo`,
+    `--until grpo`) runs it whatever this says. Changes no artifact's identity."""
+    group_size: int = 8
+    """G: responses sampled per prompt; each one's advantage is its score against its group's (>= 2).
+    An iteration samples rollout_batch_size x group_size responses."""
+    baseline: Literal["group_mean", "leave_one_out"] = "group_mean"
+    """What a response's score is compared with: its group's mean (GRPO, Shao et al. 2024), or the mean
+    of the other group_size - 1 (RLOO, Ahmadian et al. 2024; kiln/rl/group_math.py)."""
+    scale_advantages: bool = True
+    """Divide each advantage by its group's standard deviation (GRPO); false leaves it unscaled
+    (Dr. GRPO, Liu et al. 2025: the division weighs the prompts that are too easy or too hard the most)."""
+    weighting: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    """How the token losses of a mini-batch are averaged: sequence_mean, each response's own mean then
+    the mean over responses (GRPO); token_mean, one mean over all tokens (DAPO, RLOO); constant, the sum
+    over 1 / (responses x max_new_tokens) (Dr. GRPO: no response's length divides its loss)."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL to the reference goes: a loss term, beta times the per-token k3 estimate (GRPO's
+    eq. 4), or the reward, beta times the response's summed log ratio (k1) off its score before the group
+    baseline (as PPO charges it)."""
+    kl_coef: float = 0.04
+    """beta: weight of the KL to the reference (the SFT model), in the loss or the reward (`kl_in`)."""
+
+    def check(self):
+        yield from super().check()
+        if self.group_size < 2:
+            yield "group_size: must be >= 2 (a response is scored against the rest of its group)"
+
+    def batch_problems(self):
+        responses = self.rollout_batch_size * self.group_size
+        if self.rollout_batch_size % self.num_workers:
+            yield (
+                f"rollout_batch_size: {self.rollout_batch_size} is not divisible by num_workers={self.num_workers} "
+                "(each worker samples the groups of its own prompts)"
+            )
+        elif responses % self.mini_batch_size:
+            yield (
+                f"mini_batch_size: {self.mini_batch_size} does not divide rollout_batch_size x group_size = "
+                f"{responses} responses"
+            )
+        yield from super().batch_problems()
 
 
 @frozen
@@ -785,6 +862,8 @@ class PipelineConfig:
     """Reward model training on preference pairs (TRL RewardTrainer on DeepSpeed)."""
     ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
     """RLHF: PPO with a KL penalty against the SFT model, scored by the reward model."""
+    grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
+    """Critic-free RL beside ppo: GRPO, Dr. GRPO or RLOO (opt-in: `grpo.enabled`)."""
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
     """The accelerator, for the plan before launch (`run --dry-run`): read by no stage."""
 

@@ -37,6 +37,9 @@ class Stage:
     """cfg -> data that also decides reuse (e.g. the size and mtime of input files)."""
     headline: str | None = None
     """Metric shown in the end-of-run table."""
+    enabled: Callable | None = None
+    """cfg -> whether a run builds the stage (an opt-in stage, off unless its config turns it on); None:
+    always. A stage that is off is not part of the config's DAG unless a selection names it."""
 
     @property
     def module(self) -> str:
@@ -55,6 +58,9 @@ class Stage:
 
     def scaling(self, cfg) -> Scaling | None:
         return self.workers(cfg) if self.workers else None
+
+    def is_on(self, cfg) -> bool:
+        return self.enabled(cfg) if self.enabled else True
 
     def load(self) -> Callable:
         import importlib
@@ -81,8 +87,10 @@ class DAG:
     def __getitem__(self, name: str) -> Stage:
         return self.by_name[name]
 
-    def topological(self, cfg) -> list[str]:
-        """Stage names, every stage after its inputs (declaration order breaks ties)."""
+    def topological(self, cfg, named=()) -> list[str]:
+        """The names of `cfg`'s stages, every stage after its inputs (declaration order breaks ties): the
+        stages that are on (`Stage.enabled`), those in `named` (an opt-in stage a selection names) and
+        what they read."""
         done: list[str] = []
         visiting: set[str] = set()
 
@@ -100,13 +108,14 @@ class DAG:
             done.append(name)
 
         for name in self.order:
-            visit(name)
+            if name in named or self[name].is_on(cfg):
+                visit(name)
         return done
 
     def downstream(self, cfg, name: str) -> set[str]:
-        """`name` and every stage that (transitively) reads it."""
+        """`name` and every stage of `cfg`'s DAG (and `name`) that (transitively) reads it."""
         found = {name}
-        for s in self.topological(cfg):
+        for s in self.topological(cfg, (name,)):
             if set(self[s].input_names(cfg)) & found:
                 found.add(s)
         return found
@@ -222,6 +231,22 @@ PIPELINE = DAG(
                 [*cfg.ppo.prompts, *filter(None, [cfg.ppo.task_prompts])]
             ),
             headline="task_accuracy",
+        ),
+        # grpo is ppo's sibling: the same sft policy, scored by the reward model or the task's program
+        # (then without the reward artifact); off unless grpo.enabled, or a selection names it
+        Stage(
+            "grpo",
+            "stages.grpo:run",
+            inputs=lambda cfg: (
+                ("sft", "reward", "tokenize") if cfg.grpo.reward_source == "model" else ("sft", "tokenize")
+            ),
+            sections=("grpo", "run"),
+            workers=_workers("grpo"),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [*cfg.grpo.prompts, *filter(None, [cfg.grpo.task_prompts])]
+            ),
+            headline="task_accuracy",
+            enabled=lambda cfg: cfg.grpo.enabled,
         ),
     )
 )

@@ -8,6 +8,8 @@ declared VERSION (pipeline/fingerprint.py). Its code is recorded, not keyed: a c
 whose code changed since it was built is kept and noted, and rebuilt only on request
 (`Selection(rebuild_changed=True)`, `--from`). Planning reads configs, source files and manifests
 only: no Ray, no torch, so a run with nothing to do and `status` answer in well under a second.
+The plan covers the config's DAG: an opt-in stage that is off (`grpo.enabled: false`) is in it only
+when the selection names it (`--only grpo`, `--from grpo`, `--until grpo`).
 """
 
 from __future__ import annotations
@@ -76,10 +78,11 @@ def fingerprinted_config(cfg, stage) -> tuple[dict, dict]:
 
 
 def make_plan(cfg, dag: DAG, store: ArtifactStore, sel: Selection = Selection(), deep: bool = False):
-    order = dag.topological(cfg)
-    for name in (*sel.only, sel.start, sel.until):
-        if name is not None and name not in dag.by_name:
-            raise PlanError(f"unknown stage {name!r}; stages are: {', '.join(order)}")
+    named = [name for name in (*sel.only, sel.start, sel.until) if name is not None]
+    for name in named:
+        if name not in dag.by_name:
+            raise PlanError(f"unknown stage {name!r}; stages are: {', '.join(dag.order)}")
+    order = dag.topological(cfg, named)  # an opt-in stage that is off is planned only when named
     selected = set(sel.only) if sel.only else set(order)
     forced: dict[str, str] = {}  # stage -> why it is rebuilt
     if sel.start:

@@ -41,6 +41,14 @@ NUMBERS = {  # stage: the manifest metrics shown in the table (a stage not liste
     "sft": ("val_loss", "task_accuracy", "task_accuracy_pretrained"),
     "reward": ("pairwise_accuracy", "initial_pairwise_accuracy", "margin"),
     "ppo": ("task_accuracy", "task_accuracy_sft", "task_accuracy_sampled", "score", "score_sft", "kl"),
+    "grpo": (
+        "task_accuracy",
+        "task_accuracy_sft",
+        "task_accuracy_sampled",
+        "task_accuracy_sampled_sft",
+        "score",
+        "kl",
+    ),
 }
 CHARTS = {  # stage: {panel title: its columns ("a|b": a, else b)}; the panels of a stage share the step axis
     "pretrain": {"loss (train and held-out)": ("loss", "val_loss")},
@@ -48,6 +56,11 @@ CHARTS = {  # stage: {panel title: its columns ("a|b": a, else b)}; the panels o
     "reward": {"held-out pairwise accuracy": ("pairwise_accuracy|val_accuracy",)},
     "ppo": {
         "proxy: reward-model score": ("score",),
+        "gold: task accuracy": ("task_accuracy", "task_accuracy_sampled"),
+        "KL to the SFT policy": ("kl",),
+    },
+    "grpo": {
+        "score (reward model or checking program)": ("score",),
         "gold: task accuracy": ("task_accuracy", "task_accuracy_sampled"),
         "KL to the SFT policy": ("kl",),
     },

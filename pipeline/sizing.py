@@ -2,7 +2,7 @@
 
     python launch.py run configs/multinode-moe.yaml --dry-run [--json]
 
-For pretrain, sft, reward and ppo: parameters (total, active per token, trained), memory per rank
+For pretrain, sft, reward, ppo and grpo: parameters (total, active per token, trained), memory per rank
 by kind, bytes communicated per optimizer step by collective, tokens per step; with `hardware:`
 described, the step time and MFU these allow, and warnings that name the keys to change when a
 stage will not fit or is communication-bound. The arithmetic is kiln/capacity.py's; this module
@@ -18,7 +18,7 @@ import dataclasses
 from kiln import capacity as C
 from kiln.model_fields import hf_values
 
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo")
 
 
 def stage_plans(cfg) -> dict[str, dict]:
@@ -87,12 +87,13 @@ def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int, top_k
 
 def _cost(cfg, stage: str, s, m: dict, vocab: int, zero_stage: int) -> dict:
     lm = C.parameter_tensors(m, vocab)
-    if stage == "ppo":
+    if stage in ("ppo", "grpo"):
         micro, seq = s.micro_batch_size, s.max_prompt_length + s.max_new_tokens
         accum = s.mini_batch_size // (s.num_workers * micro)
         setup = _setup(s, zero_stage, micro, accum, seq)
         value = C.parameter_tensors(m, vocab, value_head=True)
-        trained = [(lm, None), (value, None)]  # the actor and the critic
+        # the actor, and ppo's critic
+        trained = [(lm, None), (value, None)] if stage == "ppo" else [(lm, None)]
         frozen = [lm] + ([value] if s.reward_source == "model" else [])  # the reference and the reward model
         tokens = s.mini_batch_size * seq
     else:

@@ -61,7 +61,7 @@ def test_every_stage_of_the_old_run_is_recognised(legacy_root):
     cfg = load_config(overrides=[f"run.root={legacy_root}", *AS_BUILT])
     plan = plan_of(cfg)
     assert {n: (p.state, p.action) for n, p in plan.items()} == dict.fromkeys(
-        PIPELINE.order, ("complete", "skip")
+        PIPELINE.topological(cfg), ("complete", "skip")
     )
     assert {n: p.adopt.old_fingerprint for n, p in plan.items()} == OLD
     assert {n: plan[n].adopt.old_work_key for n in OLD_WORK} == OLD_WORK
@@ -77,8 +77,11 @@ def test_every_stage_of_the_old_run_is_recognised(legacy_root):
 
 def test_ingest_now_dropping_near_duplicates_adopts_nothing(legacy_root):
     """Today's default ingest makes other documents than that run's: it, and all that reads it, run again."""
-    plan = plan_of(load_config(overrides=[f"run.root={legacy_root}"]))
-    assert {n: (p.adopt, p.action) for n, p in plan.items()} == dict.fromkeys(PIPELINE.order, (None, "run"))
+    cfg = load_config(overrides=[f"run.root={legacy_root}"])
+    plan = plan_of(cfg)
+    assert {n: (p.adopt, p.action) for n, p in plan.items()} == dict.fromkeys(
+        PIPELINE.topological(cfg), (None, "run")
+    )
 
 
 def test_another_config_or_changed_input_files_are_not_adopted(legacy_root, tmp_path):

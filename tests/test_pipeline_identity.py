@@ -29,7 +29,7 @@ def _launch(project: Path, *args) -> subprocess.CompletedProcess:
 
 
 def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_path):
-    root, _, _ = tiny_run
+    root, cfg, _ = tiny_run
     scratch = tmp_path / "checkout"
     for rel in (*project_packages(), "configs"):
         shutil.copytree(PROJECT_ROOT / rel, scratch / rel, ignore=shutil.ignore_patterns("__pycache__"))
@@ -42,13 +42,13 @@ def test_comments_in_shared_modules_rebuild_nothing_unless_asked(tiny_run, tmp_p
     done = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     rows = {r["stage"]: r for r in json.loads(done.stdout)}
-    assert {s: r["action"] for s, r in rows.items()} == dict.fromkeys(PIPELINE.order, "skip")
+    assert {s: r["action"] for s, r in rows.items()} == dict.fromkeys(PIPELINE.topological(cfg), "skip")
     assert rows["ingest"]["notes"] == ["code changed since it was built: pipeline/config.py"]
     assert rows["pretrain"]["notes"] == ["code changed since it was built: kiln/model.py, pipeline/config.py"]
 
     rebuild = _launch(scratch, "run", "--root", str(root), "--dry-run", "--json", "--rebuild-changed")
     assert rebuild.returncode == 0, rebuild.stderr
-    assert [r["action"] for r in json.loads(rebuild.stdout)] == ["run"] * len(PIPELINE.order)
+    assert [r["action"] for r in json.loads(rebuild.stdout)] == ["run"] * len(PIPELINE.topological(cfg))
 
 
 def test_a_flipped_byte_in_a_token_shard_is_damaged_and_named(tiny_run, tmp_path, capsys):
@@ -93,7 +93,7 @@ def _as_legacy(cfg) -> dict[str, str]:
     plan = plan_of(cfg)
     run_dir = Path(cfg.run.root) / cfg.run.name
     old: dict[str, str] = {}
-    for name in PIPELINE.order:
+    for name in PIPELINE.topological(cfg):
         p, stage = plan[name], PIPELINE[name]
         full = section_dict(cfg, stage.sections)
         keyed = {
@@ -124,7 +124,7 @@ def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(
     stages after it is exercised."""
     monkeypatch.setitem(legacy.MADE_AS_BEFORE, "tokenize", 2)
     cfg = load_config(overrides=[f"run.root={tmp_path}", "run.wandb=disabled"])
-    copy_upstream(tiny_run[1], cfg, PIPELINE.order)
+    copy_upstream(tiny_run[1], cfg, PIPELINE.topological(cfg))
     new = {n: p.fingerprint for n, p in plan_of(cfg).items()}
     old = _as_legacy(cfg)
     planned = plan_of(cfg)
@@ -134,7 +134,7 @@ def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(
     )
     checkpoint.mkdir(parents=True)
     assert {n: (p.state, p.action) for n, p in planned.items()} == dict.fromkeys(
-        PIPELINE.order, ("complete", "skip")
+        PIPELINE.topological(cfg), ("complete", "skip")
     )
     assert {n: p.fingerprint for n, p in planned.items()} == new
 

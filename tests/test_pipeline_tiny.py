@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(
 def test_every_stage_completes_with_verified_artifacts(tiny_run):
     root, cfg, outcome = tiny_run
     plan = plan_of(cfg, deep=True)  # every file's sha256 against its manifest
-    assert {n: p.state for n, p in plan.items()} == {n: "complete" for n in PIPELINE.order}
+    assert {n: p.state for n, p in plan.items()} == {n: "complete" for n in PIPELINE.topological(cfg)}
     for p in plan.values():
         m = p.manifest
         assert m["fingerprint"] == p.fingerprint and m["code_version"] == p.code and m["version"] == p.version
@@ -96,7 +96,7 @@ def test_second_run_runs_nothing_and_leaves_the_report_alone(tiny_run, monkeypat
     assert code == 0
     assert all(p.action == "skip" for p in plan_of(cfg).values())
     out = capsys.readouterr().out  # the summary table, on stdout
-    assert all(name in out for name in PIPELINE.order) and "complete (reused)" in out
+    assert all(name in out for name in PIPELINE.topological(cfg)) and "complete (reused)" in out
     assert (report.read_bytes() if report.exists() else None) == had  # nothing ran: nothing redrawn
 
 
@@ -127,10 +127,10 @@ def test_dry_run_explains_what_a_change_reruns(tiny_run, capsys):
 
 
 def test_status_json_lists_every_stage_complete(tiny_run, capsys):
-    root, _, _ = tiny_run
+    root, cfg, _ = tiny_run
     assert launch.main(["status", "--root", str(root), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["stage"] for r in rows] == list(PIPELINE.order)
+    assert [r["stage"] for r in rows] == PIPELINE.topological(cfg)  # grpo, off, is not the run's
     assert all(r["state"] == "complete" and r["progress"] is None for r in rows)
     pretrain = next(r for r in rows if r["stage"] == "pretrain")
     assert pretrain["metrics"]["val_loss"] > 0 and rows[-1]["metrics"]["task_accuracy"] >= 0

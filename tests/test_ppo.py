@@ -123,11 +123,11 @@ def test_ppo_on_the_checking_program_raises_held_out_task_accuracy(tiny_run, tmp
 
 
 def test_flips_count_the_paired_changes_of_two_evaluations():
-    from stages.ppo import _flips
+    from kiln.rl.loop import flips
 
-    assert _flips("0011", "0110") == {"task_sampled_gained": 1, "task_sampled_lost": 1}
-    assert _flips("0000", "1101") == {"task_sampled_gained": 3, "task_sampled_lost": 0}
-    assert _flips("", "01") == {} and _flips("01", "011") == {}  # nothing to pair with
+    assert flips("0011", "0110") == {"task_sampled_gained": 1, "task_sampled_lost": 1}
+    assert flips("0000", "1101") == {"task_sampled_gained": 3, "task_sampled_lost": 0}
+    assert flips("", "01") == {} and flips("01", "011") == {}  # nothing to pair with
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
@@ -163,19 +163,19 @@ def test_prompts_past_a_learned_position_table_fail_before_training(tmp_path):
     """With learned positions a prompt plus its response must fit the table; RoPE needs no check."""
     import json
 
-    from stages.ppo import _check_positions
+    from kiln.rl.loop import check_positions
 
     p = load_config(overrides=["ppo.max_new_tokens=16"]).ppo
     prompts = [{"ids": [5] * n} for n in (10, 48)]
     (tmp_path / "config.json").write_text(json.dumps({"position": "rope", "max_position_embeddings": 64}))
-    _check_positions(p, tmp_path, prompts, [])
+    check_positions(p, "ppo", tmp_path, prompts, [])
     (tmp_path / "config.json").write_text(json.dumps({"position": "learned", "max_position_embeddings": 64}))
-    _check_positions(p, tmp_path, prompts, [])  # 48 + 16 = 64 fits
+    check_positions(p, "ppo", tmp_path, prompts, [])  # 48 + 16 = 64 fits
     prompts.append({"ids": [5] * 49})
     with pytest.raises(
         ValueError, match=r"ppo.prompts: a prompt of 49 tokens \+ ppo.max_new_tokens=16 goes past"
     ):
-        _check_positions(p, tmp_path, prompts, [])
+        check_positions(p, "ppo", tmp_path, prompts, [])
 
 
 def test_reward_ranking_figures_by_hand():
