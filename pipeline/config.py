@@ -611,7 +611,7 @@ class RlConfig(WorkerGroupConfig):
     # batch into mini-batches, so the world size decides which rollouts share an update.
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors", "gather_for_rollout",
-        "offload_frozen",
+        "offload_frozen", "reward_gate", "reward_min_accuracy", "reward_max_ece", "reward_max_length_correlation",
     )  # fmt: skip
 
     prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
@@ -664,6 +664,18 @@ class RlConfig(WorkerGroupConfig):
     pass, that is at every sampled token; the ranks then sample without stepping together. Every rank
     holds one whole model meanwhile (as TRL and OpenRLHF do): false for a model too large for that,
     which then samples gathering per forward pass. The same numbers either way; no effect below ZeRO-3."""
+    reward_gate: Literal["warn", "refuse", "off"] = "warn"
+    """What the stage does, before any worker starts, when the reward model it scores with
+    (`reward_source: model`) misses a threshold below on its held-out measures (the reward artifact's
+    manifest): log a warning naming the measure and the key (`warn`), refuse to start (`refuse`), or
+    check nothing (`off`). A reward model that ranks held-out pairs poorly, whose probabilities are
+    miscalibrated or whose score follows the answer's length is one RL learns to exploit."""
+    reward_min_accuracy: float = 0.6
+    """Lowest held-out pairwise accuracy (`pairwise_accuracy`) the gate accepts."""
+    reward_max_ece: float = 0.1
+    """Highest expected calibration error of its Bradley-Terry probabilities (`calibration_ece`)."""
+    reward_max_length_correlation: float = 0.5
+    """Highest |correlation| of its score with the response's length (`length_correlation`)."""
     offload_frozen: bool = False
     """ZeRO-3: the frozen models' parameters (the reference and the reward model) kept in CPU memory
     (DeepSpeed's parameter offload; they are built there, partitioned) and copied to the accelerator
@@ -692,6 +704,12 @@ class RlConfig(WorkerGroupConfig):
             yield "max_new_tokens, max_prompt_length, task_eval_size and task_samples: must be >= 1"
         if self.kl_coef < 0:
             yield "kl_coef: must be >= 0 (0 = no KL penalty)"
+        if (
+            not 0 <= self.reward_min_accuracy <= 1
+            or self.reward_max_ece < 0
+            or self.reward_max_length_correlation < 0
+        ):
+            yield "reward_min_accuracy must be in [0, 1]; reward_max_ece and reward_max_length_correlation >= 0"
         if self.reward_source == "task" and not self.task_prompts:
             yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
 

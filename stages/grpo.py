@@ -98,6 +98,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     reward = inputs.get("reward")  # an input with `reward_source: model` only
     uses = ["the rewards"] if p.reward_source == "model" else []
     mean, std = L.reward_statistics("grpo", reward.metrics if reward else {}, uses)
+    L.reward_gate(p, "grpo", reward.metrics if reward else {}, ctx.logger)
     sft_dir = Path(inputs["sft"].path)
     prompts, stats, task = L.read_prompts(p, "grpo", sft_dir, ctx.logger)
     job = GrpoJob.new(

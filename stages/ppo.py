@@ -112,6 +112,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     # the reward model's held-out mean and std normalise its scores, and a critic started from it
     uses = [use for use, on in (("the rewards", p.reward_source == "model"), ("the critic's values", p.critic_init == "reward")) if on]  # fmt: skip
     mean, std = L.reward_statistics("ppo", inputs["reward"].metrics, uses)
+    L.reward_gate(p, "ppo", inputs["reward"].metrics, ctx.logger)
     sft_dir = Path(inputs["sft"].path)
     prompts, stats, task = L.read_prompts(p, "ppo", sft_dir, ctx.logger)
     job = PpoJob.new(

@@ -506,3 +506,40 @@ def test_offload_frozen_is_zero3_placement():
         for on in ("false", "true")
     ]  # fmt: skip
     assert identity[0] == identity[1]
+
+
+def test_the_reward_model_quality_gate_warns_or_refuses_naming_the_measure_and_the_key(caplog):
+    """ppo and grpo check the reward manifest's held-out measures before starting: by default a miss is
+    a warning; with `reward_gate: refuse` the stage stops, naming the measure and the key to relax."""
+    import dataclasses
+    import logging
+
+    from kiln.rl.loop import reward_gate
+    from pipeline.config import PpoConfig
+
+    log = logging.getLogger("kiln.test.gate")
+    good = {"pairwise_accuracy": 0.89, "calibration_ece": 0.02, "length_correlation": -0.25}
+    p = PpoConfig()
+    assert reward_gate(p, "ppo", good, log) == []
+    bad = good | {"calibration_ece": 0.3, "length_correlation": -0.7}
+    with caplog.at_level(logging.WARNING, logger="kiln.test.gate"):
+        failed = reward_gate(p, "ppo", bad, log)
+    assert (
+        len(failed) == 2
+        and "ppo.reward_max_ece" in failed[0]
+        and "ppo.reward_max_length_correlation" in failed[1]
+    )
+    assert "calibration_ece = 0.300" in caplog.text and "|length_correlation| = 0.700" in caplog.text
+    with pytest.raises(ValueError, match=r"pairwise_accuracy = 0\.550 below ppo\.reward_min_accuracy = 0\.6"):
+        reward_gate(
+            dataclasses.replace(p, reward_gate="refuse"), "ppo", good | {"pairwise_accuracy": 0.55}, log
+        )
+    # nothing to check: the checking program scores, or the gate is off, or an older artifact lacks a measure
+    assert (
+        reward_gate(dataclasses.replace(p, reward_source="task", reward_gate="refuse"), "ppo", bad, log) == []
+    )
+    assert reward_gate(dataclasses.replace(p, reward_gate="off"), "ppo", bad, log) == []
+    refuse = dataclasses.replace(p, reward_gate="refuse")
+    assert reward_gate(refuse, "ppo", {"pairwise_accuracy": 0.9}, log) == []
+    assert "no calibration_ece" in caplog.text
+    assert any("reward_min_accuracy" in e for e in dataclasses.replace(p, reward_min_accuracy=2).check())

@@ -111,6 +111,44 @@ def reward_statistics(stage: str, metrics: dict, uses: list[str]) -> tuple[float
     return metrics["reward_mean"], metrics["reward_std"]
 
 
+REWARD_GATE = (  # (measure in the reward manifest, the key bounding it, is it a lower bound, compared as |x|)
+    ("pairwise_accuracy", "reward_min_accuracy", True, False),
+    ("calibration_ece", "reward_max_ece", False, False),
+    ("length_correlation", "reward_max_length_correlation", False, True),
+)
+
+
+def reward_gate(p, stage: str, metrics: dict, logger) -> list[str]:
+    """Check the reward model's held-out measures (its manifest's `metrics`) against section `p`'s
+    thresholds (`reward_gate`, `reward_min_accuracy`, ...); returns the failures, each naming the
+    measure and the key to relax. `warn` logs them, `refuse` raises with them; a measure the artifact
+    lacks (a reward stage older than it) is said, never refused on."""
+    if p.reward_gate == "off" or p.reward_source != "model":
+        return []
+    failed = []
+    for measure, key, lower, absolute in REWARD_GATE:
+        value, bound = metrics.get(measure), getattr(p, key)
+        if value is None:
+            logger.warning(
+                "%s: the reward artifact has no %s (an older reward stage); not checked", stage, measure
+            )
+            continue
+        seen = abs(value) if absolute else value
+        if (seen < bound) if lower else (seen > bound):
+            shown = f"|{measure}| = {seen:.3f}" if absolute else f"{measure} = {value:.3f}"
+            failed.append(f"{shown} {'below' if lower else 'above'} {stage}.{key} = {bound}")
+    if failed and p.reward_gate == "refuse":
+        raise ValueError(
+            f"{stage}: the reward model fails its quality gate: {'; '.join(failed)}. Train a better reward "
+            f"model, relax the named key, or set {stage}.reward_gate=warn to run anyway"
+        )
+    for line in failed:
+        logger.warning(
+            "%s: reward model quality: %s (%s.reward_gate=refuse would stop here)", stage, line, stage
+        )
+    return failed
+
+
 def read_prompts(p, stage: str, sft_dir: Path, logger) -> tuple[list[dict], dict, list]:
     """(training prompts, their counts for prompt_stats.json, held-out task prompts) of section `p`,
     checked against the policy's positions (`check_positions`) and logged."""
