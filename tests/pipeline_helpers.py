@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -133,3 +134,49 @@ def stopped_on_sigterm(proc: subprocess.Popen, log: Path, since: int, within: fl
         r"(\w+): stopped\s+on\s+SIGTERM\s+with\s+its\s+checkpoint\s+saved\s+at\s+step\s+(\d+)", text
     )
     return {stage: int(step) for stage, step in said}
+
+
+def kill_then_preempt(
+    store: ArtifactStore, p, every: int, root: Path, log: Path, flags: list[str], grace: float
+) -> int:
+    """Run stage `p` (a plan entry of a worker-group stage checkpointing every `every` steps) alone with
+    `flags`: SIGKILL its rank 0 once Ray Train holds the checkpoint at `every`, so the group restarts
+    from it; SIGTERM its rank 1 between the next checkpoints, so the run saves that step and exits
+    within `grace` seconds; then run it again to the end. Asserts the group was restarted (a new rank 0)
+    and resumed from both checkpoints; returns the step the SIGTERM stopped at."""
+    stage, work = p.name, store.work_dir(p.name, p.work_key)
+    rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
+    ray_tmp = Path(f"/tmp/kiln-{stage}-resume-{os.getpid()}")
+    proc = None
+    try:
+        proc = start_run(root, ray_tmp, log, "--only", stage, *flags)
+        wait_for(
+            lambda: reached(store, p, every + 1, every), 900, f"{stage}'s checkpoint at step {every}", proc
+        )
+        pid = int(rank0.read_text().split()[0])
+        assert registered_step(work) == every  # not yet the next one
+        os.kill(pid, signal.SIGKILL)
+
+        def resumed() -> bool:
+            said = store.log_path(stage).read_text()
+            return f"resumed from its checkpoint at step {every}" in said and reached(store, p, every + 1)
+
+        wait_for(resumed, 900, "the restarted group's next step", proc)
+        since = log.stat().st_size
+        os.kill(int((work / "worker_pids" / "rank1").read_text().split()[0]), signal.SIGTERM)
+        stopped = stopped_on_sigterm(proc, log, since, grace)[stage]
+        assert every < stopped < 2 * every, stopped  # between checkpoints
+        proc = start_run(root, ray_tmp, log, "--only", stage, *flags)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
+    said = store.log_path(stage).read_text()
+    assert re.findall(rf"{stage}: resumed from its checkpoint at step (\d+)", said) == [
+        str(every),
+        str(stopped),
+    ]
+    return stopped

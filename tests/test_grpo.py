@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +27,12 @@ from tests.pipeline_helpers import (
     UPSTREAM,
     artifact,
     copy_upstream,
+    kill_then_preempt,
     manifest,
     plan_of,
-    reached,
-    registered_step,
     rows,
     set_flags,
-    start_run,
-    stopped_on_sigterm,
     tensors,
-    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +232,7 @@ def test_grpo_resume_after_a_killed_worker_equals_the_uninterrupted_run(grpo_run
     exits; a re-run resumes there. Every iteration's metrics equal the uninterrupted run's (fp32,
     within 1e-5), on the same prompts, and so do the final gold measures."""
     ref_cfg, ref_path = grpo_run
-    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-grpo-resume-{os.getpid()}"), tmp_path / "run.log"
+    root, log = tmp_path / "runs", tmp_path / "run.log"
     cfg = load_config(overrides=[f"run.root={root}", *RUN])
     copy_upstream(ref_cfg, cfg, (*UPSTREAM, "sft"))
     p = plan_of(cfg, Selection(only=("grpo",)))["grpo"]
@@ -247,39 +240,7 @@ def test_grpo_resume_after_a_killed_worker_equals_the_uninterrupted_run(grpo_run
         p.action == "run" and p.fingerprint == plan_of(ref_cfg, Selection(only=("grpo",)))["grpo"].fingerprint
     )
     store = ArtifactStore(str(root), cfg.run.name)
-    every, work = cfg.grpo.checkpoint_every, store.work_dir("grpo", p.work_key)
-    rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
-
-    proc = None
-    try:
-        proc = start_run(root, ray_tmp, log, "--only", "grpo", *set_flags(RUN))
-        wait_for(
-            lambda: reached(store, p, every + 1, every), 900, f"grpo's checkpoint at iteration {every}", proc
-        )
-        pid = int(rank0.read_text().split()[0])
-        assert registered_step(work) == every  # not yet the next one
-        os.kill(pid, signal.SIGKILL)
-
-        def resumed() -> bool:
-            said = store.log_path("grpo").read_text()
-            return f"resumed from its checkpoint at step {every}" in said and reached(store, p, every + 1)
-
-        wait_for(resumed, 900, "the restarted group's next iteration", proc)
-        since = log.stat().st_size
-        os.kill(int((work / "worker_pids" / "rank1").read_text().split()[0]), signal.SIGTERM)
-        stopped = stopped_on_sigterm(proc, log, since, cfg.run.preempt_grace_s)["grpo"]
-        assert every < stopped < 2 * every, stopped  # between checkpoints
-        proc = start_run(root, ray_tmp, log, "--only", "grpo", *set_flags(RUN))
-        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
-    said = store.log_path("grpo").read_text()
-    assert re.findall(r"grpo: resumed from its checkpoint at step (\d+)", said) == [str(every), str(stopped)]
+    kill_then_preempt(store, p, cfg.grpo.checkpoint_every, root, log, set_flags(RUN), cfg.run.preempt_grace_s)
     path = store.find("grpo", p.fingerprint).path
     got, want = ([r for r in rows(x) if "score" in r] for x in (path, ref_path))
     assert [r["step"] for r in got] == list(range(1, cfg.grpo.iterations + 1))  # none twice, none lost

@@ -10,11 +10,6 @@ the accuracy PPO reaches with the program itself as the reward.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,16 +22,12 @@ from tests.pipeline_helpers import (
     UPSTREAM,
     artifact,
     copy_upstream,
+    kill_then_preempt,
     manifest,
     plan_of,
-    reached,
-    registered_step,
     rows,
     set_flags,
-    start_run,
-    stopped_on_sigterm,
     tensors,
-    wait_for,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -389,46 +380,15 @@ def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp
     resumes there. Every iteration's metrics equal an uninterrupted run's (fp32, within 1e-5), on the
     same prompts."""
     ref_cfg, ref_path = _short_run(tiny_run, tmp_path / "reference", *RESUME, keep_preset=True)
-    root, ray_tmp, log = tmp_path / "runs", Path(f"/tmp/kiln-ppo-resume-{os.getpid()}"), tmp_path / "run.log"
+    root, log = tmp_path / "runs", tmp_path / "run.log"
     cfg = load_config(overrides=[f"run.root={root}", *RESUME])
     copy_upstream(ref_cfg, cfg, (*UPSTREAM, "sft", "reward"))
     p = plan_of(cfg)["ppo"]
     assert p.action == "run" and p.fingerprint == plan_of(ref_cfg)["ppo"].fingerprint
     store = ArtifactStore(str(root), cfg.run.name)
-    every, work = cfg.ppo.checkpoint_every, store.work_dir("ppo", p.work_key)
-    rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
-
-    proc = None
-    try:
-        proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
-        wait_for(
-            lambda: reached(store, p, every + 1, every), 900, f"ppo's checkpoint at iteration {every}", proc
-        )
-        pid = int(rank0.read_text().split()[0])
-        assert registered_step(work) == every  # not yet the next one
-        os.kill(pid, signal.SIGKILL)
-
-        def resumed() -> bool:
-            return f"resumed from its checkpoint at step {every}" in store.log_path(
-                "ppo"
-            ).read_text() and reached(store, p, every + 1)
-
-        wait_for(resumed, 900, "the restarted group's next iteration", proc)
-        since = log.stat().st_size
-        os.kill(int((work / "worker_pids" / "rank1").read_text().split()[0]), signal.SIGTERM)
-        stopped = stopped_on_sigterm(proc, log, since, cfg.run.preempt_grace_s)["ppo"]
-        assert every < stopped < 2 * every, stopped  # between checkpoints
-        proc = start_run(root, ray_tmp, log, "--only", "ppo", *set_flags(RESUME))
-        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    assert int(rank0.read_text().split()[0]) != pid  # the group was restarted, not left to finish
-    said = store.log_path("ppo").read_text()
-    assert re.findall(r"ppo: resumed from its checkpoint at step (\d+)", said) == [str(every), str(stopped)]
+    kill_then_preempt(
+        store, p, cfg.ppo.checkpoint_every, root, log, set_flags(RESUME), cfg.run.preempt_grace_s
+    )
     path = store.find("ppo", p.fingerprint).path
     got, want = iterations(path), iterations(ref_path)
     assert [r["step"] for r in got] == list(range(1, cfg.ppo.iterations + 1))  # none twice, none lost
