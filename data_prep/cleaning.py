@@ -1,15 +1,20 @@
 """Cleaning for the ingest stage, in three steps that keep memory flat and output order-independent.
 
-1. `clean_file(task)`  one task per input file: stream records, drop bad ones (counted by reason,
-   listed with file:line up to a cap) and filtered ones, write the candidates to a Parquet part
-   with their 64-bit content hash, return counts and the hashes (8 bytes per document).
+1. `clean_file(task)`  one task per input file, or per byte range of a large plain one (the lines
+   that begin in it; `merge_ranges` makes the file's result of its ranges'): stream records, drop bad
+   ones (counted by reason, listed with file:line up to a cap) and filtered ones, write the
+   candidates to a Parquet part with their 64-bit content hash, return counts and the hashes (8
+   bytes per document).
 2. `find_duplicates(hashes)`  in the driver: across all files in input order, which candidates
    repeat an earlier one (the first occurrence is kept).
-3. `write_docs(task)`  one task per file: the part minus duplicates (and near-duplicates), each
+3. `write_docs(task)`  one task per file: its parts minus duplicates (and near-duplicates), each
    document written `copies` times (set weights), as Parquet shards `text, source, id`.
 
-Steps 1 and 3 are units (pipeline/units.py): each task renames its files into place, then records
-itself done, last; `finished_clean` and `units.finished` give an earlier attempt's result back.
+Steps 1 and 3 are units (pipeline/units.py) in a `Folder` of the stage's work dir: each task renames
+its files into place, publishes them (on an object-store root: uploads them, from whichever node it
+runs on), then records itself done, last; `finished_clean` and `Folder.finished` give an earlier
+attempt's result back. Step 3 fetches the part it reads (nothing on the node that cleaned the file)
+and returns each shard's size and sha256, so the commit reads none of them again.
 
 With near-duplicate removal on, step 1 also stores each candidate's MinHash band hashes in its part
 (data_prep/near_dup.py), and between steps 2 and 3 the stage finds the clusters of near-duplicates
@@ -33,7 +38,6 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -66,26 +70,32 @@ def copies_of(h: int, weight: float) -> int:
 class CleanTask:
     index: int
     path: str
-    part: str
-    """Where to write the Parquet part of candidates."""
+    folder: units.Folder
+    """Where to write the Parquet part of candidates, its hashes and its record."""
+    name: str
+    """The unit's name: `<name>.parquet`, `<name>.hashes.npy`, `<name>.done.json`."""
     min_chars: int
     max_chars: int
     include_sets: tuple[str, ...]
     set_weights: dict[str, float]
     max_errors: int
-    record: str
-    """Where the finished unit is recorded (pipeline/units.py)."""
     identity: dict
     """What its output depends on: the input file (size, mtime) and the settings above and below."""
     near_dup: NearDupSpec | None = None
     """With it, the part holds each candidate's band hashes (columns `band_00` ...)."""
     heldout: HeldOut | None = None
     """With it, documents that quote a held-out text are dropped as `contaminated`."""
+    byte_range: tuple[int, int] | None = None
+    """The lines of a plain file that begin in [start, end) (data_prep/readers.py); None: all of it."""
 
+    @property
+    def part(self) -> str:
+        return f"{self.name}.parquet"
 
-def hashes_path(part: str) -> Path:
-    """The content hashes of a part's rows (uint64 .npy), beside it."""
-    return Path(part).with_suffix(".hashes.npy")
+    @property
+    def hashes(self) -> str:
+        """The content hashes of the part's rows (uint64 .npy), beside it."""
+        return f"{self.name}.hashes.npy"
 
 
 @dataclass
@@ -98,27 +108,36 @@ class FileResult:
     dropped: Counter = field(default_factory=Counter)
     errors: list[dict] = field(default_factory=list)
     blank_lines: int = 0
+    lines: int = 0
+    """Lines read, blank ones included: where the next range's line numbers start."""
     hashes: np.ndarray | None = None
     """uint64 content hash of each candidate, in file order (the rows of the part)."""
     error: str | None = None
+    node_id: str | None = None
+    """The Ray node that cleaned it (None outside Ray)."""
+    files: dict = field(default_factory=dict)
+    """The part's and the hashes' {size, sha256} (sha256 on an object-store root), as written."""
 
     def counts(self) -> dict:
-        """Everything but the hashes, as JSON (a unit's record)."""
+        """Everything but the hashes and the files' facts, as JSON (a unit's record)."""
         return {
             "index": self.index, "path": self.path, "status": self.status, "read": self.read,
             "dropped": dict(self.dropped), "errors": self.errors, "blank_lines": self.blank_lines,
-            "error": self.error,
+            "lines": self.lines, "error": self.error, "node_id": self.node_id,
         }  # fmt: skip
 
 
-def finished_clean(task: CleanTask) -> FileResult | None:
-    """Step 1's result for this file if an earlier attempt finished it (pipeline/units.py), else None."""
-    saved = units.finished(task.record, task.identity)
+def finished_clean(task: CleanTask, listing: dict | None = None) -> FileResult | None:
+    """Step 1's result for this file if an earlier attempt finished it (pipeline/units.py), else None.
+    `listing`: the folder's files in an object-store root (`Folder.listing`), listed once for all."""
+    saved = task.folder.finished(task.name, task.identity, listing)
     if saved is None:
         return None
-    res = FileResult(**{**saved, "dropped": Counter(saved["dropped"])})
+    res = FileResult(**{**saved["result"], "dropped": Counter(saved["result"]["dropped"])})
+    digests = saved.get("sha256", {})
+    res.files = {n: {"size": size, "sha256": digests.get(n)} for n, size in saved["files"].items()}
     if res.status == "ok":
-        res.hashes = np.load(hashes_path(task.part))
+        res.hashes = np.load(task.folder.fetch(task.hashes, digests.get(task.hashes)))
     return res
 
 
@@ -164,14 +183,15 @@ def clean_file(task: CleanTask) -> FileResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    res = FileResult(task.index, task.path)
+    res = FileResult(task.index, task.path, node_id=units.node_id())
+    folder = task.folder.local()
     bands = band_columns(task.near_dup) if task.near_dup else []
     schema = pa.schema(
         [("text", pa.string()), ("source", pa.string()), ("hash", pa.uint64())]
         + [(name, pa.uint64()) for name in bands]
     )
     signer = Signer(task.near_dup) if task.near_dup else None
-    tmp = f"{task.part}.{os.getpid()}.tmp"
+    tmp = folder / f"{task.part}.{os.getpid()}.tmp"
     hashes = []
     batch: dict[str, list] = {"texts": [], "sources": [], "hashes": [], "signatures": []}
     batch_bytes = 0
@@ -188,10 +208,14 @@ def clean_file(task: CleanTask) -> FileResult:
 
     # a JSON line may spend up to 12 bytes per character (a "\ud83d\ude00" pair) plus its meta
     max_line = 12 * task.max_chars + (1 << 16)
-    lines = read_hf(task.path) if task.path.startswith("hf:") else read_lines(task.path, max_line)
+    if task.path.startswith("hf:"):
+        lines = read_hf(task.path)
+    else:
+        lines = read_lines(task.path, max_line, task.byte_range)
     try:
         with pq.ParquetWriter(tmp, schema, compression="lz4") as writer:
             for lineno, raw in lines:
+                res.lines = lineno
                 if raw is not None and isinstance(raw, bytes) and not raw.strip():
                     res.blank_lines += 1  # not a record: not counted as read
                     continue
@@ -227,17 +251,36 @@ def clean_file(task: CleanTask) -> FileResult:
             if batch["texts"]:
                 flush(writer)
     except BadFileError as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         res.status, res.error = "failed", str(e)
-        units.record(task.record, task.identity, res.counts(), [])  # reading it again would fail again
+        task.folder.record(task.name, task.identity, res.counts(), {})  # reading it again would fail again
         return res
-    os.replace(tmp, task.part)
+    os.replace(tmp, folder / task.part)
     res.hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    hashes_file = hashes_path(task.part)
-    with open(f"{hashes_file}.{os.getpid()}.tmp", "wb") as f:
+    tmp = folder / f"{task.hashes}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
         np.save(f, res.hashes)
-    os.replace(f"{hashes_file}.{os.getpid()}.tmp", hashes_file)
-    units.record(task.record, task.identity, res.counts(), [Path(task.part), hashes_file])
+    os.replace(tmp, folder / task.hashes)
+    res.files = task.folder.publish([task.part, task.hashes])
+    task.folder.record(task.name, task.identity, res.counts(), res.files)
+    return res
+
+
+def merge_ranges(ranges: list[FileResult], max_errors: int) -> FileResult:
+    """A file's step-1 result from those of its byte ranges, in order: the counts added, each error
+    numbered by its line in the file (the first `max_errors` kept, as one task would), the hashes one
+    after another: what one task reading the whole file returns."""
+    if len(ranges) == 1 or any(r.status != "ok" for r in ranges):
+        return next((r for r in ranges if r.status != "ok"), ranges[0])
+    res = FileResult(ranges[0].index, ranges[0].path)
+    for r in ranges:
+        res.errors += [{**e, "line": e["line"] + res.lines} for e in r.errors]
+        res.read += r.read
+        res.dropped.update(r.dropped)
+        res.blank_lines += r.blank_lines
+        res.lines += r.lines
+    res.errors = res.errors[:max_errors]
+    res.hashes = np.concatenate([r.hashes for r in ranges])
     return res
 
 
@@ -261,25 +304,43 @@ def find_duplicates(hashes: list[np.ndarray]) -> list[np.ndarray]:
 @dataclass
 class WriteTask:
     index: int
-    part: str
+    parts: list[units.FileRef]
+    """The file's parts of candidates (step 1's: one per range), in order, as their writers recorded them."""
     occurrence: np.ndarray
     """Per candidate row: 0 = first occurrence; > 0 repeats (dropped when dedup is on)."""
     dedup: bool
     set_weights: dict[str, float]
-    out_dir: str
+    folder: units.Folder
+    """Where its shards and its record go."""
+    name: str
+    """The unit's name (`<name>.done.json`)."""
     docs_per_shard: int
-    record: str
-    """Where the finished unit is recorded (pipeline/units.py)."""
     identity: dict
     """What its output depends on: the part's own identity, the occurrences' digest, the settings."""
     near: np.ndarray | None = None
     """Per candidate row: True = dropped as a near-duplicate (stages/ingest.py decides); None: none is."""
+    on_node: str | None = None
+    """The Ray node that cleaned (most of) the file, whose cache holds its parts: the task runs there
+    if it has a free core (pipeline/ray_context.py), reading them without fetching."""
+
+
+def _candidates(parts: list[units.FileRef]):
+    """(text, source, hash) of every row of the parts, in order, one row group (<= PART_BYTES of
+    text) at a time."""
+    import pyarrow.parquet as pq
+
+    for ref in parts:
+        with pq.ParquetFile(ref.fetch()) as part:
+            for g in range(part.num_row_groups):
+                batch = part.read_row_group(g, columns=PART_COLUMNS, use_threads=False)
+                yield from zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True)
 
 
 def write_docs(task: WriteTask) -> dict:
     """Step 3 for one file: shards `part-<file>-<k>.parquet` of `text, source, id` (zstd), written
     a row group (<= SHARD_GROUP_ROWS documents / PART_BYTES of text) at a time: memory stays flat.
-    Recorded as a finished unit once every shard is in place."""
+    Published with their size and sha256 (`files`) and recorded as a finished unit once every shard
+    is in place."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -288,11 +349,12 @@ def write_docs(task: WriteTask) -> dict:
     buf: dict[str, list] = {"text": [], "source": [], "id": []}
     state = {"writer": None, "tmp": None, "rows": 0, "bytes": 0}
     kept = written = 0
+    out_dir = task.folder.local()
 
     def flush_group():
         if state["writer"] is None:
             name = f"part-{task.index:05d}-{len(shards):05d}.parquet"
-            state["tmp"] = Path(task.out_dir) / f".{name}.{os.getpid()}.tmp"  # a retried task writes its own
+            state["tmp"] = out_dir / f".{name}.{os.getpid()}.tmp"  # a retried task writes its own
             state["writer"] = pq.ParquetWriter(state["tmp"], schema, compression="zstd")
             shards.append({"file": name, "docs": 0})
         state["writer"].write_table(pa.table(buf, schema=schema))
@@ -306,42 +368,41 @@ def write_docs(task: WriteTask) -> dict:
             flush_group()
         if state["writer"] is not None:
             state["writer"].close()
-            os.replace(state["tmp"], Path(task.out_dir) / shards[-1]["file"])
+            os.replace(state["tmp"], out_dir / shards[-1]["file"])
             state["writer"] = None
 
     row = 0
-    part = pq.ParquetFile(task.part)
-    for g in range(part.num_row_groups):  # one row group (<= PART_BYTES of text) at a time
-        batch = part.read_row_group(g, columns=PART_COLUMNS, use_threads=False)
-        texts, sources, hashes = (batch.column(i).to_pylist() for i in range(3))
-        for text, source, h in zip(texts, sources, hashes, strict=True):
-            occ = int(task.occurrence[row])
-            near = task.near is not None and task.near[row]
-            row += 1
-            if (occ and task.dedup) or near:
-                continue
-            kept += 1
-            size = len(text.encode("utf-8"))
-            for c in range(max(1, copies_of(h, task.set_weights.get(source, 1.0)))):
-                buf["text"].append(text)
-                buf["source"].append(source)
-                buf["id"].append(f"{h:016x}" if not (occ or c) else f"{h:016x}.{occ}.{c}")
-                sets[source] += 1
-                set_bytes[source] += size
-                written += 1
-                state["bytes"] += size
-                in_shard = shards[-1]["docs"] if state["writer"] else 0
-                if in_shard + len(buf["id"]) >= task.docs_per_shard:
-                    close_shard()
-                elif len(buf["id"]) >= SHARD_GROUP_ROWS or state["bytes"] >= PART_BYTES:
-                    flush_group()
+    for text, source, h in _candidates(task.parts):
+        occ = int(task.occurrence[row])
+        near = task.near is not None and task.near[row]
+        row += 1
+        if (occ and task.dedup) or near:
+            continue
+        kept += 1
+        size = len(text.encode("utf-8"))
+        for c in range(max(1, copies_of(h, task.set_weights.get(source, 1.0)))):
+            buf["text"].append(text)
+            buf["source"].append(source)
+            buf["id"].append(f"{h:016x}" if not (occ or c) else f"{h:016x}.{occ}.{c}")
+            sets[source] += 1
+            set_bytes[source] += size
+            written += 1
+            state["bytes"] += size
+            in_shard = shards[-1]["docs"] if state["writer"] else 0
+            if in_shard + len(buf["id"]) >= task.docs_per_shard:
+                close_shard()
+            elif len(buf["id"]) >= SHARD_GROUP_ROWS or state["bytes"] >= PART_BYTES:
+                flush_group()
     close_shard()
+    files = task.folder.publish([s["file"] for s in shards], digest=True)
     result = {
         "kept": kept,
         "written": written,
         "shards": shards,
         "sets": dict(sets),
         "set_bytes": dict(set_bytes),
+        "files": files,
+        "node_id": units.node_id(),
     }
-    units.record(task.record, task.identity, result, [Path(task.out_dir) / s["file"] for s in shards])
+    task.folder.record(task.name, task.identity, result, files)
     return result

@@ -49,6 +49,7 @@ pairs come back, each kept once (`distinct_pairs`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep.ngrams import mix, ngram_hashes
+from pipeline.units import Folder
 
 SEED = 1
 """Seed of the MinHash hash functions (fixed: a signature must mean the same in every run)."""
@@ -129,32 +131,51 @@ def band_hashes(signatures: np.ndarray, spec: NearDupSpec) -> np.ndarray:
 @dataclass
 class BandTask:
     band: int
-    parts: list[str]
-    """The good files' parts, in input order: a document's number is its row across all of them."""
-    out: str
-    """Where the task saves its pairs (.npy): the driver reads them one band at a time."""
+    parts: list
+    """The good files' parts (paths, or pipeline/units.py `FileRef`s), in input order: a document's
+    number is its row across all of them."""
+    folder: Folder
+    """Where the task saves its pairs (`<band>.npy`): the driver reads them one band at a time."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.band:02d}.npy"
 
 
-def band_pairs(task: BandTask) -> str:
-    """`bucket_pairs` of one band, read from the parts and saved to `task.out` (a task of its own,
-    for a large corpus: its pairs stay on disk until the driver merges them)."""
+def band_pairs(task: BandTask) -> dict:
+    """`bucket_pairs` of one band, read from the parts and saved in `task.folder` (a task of its own,
+    for a large corpus: its pairs stay on disk until the driver merges them); returns the file's name
+    and facts (`Folder.publish`)."""
     pairs = bucket_pairs(band_values(task.parts, [task.band])[0])
-    tmp = f"{task.out}.{os.getpid()}.tmp"
+    folder = task.folder.local()
+    tmp = folder / f"{task.name}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         np.save(f, pairs)
-    os.replace(tmp, task.out)
-    return task.out
+    os.replace(tmp, folder / task.name)
+    return {"name": task.name, **task.folder.publish([task.name])[task.name]}
 
 
-def band_values(parts: list[str], bands) -> np.ndarray:
-    """(len(bands), documents) uint64: the hashes of these bands, documents in input order."""
+def band_values(parts: list, bands) -> np.ndarray:
+    """(len(bands), documents) uint64: the hashes of these bands, documents in input order. A part
+    is a path, or a `FileRef` (read where it is: only its band columns cross a network)."""
     import pyarrow.parquet as pq
 
     bands, columns = list(bands), [f"band_{k:02d}" for k in bands]
-    sizes = [pq.ParquetFile(p).metadata.num_rows for p in parts]
+
+    @contextlib.contextmanager
+    def opened(p):
+        with contextlib.ExitStack() as stack:
+            src = stack.enter_context(p.open()) if hasattr(p, "open") else p
+            yield stack.enter_context(pq.ParquetFile(src))
+
+    sizes = []
+    for p in parts:
+        with opened(p) as pf:
+            sizes.append(pf.metadata.num_rows)
     out = np.zeros((len(bands), sum(sizes)), np.uint64)
     for p, at, size in zip(parts, np.cumsum([0, *sizes]), sizes, strict=False):  # a part at a time
-        table = pq.read_table(p, columns=columns)
+        with opened(p) as pf:
+            table = pf.read(columns=columns, use_threads=False)
         for i in range(len(bands)):
             out[i, at : at + size] = table.column(i).to_numpy()
     return out

@@ -20,10 +20,15 @@ Work is split in two so the output does not depend on the number of workers:
 (one task each, a unit recorded as finished once its streams are in place: pipeline/units.py);
 `plan_shards` lays each source's streams in partition order and cuts the windows, and `write_shard`
 writes one shard file from the token ranges it holds (one task each, in parallel: the same bytes).
+The tasks run on any node: a partition fetches the document shards it reads (pipeline/units.py
+`Inputs`), its streams go through the stage's `Folder`, and a shard reads only the byte ranges of
+the streams it holds; each shard comes back with its size and sha256, hashed as it was written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import zlib
@@ -45,7 +50,8 @@ def is_val(h: int, val_fraction: float) -> bool:
 
 def plan_partitions(shards: list[tuple[Path, int]], partitions: int) -> list[list[tuple[str, int, int]]]:
     """Split the documents into `partitions` contiguous ranges of (nearly) equal document count,
-    each a list of (shard path, first row, end row)."""
+    each a list of (shard, first row, end row); a shard is named as in `shards` (a path, or its
+    place in the ingest artifact)."""
     total = sum(n for _, n in shards)
     p = max(1, min(partitions, total))
     bounds = [total * k // p for k in range(p + 1)]
@@ -63,14 +69,17 @@ def plan_partitions(shards: list[tuple[Path, int]], partitions: int) -> list[lis
 class PackTask:
     index: int
     ranges: list[tuple[str, int, int]]
-    tokenizer_json: str
+    """(document shard in `docs`, first row, end row)."""
+    docs: units.Inputs
+    """The ingest artifact's files."""
+    tokenizer: units.Inputs
+    """The tokenizer artifact's files (`tokenizer.json`)."""
     eos_id: int
     dtype: str
     val_fraction: float
-    out_prefix: str
-    """Streams go to <out_prefix>.<split>.<source slug>.bin (`stream_name`)."""
-    record: str
-    """Where the finished unit is recorded (pipeline/units.py), beside its streams."""
+    folder: units.Folder
+    """Streams go to <name>.<split>.<source slug>.bin there (`stream_name`), with the unit's record."""
+    name: str
     identity: dict
     """What its streams depend on: the ranges' files (size, mtime), the tokenizer's digest, the settings."""
 
@@ -88,7 +97,8 @@ def pack_partition(task: PackTask) -> dict:
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(task.tokenizer_json)
+    tok = Tokenizer.from_file(str(task.tokenizer.fetch("tokenizer.json")))
+    out_prefix = str(task.folder.local() / task.name)
     tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not EOS
     counts = {s: {"documents": 0, "tokens": 0, "sources": {}} for s in SPLITS}
     tmp = f"{os.getpid()}.tmp"  # a task retried elsewhere writes its own, then renames
@@ -106,7 +116,7 @@ def pack_partition(task: PackTask) -> dict:
         for key, buf in bufs.items():
             split, source = key
             if key not in files:
-                final = stream_name(task.out_prefix, split, source)
+                final = stream_name(out_prefix, split, source)
                 files[key] = (open(f"{final}.{tmp}", "wb"), final)
                 counts[split]["sources"][source] = {"documents": 0, "tokens": 0, "file": Path(final).name}
             np.asarray(buf, dtype=task.dtype).tofile(files[key][0])
@@ -116,8 +126,8 @@ def pack_partition(task: PackTask) -> dict:
         texts.clear()
         keys.clear()
 
-    for path, start, end in task.ranges:
-        for text, doc_id, source in _rows(pq.ParquetFile(path), start, end):
+    for rel, start, end in task.ranges:
+        for text, doc_id, source in _rows(pq.ParquetFile(task.docs.fetch(rel)), start, end):
             texts.append(text)
             split = "val" if is_val(int(doc_id[:16], 16), task.val_fraction) else "train"
             keys.append((split, source))
@@ -130,11 +140,16 @@ def pack_partition(task: PackTask) -> dict:
     for f, final in files.values():
         f.close()
         os.replace(f"{final}.{tmp}", final)
+    facts = task.folder.publish([Path(final).name for _, final in files.values()])
     for split in SPLITS:
         counts[split]["sources"] = dict(sorted(counts[split]["sources"].items()))
         for key in ("documents", "tokens"):
             counts[split][key] = sum(c[key] for c in counts[split]["sources"].values())
-    units.record(task.record, task.identity, counts, [Path(final) for _, final in files.values()])
+        for c in counts[split]["sources"].values():  # which version a reader on another node needs
+            if "sha256" in facts[c["file"]]:
+                c["sha256"] = facts[c["file"]]["sha256"]
+    counts["node_id"] = units.node_id()
+    task.folder.record(task.name, task.identity, counts, facts)
     return counts
 
 
@@ -155,28 +170,34 @@ def _rows(pf, start: int, end: int):
 
 @dataclass
 class ShardTask:
-    """One shard file to write: `rows` windows of `width` tokens, read from `pieces`, each (stream file,
-    first token, tokens) of the sources' streams, in order."""
+    """One shard file to write: `rows` windows of `width` tokens, read from `pieces`, each (stream file
+    in `streams`, first token, tokens) of the sources' streams, in order. Written as `path` (in the
+    staging folder of a local or shared root), or into `folder` (an object-store root's work folder,
+    from which the commit copies it)."""
 
     path: str
     rows: int
     width: int
     dtype: str
     pieces: list[tuple[str, int, int]]
+    streams: units.Folder
+    digests: dict[str, str]
+    """The sha256 of each stream file of `pieces` (on an object-store root: the version to read)."""
+    folder: units.Folder | None = None
 
 
 def plan_shards(
-    sources: dict[str, list[Path]], out: Path, split: str, seq_len: int, per_shard: int, dtype: str
-) -> tuple[dict, list[ShardTask]]:
-    """The split's index and the shards that hold it: each source's streams (in partition order) cut into
-    windows, the sources one after another in sorted name order, shard k the windows [k*S, (k+1)*S).
-    Each shard is written by `write_shard` on its own, so the shards of a split can be written in parallel
-    and give the bytes one writer would."""
+    sources: dict[str, list[tuple[str, int]]], out: Path, split: str, seq_len: int, per_shard: int,
+    dtype: str, streams: units.Folder, digests: dict[str, str], folder: units.Folder | None = None,
+) -> tuple[dict, list[ShardTask]]:  # fmt: skip
+    """The split's index and the shards that hold it: each source's streams ((file, tokens) in `streams`,
+    in partition order) cut into windows, the sources one after another in sorted name order, shard k
+    the windows [k*S, (k+1)*S). Each shard is written by `write_shard` on its own, so the shards of a
+    split can be written in parallel and give the bytes one writer would."""
     width = seq_len + 1
-    item = np.dtype(dtype).itemsize
     layout, runs, first = {}, [], 0  # runs: (first window, windows, that source's stream files and sizes)
     for source in sorted(sources):
-        sizes = [(str(p), p.stat().st_size // item) for p in sources[source]]
+        sizes = list(sources[source])
         tokens = sum(n for _, n in sizes)
         n = tokens // width
         layout[source] = {"first_sequence": first, "sequences": n, "tokens": int(tokens),
@@ -193,7 +214,9 @@ def plan_shards(
             a, b = max(lo, start), min(hi, start + n)
             if a < b:
                 pieces += _token_range(sizes, (a - start) * width, (b - a) * width)
-        tasks.append(ShardTask(str(out / name), hi - lo, width, dtype, pieces))
+        used = {p for p, _, _ in pieces}
+        mine = {p: d for p, d in digests.items() if p in used}
+        tasks.append(ShardTask(str(out / name), hi - lo, width, dtype, pieces, streams, mine, folder))
         shards.append({"file": name, "sequences": hi - lo, "first_sequence": lo})
     total = sum(v["tokens"] for v in layout.values())
     index = {
@@ -218,27 +241,42 @@ def _token_range(sizes: list[tuple[str, int]], start: int, count: int) -> list[t
     return pieces
 
 
-def write_shard(task: ShardTask) -> str:
+def write_shard(task: ShardTask) -> dict:
     """Write one shard (`plan_shards`): header, then its windows' tokens copied piece by piece, memory
-    flat; under a temporary name, renamed into place."""
+    flat; under a temporary name, renamed into place. Returns its file name, size, sha256 (hashed as
+    it is written) and the node that wrote it."""
     item = np.dtype(task.dtype).itemsize
     if sum(n for _, _, n in task.pieces) != task.rows * task.width:
         raise RuntimeError(f"{task.path}: its pieces do not hold {task.rows} windows; a stream file changed")
-    tmp = Path(task.path).with_name(f".{Path(task.path).name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    name = Path(task.path).name
+    dest = task.folder.local() / name if task.folder else Path(task.path)
+    tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as raw:
+
+        def write(data: bytes) -> None:
+            raw.write(data)
+            digest.update(data)
+
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(task.dtype)), "fortran_order": False,
                   "shape": (task.rows, task.width)}  # fmt: skip
-        np.lib.format.write_array_header_1_0(f, header)
+        with io.BytesIO() as head:
+            np.lib.format.write_array_header_1_0(head, header)
+            write(head.getvalue())
         for path, first, n in task.pieces:
-            with open(path, "rb") as src:
+            with task.streams.open(path, task.digests.get(path)) as src:
                 src.seek(first * item)
-                while n:
-                    chunk = np.fromfile(src, dtype=task.dtype, count=min(n, COPY_TOKENS))
-                    if not len(chunk):
+                left = n * item
+                while left:
+                    chunk = src.read(min(left, COPY_TOKENS * item))
+                    if not chunk:
                         raise RuntimeError(
-                            f"{path} ended {n} tokens early: a stream file changed while packing"
+                            f"{path} ended {left // item} tokens early: a stream file changed while packing"
                         )
-                    chunk.tofile(f)
-                    n -= len(chunk)
-    os.replace(tmp, task.path)
-    return task.path
+                    write(chunk)
+                    left -= len(chunk)
+    os.replace(tmp, dest)
+    facts = {"size": dest.stat().st_size, "sha256": digest.hexdigest()}
+    if task.folder is not None:
+        facts = task.folder.publish([name])[name]
+    return {"file": name, **facts, "node_id": units.node_id()}

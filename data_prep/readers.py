@@ -4,7 +4,9 @@
         ...   # raw: the line's bytes, or None when the line is longer than max_line_bytes
 
 Memory stays flat whatever the file size: data is decompressed 1 MiB at a time and an over-long
-line is skipped, not buffered. A compressed file that is truncated or corrupt raises `BadFileError`
+line is skipped, not buffered. A plain file can be read in byte ranges by several tasks
+(`read_lines(..., byte_range=(start, end))`, `byte_ranges`): a range holds the lines that begin in
+it, so each line is read by exactly one of them, whatever the cut. A compressed file that is truncated or corrupt raises `BadFileError`
 naming the file and how far reading got. zstd readers (python-zstandard's stream_reader among them)
 return what they could decode from a truncated frame without complaint, so after the stream ends
 `check_zstd_frames` walks the frame and block headers and fails if the last frame is incomplete.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +67,33 @@ def resolve_sources(patterns, roots: tuple[Path, ...], key: str = "ingest.source
     return found
 
 
-def read_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, line bytes without the newline | None if over-long). Blank lines too."""
+def splittable(path: str) -> bool:
+    """A plain (uncompressed) file: any byte offset can start a range."""
+    return not path.startswith("hf:") and not path.endswith((".zst", ".zstd", ".gz"))
+
+
+def byte_ranges(path: str, size_each: int) -> list[tuple[int, int] | None]:
+    """A plain file larger than `size_each` bytes cut into ranges of about that size, [start, end);
+    [None] (the whole file, one reader) otherwise."""
+    size = os.path.getsize(path) if splittable(path) else 0
+    if size <= size_each:
+        return [None]
+    n = -(-size // size_each)
+    bounds = [size * k // n for k in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def read_lines(
+    path: str, max_line_bytes: int, byte_range: tuple[int, int] | None = None
+) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line bytes without the newline | None if over-long). Blank lines too.
+    With `byte_range` (a plain file): the lines that begin in [start, end), numbered from 1 there."""
     with open(path, "rb") as raw:
+        if byte_range is not None:
+            if not splittable(path):
+                raise ValueError(f"{path}: only a plain file can be read in byte ranges")
+            yield from ((n, line) for n, _, line in _split_lines(_Range(raw, *byte_range), max_line_bytes))
+            return
         if path.endswith((".zst", ".zstd")):
             import zstandard
 
@@ -88,6 +115,44 @@ def read_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | No
             problem = check_zstd_frames(raw)
             if problem:
                 raise BadFileError(path, problem, lineno, total)
+
+
+class _Range:
+    """The bytes of the lines that begin in [start, end) of a binary file, as a stream: from the
+    first line start at or after `start` (a line begun before it is the previous range's) to the
+    end of the line that holds byte end - 1."""
+
+    def __init__(self, f, start: int, end: int):
+        self.f, self.pos, self.end, self.done = f, start, end, False
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":  # mid-line: skip to the next line's start
+                self.pos = start + self._skip_line()
+        f.seek(self.pos)
+        self.done = self.pos >= end
+
+    def _skip_line(self) -> int:
+        """Bytes up to and including the next newline (all that is left when there is none)."""
+        skipped = 0
+        while chunk := self.f.read(CHUNK):
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                return skipped + nl + 1
+            skipped += len(chunk)
+        return skipped
+
+    def read(self, n: int) -> bytes:
+        if self.done:
+            return b""
+        if self.pos < self.end:  # inside the range
+            data = self.f.read(min(n, self.end - self.pos))
+            self.pos += len(data)
+            self.done = not data or (self.pos == self.end and data.endswith(b"\n"))
+            return data
+        data = self.f.read(n)  # past it: the rest of its last line
+        nl = data.find(b"\n")
+        self.done = not data or nl >= 0
+        return data[: nl + 1] if nl >= 0 else data
 
 
 def _split_lines(stream, max_line_bytes: int) -> Iterator[tuple[int, int, bytes | None]]:

@@ -13,7 +13,9 @@ Layout under `<root>/<run>/`:
 On a local root the stage writes into a temporary folder beside the artifact that is renamed into
 place after the manifest is written, so a crash leaves either no artifact or a complete one. On an
 object store (no atomic folder rename) files are uploaded under the final prefix and the manifest
-goes last; the manifest is what makes it complete. This module decides the layout (the names under
+goes last; the manifest is what makes it complete. Files a stage's tasks wrote to the root
+themselves (pipeline/units.py `Folder`) are copied there server-side, with the digests the tasks
+computed: a commit uploads only what the driver wrote. This module decides the layout (the names under
 `<root>/<run>/`); where and how the files are stored is the store's `files`, a `Root`
 (pipeline/roots.py: a local or NFS path; pipeline/remote.py: an object store).
 """
@@ -175,15 +177,29 @@ class ArtifactStore:
         path.mkdir(parents=True)
         return path
 
-    def commit(self, stage: str, fp: str, staging: Path, manifest: dict) -> Artifact:
+    def commit(
+        self, stage: str, fp: str, staging: Path, manifest: dict, placed: dict[str, dict] | None = None
+    ) -> Artifact:
         """Describe every file, write the manifest last, and move the folder into place (on an
-        object store: upload it, the manifest last)."""
+        object store: upload it, the manifest last). `placed` (`StageContext.place`): files the
+        stage's tasks wrote and hashed, {rel in the artifact: {size, sha256[, source]}}, not hashed
+        again; those with a `source` are in the object-store root already and are copied there into
+        the artifact. On an object store the artifact is not downloaded: `path` is where a reader's
+        `find` puts it."""
         manifest = {**manifest, "stage": stage, "fingerprint": fp, "created": time.time()}
-        manifest["files"] = describe_files(staging)
+        placed = placed or {}
+        there = {rel: f for rel, f in placed.items() if f.get("source")}
+        files = describe_files(staging, known={rel: f for rel, f in placed.items() if rel not in there})
+        files.update({rel: {"size": f["size"], "sha256": f["sha256"]} for rel, f in there.items()})
+        manifest["files"] = dict(sorted(files.items()))
         write_json_atomic(staging / MANIFEST, manifest)
         name = self.name(stage, fp)
-        manifest = self.files.commit(staging, name, manifest)
-        return None if manifest is None else Artifact(stage, fp, self.files.local_path(name), manifest)
+        sources = {rel: f["source"] for rel, f in there.items()}
+        manifest = self.files.commit(staging, name, manifest, sources=sources or None)
+        if manifest is None:
+            return None
+        path = self.files.artifact_dir(name) if self.remote else self.files.local_path(name)
+        return Artifact(stage, fp, path, manifest)
 
     def adopt_artifact(self, stage: str, old_fp: str, new_fp: str, manifest: dict) -> None:
         """Give a complete artifact another fingerprint (a legacy one adopted; pipeline/legacy.py):

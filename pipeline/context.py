@@ -1,7 +1,10 @@
 """What a stage gets from the runner: the only door from stage code to Ray.
 
 A stage is `run(cfg, inputs, out, ctx) -> metrics`. Through `ctx` it can
-    ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item)
+    ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item, on
+                                            any node: their files go through pipeline/units.py `Folder`)
+    ctx.place(rel, facts, source)           a file of the artifact a task wrote and hashed: not re-read
+    ctx.discard(folder) / when_committed(fn) remove a stage's units: now, or once the artifact is committed
     ctx.run_workers(train_fn, arg, scaling) run train_fn(arg, wctx) on a worker group (Ray Train)
     ctx.log(row) / ctx.progress(k, n)       metrics.jsonl + W&B / step k of n for `status`
 and inside a worker, `wctx.report(metrics, checkpoint_dir)` and `wctx.checkpoint()`, then
@@ -138,6 +141,8 @@ class StageContext:
         self.store, self.work_key, self.inputs = store, work_key, dict(inputs or {})
         self.layout = dict(layout or {})  # the placement a checkpoint is tied to, recorded beside it
         self._mirrored = 0.0
+        self.placed: dict[str, dict] = {}  # files of the artifact the tasks wrote (`place`)
+        self._after_commit: list[Callable] = []
         saved = _saved_progress(self.work_dir / "progress.json")  # an earlier attempt's, if any
         self._step, self._total = 0, saved.get("total", 0)  # the last progress reported
         self._checkpoint = saved.get("checkpoint")  # the step of the last checkpoint saved
@@ -158,15 +163,55 @@ class StageContext:
         except OSError as e:
             self.logger.warning("could not copy the work state to %s: %s", self.store.root, e)
 
+    def place(self, rel: str, facts: dict, source: str | None = None) -> None:
+        """A file of the artifact that a task wrote and hashed ({size, sha256}): the commit takes
+        those facts instead of reading it again. `source`: where it is in an object-store root
+        (pipeline/units.py `Folder.root_rel`), copied there into the artifact; None: it is in the
+        staging folder as `rel` already (a local or shared root)."""
+        self.placed[rel] = {
+            "size": facts["size"],
+            "sha256": facts["sha256"],
+            **({"source": source} if source else {}),
+        }
+
+    def discard(self, folder) -> None:
+        """Remove a folder of units (pipeline/units.py `Folder`) the stage is done with: in the root
+        and on this node (on Ray also on every other node, whose caches hold what its tasks wrote
+        or fetched there)."""
+        folder.discard()
+
+    def when_committed(self, fn: Callable) -> None:
+        """fn() once the artifact is committed (pipeline/execute.py): for work files the commit copies
+        from an object-store root (`place` with a source). On a local or shared root at once: the
+        artifact holds its own links or copies already."""
+        if self.shared_work:
+            fn()
+        else:
+            self._after_commit.append(fn)
+
+    def committed(self) -> None:
+        """The artifact is committed: run what `when_committed` deferred (a failure is only logged)."""
+        for fn in self._after_commit:
+            try:
+                fn()
+            except OSError as e:
+                self.logger.warning("%s: could not remove work files after the commit: %s", self.stage, e)
+        self._after_commit.clear()
+
     # -- fan-out ------------------------------------------------------------------------------
 
     def map(
         self, fn: Callable, items: Iterable, *, num_cpus: float = 1, progress: tuple[int, int] | None = None
     ) -> list:
         """fn(item) for each item, results in item order; on Ray each a task holding `num_cpus`
-        cores, its thread pools that wide (`thread_env`). Each item that finishes is a step of the
-        stage's progress: of len(items), or with `progress=(done, total)` (a stage that resumes, or
-        maps more than once) step done + k of total."""
+        cores, its thread pools that wide (`thread_env`), on whichever node has them. Each item that
+        finishes is a step of the stage's progress: of len(items), or with `progress=(done, total)`
+        (a stage that resumes, or maps more than once) step done + k of total.
+
+        A task may run on another node than the driver: on an object-store root its files go through
+        the root (pipeline/units.py `Folder`), not through the work dir or the staging folder, which
+        are local to the driver's node there. An item with an `on_node` (on Ray: the node that holds
+        what its task reads) runs there if that node has a free core, elsewhere if not."""
         items = list(items)
         done, total = progress or (0, len(items))
         results = []

@@ -107,7 +107,9 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
             "wandb_run_id": tracker.run_id,
             "seconds": round(time.time() - started, 2),
         }
-        art = store.commit(stage, job.fingerprint, staging, manifest)
+        art = store.commit(stage, job.fingerprint, staging, manifest, placed=ctx.placed)
+        if art is not None:
+            ctx.committed()  # work files the commit copied (pipeline/context.py `when_committed`)
     except BaseException as e:
         if isinstance(e, Preempted):  # SIGTERM: it saved a checkpoint; the next run resumes it
             logger.warning("%s", e)

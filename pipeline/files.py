@@ -61,12 +61,16 @@ def read_json(path: Path):
         return json.load(f)
 
 
-def describe_files(folder: Path) -> dict[str, dict]:
-    """size and sha256 of every file under `folder` (relative POSIX paths), manifest excluded."""
-    files = {}
+def describe_files(folder: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """size and sha256 of every file under `folder` (relative POSIX paths), manifest excluded. A file
+    in `known` with the size given there keeps the sha256 given there (its writer hashed it)."""
+    files, known = {}, known or {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            rel, size = p.relative_to(folder).as_posix(), p.stat().st_size
+            given = known.get(rel, {})
+            digest = given["sha256"] if given.get("size") == size and "sha256" in given else sha256_file(p)
+            files[rel] = {"size": size, "sha256": digest}
     return files
 
 

@@ -1,5 +1,9 @@
 """The stage context on Ray: tasks for `ctx.map`, a Ray Train worker group for `ctx.run_workers`.
 
+`ctx.map`'s tasks go wherever the cluster has free cores, whatever the root: on an object-store
+root they write their files to the root themselves (pipeline/units.py `Folder`) and return only
+small results to the driver.
+
 Metrics from rank 0 of a worker group travel to the stage's driver over a Ray queue, so the stage
 keeps one metrics.jsonl and one W&B run wherever its workers are placed. Checkpoints go through
 `ray.train.report`, so `FailureConfig(max_failures)` restarts a dead group from the last one, and a
@@ -57,9 +61,28 @@ def _stop_flag():
 
 def _here():
     """Scheduling strategy: on this process's node, nowhere else."""
+    return _on(ray.get_runtime_context().get_node_id())
+
+
+def _on(node_id: str):
+    """Scheduling strategy: on that node, nowhere else."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+
+
+def _near(node_id: str):
+    """Scheduling strategy: on that node if it is alive and has the resources free, else anywhere."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True, _spill_on_unavailable=True)
+
+
+def _discard_here(folder) -> None:
+    """This node's copy of a folder of units (pipeline/units.py), removed."""
+    from pipeline import units
+
+    units.discard(folder.local())
 
 
 class RayStageContext(StageContext):
@@ -68,13 +91,15 @@ class RayStageContext(StageContext):
         done, total = progress or (0, len(items))
         # tokenizers' and OpenMP's threads: the task's cores, not the node's
         options: dict = {"runtime_env": {"env_vars": thread_env(num_cpus)}}
-        if not self.shared_work:
-            # An object-store root: the tasks exchange files through the work dir and the staging
-            # folder, which are local to this node, so the tasks run here (an NFS root fans out).
-            self._check_local_capacity(num_cpus)
-            options["scheduling_strategy"] = _here()
-        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn).options(**options)  # retried if a node dies
-        refs = [task.remote(item) for item in items]
+        # wherever the cluster has the cores: on an object-store root the tasks read and write
+        # through the root (pipeline/units.py `Folder`), not through this node's work dir
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)  # retried if a node dies
+        refs = [  # near the node that holds its input, when the item names one (`on_node`)
+            task.options(**options, scheduling_strategy=_near(node)).remote(item)
+            if (node := getattr(item, "on_node", None))
+            else task.options(**options).remote(item)
+            for item in items
+        ]
         index = {ref: i for i, ref in enumerate(refs)}
         results, pending = [None] * len(refs), list(refs)
         while pending:
@@ -83,16 +108,21 @@ class RayStageContext(StageContext):
             self.progress(done + len(refs) - len(pending), total, unit="units")
         return results
 
-    def _check_local_capacity(self, num_cpus: float) -> None:
-        node = ray.get_runtime_context().get_node_id()
-        have = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
-        if have + 1e-9 < num_cpus:
-            raise RuntimeError(
-                f"{self.stage}: the artifact root {self.store.root} is an object store, so this stage's "
-                f"tasks run on the node of its driver, which has {have:g} CPUs and each task needs "
-                f"{num_cpus:g}. Give that node (the one running launch.py; the head for `submit`) "
-                "CPUs, or use a shared filesystem (NFS) root, on which the tasks spread over all nodes."
-            )
+    def discard(self, folder) -> None:
+        super().discard(folder)
+        if not folder.remote:
+            return
+        here = ray.get_runtime_context().get_node_id()
+        task = ray.remote(num_cpus=0, max_retries=0)(_discard_here)
+        refs = [
+            task.options(scheduling_strategy=_on(n["NodeID"])).remote(folder)
+            for n in ray.nodes()
+            if n["Alive"] and n["NodeID"] != here
+        ]
+        try:
+            ray.get(refs, timeout=300)
+        except Exception as e:  # noqa: BLE001 - a node gone meanwhile: only its cache stays
+            self.logger.warning("%s: could not empty every node's copy of %s: %s", self.stage, folder.rel, e)
 
     def run_workers(self, train_fn, arg, scaling: Scaling):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

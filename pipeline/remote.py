@@ -3,12 +3,22 @@
 Object stores have no atomic folder rename, so an artifact is uploaded file by file under its
 final prefix and `manifest.json` goes last: readers treat a prefix without a manifest (or with a
 file whose size disagrees) as incomplete. Readers get a local copy in a cache folder keyed by the
-root, downloaded once per artifact and checked against the manifest.
+root, downloaded once per artifact and checked against the manifest. A deep check (sha256) is
+remembered in that cache (`.verified/<name>.json`: the manifest and each object's size and mtime):
+a re-plan does not download and hash an artifact again unless one of its objects was rewritten.
 
 The run's working state lives under the same prefix (`.work/<stage>-<key>/`: Ray Train checkpoints
 through `storage_filesystem`, and copies of progress.json, metrics.jsonl, wandb_run.json; `logs/`),
 so any node, and `status` on any machine, sees it; pipeline/artifacts.py decides what goes where.
 `RemoteRoot` is the object-store `Root` (pipeline/roots.py): the interface the artifact store uses.
+
+The data stages' tasks write their files through it from whichever node they run on
+(pipeline/units.py `Folder`): `put` uploads a file and hashes it on the way, `get` and `open_input`
+fetch one (or the byte ranges a reader asks for), and a commit copies such files server-side into
+the artifact (`commit(..., sources=)`) with the digests the tasks returned, so no file is uploaded,
+downloaded or hashed twice for it. Transfers of several files run on a thread pool
+(`TRANSFER_THREADS`). Every byte moved is counted in `TRANSFERS` (this process), and, when
+`KILN_TRANSFER_LOG` names a file, logged there a line per file (bench/data_cluster.py reads it).
 
 S3 credentials come from the usual places (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws,
 instance roles) through pyarrow; `AWS_ENDPOINT_URL` points at an S3-compatible server.
@@ -17,16 +27,49 @@ instance roles) through pyarrow; `AWS_ENDPOINT_URL` points at an S3-compatible s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import socket
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.files import MANIFEST, Problem, verify_files
+from pipeline.files import MANIFEST, Problem, verify_files, write_json_atomic
 from pipeline.roots import Root, move_dir
 
 S3_ATTEMPTS = 10
 """Attempts per S3 request before an error reaches the caller (pyarrow's default is 3)."""
+TRANSFER_THREADS = int(os.environ.get("KILN_TRANSFER_THREADS", "8"))
+"""Files uploaded, downloaded or copied at once by one call that moves several."""
+CHUNK = 1 << 20
+TRANSFERS: Counter = Counter()
+"""Bytes this process sent to ("up") and received from ("down") object stores, and copied there
+server-side ("copied", which cross no network of ours)."""
+
+
+def _note(op: str, path: str, size: int, whole: bool = True) -> None:
+    """Count a transfer (`whole`: the whole file, not ranges of it); with KILN_TRANSFER_LOG set,
+    append it there (one short line: appends of that size are atomic, so every process of a node
+    can share the file)."""
+    TRANSFERS[op] += size
+    log = os.environ.get("KILN_TRANSFER_LOG")
+    if log:
+        line = json.dumps({"op": op, "path": path, "bytes": size, "whole": whole, "host": socket.gethostname(),
+                           "cache": os.environ.get("KILN_CACHE", ""), "pid": os.getpid()})  # fmt: skip
+        with open(log, "a") as f:
+            f.write(line + "\n")
+
+
+def parallel(fn, items) -> list:
+    """fn(item) for each item on TRANSFER_THREADS threads (pyarrow's filesystems are thread-safe);
+    results in item order, the first error raised."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(TRANSFER_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def s3_filesystem(uri: str):
@@ -90,10 +133,11 @@ class RemoteRoot(Root):
         manifest = self._read_manifest(name)
         if manifest is None:
             return None, Problem("is missing (the stage did not finish)", f"{self.uri(name)}/{MANIFEST}")
-        infos = {
-            i.path.removeprefix(f"{self.base}/{name}/"): i.size
+        listed = {
+            i.path.removeprefix(f"{self.base}/{name}/"): i
             for i in self.fs.get_file_info(_selector(f"{self.base}/{name}"))
         }
+        infos = {rel: i.size for rel, i in listed.items()}
         for rel, meta in manifest.get("files", {}).items():
             if infos.get(rel) != meta["size"]:
                 reason = f"has {infos.get(rel)} bytes, manifest says {meta['size']}"
@@ -101,10 +145,18 @@ class RemoteRoot(Root):
                     reason = "is missing"
                 return None, Problem(reason, f"{self.uri(name)}/{rel}", damaged=True)
         if deep:
+            stamp = {
+                "manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+                "files": {rel: [listed[rel].size, listed[rel].mtime_ns] for rel in sorted(manifest["files"])},
+            }
+            verified = self.run_dir / ".verified" / f"{name}.json"
+            if _loads_file(verified) == stamp:  # hashed here before, and no object rewritten since
+                return manifest, None
             with _TempDownload(self, name) as local:
                 problem = verify_files(local, manifest["files"], deep=True)
             if problem:
                 return None, problem
+            write_json_atomic(verified, stamp)
         return manifest, None
 
     def download(self, name: str, cache_dir: Path) -> Path:
@@ -127,36 +179,77 @@ class RemoteRoot(Root):
         return self.download(name, self.run_dir)
 
     def _copy_down(self, name: str, dest: Path) -> None:
-        from pyarrow import fs
+        files = self.list_files(name)
+        parallel(lambda rel: self.get(f"{name}/{rel}", dest / rel), sorted(files))
 
-        for info in self.fs.get_file_info(_selector(f"{self.base}/{name}")):
-            if info.type != fs.FileType.File:
-                continue
-            target = dest / info.path.removeprefix(f"{self.base}/{name}/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(info.path) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+    # -- single files, moved whole or read in ranges ------------------------------------------
 
-    def upload(self, staging: Path, name: str) -> None:
-        """Every file under the final prefix, then the manifest: complete only once it lands."""
+    def put(self, local: Path, rel: str, digest: bool = False) -> dict:
+        """Upload a local file as `rel`; returns its size, and its sha256 (computed on the way) when
+        asked."""
+        h = hashlib.sha256() if digest else None
+        size = 0
+        with open(local, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as out:
+            while block := src.read(CHUNK):
+                out.write(block)
+                size += len(block)
+                if h is not None:
+                    h.update(block)
+        _note("up", rel, size)
+        return {"size": size, **({"sha256": h.hexdigest()} if h is not None else {})}
+
+    def get(self, rel: str, local: Path) -> Path:
+        """Download `rel` into `local` (written under a temporary name, then renamed)."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(local):x}.tmp")
+        with self.fs.open_input_stream(f"{self.base}/{rel}") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        _note("down", rel, tmp.stat().st_size)
+        os.replace(tmp, local)
+        return local
+
+    def open_input(self, rel: str):
+        """`rel` opened for reading at any offset: only the ranges read are fetched (and counted)."""
+        return _CountedReader(self.fs.open_input_file(f"{self.base}/{rel}"), rel)
+
+    def upload(self, staging: Path, name: str, sources: dict[str, str] | None = None) -> None:
+        """Every file under the final prefix (the local ones uploaded, `sources` {rel in the artifact:
+        rel in the root} copied server-side), then the manifest: complete only once it lands."""
         prefix = f"{self.base}/{name}"
         if self._read_manifest(name) is not None:  # a forced re-run: make the old one incomplete first,
             self.fs.delete_file(f"{prefix}/{MANIFEST}")  # then drop its files (none may linger)
             self.fs.delete_dir_contents(prefix, missing_dir_ok=True)
         self.fs.create_dir(prefix, recursive=True)
         files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
-        for p in [*files, staging / MANIFEST]:
-            with (
-                open(p, "rb") as src,
-                self.fs.open_output_stream(f"{prefix}/{p.relative_to(staging).as_posix()}") as out,
-            ):
-                shutil.copyfileobj(src, out, 1 << 20)
+        parallel(lambda p: self.put(p, f"{name}/{p.relative_to(staging).as_posix()}"), files)
+        parallel(lambda kv: self.copy(kv[1], f"{name}/{kv[0]}"), sorted((sources or {}).items()))
+        self.put(staging / MANIFEST, f"{name}/{MANIFEST}")
 
-    def commit(self, staging: Path, name: str, manifest: dict) -> dict | None:
-        """Upload (the manifest last), drop the staging folder, and read the manifest back."""
-        self.upload(staging, name)
+    def copy(self, src: str, dst: str) -> None:
+        """A server-side copy of one object (its bytes cross no network of ours)."""
+        self.fs.copy_file(f"{self.base}/{src}", f"{self.base}/{dst}")
+        _note("copied", dst, self.fs.get_file_info(f"{self.base}/{dst}").size or 0)
+
+    def commit(
+        self, staging: Path, name: str, manifest: dict, sources: dict[str, str] | None = None
+    ) -> dict | None:
+        """Upload (the manifest last; files the tasks left in the root are copied server-side), drop
+        the staging folder, and read the manifest back. Nothing is downloaded: readers fetch it."""
+        self.upload(staging, name, sources)
         shutil.rmtree(staging, ignore_errors=True)
         return self.check(name, deep=False)[0]
+
+    def artifact_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def fetch_file(self, name: str, rel: str, meta: dict, cache_dir: Path | None = None) -> Path:
+        """One file of the complete artifact `name` in this node's cache (`meta`: its manifest entry),
+        downloaded unless the cache holds it already with that size: a reader fetches what it reads."""
+        dest = Path(cache_dir or self.run_dir) / name / rel
+        if not (dest.is_file() and dest.stat().st_size == meta["size"]):
+            self.get(f"{name}/{rel}", dest)
+        return dest
 
     def move_artifact(self, old: str, new: str, manifest: dict) -> None:
         """Server-side copies of its files, the manifest written last, then `old` deleted."""
@@ -202,8 +295,7 @@ class RemoteRoot(Root):
         self.write_bytes(rel, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
 
     def upload_file(self, local: Path, rel: str) -> None:
-        with open(local, "rb") as src, self.fs.open_output_stream(f"{self.base}/{rel}") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        self.put(local, rel)
 
     def push(self, rel: str) -> None:
         if (self.run_dir / rel).is_file():
@@ -231,11 +323,7 @@ class RemoteRoot(Root):
     def download_tree(self, rel: str, dest: Path) -> list[str]:
         """Every file under `rel/` into `dest`, same relative paths; returns them."""
         files = sorted(self.list_files(rel))
-        for f in files:
-            target = Path(dest) / f
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(f"{self.base}/{rel}/{f}") as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+        parallel(lambda f: self.get(f"{rel}/{f}", Path(dest) / f), files)
         return files
 
     def copy_tree(self, src: str, dst: str, skip: str | None = None, rename: dict | None = None) -> None:
@@ -253,6 +341,9 @@ class RemoteRoot(Root):
             self.delete_tree(src)
         move_dir(self.run_dir / src, self.run_dir / dst, rename)
 
+    def delete_file(self, rel: str) -> None:
+        self.fs.delete_file(f"{self.base}/{rel}")
+
     def delete_tree(self, rel: str) -> None:
         """Every object under `rel/`, its manifest first (so it is never read as complete meanwhile)."""
         from pyarrow import fs
@@ -262,6 +353,44 @@ class RemoteRoot(Root):
             self.fs.delete_file(f"{path}/{MANIFEST}")
         if self.fs.get_file_info(path).type == fs.FileType.Directory:
             self.fs.delete_dir(path)
+
+
+class _CountedReader(io.RawIOBase):
+    """A pyarrow input file as a Python binary file (seek, read), counting the bytes it fetches."""
+
+    def __init__(self, native, rel: str):
+        self.native, self.rel, self.fetched = native, rel, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.native.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.native.tell()
+
+    def readinto(self, b) -> int:
+        data = self.native.read(len(b))
+        b[: len(data)] = data
+        self.fetched += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            _note("down", self.rel, self.fetched, whole=False)
+            self.native.close()
+        super().close()
+
+
+def _loads_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _selector(path: str):

@@ -94,10 +94,23 @@ class Root(ABC):
         """The readable manifests of the artifacts whose name starts with `prefix`."""
 
     @abstractmethod
-    def commit(self, staging: Path, name: str, manifest: dict) -> dict | None:
+    def commit(
+        self, staging: Path, name: str, manifest: dict, sources: dict[str, str] | None = None
+    ) -> dict | None:
         """Make the staged folder, its manifest written, the complete artifact `name` (a crash leaves
         no artifact or a complete one); returns the manifest as readers see it, None if it does not
-        verify."""
+        verify. `sources` ({rel in the artifact: rel in the root}): files the stage's tasks already
+        wrote to an object-store root, copied into the artifact there (a local root has none: the
+        tasks wrote into the staging folder)."""
+
+    @abstractmethod
+    def artifact_dir(self, name: str) -> Path:
+        """Where the artifact's folder is, or will be once fetched, on this machine."""
+
+    @abstractmethod
+    def fetch_file(self, name: str, rel: str, meta: dict, cache_dir: Path | None = None) -> Path:
+        """One file of the complete artifact `name` on this machine (`meta`: its manifest entry); on
+        an object store, fetched into the cache (`cache_dir`, default the run's) unless there."""
 
     @abstractmethod
     def move_artifact(self, old: str, new: str, manifest: dict) -> None:
@@ -190,7 +203,11 @@ class LocalRoot(Root):
                 continue
         return found
 
-    def commit(self, staging: Path, name: str, manifest: dict) -> dict | None:
+    def commit(
+        self, staging: Path, name: str, manifest: dict, sources: dict[str, str] | None = None
+    ) -> dict | None:
+        if sources:
+            raise ValueError(f"{name}: a local root's artifact is its staging folder; no files to copy in")
         final = self.run_dir / name
         if final.exists():  # a forced re-run: make the old one incomplete first, then swap
             (final / MANIFEST).unlink(missing_ok=True)
@@ -199,6 +216,12 @@ class LocalRoot(Root):
             shutil.rmtree(trash, ignore_errors=True)
         staging.rename(final)
         return manifest
+
+    def artifact_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def fetch_file(self, name: str, rel: str, meta: dict, cache_dir: Path | None = None) -> Path:
+        return self.run_dir / name / rel
 
     def move_artifact(self, old: str, new: str, manifest: dict) -> None:
         """Its files hard-linked (copied where links fail) into a staging folder that is renamed

@@ -9,31 +9,39 @@ held-out sets pretraining must not see). Artifact:
     docs/part-<file>-<k>.parquet   columns text, source (meta.pile_set_name), id (content hash)
     stats.json                     read, kept, dropped by reason, files, errors (every count reconciles)
 
-One task per input file (`ctx.map`), so a cluster spreads the shards over its nodes; each streams
-its file (memory flat whatever the size) into a Parquet part of candidates, dropping the documents
-that quote a held-out text (data_prep/decontaminate.py), and returns their 64-bit content hashes;
-the part also holds each candidate's MinHash band hashes (data_prep/near_dup.py). The driver then
-finds exact duplicates across files (the first in input order wins), and near-duplicates band by
-band (in itself, or a task per band for a large corpus), each cluster's first document in input
-order kept; a second round of per-file tasks writes the final shards. Results come back in input
-order and every decision depends only on the data, so the output is the same byte for byte
-whichever task finishes first.
+One task per input file (`ctx.map`), or per byte range of a plain .jsonl larger than SPLIT_BYTES
+(the lines that begin in it: data_prep/readers.py), so a cluster spreads the work over its nodes
+even with few, large files; each streams its file or range (memory flat whatever the size) into a
+Parquet part of candidates, dropping the documents that quote a held-out text
+(data_prep/decontaminate.py), and returns their 64-bit content hashes; the part also holds each
+candidate's MinHash band hashes (data_prep/near_dup.py). The driver then finds exact duplicates
+across files (the first in input order wins), and near-duplicates band by band (in itself, or a task
+per band for a large corpus), each cluster's first document in input order kept; a second round of
+per-file tasks writes the final shards. Results come back in input order (a split file's ranges
+merged in order: `merge_ranges`) and every decision depends only on the data, so the output is the
+same byte for byte whichever task finishes first, and however the files are cut.
+
+stats.json lists the Ray node of every unit (`units`: each file's cleaning, per range if it was
+split, then its writing; `node_id` None outside Ray).
 
 The work dir holds the units, each recorded as finished once its files are in place (pipeline/units.py):
 
     parts/<file>.parquet, <file>.hashes.npy, <file>.done.json    a file cleaned: candidates, hashes
+    parts/<file>-<range>.parquet, ...                              a range of a large file cleaned
     docs/part-<file>-<k>.parquet, <file>.done.json                 a file written: its final shards
     bands/<band>.npy                                               a large corpus's band tasks' pairs (not units)
 
 A run that dies keeps them: the next one reuses every unit whose record matches what it would make
-now (the input file's size and mtime, the settings, the held-out n-grams; for shards also the part
+now (the input file's size and mtime, the settings, the held-out n-grams; for shards also the parts
 and a digest of its duplicate and near-duplicate decisions, which the driver finds again from the
-saved hashes), says in the log "N of M units already done" (M: two per file), and redoes the rest,
-so the artifact is the same byte for byte. The shards are hard-linked into the artifact, and the
-units removed once it is complete. On a multi-node cluster with a shared-filesystem root the tasks
-spread over the nodes; with an object-store root (s3://) the work dir is local to the stage's
-driver, so the runner keeps the tasks on its node (pipeline/ray_context.py), and a run resumes
-mid-stage on that node.
+saved hashes), says in the log "N of M units already done" (M: a file's ranges, and one to write
+it), and redoes the rest, so the artifact is the same byte for byte. The tasks run on whichever
+node has a free core, whatever the root: on an object-store root (s3://) the units are folders of
+the run's prefix (`.work/ingest-<key>/`, pipeline/units.py `Folder`), written by the tasks from their
+nodes, so a driver on any machine resumes them. On a local or shared root the shards are
+hard-linked into the artifact; on an object store the commit copies them there, server-side; each
+with the sha256 its task computed, nothing hashed again. The units are removed once the artifact is
+complete.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from data_prep.cleaning import (
     clean_file,
     find_duplicates,
     finished_clean,
+    merge_ranges,
     write_docs,
 )
 from data_prep.decontaminate import HeldOut
@@ -64,7 +73,7 @@ from data_prep.near_dup import (
     distinct_pairs,
     near_duplicates,
 )
-from data_prep.readers import resolve_sources
+from data_prep.readers import byte_ranges, resolve_sources
 from pipeline import units
 from pipeline.config import PROJECT_ROOT
 from pipeline.files import write_json_atomic
@@ -82,6 +91,13 @@ BAND_TASK_MIN_DOCS = 1_000_000
 merges them a band at a time (16 bytes a pair it keeps). Below it, the driver reads every band at
 once (8 bytes a band and document) and sorts one at a time: ~0.3 KB a document at its peak
 (bench/dedup.py --memory), 300 MB at most."""
+
+
+SPLIT_BYTES = 256 << 20
+"""A plain .jsonl input larger than this is cleaned by several tasks, one per byte range of about
+this size; the output is the same bytes as one task's (the ranges' results are merged in order).
+Compressed inputs are read whole by one task (a .zst of one frame, as the Pile's are, cannot be
+entered in the middle)."""
 
 
 class IngestError(RuntimeError):
@@ -108,10 +124,9 @@ def run(cfg, inputs, out, ctx) -> dict:
     near_dup = (
         NearDupSpec(c.near_dedup_bands, c.near_dedup_rows, c.near_dedup_shingle) if c.near_dedup else None
     )
-    parts, shards = Path(ctx.work_dir) / "parts", Path(ctx.work_dir) / "docs"
+    parts, shards = units.Folder.of(ctx, "parts"), units.Folder.of(ctx, "docs")
     for folder in (parts, shards):  # kept from an earlier attempt: its finished units are reused
-        folder.mkdir(parents=True, exist_ok=True)
-        units.clear_temporary(folder)
+        folder.clear_temporary()
     settings = {
         "min_chars": c.min_chars,
         "max_chars": c.max_chars,
@@ -123,35 +138,53 @@ def run(cfg, inputs, out, ctx) -> dict:
         "near_dup": near_dup.identity() if near_dup else None,
         "decontaminate": {"n": c.decontaminate_ngram, "texts": heldout.digest()} if heldout else None,
     }
-    tasks = [
-        CleanTask(
-            index=i,
-            path=p,
-            part=str(parts / f"{i:05d}.parquet"),
-            **settings,
-            record=str(units.record_path(parts, f"{i:05d}")),
-            identity={"input": units.file_facts(p), **settings, **checks},
-            near_dup=near_dup,
-            heldout=heldout,
+    by_file: list[list[CleanTask]] = []  # each file's cleaning units: itself, or its byte ranges
+    for i, p in enumerate(paths):
+        ranges = byte_ranges(p, SPLIT_BYTES)
+        by_file.append(
+            [
+                CleanTask(
+                    index=i,
+                    path=p,
+                    folder=parts,
+                    name=f"{i:05d}" if len(ranges) == 1 else f"{i:05d}-{k:04d}",
+                    **settings,
+                    identity={
+                        "input": units.file_facts(p),
+                        **settings,
+                        **checks,
+                        **({"range": r} if r else {}),
+                    },
+                    near_dup=near_dup,
+                    heldout=heldout,
+                    byte_range=r,
+                )
+                for k, r in enumerate(ranges)
+            ]
         )
-        for i, p in enumerate(paths)
-    ]
-    total = 2 * len(tasks)  # units: each file cleaned, then written (nothing to write for a bad file)
+    tasks = [t for file_tasks in by_file for t in file_tasks]
+    total = len(tasks) + len(paths)  # units: each file (or range) cleaned, each file written
 
-    # 1. per file: stream, clean, write candidates + hashes (parallel); finished ones are reused
-    results = [finished_clean(t) for t in tasks]
-    todo = [t for t, r in zip(tasks, results, strict=True) if r is None]
-    writes = None if todo else _writes(c, ctx, tasks, results, shards, total)  # all cleaned: step 3's too
+    # 1. per file or range: stream, clean, write candidates + hashes (parallel); finished ones are reused
+    listing = parts.listing()  # an object-store root's: listed once
+    cleaned_units = [finished_clean(t, listing) for t in tasks]
+    todo = [j for j, r in enumerate(cleaned_units) if r is None]
     cleaned = len(tasks) - len(todo)
+    done = {t.name for t, r in zip(tasks, cleaned_units, strict=True) if r is not None}
+    files_cleaned = sum(all(t.name in done for t in f) for f in by_file)
+    results = None if todo else _results(c, by_file, cleaned_units)
+    writes = None if todo else _writes(c, ctx, by_file, cleaned_units, results, shards, total)  # step 3's too
     ctx.logger.info(
         "ingest: %d of %d units already done (%d of %d files cleaned, %d written)",
-        cleaned + (writes.done() if writes else 0), total, cleaned, len(tasks),
+        cleaned + (writes.done() if writes else 0), total,
+        files_cleaned, len(paths),
         len(writes.finished) if writes else 0,
     )  # fmt: skip
     if todo:
-        got = ctx.map(clean_file, todo, num_cpus=c.num_cpus, progress=(cleaned, total))
-        for t, r in zip(todo, got, strict=True):
-            results[t.index] = r
+        got = ctx.map(clean_file, [tasks[j] for j in todo], num_cpus=c.num_cpus, progress=(cleaned, total))
+        for j, r in zip(todo, got, strict=True):
+            cleaned_units[j] = r
+        results = _results(c, by_file, cleaned_units)
 
     failed = [r for r in results if r.status == "failed"]
     if failed and c.on_bad_file == "fail":
@@ -167,7 +200,7 @@ def run(cfg, inputs, out, ctx) -> dict:
     # 2. exact duplicates across all files, in input order (driver: 8 bytes per candidate + sort),
     # then near-duplicates, band by band (~40 bytes per candidate at a time)
     if writes is None:
-        writes = _writes(c, ctx, tasks, results, shards, total)
+        writes = _writes(c, ctx, by_file, cleaned_units, results, shards, total)
         if writes.finished:  # shards an earlier attempt wrote, that the files cleaned since left valid
             ctx.logger.info(
                 "ingest: %d of %d files already written",
@@ -183,12 +216,18 @@ def run(cfg, inputs, out, ctx) -> dict:
         written.update(zip((w.index for w in writes.todo), got, strict=True))
     docs_dir = out / "docs"
     docs_dir.mkdir(parents=True, exist_ok=True)
-    for w in written.values():  # linked into the artifact: the units stay whole until they are removed
+    for w in written.values():  # into the artifact, with the size and sha256 their tasks computed
         for shard in w["shards"]:
-            units.link_or_copy(shards / shard["file"], docs_dir / shard["file"])
+            name, facts = shard["file"], w.get("files", {}).get(shard["file"])
+            if shards.remote:  # in the root already: copied there into the artifact at the commit
+                ctx.place(f"docs/{name}", facts, source=shards.root_rel(name))
+                continue
+            units.link_or_copy(shards.local() / name, docs_dir / name)  # the units stay whole until removed
+            if facts:
+                ctx.place(f"docs/{name}", facts)
     ctx.progress(total, total, unit="units")
 
-    stats = _stats(results, written, c.max_errors)
+    stats = _stats(results, written, c.max_errors, by_file, cleaned_units)
     if near_dup is not None:  # how the drops were decided (absent when off: the output is ingest 1's)
         stats["near_dedup"] = {
             "bands": near_dup.bands, "rows": near_dup.rows, "shingle_words": near_dup.shingle,
@@ -199,8 +238,9 @@ def run(cfg, inputs, out, ctx) -> dict:
             "files": heldout_paths, "ngram_words": heldout.n, "heldout_texts": heldout.texts,
         }  # fmt: skip
     write_json_atomic(out / "stats.json", stats)
-    for folder in (shards, parts, Path(ctx.work_dir) / "bands"):  # the artifact holds the result now
-        units.discard(folder)
+    for folder in (parts, units.Folder.of(ctx, "bands")):  # the artifact holds the result now
+        ctx.discard(folder)
+    ctx.when_committed(lambda: ctx.discard(shards))  # on an object store the commit copies its shards
     ctx.logger.info(
         "ingest: read %d, kept %d, written %d, dropped %s",
         stats["read"],
@@ -237,26 +277,44 @@ class _Writes:
         return len(self.finished) + self.bad
 
 
-def _writes(c, ctx, tasks: list[CleanTask], results: list[FileResult], shards: Path, total: int) -> _Writes:
+def _results(c, by_file: list[list[CleanTask]], cleaned_units: list[FileResult]) -> list[FileResult]:
+    """Each file's step-1 result, from its units' (one, or one per byte range), in input order."""
+    found = iter(cleaned_units)
+    return [merge_ranges([next(found) for _ in f], c.max_errors) for f in by_file]
+
+
+def _writes(
+    c, ctx, by_file: list[list[CleanTask]], cleaned_units: list[FileResult], results: list[FileResult],
+    shards: units.Folder, total: int,
+) -> _Writes:  # fmt: skip
     """Find the duplicates and near-duplicates across the good files (counted in their results), and
-    the write unit of each: its identity holds its part's and the decisions about its documents (a
+    the write unit of each: its identity holds its parts' and the decisions about its documents (a
     digest of its occurrences and near-duplicate flags), so that a change upstream of a shard never
     reuses an old one."""
     good = [r for r in results if r.status == "ok"]
     hashes = [r.hashes for r in good]
+    plan = _Writes(bad=len(results) - len(good))
+    found, refs, cleaned_on = iter(cleaned_units), {}, {}  # each file's parts, as their tasks recorded
+    for f in by_file:
+        done = [next(found) for _ in f]
+        refs[f[0].index] = [
+            units.FileRef(t.folder, t.part, u.files.get(t.part, {}).get("sha256"))
+            for t, u in zip(f, done, strict=True)
+        ]
+        cleaned_on[f[0].index] = Counter(u.node_id for u in done).most_common(1)[0][0]
     occurrences = find_duplicates(hashes)
     settings = {"dedup": c.dedup, "set_weights": dict(c.set_weights), "docs_per_shard": c.docs_per_shard}
-    plan = _Writes(bad=len(results) - len(good))
+    listing = shards.listing()  # an object-store root's: listed once
     near = [None] * len(good)
     if c.near_dedup:
-        parts = [tasks[r.index].part for r in good]
+        parts = [ref for r in good for ref in refs[r.index]]
         if sum(map(len, hashes)) >= BAND_TASK_MIN_DOCS:  # a task per band, each saving its pairs
-            folder = Path(ctx.work_dir) / "bands"
-            folder.mkdir(exist_ok=True)
-            bands = [BandTask(k, parts, str(folder / f"{k:02d}.npy")) for k in range(c.near_dedup_bands)]
+            folder = units.Folder.of(ctx, "bands")
+            bands = [BandTask(k, parts, folder) for k in range(c.near_dedup_bands)]
             plan.band_tasks = len(bands)
-            saved = ctx.map(band_pairs, bands, num_cpus=c.num_cpus, progress=(len(tasks), total + len(bands)))
-            pairs = (np.load(path) for path in saved)  # merged one band at a time
+            step = len(cleaned_units)
+            saved = ctx.map(band_pairs, bands, num_cpus=c.num_cpus, progress=(step, total + len(bands)))
+            pairs = (np.load(folder.fetch(s["name"], s.get("sha256"))) for s in saved)  # a band at a time
         else:  # the driver: every band read at once, searched one at a time
             pairs = (bucket_pairs(v) for v in band_values(parts, range(c.near_dedup_bands)))
         near = near_duplicates(distinct_pairs(pairs), hashes, occurrences, c.dedup)
@@ -267,32 +325,44 @@ def _writes(c, ctx, tasks: list[CleanTask], results: list[FileResult], shards: P
             r.dropped["near_duplicate"] += n_near
         task = WriteTask(
             index=r.index,
-            part=tasks[r.index].part,
+            parts=refs[r.index],
             occurrence=occ,
             near=flags,
-            out_dir=str(shards),
+            folder=shards,
+            name=f"{r.index:05d}",
             **settings,
-            record=str(units.record_path(shards, f"{r.index:05d}")),
+            on_node=cleaned_on[r.index],  # where most of its parts are: run there if it can
             identity={
-                "part": tasks[r.index].identity,
+                "part": [t.identity for t in by_file[r.index]]
+                if len(by_file[r.index]) > 1
+                else by_file[r.index][0].identity,
                 "occurrence": units.digest(occ.astype("<i8").tobytes()),
                 "near": None if flags is None else units.digest(np.packbits(flags).tobytes()),
                 **settings,
             },
         )
-        if (saved := units.finished(task.record, task.identity)) is not None:
-            plan.finished[r.index] = saved
+        if (saved := shards.finished(task.name, task.identity, listing)) is not None:
+            plan.finished[r.index] = saved["result"]
         else:
             plan.todo.append(task)
     return plan
 
 
-def _stats(results, written: dict, max_errors: int) -> dict:
-    """stats.json: totals, one entry per input file (in input order), the capped error list."""
+def _stats(results, written: dict, max_errors: int, by_file, cleaned_units) -> dict:
+    """stats.json: totals, one entry per input file (in input order), the capped error list, and the
+    Ray node of every unit (`units`: each file's cleaning, per byte range if it was split, then its
+    writing)."""
+    found = iter(cleaned_units)
     files, dropped, errors, sets, set_bytes = [], Counter(), [], Counter(), Counter()
-    shards = []
+    shards, placed = [], []
     for r in results:
         w = written.get(r.index, {"kept": 0, "written": 0, "shards": [], "sets": {}, "set_bytes": {}})
+        for t in by_file[r.index]:
+            unit = next(found)
+            where = {"range": list(t.byte_range)} if t.byte_range else {}
+            placed.append({"file": r.index, "unit": "clean", **where, "node_id": unit.node_id})
+        if r.index in written:
+            placed.append({"file": r.index, "unit": "write", "node_id": w.get("node_id")})
         entry = {
             "path": r.path,
             "status": r.status,
@@ -327,4 +397,5 @@ def _stats(results, written: dict, max_errors: int) -> dict:
         "sets": {k: {"docs": sets[k], "bytes": set_bytes[k]} for k in sorted(sets)},
         "text_bytes": sum(set_bytes.values()),
         "shards": shards,
+        "units": placed,
     }

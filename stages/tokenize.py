@@ -9,6 +9,7 @@ Inputs: {"ingest", "tokenizer"}. Artifact:
     index.json             dtype, seq_len, the window convention, per split: tokens, documents,
                            sequences, tail_tokens_dropped, shards (file, sequences, first_sequence),
                            sources (per source: first_sequence, sequences, tokens, documents, ...)
+    units.json             on Ray: the node that did each unit (partitions, shards)
 
 Read it with `data_prep.packed.PackedTokens(artifact.path, "train")`: len(), [i] -> seq_len + 1 ids.
 The convention (data_prep/packing.py): per split and source, every document's tokens then EOS, in
@@ -29,8 +30,10 @@ Each range is a unit (pipeline/units.py), recorded as finished once its streams 
 A run that dies keeps them: the next one reuses every range whose record matches what it would make
 now (its documents' shards, the tokenizer's digest, the settings), says in the log "N of M units
 already done", tokenizes the rest and stitches them all again; the streams are removed once the
-artifact is written. As for ingest, the tasks spread over a cluster's nodes with a shared-filesystem
-root, and stay on the driver's node with an object-store root.
+artifact is written. As for ingest, the tasks spread over a cluster's nodes whatever the root: on
+an object-store root the streams and the shards go through the root (pipeline/units.py `Folder`),
+each partition fetches only the document shards it reads, and the commit copies the shards into the
+artifact there, with the sha256 their tasks computed.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ WINDOW_RULE = (
 def run(cfg, inputs, out, ctx) -> dict:
     c = cfg.tokenize
     out = Path(out)
-    shards = doc_shards(Path(inputs["ingest"].path))
+    ingest_dir = Path(inputs["ingest"].path)
+    shards = [(p.relative_to(ingest_dir).as_posix(), n) for p, n in doc_shards(ingest_dir)]
     tok_dir = Path(inputs["tokenizer"].path)
     eos_id, vocab = _tokenizer_facts(tok_dir)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
@@ -68,24 +72,28 @@ def run(cfg, inputs, out, ctx) -> dict:
 
     # 1. tokenize contiguous document ranges in parallel, a raw stream per split each; the ranges an
     # earlier attempt finished are reused
-    work = Path(ctx.work_dir) / "streams"
-    work.mkdir(parents=True, exist_ok=True)
-    units.clear_temporary(work)
+    work = units.Folder.of(ctx, "streams")
+    work.clear_temporary()
     plans = plan_partitions(shards, c.partitions or max(len(shards), 4))
     settings = {"eos_id": eos_id, "dtype": dtype, "val_fraction": c.val_fraction}
-    facts = {str(path): units.file_facts(path) for path, _ in shards}
-    tokenizer_json = tok_dir / "tokenizer.json"
-    tokenizer_digest = sha256_file(tokenizer_json)
+    docs = units.Inputs.of(ctx, inputs["ingest"], [rel for rel, _ in shards])
+    tokenizer = units.Inputs.of(ctx, inputs["tokenizer"], ["tokenizer.json"])
+    described = inputs["ingest"].manifest.get("files", {})  # the manifest's digests: nothing hashed again
+    facts = {rel: described.get(rel) or units.file_facts(str(ingest_dir / rel)) for rel, _ in shards}
+    tokenizer_digest = inputs["tokenizer"].manifest.get("files", {}).get("tokenizer.json", {}).get(
+        "sha256"
+    ) or sha256_file(tok_dir / "tokenizer.json")
     tasks = [
         PackTask(
             index=k,
             ranges=ranges,
-            tokenizer_json=str(tokenizer_json),
+            docs=docs,
+            tokenizer=tokenizer,
             **settings,
-            out_prefix=str(work / f"{k:05d}"),
-            record=str(units.record_path(work, f"{k:05d}")),
+            folder=work,
+            name=f"{k:05d}",
             identity={
-                "ranges": [[facts[path], lo, hi] for path, lo, hi in ranges],
+                "ranges": [[facts[rel], lo, hi] for rel, lo, hi in ranges],
                 "tokenizer": tokenizer_digest,
                 **settings,
                 "streams": "per split and source",  # what an earlier layout's record lacks
@@ -94,7 +102,8 @@ def run(cfg, inputs, out, ctx) -> dict:
         for k, ranges in enumerate(plans)
     ]
     ctx.logger.info("tokenize: %d documents in %d partitions, %s ids", n_docs, len(tasks), dtype)
-    counts = [units.finished(t.record, t.identity) for t in tasks]
+    listing = work.listing()  # an object-store root's: listed once
+    counts = [(work.finished(t.name, t.identity, listing) or {}).get("result") for t in tasks]
     todo = [t for t, cnt in zip(tasks, counts, strict=True) if cnt is None]
     done = len(tasks) - len(todo)
     ctx.logger.info("tokenize: %d of %d units already done", done, len(tasks))
@@ -107,29 +116,37 @@ def run(cfg, inputs, out, ctx) -> dict:
     encoded = sum(counts[t.index][s]["tokens"] for t in todo for s in SPLITS)  # by this attempt
 
     # 2. lay each source's streams in partition order, cut them into windows, and write the shards, each
-    # by a task of its own (in parallel, the bytes one writer would make)
+    # by a task of its own (in parallel, the bytes one writer would make), on an object-store root into
+    # a work folder the commit copies them from
+    shard_folder = units.Folder.of(ctx, "shards") if work.remote else None
     splits, shard_tasks = {}, []
     for split in SPLITS:
-        sources: dict[str, list[Path]] = {}
+        sources: dict[str, list[tuple[str, int]]] = {}
+        digests: dict[str, str] = {}
         for cnt in counts:  # partition order
-            for source, facts in cnt[split]["sources"].items():
-                sources.setdefault(source, []).append(work / facts["file"])
-        splits[split], shards = plan_shards(sources, out, split, c.seq_len, c.sequences_per_shard, dtype)
+            for source, stream in cnt[split]["sources"].items():
+                sources.setdefault(source, []).append((stream["file"], stream["tokens"]))
+                if "sha256" in stream:
+                    digests[stream["file"]] = stream["sha256"]
+        splits[split], shards = plan_shards(
+            sources, out, split, c.seq_len, c.sequences_per_shard, dtype, work, digests, shard_folder
+        )
         shard_tasks += shards
         splits[split]["documents"] = sum(cnt[split]["documents"] for cnt in counts)
         for source, facts in splits[split]["sources"].items():
             facts["documents"] = sum(
                 cnt[split]["sources"].get(source, {}).get("documents", 0) for cnt in counts
             )
-        if splits[split]["tokens"] != sum(cnt[split]["tokens"] for cnt in counts):
-            raise RuntimeError(f"tokenize: {split} stream lengths do not add up; a partition file is damaged")
     if sum(s["documents"] for s in splits.values()) != n_docs:
         raise RuntimeError("tokenize: documents tokenized do not add up to the ingest artifact's count")
     t0 = time.perf_counter()
-    ctx.map(
+    written = ctx.map(
         write_shard, shard_tasks, num_cpus=c.num_cpus, progress=(len(tasks), len(tasks) + len(shard_tasks))
     )
     ctx.logger.info("tokenize: %d shards written in %.1f s", len(shard_tasks), time.perf_counter() - t0)
+    for shard in written:  # with the size and sha256 their tasks computed: the commit reads none again
+        source = shard_folder.root_rel(shard["file"]) if shard_folder else None
+        ctx.place(shard["file"], shard, source=source)
 
     index = {
         "format": "kiln-packed-v1",
@@ -146,7 +163,15 @@ def run(cfg, inputs, out, ctx) -> dict:
         "splits": splits,
     }
     write_json_atomic(out / "index.json", index)
-    units.discard(work)  # the artifact holds the result now
+    placement = {  # the Ray node of each unit (None outside Ray)
+        "partitions": [{"index": k, "node_id": cnt.get("node_id")} for k, cnt in enumerate(counts)],
+        "shards": [{"file": w["file"], "node_id": w["node_id"]} for w in written],
+    }
+    if any(u["node_id"] for u in placement["partitions"] + placement["shards"]):  # run on Ray
+        write_json_atomic(out / "units.json", placement)
+    ctx.discard(work)  # the artifact holds the result now
+    if shard_folder is not None:
+        ctx.when_committed(lambda: ctx.discard(shard_folder))  # the commit copies the shards from it
     tokens = sum(s["tokens"] for s in splits.values())
     ctx.logger.info(
         "tokenize: %d tokens (%.0f tokens/s encoding), train %d sequences, val %d",

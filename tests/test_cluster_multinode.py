@@ -8,19 +8,25 @@ process gets fake secrets (the S3 secret key, a WANDB_API_KEY) and the tests sea
 wrote for them. Cleanup kills exactly the processes these fixtures started, even on failure.
 
 1. `launch.py submit` sends the data stages as a Ray job (Jobs API, token auth) and `status` reads
-   the shared root; the data stages' tasks ran on the head (the object-store rule).
+   the shared root; the data stages' tasks ran wherever a core was free, on both nodes.
 2. Pretraining with one worker on each node; the second node is killed mid-run, `status` says
    what the stage waits for, the node comes back, Ray Train restarts the group from the last
    checkpoint (in S3), and the per-step losses equal an undisturbed run's bit for bit (both the
    preset cut to 60 steps, `SHORT_PRETRAIN`).
+3. The data stages on a corpus of several files: their tasks run on both nodes and write straight to
+   the root (each stage's stats list the node of every unit); the driver is killed mid-ingest and a
+   driver on another machine (another cache) resumes the finished units; the artifacts' files are the
+   bytes a one-node run makes (their sha256 in the manifests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -137,16 +143,13 @@ def test_submit_runs_the_data_stages_as_a_job_and_status_reads_the_shared_root(c
             dashboard_get(cluster, "/api/jobs/", token=token)
         assert err.value.code in (401, 403)
 
-    # an object-store root keeps the data stages' tasks beside their driver: on the head
+    # the data stages' tasks go wherever a core is free, on an object-store root too: the sample is
+    # one file (one cleaning task), tokenize's 4 partitions and its shards spread over both nodes
     tasks = dashboard_get(cluster, "/api/v0/tasks?limit=10000&detail=1")["data"]["result"]["result"]
-    head = cluster.node_id("head")
-    placed = {
-        (t["name"], t["node_id"])
-        for t in tasks
-        if t["name"] in ("clean_file", "write_docs", "pack_partition")
-    }
-    assert {name for name, _ in placed} == {"clean_file", "write_docs", "pack_partition"}
-    assert {node for _, node in placed} == {head}
+    nodes = {cluster.node_id("head"), cluster.node_id("b")}
+    placed = {(t["name"], t["node_id"]) for t in tasks if t["name"] in DATA_TASKS}
+    assert {name for name, _ in placed} == set(DATA_TASKS)
+    assert {node for _, node in placed} == nodes
 
     logs = dashboard_get(cluster, f"/api/jobs/{job_id}/logs")["logs"]
     assert_no_secrets(s3, f"{BUCKET}/jobs", [cluster.base, tmp_path, *cluster.temp_dirs()], [stdout, logs])
@@ -249,6 +252,97 @@ def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretra
     assert_no_secrets(
         s3, f"{BUCKET}/multinode", [cluster.base, tmp_path, *cluster.temp_dirs()], [log.read_text()]
     )
+
+
+DATA_TASKS = ("clean_file", "write_docs", "pack_partition", "write_shard")
+
+
+@pytest.mark.timeout(600)
+def test_data_stages_spread_over_both_nodes_resume_and_match_one_node(cluster, s3, tmp_path, monkeypatch):
+    from pipeline.artifacts import Artifact
+    from pipeline.context import StageContext
+    from stages import ingest, tokenize
+    from tests.test_data_ingest import doc, prose, write
+
+    for k, v in s3.env().items():  # this process reads the bucket too
+        monkeypatch.setenv(k, v)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for k in range(8):  # every process of the cluster sees this machine's files
+        docs = [doc(prose(1000 * k + i, 900), f"Set {'AB'[i % 2]}") for i in range(300 + 40 * k)]
+        write(corpus / f"shard-{k}.jsonl", docs + [doc(prose(7, 900))])  # one exact duplicate each
+    sets = [
+        f"ingest.sources=[{corpus}/*.jsonl]", "ingest.decontaminate=[]", "ingest.docs_per_shard=200",
+        "tokenizer.sample_bytes=1000000", "tokenize.partitions=6", "tokenize.sequences_per_shard=300",
+    ]  # fmt: skip
+    root = f"s3://{BUCKET}/spread"
+    cfg = load_config(overrides=[f"run.root={root}", *sets])
+    store = ArtifactStore(root, cfg.run.name, cache_dir=tmp_path / "cache-test")
+    plan = {p.name: p for p in make_plan(cfg, PIPELINE, store, Selection(until="tokenize"))}
+    work = f".work/{store.name('ingest', plan['ingest'].work_key)}"
+    cmd = ["run", "--until", "tokenize", "--root", root, "--wandb", "offline", "--address", cluster.address]
+    cmd += set_flags(sets)
+    log = tmp_path / "run.log"
+
+    # a driver killed once some of ingest's units are recorded in the root
+    proc = subprocess.Popen(
+        [sys.executable, "launch.py", *cmd], cwd=PROJECT_ROOT, env=client_env(cluster, tmp_path / "one"),
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _records(store, f"{work}/parts"), 300, "a cleaned file's record", proc, every=0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert store.check("ingest", plan["ingest"].fingerprint)[0] is None  # killed mid-stage
+
+    # another machine's driver (its own cache) finds the finished units in the root
+    (tmp_path / "two").mkdir()
+    out = launch(cmd, client_env(cluster, tmp_path / "two"), log, 420)
+    assert out.returncode == 0, out.stdout.decode()[-3000:] + log.read_text()[-3000:]
+    said = store.files.read_bytes("logs/ingest.log").decode().splitlines()
+    resumed = [line.split("ingest: ")[1] for line in said if "units already done" in line][-1]
+    assert not resumed.startswith("0 of"), resumed
+
+    arts = {s: store.find(s, plan[s].fingerprint) for s in ("ingest", "tokenizer", "tokenize")}
+    stats = json.loads((arts["ingest"].path / "stats.json").read_text())
+    placement = json.loads((arts["tokenize"].path / "units.json").read_text())
+    nodes = {cluster.node_id("head"), cluster.node_id("b")}
+    assert {u["node_id"] for u in stats["units"]} == nodes and len(stats["units"]) == 16
+    assert {u["node_id"] for u in placement["partitions"] + placement["shards"]} == nodes
+    assert not [f for f in store.files.list_files(work) if "/" in f]  # its units removed once committed
+    caches = [cluster.base / c for c in ("cache-head", "cache-b")]
+    left = [
+        p
+        for c in caches
+        for p in c.glob("*/.work/*/*/*")
+        if p.parent.name in ("parts", "docs", "streams", "shards")
+    ]
+    assert not left  # nor does any node's cache keep its copies of them
+
+    # the same stages on one node, in this process: the same bytes, file by file
+    ref = tmp_path / "one-node"
+    (ref / "ingest").mkdir(parents=True)
+    ingest.run(cfg, {}, ref / "ingest", StageContext("ingest", tmp_path / "w-ingest"))
+    local = {"ingest": Artifact("ingest", "ref", ref / "ingest", {}), "tokenizer": arts["tokenizer"]}
+    (ref / "tokenize").mkdir()
+    tokenize.run(cfg, local, ref / "tokenize", StageContext("tokenize", tmp_path / "w-tokenize"))
+    for stage in ("ingest", "tokenize"):
+        got = {
+            rel: f["sha256"] for rel, f in arts[stage].manifest["files"].items()
+            if rel not in ("stats.json", "units.json", "metrics.jsonl")
+        }  # fmt: skip
+        want = {
+            p.relative_to(ref / stage).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in (ref / stage).rglob("*") if p.is_file() and p.name != "stats.json"
+        }  # fmt: skip
+        assert got == want and len(got) > 3, stage
+    want_stats = json.loads((ref / "ingest" / "stats.json").read_text())
+    assert {**stats, "units": None} == {**want_stats, "units": None}
+
+
+def _records(store: ArtifactStore, rel: str) -> int:
+    return sum(name.endswith(".done.json") for name in store.files.list_files(rel))
 
 
 def _rows(path: Path) -> list[dict]:
