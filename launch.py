@@ -132,6 +132,7 @@ def _selection(args):
 def cmd_run(args, console) -> int:
     from pipeline import preemption
     from pipeline.artifacts import ArtifactStore
+    from pipeline.compare import comparison, table
     from pipeline.dag import PIPELINE
     from pipeline.display import Display, summary_table
     from pipeline.plan import make_plan
@@ -152,6 +153,9 @@ def cmd_run(args, console) -> int:
     _stdout().print(
         summary_table(outcome.plan, outcome, headline, f"{cfg.run.root.rstrip('/')}/{cfg.run.name}")
     )
+    compared = comparison(plan)
+    if compared:  # the post-training stages side by side, on the same held-out gold measure
+        _stdout().print(table(compared))
     _print_notes(console, {p.name: p.notes for p in plan})
     if any(p.code_changed for p in plan):
         console.print("kept as built; `run --rebuild-changed` rebuilds them, `--from STAGE` one on purpose")

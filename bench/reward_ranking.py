@@ -120,21 +120,13 @@ def main() -> None:
 def ranking(score, right) -> dict:
     """Ranking figures of scores (n, k) against right/wrong labels (n, k); ties count a half."""
 
-    def auc(pos, neg) -> tuple[float, int]:
-        if not len(pos) or not len(neg):
-            return 0.0, 0
-        d = pos[:, None] - neg[None, :]
-        return ((d > 0).float().sum() + 0.5 * (d == 0).float().sum()).item(), d.numel()
+    from kiln.chat_eval import in_prompt_auc, pairwise_wins
 
-    won, pairs = 0.0, 0
-    for s, r in zip(score, right, strict=True):
-        w, p = auc(s[r], s[~r])
-        won, pairs = won + w, pairs + p
-    g, gp = auc(score[right], score[~right])
+    g, gp = pairwise_wins(score[right], score[~right])
     return {
         "accuracy": right.float().mean().item(),
         "auc_global": g / max(1, gp),
-        "auc_in_prompt": won / max(1, pairs),
+        "auc_in_prompt": in_prompt_auc(score.tolist(), right.tolist())[0] or 0.0,
         "best_of_k": right.gather(1, score.argmax(1, keepdim=True)).float().mean().item(),
         "any_right": right.any(1).float().mean().item(),
     }

@@ -25,7 +25,8 @@ sft. To use them:
         --set 'reward.data=[data_prep/sample/task/pref_train.jsonl.zst,data_prep/sample/task/pref_policy_train.jsonl.zst]' \
         --set 'reward.eval_data=[data_prep/sample/task/pref_val.jsonl.zst,data_prep/sample/task/pref_policy_val.jsonl.zst]'
 
-Writes into --out: pref_policy_train.jsonl.zst, pref_policy_val.jsonl.zst, policy_pairs.json (the
+Writes into --out: pref_policy_train.jsonl.zst, pref_policy_val.jsonl.zst, policy_answers_val.jsonl.zst
+(every held-out prompt's sampled answers with their labels: the reward stage's `answer_eval`), policy_pairs.json (the
 policy's fingerprint and weights' sha256, the sampling settings and the counts: answers = right + wrong; a prompt with
 no wrong answer gives no pair; an empty answer is wrong but gives none). Deterministic: each answer has its own generator seeded by the
 sentence and the sample's index, so the same policy gives the same files byte for byte on CPU.
@@ -56,6 +57,8 @@ from data_prep.build_task_data import (  # noqa: E402
 from data_prep.task import check, make_prompt, reference_answer  # noqa: E402
 
 FILES = {"pref": "pref_policy_train.jsonl.zst", "heldout": "pref_policy_val.jsonl.zst"}
+ANSWERS = "policy_answers_val.jsonl.zst"
+"""The held-out prompts' sampled answers themselves, labelled: what the reward stage ranks (`answer_auc`)."""
 KIND = "policy"
 
 
@@ -95,6 +98,8 @@ def build(args) -> dict[str, bytes]:
         )
         records, counts[name] = pairs(by_split[split], answers, args.pairs)
         files[name] = compress(records)
+        if split == "heldout":
+            files[ANSWERS] = compress(labelled(by_split[split], answers))
     manifest = _manifest(args.policy)
     stats = {
         "policy": args.policy.name,
@@ -160,6 +165,15 @@ def pairs(sentences: list[str], answers: list[list[str]], per_prompt: int) -> tu
             )
     c["pairs"] = len(records)
     return records, dict(c)
+
+
+def labelled(sentences: list[str], answers: list[list[str]]) -> list[dict]:
+    """Each prompt with its sampled answers in sample order (repeats kept: a frequent answer weighs
+    more) and the checking program's label of each."""
+    return [
+        {"prompt": user(make_prompt(s)), "answers": got, "right": [check(make_prompt(s), a) for a in got]}
+        for s, got in zip(sentences, answers, strict=True)
+    ]
 
 
 def _seed(sentence: str, j: int) -> int:

@@ -63,9 +63,10 @@ class BadRecord(ValueError):
 def load_records(
     sources, kind: str, roots: tuple[Path, ...] | None = None, max_errors: int = 200, key: str = "data"
 ) -> tuple[list[dict], dict]:
-    """All good records of `sources`, normalised as `kind` ("sft" | "preference" | "prompt"), and their stats.
+    """All good records of `sources`, normalised as `kind` ("sft" | "preference" | "prompt" | "answers"), and their stats.
     Raises ValueError listing every source that matches no file (prefixed with the config `key`)."""
-    normalise = {"sft": normalise_sft, "preference": normalise_preference, "prompt": normalise_prompt}[kind]
+    normalise = {"sft": normalise_sft, "preference": normalise_preference, "prompt": normalise_prompt,
+                 "answers": normalise_answers}[kind]  # fmt: skip
     paths = resolve_sources([str(s) for s in sources], roots or (Path.cwd(),), key)
     records: list[dict] = []
     stats = {"read": 0, "kept": 0, "malformed": Counter(), "blank_lines": 0, "files": [], "errors": []}
@@ -219,6 +220,22 @@ def normalise_prompt(record: dict) -> dict:
     if not turns[-1]["content"].strip():
         raise BadRecord("empty", "the prompt's last user turn is empty")
     return {"prompt": turns}
+
+
+def normalise_answers(record: dict) -> dict:
+    """A prompt with sampled answers, each labelled right or wrong: {prompt, answers: [str], right: [bool]}
+    (data_prep/build_policy_pairs.py writes them), for ranking a reward model on a policy's own answers."""
+    prompt = normalise_prompt(record)["prompt"]
+    answers, right = record.get("answers"), record.get("right")
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise BadRecord("bad_type", "answers is not a list of strings")
+    if not isinstance(right, list) or not all(isinstance(r, bool) for r in right):
+        raise BadRecord("bad_type", "right is not a list of true/false labels")
+    if len(answers) != len(right) or not answers:
+        raise BadRecord(
+            "bad_length", f"{len(answers)} answers and {len(right)} labels; give one label per answer"
+        )
+    return {"prompt": prompt, "answers": answers, "right": right}
 
 
 def parse_hh(text: str) -> list[dict]:

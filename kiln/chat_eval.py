@@ -167,6 +167,22 @@ def score_pairs(model, tok, pairs: list[dict], batch_size: int = 64, rank=0, wor
     return out
 
 
+@torch.no_grad()
+def rank_answers(model, tok, records: list[dict], batch_size: int = 64, rank=0, world=1) -> dict:
+    """`answer_auc`: the in-prompt AUC (`in_prompt_auc`) of the reward model's scores of a policy's
+    sampled answers, labelled right or wrong (records {prompt, answers, right}), and how many right/wrong
+    pairs it is over (`answer_auc_pairs`). Each distinct conversation is scored once, the ranks sharing them."""
+    convs = [[r["prompt"] + [{"role": "assistant", "content": a}] for a in r["answers"]] for r in records]
+    texts = {_key(c): c for cs in convs for c in cs}
+    keys, _ = rank_share(sorted(texts), rank, world)  # a padded key repeats one already scored
+    scores = dict(
+        zip(keys, score_conversations(model, tok, [texts[k] for k in keys], batch_size), strict=True)
+    )
+    scores = _merge_over_ranks(scores, world)
+    auc, pairs = in_prompt_auc([[scores[_key(c)] for c in cs] for cs in convs], [r["right"] for r in records])
+    return {"answer_auc": auc, "answer_auc_pairs": pairs}
+
+
 def expected_calibration_error(p_chosen: torch.Tensor, bins: int = 10) -> float:
     """Expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural Networks", eq. 3) of
     pairwise preferences: each pair's prediction is the answer it gives the higher probability, with
@@ -184,6 +200,28 @@ def expected_calibration_error(p_chosen: torch.Tensor, bins: int = 10) -> float:
                 right[inside].mean().item() - conf[inside].mean().item()
             )
     return ece
+
+
+def pairwise_wins(pos: torch.Tensor, neg: torch.Tensor) -> tuple[float, int]:
+    """(wins, pairs) of scores `pos` over scores `neg`, every pair of one of each, a tie a half win:
+    wins / pairs is the AUC (the Mann-Whitney statistic) of `pos` against `neg`."""
+    if not len(pos) or not len(neg):
+        return 0.0, 0
+    d = pos[:, None] - neg[None, :]
+    return ((d > 0).float().sum() + 0.5 * (d == 0).float().sum()).item(), d.numel()
+
+
+def in_prompt_auc(scores: list[list[float]], right: list[list[bool]]) -> tuple[float | None, int]:
+    """(AUC, pairs): P(score of a right answer > score of a wrong one) over pairs of answers to the same
+    prompt (`scores[i]`, `right[i]`: prompt i's answers), ties a half; None without such a pair. Within a
+    prompt its offset cancels (an easy prompt's answers all scoring high), so this is what a policy
+    update can use from a reward model."""
+    won, pairs = 0.0, 0
+    for s, r in zip(scores, right, strict=True):
+        s, r = torch.tensor(s, dtype=torch.float64), torch.tensor(r, dtype=torch.bool)
+        w, n = pairwise_wins(s[r], s[~r])
+        won, pairs = won + w, pairs + n
+    return (won / pairs if pairs else None), pairs
 
 
 def pearson(x: list[float], y: list[float]) -> float | None:

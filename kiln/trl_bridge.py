@@ -109,6 +109,8 @@ class TrlJob(WorkerJob):
     """Held-out prompts of the shipped task, answered at each evaluation (sft)."""
     heldout: HeldOutWindows | None = None
     """Pretraining's held-out windows, scored by source at each evaluation (sft): what it cost each source."""
+    answers: list[dict] = field(default_factory=list)
+    """Sampled answers labelled right or wrong, {prompt, answers, right}, ranked at each evaluation (reward)."""
 
 
 def run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out: Path, **extra) -> dict:

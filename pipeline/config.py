@@ -599,6 +599,11 @@ class RewardConfig(TrlStageConfig):
     longer than `max_length` are dropped and counted (`too_long_pairs`)."""
     eval_data: tuple[str, ...] = (f"{TASK_DATA}/pref_val.jsonl.zst",)
     """Held-out pairs for pairwise accuracy and reward statistics; empty = hold out `eval_fraction` of `data`."""
+    answer_eval: str | None = f"{TASK_DATA}/policy_answers_val.jsonl.zst"
+    """A policy's own sampled answers to held-out prompts, each labelled right or wrong ({prompt, answers,
+    right}; the shipped file: the tiny SFT policy's, labelled by the task's checking program,
+    data_prep/build_policy_pairs.py): the reward model's in-prompt AUC on them (`answer_auc`), how well it
+    ranks what an RL stage's rollouts will contain. Null: not measured."""
 
 
 @frozen
@@ -612,6 +617,7 @@ class RlConfig(WorkerGroupConfig):
     PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (
         *WorkerGroupConfig.PLACEMENT_KEYS, "micro_batch_size", "max_errors", "gather_for_rollout",
         "offload_frozen", "reward_gate", "reward_min_accuracy", "reward_max_ece", "reward_max_length_correlation",
+        "reward_min_answer_auc",
     )  # fmt: skip
 
     prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
@@ -664,6 +670,12 @@ class RlConfig(WorkerGroupConfig):
     pass, that is at every sampled token; the ranks then sample without stepping together. Every rank
     holds one whole model meanwhile (as TRL and OpenRLHF do): false for a model too large for that,
     which then samples gathering per forward pass. The same numbers either way; no effect below ZeRO-3."""
+    select: Literal["last", "best_gold"] = "last"
+    """Which policy the stage exports: the last iteration's (`last`), or that of the evaluated iteration
+    (the SFT policy's, iteration 0, included) with the best sampled task accuracy on the selection half
+    of the held-out task prompts (`best_gold`); its figures in the manifest are then those of the other
+    half, the report half (kiln/rl/evaluation.py). The manifest says which (`selected_iteration`) and why.
+    With best_gold each checkpoint also keeps that policy's weights (one model). Needs task_prompts."""
     reward_gate: Literal["warn", "refuse", "off"] = "warn"
     """What the stage does, before any worker starts, when the reward model it scores with
     (`reward_source: model`) misses a threshold below on its held-out measures (the reward artifact's
@@ -676,6 +688,8 @@ class RlConfig(WorkerGroupConfig):
     """Highest expected calibration error of its Bradley-Terry probabilities (`calibration_ece`)."""
     reward_max_length_correlation: float = 0.5
     """Highest |correlation| of its score with the response's length (`length_correlation`)."""
+    reward_min_answer_auc: float = 0.6
+    """Lowest in-prompt AUC on a policy's own labelled answers (`answer_auc`, `reward.answer_eval`)."""
     offload_frozen: bool = False
     """ZeRO-3: the frozen models' parameters (the reference and the reward model) kept in CPU memory
     (DeepSpeed's parameter offload; they are built there, partitioned) and copied to the accelerator
@@ -706,10 +720,19 @@ class RlConfig(WorkerGroupConfig):
             yield "kl_coef: must be >= 0 (0 = no KL penalty)"
         if (
             not 0 <= self.reward_min_accuracy <= 1
+            or not 0 <= self.reward_min_answer_auc <= 1
             or self.reward_max_ece < 0
             or self.reward_max_length_correlation < 0
         ):
-            yield "reward_min_accuracy must be in [0, 1]; reward_max_ece and reward_max_length_correlation >= 0"
+            yield (
+                "reward_min_accuracy and reward_min_answer_auc must be in [0, 1]; reward_max_ece and "
+                "reward_max_length_correlation >= 0"
+            )
+        if self.select == "best_gold" and (not self.task_prompts or self.task_eval_size < 2):
+            yield (
+                "select: best_gold chooses on one half of the held-out task prompts and reports on the other; "
+                "give task_prompts and task_eval_size >= 2, or set select=last"
+            )
         if self.reward_source == "task" and not self.task_prompts:
             yield "reward_source: task needs the shipped task's prompts (task_prompts); use model for other data"
 
@@ -831,6 +854,22 @@ class GrpoConfig(RlConfig):
 
 
 @frozen
+class RlooConfig(GrpoConfig):
+    """RLOO (Ahmadian et al. 2024) as a stage of its own (stages/rloo.py): grpo's loop and keys with RLOO's
+    defaults, so that one run compares it with GRPO and PPO from the same artifacts. Opt-in: `enabled`."""
+
+    enabled: bool = False
+    """Whether a run builds rloo (beside ppo and grpo, from the same artifacts): `--set rloo.enabled=true`;
+    `--only rloo` runs it whatever this says. Changes no artifact's identity."""
+    baseline: Literal["group_mean", "leave_one_out"] = "leave_one_out"
+    """Each response's score against the mean of the other group_size - 1 (RLOO)."""
+    scale_advantages: bool = False
+    """RLOO leaves the advantages unscaled."""
+    weighting: Literal["sequence_mean", "token_mean", "constant"] = "token_mean"
+    """One mean over all the mini-batch's tokens (RLOO)."""
+
+
+@frozen
 class HardwareConfig:
     """The accelerator the training stages will run on, for the plan `run --dry-run` prints (step time,
     MFU, whether it fits). Read by no stage: changing it re-runs nothing."""
@@ -882,6 +921,8 @@ class PipelineConfig:
     """RLHF: PPO with a KL penalty against the SFT model, scored by the reward model."""
     grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
     """Critic-free RL beside ppo: GRPO, Dr. GRPO or RLOO (opt-in: `grpo.enabled`)."""
+    rloo: RlooConfig = dataclasses.field(default_factory=RlooConfig)
+    """RLOO beside grpo and ppo: grpo's stage with RLOO's baseline (opt-in: `rloo.enabled`)."""
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
     """The accelerator, for the plan before launch (`run --dry-run`): read by no stage."""
 

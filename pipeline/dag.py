@@ -218,7 +218,9 @@ PIPELINE = DAG(
             inputs=lambda cfg: (cfg.reward.init_from,),  # reward.init_from: sft moves the edge
             sections=("reward", "run"),
             workers=_workers("reward"),
-            extra_fingerprint=lambda cfg: input_file_stats([*cfg.reward.data, *cfg.reward.eval_data]),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [*cfg.reward.data, *cfg.reward.eval_data, *filter(None, [cfg.reward.answer_eval])]
+            ),
             headline="pairwise_accuracy",
         ),
         Stage(
@@ -247,6 +249,21 @@ PIPELINE = DAG(
             ),
             headline="task_accuracy",
             enabled=lambda cfg: cfg.grpo.enabled,
+        ),
+        # rloo is grpo's stage under a section of its own with RLOO's defaults, so that a run compares them
+        Stage(
+            "rloo",
+            "stages.rloo:run",
+            inputs=lambda cfg: (
+                ("sft", "reward", "tokenize") if cfg.rloo.reward_source == "model" else ("sft", "tokenize")
+            ),
+            sections=("rloo", "run"),
+            workers=_workers("rloo"),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [*cfg.rloo.prompts, *filter(None, [cfg.rloo.task_prompts])]
+            ),
+            headline="task_accuracy",
+            enabled=lambda cfg: cfg.rloo.enabled,
         ),
     )
 )

@@ -29,13 +29,14 @@ UNKEYED = {
 }
 """The keys the old fingerprints left out, by section (every other key was in)."""
 
-AS_BUILT = {"ingest": {"near_dedup": False, "decontaminate": ()}}
+AS_BUILT = {"ingest": {"near_dedup": False, "decontaminate": ()}, "reward": {"answer_eval": None}}
 """Keys added since whose default changed what the stage makes: an artifact built before stage
 versions was made as with these values, not the defaults (a key added with a default that keeps the
 old behaviour needs no entry). Ingest 2 drops near-duplicates and contaminated documents (ingest 3 finds
-them with another MinHash): both make the old output with these keys."""
+them with another MinHash): both make the old output with these keys. Reward 2 measures `answer_auc` on
+`answer_eval`: without it, what reward 1 made."""
 
-MADE_AS_BEFORE = {"ingest": 3, "tokenizer": 1, "tokenize": 1, "pretrain": 1, "sft": 1, "reward": 1, "ppo": 1}
+MADE_AS_BEFORE = {"ingest": 3, "tokenizer": 1, "tokenize": 1, "pretrain": 1, "sft": 1, "reward": 2, "ppo": 1}
 """The last version of each stage that makes what it made before stage versions (with AS_BUILT's keys):
 an artifact of that time is taken over only by these. Tokenize 2 packs each source apart, so an old
 tokenize artifact, and all that reads it, is built again."""

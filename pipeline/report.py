@@ -2,7 +2,9 @@
 
     write_report(store.run_dir, plan, "kiln run tiny")    # -> <run_dir>/report.html
 
-A table of every stage with its headline numbers (NUMBERS); the held-out loss of each source after each
+A table of every stage with its headline numbers (NUMBERS); the post-training stages side by side
+(`post_training`: their held-out gold measure, proxy and KL to SFT, in a table and charted against
+sqrt(KL)); the held-out loss of each source after each
 model stage (`by_source`: pretraining's validation windows, scored again after every later stage, so
 that what fine-tuning cost each source shows) beside the tokens pretraining drew from it; then a
 section per complete stage: its
@@ -25,6 +27,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import os
 import uuid
 from pathlib import Path
@@ -40,31 +43,20 @@ NUMBERS = {  # stage: the manifest metrics shown in the table (a stage not liste
     "pretrain": ("val_loss", "val_ppl", "loss", "steps", "expert_imbalance"),
     "sft": ("val_loss", "task_accuracy", "task_accuracy_pretrained"),
     "reward": ("pairwise_accuracy", "initial_pairwise_accuracy", "margin"),
-    "ppo": ("task_accuracy", "task_accuracy_sft", "task_accuracy_sampled", "score", "score_sft", "kl"),
-    "grpo": (
-        "task_accuracy",
-        "task_accuracy_sft",
-        "task_accuracy_sampled",
-        "task_accuracy_sampled_sft",
-        "score",
-        "kl",
-    ),
+    "ppo": ("task_accuracy", "task_accuracy_sampled", "score", "score_sft", "kl_sft", "selected_iteration"),
+    "grpo": ("task_accuracy", "task_accuracy_sampled", "score", "kl_sft", "selected_iteration"),
+    "rloo": ("task_accuracy", "task_accuracy_sampled", "score", "kl_sft", "selected_iteration"),
 }
 CHARTS = {  # stage: {panel title: its columns ("a|b": a, else b)}; the panels of a stage share the step axis
     "pretrain": {"loss (train and held-out)": ("loss", "val_loss")},
     "sft": {"held-out loss": ("val_loss",), "task accuracy (held-out prompts)": ("task_accuracy",)},
     "reward": {"held-out pairwise accuracy": ("pairwise_accuracy|val_accuracy",)},
-    "ppo": {
-        "proxy: reward-model score": ("score",),
-        "gold: task accuracy": ("task_accuracy", "task_accuracy_sampled"),
-        "KL to the SFT policy": ("kl",),
-    },
-    "grpo": {
-        "score (reward model or checking program)": ("score",),
-        "gold: task accuracy": ("task_accuracy", "task_accuracy_sampled"),
-        "KL to the SFT policy": ("kl",),
-    },
-}
+    "ppo": {"rollouts: reward-model score": ("score",), "rollouts: KL to the SFT policy": ("kl",)},
+    **dict.fromkeys(
+        ("grpo", "rloo"),
+        {"rollouts: score (reward model or program)": ("score",), "rollouts: KL to the SFT policy": ("kl",)},
+    ),
+}  # the RL stages' gold measure leads the report: `post_training`
 
 
 def write_report(run_dir: Path, plan, title: str) -> Path:
@@ -93,11 +85,66 @@ def write_report(run_dir: Path, plan, title: str) -> Path:
             sections.append(_section(run_dir, p, manifest, metrics))
             every[p.name] = metrics
     parts.append("</table>")
+    parts.append(post_training(run_dir / ".work" / "report", plan))
     parts.append(by_source(run_dir / ".work" / "report", every))
     parts.extend(sections)
     out = run_dir / "report.html"
     _write_atomic(out, "\n".join(parts).encode())
     return out
+
+
+def post_training(cache: Path, plan) -> str:
+    """The post-training stages side by side (pipeline/compare.py): their table, and a chart of each
+    stage's proxy and gold measure at every evaluation against sqrt(KL to the SFT policy), as Gao et al.
+    (2022) plot reward over-optimisation (a proxy still rising while gold falls); "" without such stages."""
+    from pipeline.compare import COLUMNS, cells, comparison
+
+    rows = comparison(plan)
+    if not rows:
+        return ""
+    paths = {p.name: p.path for p in plan}
+    curves = {}
+    for r in rows:
+        evals = [e for e in _rows(Path(paths[r["stage"]]) / "metrics.jsonl") if _number(e.get("kl_sft"))]
+        curves[r["stage"]] = [
+            (
+                math.sqrt(max(0.0, e["kl_sft"])),
+                e.get("proxy_score"),
+                e.get("task_accuracy_sampled"),
+                e.get("step"),
+            )
+            for e in evals
+        ]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, curves], sort_keys=True).encode()).hexdigest()[:16]
+    png = cache / "post_training" / f"{key}.png"
+    if not png.is_file():
+        _write_atomic(png, _over_optimisation(curves))
+        for old in png.parent.glob("*.png"):
+            if old != png:
+                old.unlink(missing_ok=True)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(r)) + "</tr>" for r in rows)
+    warnings = "".join(f"<p><b>{html.escape(r['stage'])}</b>: {html.escape(r['warning'])}</p>" for r in rows if r["warning"])  # fmt: skip
+    return (
+        "<h2>post-training: held-out gold measure, proxy and KL to SFT</h2>"
+        + f"<table><tr>{head}</tr>{body}</table>{warnings}"
+        + _img(png.read_bytes())
+    )
+
+
+def _over_optimisation(curves: dict[str, list]) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), squeeze=False)
+    panels = (("proxy: the score trained on (normalised)", 1), ("gold: sampled task accuracy", 2))
+    for ax, (title, i) in zip(axes.flat, panels, strict=True):
+        for stage, pts in curves.items():
+            got = [(pt[0], pt[i]) for pt in pts if _number(pt[i])]
+            ax.plot([x for x, _ in got], [y for _, y in got], marker="o", label=stage)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sqrt(KL to the SFT policy), nats^0.5", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    return _png(plt, fig)
 
 
 def by_source(cache: Path, metrics: dict[str, dict]) -> str:

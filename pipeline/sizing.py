@@ -18,7 +18,7 @@ import dataclasses
 from kiln import capacity as C
 from kiln.model_fields import hf_values
 
-TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo")
+TRAINING_STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "rloo")
 
 
 def stage_plans(cfg) -> dict[str, dict]:
@@ -87,7 +87,7 @@ def _setup(section, zero_stage: int, micro: int, accum: int, seq_len: int, top_k
 
 def _cost(cfg, stage: str, s, m: dict, vocab: int, zero_stage: int) -> dict:
     lm = C.parameter_tensors(m, vocab)
-    if stage in ("ppo", "grpo"):
+    if stage in ("ppo", "grpo", "rloo"):
         micro, seq = s.micro_batch_size, s.max_prompt_length + s.max_new_tokens
         accum = s.mini_batch_size // (s.num_workers * micro)
         setup = _setup(s, zero_stage, micro, accum, seq)

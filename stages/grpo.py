@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.rl import loop as L
+from kiln.rl import scoring as S
 from kiln.training import HeldOutWindows
 from kiln.workers import run_group
 from pipeline.config import GrpoConfig
@@ -67,7 +68,7 @@ from pipeline.config import GrpoConfig
 if TYPE_CHECKING:
     from torch import Tensor
 
-VERSION = 1
+VERSION = 2
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
@@ -91,19 +92,27 @@ class GrpoJob(L.RlJob):
     """What each GRPO worker receives: the RL stages' job (kiln/rl/loop.py)."""
 
     section: GrpoConfig
+    stage: str = "grpo"
+    """The stage's name (its config section): grpo, or rloo."""
 
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
-    p = cfg.grpo
+    return run_stage(cfg, inputs, out, ctx, "grpo")
+
+
+def run_stage(cfg, inputs, out: Path, ctx, stage: str) -> dict:
+    """The stage under config section `stage` (grpo, or rloo: stages/rloo.py)."""
+    p = getattr(cfg, stage)
     reward = inputs.get("reward")  # an input with `reward_source: model` only
     uses = ["the rewards"] if p.reward_source == "model" else []
-    mean, std = L.reward_statistics("grpo", reward.metrics if reward else {}, uses)
-    L.reward_gate(p, "grpo", reward.metrics if reward else {}, ctx.logger)
+    mean, std = L.reward_statistics(stage, reward.metrics if reward else {}, uses)
+    L.reward_gate(p, stage, reward.metrics if reward else {}, ctx.logger)
     sft_dir = Path(inputs["sft"].path)
-    prompts, stats, task = L.read_prompts(p, "grpo", sft_dir, ctx.logger)
+    prompts, stats, task = L.read_prompts(p, stage, sft_dir, ctx.logger)
     job = GrpoJob.new(
         ctx, cfg, p, sft_dir=sft_dir, reward_dir=Path(reward.path) if reward else None, reward_mean=mean,
         reward_std=std, prompts=prompts, task_prompts=task, heldout=HeldOutWindows.of(cfg, inputs["tokenize"].path),
+        stage=stage,
     )  # fmt: skip
     metrics = run_group(ctx, train_worker, job, out)
     (out / "prompt_stats.json").write_text(json.dumps(stats, indent=2))
@@ -118,7 +127,7 @@ def train_worker(job: GrpoJob, wctx) -> dict:
     that waits past `grpo.collective_timeout_min` fails the rank, naming it and the collective."""
     from kiln import training as T
 
-    with T.collective_timeouts("grpo", wctx.rank, wctx.world_size, job.section.collective_timeout_min):
+    with T.collective_timeouts(job.stage, wctx.rank, wctx.world_size, job.section.collective_timeout_min):
         return GrpoLoop(job, wctx).run()
 
 
@@ -127,9 +136,10 @@ class GrpoLoop(L.RlLoop):
 
     stage = "grpo"
     KEEP = ("score", "score_norm", "reward", "kl", "entropy", "response_length", "ended_frac", "flat_groups",
-            "gen_share", "task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost")  # fmt: skip
+            "gen_share")  # fmt: skip
 
     def __init__(self, job: GrpoJob, wctx):
+        self.stage = job.stage  # grpo or rloo: names its messages and checkpoints
         self.samples_per_prompt = job.section.group_size
         super().__init__(job, wctx)
 
@@ -156,11 +166,11 @@ def experience(roll, prompts, models: L.Models, tok, job: GrpoJob) -> tuple[Grou
     p = job.section
     micro, gather = p.micro_batch_size, p.gather_for_rollout
     rmask = roll.response_mask.float()  # (B, R)
-    old_logp = L.micro_passes(models.actor, roll, micro, gather, L.logprobs, p.temperature)
-    ref_logp = L.micro_passes(models.ref, roll, micro, gather, L.logprobs, p.temperature)
+    old_logp = L.micro_passes(models.actor, roll, micro, gather, S.logprobs, p.temperature)
+    ref_logp = L.micro_passes(models.ref, roll, micro, gather, S.logprobs, p.temperature)
 
     answers = decode_responses(tok, roll, stop_ids(tok))
-    raw, score = L.score_answers(prompts, answers, models.reward, tok, job, old_logp.device)
+    raw, score = S.score_answers(prompts, answers, models.reward, tok, job, old_logp.device)
     score = M.eos_penalty(score, roll.ended, p.missing_eos_penalty)
     if p.kl_in == "reward":
         reward = G.kl_penalized_scores(score, old_logp, ref_logp, rmask, p.kl_coef)
@@ -174,7 +184,7 @@ def experience(roll, prompts, models: L.Models, tok, job: GrpoJob) -> tuple[Grou
     groups = reward.view(-1, p.group_size)
     per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
     row = {
-        "rollout_task_accuracy": L.checked(prompts, answers) if job.task_prompts else None,
+        "rollout_task_accuracy": S.checked(prompts, answers) if job.task_prompts else None,
         "score": raw.mean(),
         "score_norm": score.mean(),
         "reward": reward.mean(),
@@ -201,7 +211,7 @@ def grpo_update(actor, exp: GroupExperience, p, mini: int, world: int, rng) -> d
     means = L.UpdateMeans(world, steps=p.ppo_epochs * (exp.tokens.shape[0] // mini))
     for idx, tokens in L.update_batches(exp.rmask, p.ppo_epochs, mini, p.micro_batch_size, world, rng):
         x, m, rmask = exp.tokens[idx], exp.mask[idx], exp.rmask[idx]
-        logits = L.tempered_logits(actor, x, m, P, p.temperature)  # (b, R, V)
+        logits = S.tempered_logits(actor, x, m, P, p.temperature)  # (b, R, V)
         logp = M.logprobs_from_logits(logits, x[:, P:])
         weights = G.token_weights(
             rmask, p.weighting, num_sequences=mini * world, num_tokens=tokens, max_len=p.max_new_tokens

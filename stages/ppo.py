@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln.rl import loop as L
+from kiln.rl import scoring as S
 from kiln.training import HeldOutWindows
 from kiln.workers import run_group
 from pipeline.config import PpoConfig
@@ -76,7 +77,7 @@ from pipeline.config import PpoConfig
 if TYPE_CHECKING:
     from torch import Tensor
 
-VERSION = 1
+VERSION = 2
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
@@ -141,8 +142,7 @@ class PpoLoop(L.RlLoop):
     """The RL loop (kiln/rl/loop.py) with PPO's models, experience, update and KL controller."""
 
     stage = "ppo"
-    KEEP = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share",
-            "task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost")  # fmt: skip
+    KEEP = ("score", "score_norm", "reward", "kl", "kl_coef", "entropy", "response_length", "ended_frac", "gen_share")  # fmt: skip
 
     def __init__(self, job: PpoJob, wctx):
         from kiln.rl import ppo_math as M
@@ -200,12 +200,12 @@ def experience(
     p = job.section
     P, micro, gather = roll.prompt_len, p.micro_batch_size, p.gather_for_rollout
     rmask = roll.response_mask.float()  # (B, R)
-    old_logp = L.micro_passes(models.actor, roll, micro, gather, L.logprobs, p.temperature)
-    ref_logp = L.micro_passes(models.ref, roll, micro, gather, L.logprobs, p.temperature)
+    old_logp = L.micro_passes(models.actor, roll, micro, gather, S.logprobs, p.temperature)
+    ref_logp = L.micro_passes(models.ref, roll, micro, gather, S.logprobs, p.temperature)
     values = L.micro_passes(models.critic, roll, micro, gather, _values, job.value_norm)
 
     answers = decode_responses(tok, roll, stop_ids(tok))
-    raw, score = L.score_answers(prompts, answers, models.reward, tok, job, values.device)
+    raw, score = S.score_answers(prompts, answers, models.reward, tok, job, values.device)
     score = M.eos_penalty(score, roll.ended, p.missing_eos_penalty)
 
     kl = M.kl_estimate(old_logp, ref_logp, p.kl_estimator)  # (B, R) what the rewards are charged
@@ -219,7 +219,7 @@ def experience(
     )  # fmt: skip
     per_seq = lambda x: (x * rmask).sum(1).mean()  # noqa: E731  mean over responses of a per-token sum
     row = {
-        "rollout_task_accuracy": L.checked(prompts, answers) if job.task_prompts else None,
+        "rollout_task_accuracy": S.checked(prompts, answers) if job.task_prompts else None,
         "score": raw.mean(),
         "score_norm": score.mean(),
         "reward": rewards.sum(1).mean(),
@@ -251,7 +251,7 @@ def ppo_update(actor, critic, exp: Experience, p, mini: int, world: int, rng) ->
     means = L.UpdateMeans(world, steps=p.ppo_epochs * (exp.tokens.shape[0] // mini))
     for idx, tokens in L.update_batches(exp.rmask, p.ppo_epochs, mini, p.micro_batch_size, world, rng):
         x, m, rmask = exp.tokens[idx], exp.mask[idx], exp.rmask[idx]
-        logits = L.tempered_logits(actor, x, m, P, p.temperature)  # (b, R, V)
+        logits = S.tempered_logits(actor, x, m, P, p.temperature)  # (b, R, V)
         logp = M.logprobs_from_logits(logits, x[:, P:])
         pg, stats = M.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], rmask, p.clip_eps, tokens)
         entropy = M.entropy_from_logits(logits.detach() if not p.entropy_coef else logits, rmask)

@@ -23,7 +23,10 @@ Bradley-Terry loss, and the mean and std of the rewards of every held-out answer
 the manifest (`reward_mean`, `reward_std`) so PPO can normalise rewards to mean 0, std 1. So do two
 measures of whether the scores can be trusted as a reward: `calibration_ece` (expected calibration
 error of the Bradley-Terry probability) and `length_correlation` (of a held-out answer's score with its
-length in tokens).
+length in tokens). And, with `reward.answer_eval` (a policy's own sampled answers, labelled right or
+wrong), `answer_auc`: how often a right answer outscores a wrong one to the same prompt (in-prompt AUC),
+the ranking an RL stage's rollouts ask of the model. PPO and GRPO check all four before they start
+(kiln/rl/loop.py `reward_gate`).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from data_prep.chat_data import load_records, warn_malformed
 from kiln import trl_bridge as B
+from pipeline.config import PROJECT_ROOT, ConfigError
 from pipeline.preemption import STOPPED
 
-VERSION = 1
+VERSION = 2
 """What this stage produces, versioned: bump it when a change alters its output (README, "Changing a
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
@@ -55,11 +60,20 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
             f"reward.eval_data: all {too_long} held-out pairs are longer than reward.max_length="
             f"{s.max_length} tokens; raise it or give shorter pairs"
         )
+    answers = []
+    if s.answer_eval:
+        try:
+            answers, stats["answer_eval"] = load_records(
+                [s.answer_eval], "answers", (Path.cwd(), PROJECT_ROOT), s.max_errors, "reward.answer_eval"
+            )
+        except ValueError as e:
+            raise ConfigError(str(e).splitlines(), "reward") from None
+        warn_malformed(ctx.logger, "reward.answer_eval", stats["answer_eval"])
     ctx.logger.info(
-        "reward: %d training and %d held-out pairs (%d longer than max_length left out), from %s",
-        len(train), len(held), too_long, s.init_from,
+        "reward: %d training and %d held-out pairs (%d longer than max_length left out), %d prompts' labelled "
+        "answers, from %s", len(train), len(held), too_long, len(answers), s.init_from,
     )  # fmt: skip
-    metrics = B.run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out)
+    metrics = B.run_trainer(ctx, cfg, s, model_dir, train_worker, train, held, stats, out, answers=answers)
     return metrics | {"eval_too_long_pairs": too_long}
 
 
@@ -86,7 +100,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
 
     import kiln.model  # noqa: F401  (registers the Kiln classes with the Auto classes)
     from kiln import sharded as S
-    from kiln.chat_eval import score_pairs
+    from kiln.chat_eval import rank_answers, score_pairs
 
     s, seed = job.section, job.seed
     B.setup_worker(wctx, s.cpus_per_worker)
@@ -103,7 +117,10 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
     model.config.pad_token_id = tok.pad_token_id
 
     def evaluate(m) -> dict:
-        return score_pairs(m, tok, job.eval, rank=wctx.rank, world=wctx.world_size)
+        found = score_pairs(m, tok, job.eval, rank=wctx.rank, world=wctx.world_size)
+        if job.answers:
+            found |= rank_answers(m, tok, job.answers, rank=wctx.rank, world=wctx.world_size)
+        return found
 
     bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=job.wandb_run_id, resumed=kiln_state)
     lora = B.lora_config(s, "SEQ_CLS")  # peft trains the `score` head in full beside the adapters
@@ -125,6 +142,8 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         "margin": final.get("margin"),
         "calibration_ece": final.get("calibration_ece"),
         "length_correlation": final.get("length_correlation"),
+        "answer_auc": final.get("answer_auc"),
+        "answer_auc_pairs": final.get("answer_auc_pairs"),
         "val_loss": final.get("val_loss"),
         "eval_pairs": final.get("eval_pairs"),
         "initial_pairwise_accuracy": bridge.baseline.get("pairwise_accuracy"),

@@ -28,7 +28,7 @@ OLD_WORK = {
     "ppo": "87fe29550bb8cbed",
 }
 """The work dirs that run's training stages used (keyed without budget keys), as that code named them."""
-AS_BUILT = ["ingest.near_dedup=false", "ingest.decontaminate=[]"]
+AS_BUILT = ["ingest.near_dedup=false", "ingest.decontaminate=[]", "reward.answer_eval=null"]
 """What that run's ingest did, which ingest 2 does only when asked (pipeline/legacy.py, AS_BUILT)."""
 
 
@@ -36,10 +36,12 @@ AS_BUILT = ["ingest.near_dedup=false", "ingest.decontaminate=[]"]
 def legacy_root(tmp_path, monkeypatch):
     """A copy of the old run. Since it was built, tokenize 2 packs each source apart, so a real old run's
     tokenize and all that reads it run again (`test_tokenize_2_builds_the_old_tokenize_and_all_after_again`);
-    to exercise how the training stages are taken over, the other tests declare tokenize 2 the old
-    run's (pipeline/legacy.py's MADE_AS_BEFORE)."""
+    ppo 2 reports more measures, so its ppo would run again too. To exercise how the training stages
+    are taken over, the other tests declare today's tokenize and ppo the old run's (pipeline/legacy.py's
+    MADE_AS_BEFORE)."""
     monkeypatch.chdir(PROJECT_ROOT)  # the preset names its sample corpus relative to the project
-    monkeypatch.setitem(legacy.MADE_AS_BEFORE, "tokenize", 2)
+    for stage in ("tokenize", "ppo"):
+        monkeypatch.setitem(legacy.MADE_AS_BEFORE, stage, PIPELINE[stage].version)
     shutil.copytree(LEGACY, tmp_path / "tiny")
     return tmp_path
 

@@ -37,9 +37,13 @@ METRICS = {  # each stage's manifest metrics
     "sft": {"val_loss": 2.0, "task_accuracy": 0.25, "heldout_loss/Github": 3.75, "heldout_loss/Pile-CC": 5.25,
             "heldout_loss_pretrained/Github": 3.5},
     "reward": {"pairwise_accuracy": 0.8},
-    "ppo": {"task_accuracy": 0.3, "score": 1.5, "heldout_loss/Pile-CC": 5.5},
+    "ppo": {"task_accuracy": 0.3, "score": 1.5, "heldout_loss/Pile-CC": 5.5, "task_accuracy_sft": 0.25,
+            "task_accuracy_sampled": 0.35, "task_accuracy_sampled_sft": 0.3, "task_sampled_gained": 30,
+            "task_sampled_lost": 10, "task_sampled_z": 3.16, "kl_sft": 1.2, "proxy_score": 0.8, "proxy_score_sft": 0.1,
+            "selected_iteration": 6, "selected_why": "select=last: the last iteration", "gold_prompts": 400,
+            "overoptimization_warning": "the proxy rose while sampled task accuracy fell beyond noise at iterations [6]"},
 }  # fmt: skip
-ROWS = {  # metrics.jsonl (a data stage has none); ppo logs no task_accuracy_sampled: its chart shows the rest
+ROWS = {  # metrics.jsonl (a data stage has none)
     # a MoE model: MoE layers 1 and 3, three experts each (expert_load_l{layer}_{expert})
     "pretrain": _rows(
         12,
@@ -49,13 +53,14 @@ ROWS = {  # metrics.jsonl (a data stage has none); ppo logs no task_accuracy_sam
     ),  # fmt: skip
     "sft": _rows(8, 4, {"loss": 3}, {"val_loss": 2, "task_accuracy": 0.2}),
     "reward": _rows(8, 4, {"loss": 1}, {"pairwise_accuracy": 0.6, "val_accuracy": 0.6}),  # the first drawn
-    "ppo": _rows(6, 3, {"score": 1, "kl": 0.1, "entropy": 2}, {"task_accuracy": 0.2}),
-}
+    "ppo": _rows(6, 3, {"score": 1, "kl": 0.1, "entropy": 2},
+                 {"task_accuracy": 0.2, "task_accuracy_sampled": 0.3, "kl_sft": 0.5, "proxy_score": 0.4}),
+}  # fmt: skip
 HEADLINE = {  # stage: the columns of its headline chart, as drawn
     "pretrain": ["loss", "val_loss"],
     "sft": ["val_loss", "task_accuracy"],
     "reward": ["pairwise_accuracy"],
-    "ppo": ["score", "task_accuracy", "kl"],
+    "ppo": ["score", "kl"],
 }
 
 
@@ -137,15 +142,36 @@ def test_headline_charts_lead_and_every_metric_is_folded(drawn):
     headline_labels = [label for label in labels if label]
     assert headline_labels == HEADLINE["pretrain"] + experts + [
         c for n in HEADLINE if n != "pretrain" for c in HEADLINE[n]
-    ]
+    ] + ["ppo", "ppo"]  # then the post-training chart's two panels
     # every numeric column but step, checksums and the per-layer loads (drawn per layer instead)
-    grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 4}
+    grids = {"pretrain": 3, "sft": 3, "reward": 3, "ppo": 7}
     assert labels.count(None) == sum(grids.values())
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) == 2 * len(HEADLINE) + 2  # and the loss by source
+    assert len(images) == 2 * len(HEADLINE) + 3  # and the post-training chart, the loss by source
     # headline, expert load (an empty file: nothing to draw) and grid of each stage with a metrics.jsonl,
-    # and the loss by source
-    assert len(cached(run_dir)) == 3 * len(HEADLINE) + 1
+    # the post-training chart and the loss by source
+    assert len(cached(run_dir)) == 3 * len(HEADLINE) + 2
+
+
+def test_the_post_training_stages_lead_side_by_side_on_the_gold_measure(drawn):
+    """The table and the chart of proxy and gold against sqrt(KL) lead the report; the end-of-run table
+    (launch.py run) shows the same cells."""
+    from rich.console import Console
+
+    from pipeline.compare import comparison, table
+
+    _, plan, html, _ = drawn
+    part = html[html.index("<h2>post-training") : html.index("<h2>held-out loss by source</h2>")]
+    assert part.count("<img") == 1
+    want = ["ppo", "0.250→0.300", "0.300→0.350", "30/10", "+3.2", "1.200", "0.100→0.800", "6", "yes"]
+    assert "<tr>" + "".join(f"<td>{c}</td>" for c in want) + "</tr>" in part
+    warning = "the proxy rose while sampled task accuracy fell beyond noise at iterations [6]"
+    assert f"<p><b>ppo</b>: {warning}</p>" in part
+    assert [r["stage"] for r in comparison(plan)] == ["ppo"]  # the stages with the gold measure only
+    console = Console(record=True, width=300)
+    console.print(table(comparison(plan)))
+    text = console.export_text()
+    assert all(c in text for c in want) and f"ppo: {warning}" in " ".join(text.split())
 
 
 def test_heldout_loss_by_source_after_each_model_stage_beside_the_tokens_drawn(drawn):

@@ -104,6 +104,29 @@ def test_dry_run_plans_grpo_only_when_switched_on_or_named(tmp_path, capsys):
     assert "grpo needs the sft artifact, which is missing" in " ".join(capsys.readouterr().err.split())
 
 
+def test_rloo_is_grpos_stage_with_rloos_defaults_beside_it_in_one_run(tmp_path, capsys):
+    """The `rloo` stage runs grpo's code under its own section, whose defaults are RLOO's, so that one run
+    builds ppo, grpo and rloo from the same sft artifact (the end-of-run table compares them)."""
+    cfg = load_config(overrides=["rloo.enabled=true", "grpo.enabled=true"])
+    assert (cfg.rloo.baseline, cfg.rloo.scale_advantages, cfg.rloo.weighting) == (
+        "leave_one_out",
+        False,
+        "token_mean",
+    )
+    assert (cfg.grpo.baseline, cfg.grpo.scale_advantages) == ("group_mean", True)
+    assert PIPELINE.topological(cfg)[-3:] == ["ppo", "grpo", "rloo"]
+    assert "rloo" not in PIPELINE.topological(load_config())  # off by default
+    assert PIPELINE["rloo"].input_names(cfg) == ("sft", "tokenize")  # the preset: the checking program scores
+    (error,) = [x for x in errors_of("rloo.group_size=1") if x.startswith("rloo.group_size:")]
+    assert ">= 2" in error
+    capsys.readouterr()
+    assert (
+        launch.main(["run", "--root", str(tmp_path), "--dry-run", "--json", "--set", "rloo.enabled=true"])
+        == 0
+    )
+    assert {r["stage"]: r["action"] for r in json.loads(capsys.readouterr().out)}["rloo"] == "run"
+
+
 # ---------------------------------------------------------------------------------------------------- shared pieces
 
 
@@ -174,6 +197,39 @@ def test_the_loops_measures_and_options(cases):
     assert [r["step"] for r in rloo] == [0, 1, 2] and all("kl_penalty" not in r for r in rloo)
     assert cases["rloo_dr"]["changed"] == cases["parameters"]
     assert all(r["reward"] != r["score_norm"] for r in rloo[2:])  # the KL charged to the reward once it moved
+
+
+@pytest.mark.timeout(300)
+def test_select_exports_the_best_evaluated_iteration_and_resumes_to_the_same_choice(cases):
+    """`select: best_gold` exports the evaluated iteration with the best sampled accuracy on the selection
+    half (ties: the earlier; iteration 0 is the SFT policy) and reports it on the other half; stopped and
+    resumed, the choice, the rows and the exported weights are the uninterrupted run's. Without it the
+    manifest says the last iteration was kept. Every evaluation row carries gold, proxy and KL."""
+    sel, resumed = cases["select"], cases["select_resumed"]
+    evals = [r for r in sel["rows"] if "task_accuracy_sampled_select" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    picked = [r["task_accuracy_sampled_select"] for r in evals]
+    best = picked.index(max(picked))
+    result = sel["result"]
+    assert result["selected_iteration"] == best and "selection half" in result["selected_why"]
+    assert result["gold_prompts"] == 2 and result["task_accuracy_sampled_select"] == max(picked)
+    assert (sel["changed"] == []) == (best == 0)  # iteration 0: the SFT policy's weights
+    assert (sel["differs_from_reference"] == []) == (best == 3)  # the last: as without select
+    assert all(
+        k in r for r in evals for k in ("task_accuracy", "task_accuracy_sampled", "kl_sft", "proxy_score")
+    )
+    assert abs(evals[0]["kl_sft"]) < 1e-6  # the SFT policy against itself
+    assert [r["step"] for r in resumed["stopped"]] == [0, 1, 2]
+    for a, b in zip(sel["rows"], resumed["rows"], strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMED} == {
+            k: v for k, v in b.items() if k not in TIMED
+        }
+    assert {k: v for k, v in resumed["result"].items() if k not in TIMED} == {
+        k: v for k, v in result.items() if k not in TIMED
+    }
+    assert resumed["differs_from_select"] == []
+    last = cases["reference"]["result"]
+    assert last["selected_iteration"] == 3 and "last" in last["selected_why"]
 
 
 # ---------------------------------------------------------------------------------------------------- tiny run

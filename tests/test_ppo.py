@@ -113,14 +113,6 @@ def test_ppo_on_the_checking_program_raises_held_out_task_accuracy(tiny_run, tmp
     assert gained - lost > 3 * (gained + lost) ** 0.5  # McNemar: more than 3 sigma
 
 
-def test_flips_count_the_paired_changes_of_two_evaluations():
-    from kiln.rl.loop import flips
-
-    assert flips("0011", "0110") == {"task_sampled_gained": 1, "task_sampled_lost": 1}
-    assert flips("0000", "1101") == {"task_sampled_gained": 3, "task_sampled_lost": 0}
-    assert flips("", "01") == {} and flips("01", "011") == {}  # nothing to pair with
-
-
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 def test_ppo_updates_its_models_in_training_mode_so_checkpointing_recomputes():
     """`ppo.activation_checkpointing`: from_pretrained gives eval mode, in which transformers recomputes
@@ -478,7 +470,12 @@ def test_the_reward_model_quality_gate_warns_or_refuses_naming_the_measure_and_t
     from pipeline.config import PpoConfig
 
     log = logging.getLogger("kiln.test.gate")
-    good = {"pairwise_accuracy": 0.89, "calibration_ece": 0.02, "length_correlation": -0.25}
+    good = {
+        "pairwise_accuracy": 0.89,
+        "calibration_ece": 0.02,
+        "length_correlation": -0.25,
+        "answer_auc": 0.8,
+    }
     p = PpoConfig()
     assert reward_gate(p, "ppo", good, log) == []
     bad = good | {"calibration_ece": 0.3, "length_correlation": -0.7}
@@ -494,6 +491,8 @@ def test_the_reward_model_quality_gate_warns_or_refuses_naming_the_measure_and_t
         reward_gate(
             dataclasses.replace(p, reward_gate="refuse"), "ppo", good | {"pairwise_accuracy": 0.55}, log
         )
+    with pytest.raises(ValueError, match=r"answer_auc = 0\.550 below ppo\.reward_min_answer_auc = 0\.6"):
+        reward_gate(dataclasses.replace(p, reward_gate="refuse"), "ppo", good | {"answer_auc": 0.55}, log)
     # nothing to check: the checking program scores, or the gate is off, or an older artifact lacks a measure
     assert (
         reward_gate(dataclasses.replace(p, reward_source="task", reward_gate="refuse"), "ppo", bad, log) == []

@@ -28,3 +28,38 @@ def test_pearson_and_its_undefined_cases():
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1], [2]) is None
+
+
+def test_in_prompt_auc_pairs_right_and_wrong_answers_to_the_same_prompt_only():
+    from kiln.chat_eval import in_prompt_auc
+
+    # prompt 0: the right answer (1) below both wrong ones (2, 3): 0 of 2; prompt 1: a tie, a half of 1;
+    # prompt 2: all right, no pair. Across prompts the right 5 is above the wrong 2 and 3, which must not count.
+    auc, pairs = in_prompt_auc(
+        [[1, 2, 3], [5, 5], [9, 9]], [[True, False, False], [True, False], [True, True]]
+    )
+    assert pairs == 3 and auc == pytest.approx(0.5 / 3)
+    assert in_prompt_auc([[1.0, 2.0]], [[False, False]]) == (None, 0)
+
+
+def test_labelled_answers_records_name_what_is_wrong(tmp_path):
+    import json
+
+    from data_prep.chat_data import load_records
+
+    good = {"prompt": "Q", "answers": ["a", "b"], "right": [True, False]}
+    bad = [
+        {"prompt": "Q", "answers": ["a"], "right": [True, False]},
+        {"prompt": "Q", "answers": "a", "right": [True]},
+    ]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, *bad)))
+    records, stats = load_records([str(path)], "answers", key="reward.answer_eval")
+    assert records == [
+        {"prompt": [{"role": "user", "content": "Q"}], "answers": ["a", "b"], "right": [True, False]}
+    ]
+    assert stats["malformed"] == {"bad_length": 1, "bad_type": 1}
+    assert [(e["line"], e["reason"].split(":")[0]) for e in stats["errors"]] == [
+        (2, "bad_length"),
+        (3, "bad_type"),
+    ]

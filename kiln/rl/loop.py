@@ -21,12 +21,14 @@ One iteration of `RlLoop.run`, on every rank of a Ray Train group:
                    mini-batch), each rank its own mini-batch order from (seed, iteration, rank)
     4. metrics     the row averaged over the ranks (one collective, which also carries whether any
                    rank was asked to stop: SIGTERM), the stage's `after_reduce` (ppo's KL controller)
-    5. evaluation  before the first iteration, every `eval_every` and at the end (`evaluate`):
+    5. evaluation  before the first iteration, every `eval_every` and at the end (kiln/rl/evaluation.py):
                    pretraining's held-out windows scored by source, and the shipped task's held-out
                    prompts judged by its checking program, greedy and sampled, each sampled answer
-                   paired with the first evaluation's (`flips`)
+                   paired with the first evaluation's, with the proxy and the KL to SFT beside it;
+                   with `select: best_gold` the best iteration on the selection half is kept
     6. checkpoint  every `checkpoint_every`, at the end, and on SIGTERM (`save`): the trained engines
-                   with their optimizers, the loop's state, each rank's global RNGs
+                   with their optimizers, the loop's state, each rank's global RNGs (and the kept
+                   best policy)
 
 Resume restores all of it; prompts, samples and mini-batch orders are functions of (seed, iteration),
 so a resumed run repeats an uninterrupted one. Under ZeRO-3 with `gather_for_rollout` each model is
@@ -85,8 +87,9 @@ class Models:
     reward: object | None
 
 
-FINAL_SFT = ("task_accuracy", "task_accuracy_sampled", "score")
-"""The measures of the SFT policy (the first evaluation, the first rollouts) a manifest repeats as `<key>_sft`."""
+FINAL_SFT = ("score",)
+"""The measures of the SFT policy's first rollouts a manifest repeats as `<key>_sft` (its gold measures:
+kiln/rl/evaluation.py `final_measures`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -115,6 +118,7 @@ REWARD_GATE = (  # (measure in the reward manifest, the key bounding it, is it a
     ("pairwise_accuracy", "reward_min_accuracy", True, False),
     ("calibration_ece", "reward_max_ece", False, False),
     ("length_correlation", "reward_max_length_correlation", False, True),
+    ("answer_auc", "reward_min_answer_auc", True, False),
 )
 
 
@@ -130,7 +134,9 @@ def reward_gate(p, stage: str, metrics: dict, logger) -> list[str]:
         value, bound = metrics.get(measure), getattr(p, key)
         if value is None:
             logger.warning(
-                "%s: the reward artifact has no %s (an older reward stage); not checked", stage, measure
+                "%s: the reward artifact has no %s (an older reward stage, or not measured); not checked",
+                stage,
+                measure,
             )
             continue
         seen = abs(value) if absolute else value
@@ -295,57 +301,6 @@ def micro_passes(model, roll, micro: int, gather: bool, fn, *args) -> Tensor:
         return torch.cat([fn(model, x, m, P, *args) for x, m in parts])
 
 
-def tempered_logits(model, x, m, P, temperature: float) -> Tensor:
-    """Logits predicting the response tokens x[:, P:], (B, R, V), at the sampling temperature: the
-    logprobs are then those of the distribution the rollouts were drawn from. The LM head runs on
-    the response's positions only, not the prompt's."""
-    from kiln.rl.rollout import response_logits
-
-    logits = response_logits(model, x, m, P)
-    return logits / temperature if temperature > 0 else logits
-
-
-def logprobs(model, x, m, P, temperature: float) -> Tensor:
-    """(B, R) the logprob of each response token under `model` at the sampling temperature."""
-    from kiln.rl.ppo_math import logprobs_from_logits
-
-    return logprobs_from_logits(tempered_logits(model, x, m, P, temperature), x[:, P:])
-
-
-def score_answers(
-    prompts, answers: list[str], reward_model, tok, job: RlJob, device
-) -> tuple[Tensor, Tensor]:
-    """(raw, score) of each answer to its prompt (conversations), (B,) each: with `reward_source: task`
-    the checking program's verdict, 1 right, 0 wrong, used as it is (raw on the host, score on
-    `device`); else the reward model's score (gathered once under ZeRO-3) and that score normalised
-    with its held-out statistics, both on `device`."""
-    import torch
-
-    from kiln import training as T
-    from kiln.chat_eval import score_conversations
-
-    p = job.section
-    if p.reward_source == "task":
-        raw = torch.tensor([float(is_right(q, a)) for q, a in zip(prompts, answers, strict=True)])
-        return raw, raw.to(device)
-    convs = [q + [{"role": "assistant", "content": a}] for q, a in zip(prompts, answers, strict=True)]
-    with T.gathered(reward_model, enabled=p.gather_for_rollout):
-        found = score_conversations(reward_model, tok, convs, batch_size=p.micro_batch_size)
-    raw = torch.tensor(found, device=device)  # (B,)
-    return raw, (raw - job.reward_mean) / job.reward_std
-
-
-def checked(prompts: list[list[dict]], answers: list[str]) -> float:
-    """Share of sampled answers the shipped task's program accepts (a measure training never sees)."""
-    return sum(map(is_right, prompts, answers)) / len(answers)
-
-
-def is_right(prompt: list[dict], answer: str) -> bool:
-    from data_prep.task import check, prompt_text
-
-    return check(prompt_text(prompt), answer)
-
-
 def sum_over_ranks(t):
     """`ppo_math.Reduce` on the data-parallel group: the tensor summed over every rank."""
     import torch.distributed as dist
@@ -397,85 +352,15 @@ class UpdateMeans:
         self.values[name] = self.values.get(name, 0.0) + float(value.detach()) * self.world / self.steps
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate(actor, tok, job: RlJob, wctx, synced, stage: str) -> tuple[dict, str]:
-    """The shipped task's held-out accuracy, judged by its program (every rank joins; same result):
-    `task_accuracy` of the greedy answers, and `task_accuracy_sampled` over `task_samples` answers
-    per prompt sampled as the rollouts are (temperature, top-p). The samples' seeds are fixed per
-    prompt and sample, so every evaluation draws the same noise and a change measures the policy.
-    Also returns each sample's outcome ("1" right, "0" wrong, in (prompt, sample) order) for `flips`.
-    Under ZeRO-3 the policy is gathered once for all of it (`gather_for_rollout`)."""
-    from kiln import training as T
-
-    p = job.section
-    with T.gathered(actor, enabled=p.gather_for_rollout):
-        scored = {}
-        if job.heldout is not None:  # the policy's loss on pretraining's held-out windows, by source
-            device = next(actor.module.parameters()).device
-            scored = T.score_heldout(lambda x: actor.module(input_ids=x).logits, job.heldout, wctx.rank,
-                                     wctx.world_size, p.micro_batch_size, device, "heldout_loss")  # fmt: skip
-        if not job.task_prompts:
-            return scored, ""
-        found, outcomes = judge(actor, tok, job, wctx, synced, stage)
-        return scored | found, outcomes
-
-
-def judge(actor, tok, job: RlJob, wctx, synced, stage: str) -> tuple[dict, str]:
-    """`evaluate`'s measures, its policy as it is (gathered or not)."""
-    from kiln.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
-    from kiln.rl.rollout import rollout_seed, sample
-
-    p, prompts = job.section, job.task_prompts
-    rank, world = wctx.rank, wctx.world_size
-    found = task_accuracy(actor.module, tok, prompts, p.max_new_tokens, rank, world, synced=synced)
-    if rank == 0:
-        logging.getLogger(f"kiln.{stage}").info(
-            "%s: task accuracy %.3f; e.g. %s", stage, found["task_accuracy"], found["task_samples"]
-        )
-    mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
-    real = n_mine * p.task_samples  # samples past this repeat a prompt: only for equal batch counts
-    samples = [(i, j) for i in mine for j in range(p.task_samples)]
-    ids_of = {i: prompt_ids(tok, prompts[i]) for i in mine}  # each prompt tokenised once, not per sample
-    stops, outcomes = stop_ids(tok), {}
-    for b in range(0, len(samples), 128):
-        batch = samples[b : b + 128]
-        ids = [ids_of[i] for i, _ in batch]
-        seeds = [rollout_seed(job.seed, -1 - j, i) for i, j in batch]  # iteration -1 - j: never a rollout's
-        roll = sample(actor.module, ids, seeds=seeds, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                      top_p=p.top_p, stop_ids=stops, pad_id=tok.pad_token_id, synced=synced)  # fmt: skip
-        answers = decode_responses(tok, roll, stops)
-        for k, (key, a) in enumerate(zip(batch, answers, strict=True)):
-            if b + k < real:
-                outcomes[key] = is_right(prompts[key[0]], a)
-    merged = {key: ok for part in gather(outcomes, world) for key, ok in part.items()}
-    bits = "".join("1" if merged[s] else "0" for s in sorted(merged))
-    metrics = {
-        "task_accuracy": found["task_accuracy"],
-        "task_accuracy_sampled": bits.count("1") / max(1, len(bits)),
-    }
-    return metrics, bits
-
-
-def flips(before: str, after: str) -> dict:
-    """The paired comparison of two evaluations' sampled answers (same prompts, same seeds): how many
-    went wrong -> right (`task_sampled_gained`) and right -> wrong (`task_sampled_lost`). Under no change
-    in the policy's accuracy the difference is ~N(0, gained + lost) (McNemar's test), which makes
-    `(gained - lost) / sqrt(gained + lost)` the z-score of the change."""
-    if not before or len(before) != len(after):
-        return {}
-    gained = sum(a == "0" and b == "1" for a, b in zip(before, after, strict=True))
-    lost = sum(a == "1" and b == "0" for a, b in zip(before, after, strict=True))
-    return {"task_sampled_gained": gained, "task_sampled_lost": lost}
-
-
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(engines: dict, wctx, row: dict, state: dict, rank: int, stage: str) -> None:
+def save(
+    engines: dict, wctx, row: dict, state: dict, rank: int, stage: str, best: Path | None = None
+) -> None:
     """The trained engines (name -> engine, with their optimizers), the loop state and this rank's RNG
-    into a fresh folder, reported to Ray Train (which keeps its copy)."""
+    into a fresh folder, reported to Ray Train (which keeps its copy); with `best` (rank 0's exported
+    policy of the best evaluated iteration, `select: best_gold`) a copy of it as `best_policy/`."""
     from kiln import training as T
 
     folder = Path(tempfile.mkdtemp(prefix=f"kiln-{stage}-{state['iteration']}-"))
@@ -485,7 +370,14 @@ def save(engines: dict, wctx, row: dict, state: dict, rank: int, stage: str) -> 
     T.save_rng(folder / f"rng_rank{rank}.pt")
     if rank == 0:
         T.write_json(folder / "trainer_state.json", state | {"tag": tag, "last": row})
+        if best is not None:
+            shutil.copytree(best, folder / BEST_POLICY)
     wctx.report(row, checkpoint_dir=folder)  # the context stores it, then deletes the folder
+
+
+BEST_POLICY = "best_policy"
+"""A checkpoint's copy of the best evaluated policy (`select: best_gold`): one model's weights, so a
+stage keeps at most one such copy per checkpoint it keeps (`checkpoints_to_keep`)."""
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -525,6 +417,12 @@ class RlLoop:
         self.local_n = p.rollout_batch_size // self.world  # this rank's prompts per rollout
         self.mini = p.mini_batch_size // self.world  # responses per rank per optimizer step
         self.models = self.build()
+        # the held-out evaluations (kiln/rl/evaluation.py): the first (the SFT policy), the best on the selection
+        # half with `select: best_gold` (its policy exported to rank 0's `best_dir`), the last
+        self.select = p.select == "best_gold"
+        self.first = self.best = self.last_ev = None
+        self.overoptimized: list[int] = []
+        self.best_dir = Path(tempfile.mkdtemp(prefix=f"kiln-{self.stage}-best-")) if self.select else None
         # ZeRO-3 forwards gather parameters collectively, so every rank steps the sampler until all are done;
         # with the parameters gathered for the rollout (T.gathered) a forward calls no collective
         self.synced = p.zero_stage == 3 and self.world > 1 and not p.gather_for_rollout
@@ -559,6 +457,13 @@ class RlLoop:
     def run(self) -> dict:
         """Train from the start or the last checkpoint; returns the final metrics, or {STOPPED: step}
         when asked to stop (that step's checkpoint saved)."""
+        try:
+            return self._run()
+        finally:
+            if self.best_dir is not None:
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+
+    def _run(self) -> dict:
         import numpy as np
 
         from kiln import training as T
@@ -566,7 +471,7 @@ class RlLoop:
 
         p, job, wctx, seed, rank = self.p, self.job, self.wctx, self.seed, self.rank
         actor, tok, G = self.models.actor, self.tok, self.samples_per_prompt
-        it, baseline, last, before = self._start()
+        it, baseline, last = self._start()
 
         total = p.iterations
         while it < total:
@@ -604,37 +509,83 @@ class RlLoop:
             row.update(step=it, lr=p.lr * frac, iteration_s=dt, gen_share=t_gen / dt, **rollout)
             row["prompt_crc"] = zlib.crc32(order.tobytes())  # which prompts this iteration sampled
             if it % p.eval_every == 0 or it == total:
-                metrics, after = evaluate(actor, tok, job, wctx, self.synced, self.stage)
-                row.update(metrics, **flips(before, after))
+                row.update(self._evaluate(it))
             wctx.progress(it, total)
             if it % p.checkpoint_every == 0 or it == total or stopping:
-                state = {"iteration": it, **self.state_dict(), "baseline": baseline,
-                         "task_outcomes": before, "wandb_run_id": job.wandb_run_id}  # fmt: skip
-                save({name: e for name, (e, _) in self.trained().items()}, wctx, row, state, rank, self.stage)
+                state = {"iteration": it, **self.state_dict(), "baseline": baseline, **self._gold_state(),
+                         "wandb_run_id": job.wandb_run_id}  # fmt: skip
+                save({name: e for name, (e, _) in self.trained().items()}, wctx, row, state, rank, self.stage,
+                     best=self.best_dir if self.select else None)  # fmt: skip
             else:
                 wctx.report(row)
             last = row
             if stopping:
                 return {STOPPED: it}
 
-        T.export_engine(actor, job.export_dir, job.sft_dir, rank)
+        if self.select and self.best is not None:  # the best evaluated iteration's policy, as exported then
+            if rank == 0:
+                from kiln.export import atomic_folder
+
+                with atomic_folder(job.export_dir) as tmp:
+                    shutil.copytree(self.best_dir, tmp, dirs_exist_ok=True)
+        else:
+            T.export_engine(actor, job.export_dir, job.sft_dir, rank)
         if rank == 0 and (job.sft_dir / "generation_config.json").exists():
             shutil.copy2(job.sft_dir / "generation_config.json", job.export_dir)
         return self._final(last, baseline, it)
 
-    def _start(self) -> tuple[int, dict, dict, str]:
-        """(iteration, the SFT policy's measures, the last row, the first evaluation's sampled
-        outcomes): from the last checkpoint, or fresh after evaluating the SFT policy."""
+    def _evaluate(self, it: int) -> dict:
+        """The evaluation row of the policy after `it` iterations (kiln/rl/evaluation.py): held-out losses, the
+        gold measure with its proxy and KL; with `select: best_gold` a new best is exported to `best_dir`."""
         from kiln import training as T
+        from kiln.rl import evaluation as G
+
+        m = self.models
+        scored, ev = G.evaluate(
+            m.actor, m.ref, m.reward, self.tok, self.job, self.wctx, self.synced, self.stage, it
+        )
+        if ev is None:
+            return scored
+        first = self.first
+        self.first = first or ev
+        self.last_ev = ev
+        row = scored | G.row_measures(first, ev, self.select)
+        if row.get("overoptimized"):
+            self.overoptimized.append(it)
+            if self.rank == 0:
+                logging.getLogger(f"kiln.{self.stage}").warning(
+                    "%s: iteration %d: the proxy (proxy_score %.4f, was %.4f) rose while sampled task accuracy "
+                    "fell beyond noise (%d gained, %d lost): over-optimisation of the reward; see the report's "
+                    "chart of proxy and gold against sqrt(KL), and %s.select=best_gold",
+                    self.stage, it, row["proxy_score"], first.measures()["proxy_score"],
+                    row["task_sampled_gained"], row["task_sampled_lost"], self.stage,
+                )  # fmt: skip
+        if self.select and G.better(ev, self.best):  # the same on every rank: the export is collective
+            self.best = ev
+            T.export_engine(m.actor, self.best_dir, self.job.sft_dir, self.rank)
+        return row
+
+    def _gold_state(self) -> dict:
+        """What the evaluations leave for the rest of the run, saved with each checkpoint."""
+        evs = {"first": self.first, "best": self.best, "last": self.last_ev}
+        return {
+            "evaluations": {k: None if e is None else e.to_json() for k, e in evs.items()},
+            "overoptimized": self.overoptimized,
+        }
+
+    def _start(self) -> tuple[int, dict, dict]:
+        """(iteration, the SFT policy's measures, the last row): from the last checkpoint, or fresh
+        after evaluating the SFT policy."""
+        from kiln import training as T
+        from kiln.rl.evaluation import Evaluation
 
         wctx, rank = self.wctx, self.rank
         ckpt = wctx.checkpoint()
         if ckpt is None:
             wctx.started_fresh()
-            metrics, before = evaluate(self.models.actor, self.tok, self.job, wctx, self.synced, self.stage)
-            baseline = {"step": 0, **metrics}
+            baseline = {"step": 0, **self._evaluate(0)}
             wctx.report(dict(baseline))
-            return 0, baseline, {}, before
+            return 0, baseline, {}
         state = json.loads((ckpt / "trainer_state.json").read_text())
         T.check_resumed(state["iteration"], self.p.iterations, f"{self.stage}.iterations", ckpt)
         for name, (engine, _) in self.trained().items():
@@ -643,15 +594,31 @@ class RlLoop:
         rng = ckpt / f"rng_rank{rank}.pt"  # the global RNGs (rollouts and shuffles have their own)
         if rng.exists():
             T.load_rng(rng)
+        evs = state["evaluations"]
+        self.first, self.best, self.last_ev = (
+            Evaluation.from_json(evs[k]) for k in ("first", "best", "last")
+        )
+        self.overoptimized = state["overoptimized"]
+        if self.select and rank == 0:
+            shutil.copytree(ckpt / BEST_POLICY, self.best_dir, dirs_exist_ok=True)
         it = state["iteration"]
         wctx.resumed_from(it)
         # the last row: the stage's headline, should no iteration be left
-        return it, state["baseline"], state.get("last", {}), state.get("task_outcomes", "")
+        return it, state["baseline"], state.get("last", {})
 
     def _final(self, last: dict, baseline: dict, it: int) -> dict:
         """The manifest's metrics: the last iteration's `KEEP` and held-out losses, and the SFT policy's
-        (`<key>_sft`, `heldout_loss_sft/<source>`)."""
+        (`<key>_sft`, `heldout_loss_sft/<source>`); the gold figures of the exported iteration, with
+        `selected_iteration` and why (kiln/rl/evaluation.py `final_measures`), and the over-optimisation warning."""
+        from kiln.rl.evaluation import final_measures
+
         out = {k: last[k] for k in self.KEEP if k in last} | {"iterations": it}
+        out |= final_measures(self.first, self.best if self.select else self.last_ev, it, self.select)
+        out["overoptimized"] = len(self.overoptimized)
+        if self.overoptimized:
+            out["overoptimization_warning"] = (
+                f"the proxy rose while sampled task accuracy fell beyond noise at iterations {self.overoptimized}"
+            )
         out |= {k: v for k, v in last.items() if k.startswith("heldout_loss")}
         for k in FINAL_SFT:  # before RL (the SFT policy)
             if k in baseline:

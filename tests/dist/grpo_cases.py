@@ -10,7 +10,10 @@ the rewards (continuous: every group has signal). Cases, each in OUT_DIR/<case>/
 - resumed: the same, asked to stop at iteration 2 (as SIGTERM asks: that iteration's checkpoint saved),
   then run again from that checkpoint;
 - lr0: learning rate 0;
-- rloo_dr: leave-one-out baseline, no std scaling, constant weighting, the KL in the reward.
+- rloo_dr: leave-one-out baseline, no std scaling, constant weighting, the KL in the reward;
+- select: `select: best_gold`, 8 samples per task prompt, evaluated at every iteration under a stand-in
+  checking program (a hash of the answer: the task's own never passes this random policy); select_resumed:
+  the same, stopped at 2 and resumed.
 Writes OUT_DIR/cases.json: each case's metric rows and result, and which of its exported weights
 differ from the SFT policy's (and, for resumed, from reference's).
 """
@@ -114,11 +117,29 @@ def main(out: Path) -> None:
         baseline="leave_one_out", scale_advantages=False, weighting="constant", kl_in="reward", kl_coef=0.1
     )
     found["rloo_dr"] = run(out, "rloo_dr", section(iterations=2, **rloo))
+    # a stand-in checking program that this random policy's answers pass now and then (the task's never
+    # does), so that the evaluations differ and the choice among them is a real one
+    import zlib
+
+    from kiln.rl import scoring
+
+    scoring.is_right = lambda prompt, answer: zlib.crc32(answer.encode()) % 3 == 0
+    sel = dict(select="best_gold", eval_every=1, task_samples=8)
+    found["select"] = run(out, "select", section(**sel))
+    stopped = run(out, "select_resumed", section(**sel), stop_at(2))
+    assert stopped["result"] == {STOPPED: 2}, stopped["result"]
+    found["select_resumed"] = run(out, "select_resumed", section(**sel)) | {"stopped": stopped["rows"]}
     sft = out / "sft"
     for name in found:
         found[name]["changed"] = changed(sft, out / name / "export")
     found["resumed"]["differs_from_reference"] = changed(
         out / "reference" / "export", out / "resumed" / "export"
+    )
+    found["select"]["differs_from_reference"] = changed(
+        out / "reference" / "export", out / "select" / "export"
+    )
+    found["select_resumed"]["differs_from_select"] = changed(
+        out / "select" / "export", out / "select_resumed" / "export"
     )
     found["parameters"] = sorted(load_file(sft / "model.safetensors"))
     (out / "cases.json").write_text(json.dumps(found, indent=1))
