@@ -1,4 +1,4 @@
-"""What the TRL stages (sft, reward) share: their data, their trainer arguments, the DeepSpeed check,
+"""What the TRL stages (sft, reward, dpo) share: their data, their trainer arguments, the DeepSpeed check,
 the one `TrainerCallback` that bridges TRL to Kiln's worker context, and the export.
 
     train, held, stats = load_data("sft", cfg.sft, "sft", seed, logger)     # in the stage's driver
@@ -21,8 +21,8 @@ things and nothing else:
   metrics prefixed `train_`, `batch_crc` of the sample ids the step trained on) via `wctx.report`;
 - each evaluation -> one row (`val_loss` and the stage's held-out metrics from its `evaluate` function);
 - each checkpoint TRL saves -> `wctx.report(checkpoint_dir=...)` (every rank its own folder: Ray
-  merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 and the latest evaluation)
-  beside it;
+  merges the ZeRO shards), with `kiln_state.json` (W&B run id, the step-0 and the latest evaluation,
+  and what the stage keeps across evaluations in `bridge.carry`) beside it;
 - `wctx.progress(step, total)`;
 - a resume from a checkpoint at max_steps stops at train begin (`train`), with no step taken;
 - SIGTERM on any rank (`wctx.stop_requested`, agreed in the step's gather of sample ids) saves
@@ -283,6 +283,8 @@ class KilnBridge(TrainerCallback):
         # the step-0 evaluation and the latest one, carried through resumes (`resumed`: kiln_state.json)
         self.baseline: dict = resumed.get("baseline") or {}
         self.last_eval: dict = resumed.get("last_eval") or {}
+        # what a stage's `evaluate` keeps from one evaluation to the next (dpo: the step-0 sampled outcomes)
+        self.carry: dict = resumed.get("carry") or {}
         self.trainer = None
         self.batches: deque[list[int]] = deque()
         self.step_ids: list[int] = []
@@ -346,7 +348,7 @@ class KilnBridge(TrainerCallback):
         saved.mkdir(parents=True, exist_ok=True)  # a rank that saved no shard still reports
         if state.is_world_process_zero:
             kiln = {"step": state.global_step, "wandb_run_id": self.wandb_run_id, "baseline": self.baseline,
-                    "last_eval": self.last_eval}  # fmt: skip
+                    "last_eval": self.last_eval, "carry": self.carry}  # fmt: skip
             (saved / KILN_STATE).write_text(json.dumps(kiln, indent=2))
         # out of TRL's output dir (whose rotation would delete it while it uploads) into one the
         # worker context owns: it is stored, then deleted

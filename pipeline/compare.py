@@ -1,5 +1,5 @@
 """The post-training stages of a run side by side: every stage whose manifest carries the held-out gold
-measure (ppo, grpo, rloo; kiln/rl/evaluation.py), on the same held-out task prompts, against the same
+measure (ppo, grpo, rloo, dpo; kiln/rl/evaluation.py), on the same held-out task prompts, against the same
 SFT policy.
 
     rows = comparison(plan)          # one dict per post-training stage, in the plan's order
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from kiln.rl.evaluation import z_score
 
 GOLD = "task_accuracy_sampled_sft"
 """The key that marks a manifest as a post-training stage's with the gold measure."""
@@ -46,7 +48,7 @@ def comparison(plan) -> list[dict]:
                 "sampled": m.get("task_accuracy_sampled"),
                 "gained": m.get("task_sampled_gained"),
                 "lost": m.get("task_sampled_lost"),
-                "z": m.get("task_sampled_z"),
+                "z": _z(m),
                 "kl_sft": m.get("kl_sft"),
                 "proxy_sft": m.get("proxy_score_sft"),
                 "proxy": m.get("proxy_score"),
@@ -56,6 +58,14 @@ def comparison(plan) -> list[dict]:
             }
         )
     return rows
+
+
+def _z(m: dict) -> float | None:
+    """The paired change's z-score, as the manifest gives it or from its gained / lost."""
+    if m.get("task_sampled_z") is not None:
+        return m["task_sampled_z"]
+    gained, lost = m.get("task_sampled_gained"), m.get("task_sampled_lost")
+    return None if gained is None or lost is None else z_score(gained, lost)
 
 
 def _selected(m: dict) -> str:

@@ -869,6 +869,85 @@ class RlooConfig(GrpoConfig):
     """One mean over all the mini-batch's tokens (RLOO)."""
 
 
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+    "apo_down", "discopop", "sigmoid_norm",
+)  # fmt: skip
+"""TRL 1.16's DPOConfig.loss_type values that need no key Kiln does not expose (exo_pair needs label
+smoothing; sft alone is sft's stage): tests/test_dpo.py checks each against the installed TRL."""
+
+
+@frozen
+class DpoConfig(TrlStageConfig):
+    """Direct Preference Optimization (stages/dpo.py, Rafailov et al. 2023): the SFT policy trained on
+    preference pairs against itself frozen as the reference, no reward model. An opt-in sibling of ppo:
+    off unless `enabled`. Every ZeRO stage: the reference is replicated below ZeRO-3 and partitioned
+    under it, as the policy is."""
+
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = (*TrlStageConfig.PLACEMENT_KEYS, "enabled")
+
+    enabled: bool = False
+    """Whether a run builds dpo (beside ppo, from the same sft artifact). Off by default: `--set
+    dpo.enabled=true` adds it to a run; a selection that names it (`--only dpo`, `--from dpo`, `--until
+    dpo`) runs it whatever this says. Changes no artifact's identity."""
+    data: tuple[str, ...] = (f"{TASK_DATA}/pref_train.jsonl.zst",)
+    """Preference pairs as {prompt?, chosen, rejected, kind?} or Anthropic HH dialogue strings, as
+    reward's; pairs whose prompt alone fills `max_length` are dropped and counted (`too_long_pairs`)."""
+    eval_data: tuple[str, ...] = (f"{TASK_DATA}/pref_val.jsonl.zst",)
+    """Held-out pairs for the implicit reward's preference accuracy; empty = hold out `eval_fraction` of `data`."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-5
+    """Final learning rate of the cosine decay."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: the implicit reward is beta x log(pi / pi_ref)
+    summed over the answer's tokens (TRL's `beta`; for `ipo` the regularisation tau)."""
+    loss_type: Literal[DPO_LOSS_TYPES] = "sigmoid"  # type: ignore[valid-type]
+    """TRL's DPO loss: sigmoid (DPO, -log sigmoid of the implicit reward margin), hinge (SLiC), ipo (IPO,
+    squared, per-token), nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+    discopop, sigmoid_norm (TRL's DPOConfig documents each)."""
+    task_prompts: str | None = f"{TASK_DATA}/prompts_val.jsonl.zst"
+    """Held-out prompts of the shipped task: greedy and sampled answers judged by data_prep/task.py's
+    program before and after training (`task_accuracy`, `task_accuracy_sampled`), a measure DPO never
+    optimises. Null for another task."""
+    task_eval_size: int = 200
+    """Task prompts answered at each evaluation."""
+    task_samples: int = 4
+    """Answers sampled per task prompt for `task_accuracy_sampled` (paired before / after: gained, lost)."""
+    max_new_tokens: int = 16
+    """Longest answer generated at an evaluation."""
+    temperature: float = 1.0
+    """Sampling temperature of `task_accuracy_sampled` (0 = greedy), and of `kl_sft`'s log-probabilities."""
+    top_p: float = 1.0
+    """Nucleus sampling of `task_accuracy_sampled` (and of the on_policy pairs' answers)."""
+    pairs: Literal["offline", "on_policy"] = "offline"
+    """Where the training pairs come from: `data` (offline), or the SFT policy (on_policy): `pair_samples`
+    answers sampled for each of `prompts` at `temperature` / `top_p`, judged by the shipped task's
+    checking program (data_prep/task.py), the first right one chosen over the first wrong one where
+    there are both. The held-out pairs stay `eval_data`'s. On-policy, the checking program labels what
+    DPO trains on: the task accuracy is then what it optimises, no longer an independent measure."""
+    prompts: tuple[str, ...] = (f"{TASK_DATA}/prompts_train.jsonl.zst",)
+    """on_policy: the prompts answered ({"prompt": str | messages} records, as ppo's); the shipped task's."""
+    pair_samples: int = 2
+    """on_policy: answers sampled per prompt (with 2: a pair where exactly one of the two is right)."""
+
+    def check(self):
+        yield from super().check()
+        if self.pairs == "on_policy":
+            if not self.prompts:
+                yield "prompts: pairs=on_policy samples answers to prompts; give at least one path, glob or hf: dataset"
+            if not self.eval_data:
+                yield "eval_data: pairs=on_policy holds out no pairs of its own; give held-out preference pairs"
+            if self.pair_samples < 2:
+                yield "pair_samples: must be >= 2 (a pair is a right and a wrong answer to one prompt)"
+        if not self.beta > 0:
+            yield "beta: must be > 0 (the implicit reward's scale)"
+        if not 0 < self.top_p <= 1 or self.temperature < 0:
+            yield "top_p must be in (0, 1] and temperature >= 0"
+        if min(self.max_new_tokens, self.task_eval_size, self.task_samples) < 1:
+            yield "max_new_tokens, task_eval_size and task_samples: must be >= 1"
+
+
 @frozen
 class HardwareConfig:
     """The accelerator the training stages will run on, for the plan `run --dry-run` prints (step time,
@@ -923,6 +1002,8 @@ class PipelineConfig:
     """Critic-free RL beside ppo: GRPO, Dr. GRPO or RLOO (opt-in: `grpo.enabled`)."""
     rloo: RlooConfig = dataclasses.field(default_factory=RlooConfig)
     """RLOO beside grpo and ppo: grpo's stage with RLOO's baseline (opt-in: `rloo.enabled`)."""
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
+    """Direct Preference Optimization of the SFT policy beside ppo (TRL DPOTrainer; opt-in: `dpo.enabled`)."""
     hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
     """The accelerator, for the plan before launch (`run --dry-run`): read by no stage."""
 

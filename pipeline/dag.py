@@ -265,5 +265,23 @@ PIPELINE = DAG(
             headline="task_accuracy",
             enabled=lambda cfg: cfg.rloo.enabled,
         ),
+        # dpo is ppo's sibling too: the same sft policy, trained on preference pairs against itself frozen,
+        # no reward model; off unless dpo.enabled, or a selection names it
+        Stage(
+            "dpo",
+            "stages.dpo:run",
+            inputs=("sft",),
+            sections=("dpo", "run"),
+            workers=_workers("dpo"),
+            extra_fingerprint=lambda cfg: input_file_stats(
+                [
+                    *(cfg.dpo.prompts if cfg.dpo.pairs == "on_policy" else cfg.dpo.data),
+                    *cfg.dpo.eval_data,
+                    *filter(None, [cfg.dpo.task_prompts]),
+                ]
+            ),
+            headline="task_accuracy",
+            enabled=lambda cfg: cfg.dpo.enabled,
+        ),
     )
 )
