@@ -141,10 +141,14 @@ def test_one_or_many_partitions_and_any_task_order_give_the_same_bytes(tmp_path,
     files = sorted(p.name for p in one.iterdir())
     assert files == sorted(p.name for p in many.iterdir()) and len(files) > 3
     for name in files:
-        if name != "index.json":
+        if name not in ("index.json", "units.json"):
             assert (one / name).read_bytes() == (many / name).read_bytes(), name
     i1, i7 = (json.loads((d / "index.json").read_text()) for d in (one, many))
     assert (i1.pop("partitions"), i7.pop("partitions")) == (1, 7) and i1 == i7
+    if "units.json" in files:  # under a Ray session: the node of each unit, as many as there were units
+        u1, u7 = (json.loads((d / "units.json").read_text()) for d in (one, many))
+        assert (len(u1["partitions"]), len(u7["partitions"])) == (1, 7)
+        assert [s["file"] for s in u1["shards"]] == [s["file"] for s in u7["shards"]]
 
 
 def test_packed_tokens_random_access(tmp_path, inputs):
