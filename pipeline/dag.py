@@ -164,6 +164,29 @@ def _workers(section: str) -> Callable:
     return lambda cfg: Scaling.of(getattr(cfg, section))
 
 
+def _group_stage(name: str) -> Stage:
+    """grpo, or rloo (grpo's code under its own section): an opt-in RL stage from the sft policy,
+    reading the reward artifact only when its section's `reward_source` is the reward model."""
+
+    def section(cfg):
+        return getattr(cfg, name)
+
+    return Stage(
+        name,
+        f"stages.{name}:run",
+        inputs=lambda cfg: (
+            ("sft", "reward", "tokenize") if section(cfg).reward_source == "model" else ("sft", "tokenize")
+        ),
+        sections=(name, "run"),
+        workers=_workers(name),
+        extra_fingerprint=lambda cfg: input_file_stats(
+            [*section(cfg).prompts, *filter(None, [section(cfg).task_prompts])]
+        ),
+        headline="task_accuracy",
+        enabled=lambda cfg: section(cfg).enabled,
+    )
+
+
 PIPELINE = DAG(
     (
         Stage(
@@ -236,35 +259,9 @@ PIPELINE = DAG(
         ),
         # grpo is ppo's sibling: the same sft policy, scored by the reward model or the task's program
         # (then without the reward artifact); off unless grpo.enabled, or a selection names it
-        Stage(
-            "grpo",
-            "stages.grpo:run",
-            inputs=lambda cfg: (
-                ("sft", "reward", "tokenize") if cfg.grpo.reward_source == "model" else ("sft", "tokenize")
-            ),
-            sections=("grpo", "run"),
-            workers=_workers("grpo"),
-            extra_fingerprint=lambda cfg: input_file_stats(
-                [*cfg.grpo.prompts, *filter(None, [cfg.grpo.task_prompts])]
-            ),
-            headline="task_accuracy",
-            enabled=lambda cfg: cfg.grpo.enabled,
-        ),
+        _group_stage("grpo"),
         # rloo is grpo's stage under a section of its own with RLOO's defaults, so that a run compares them
-        Stage(
-            "rloo",
-            "stages.rloo:run",
-            inputs=lambda cfg: (
-                ("sft", "reward", "tokenize") if cfg.rloo.reward_source == "model" else ("sft", "tokenize")
-            ),
-            sections=("rloo", "run"),
-            workers=_workers("rloo"),
-            extra_fingerprint=lambda cfg: input_file_stats(
-                [*cfg.rloo.prompts, *filter(None, [cfg.rloo.task_prompts])]
-            ),
-            headline="task_accuracy",
-            enabled=lambda cfg: cfg.rloo.enabled,
-        ),
+        _group_stage("rloo"),
         # dpo is ppo's sibling too: the same sft policy, trained on preference pairs against itself frozen,
         # no reward model; off unless dpo.enabled, or a selection names it
         Stage(
