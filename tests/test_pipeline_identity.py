@@ -121,8 +121,9 @@ def test_a_run_built_before_stage_versions_is_adopted_without_recomputing(
     (tests/test_core_legacy.py checks the recognition against manifests the old code wrote.) These
     artifacts are today's tokenize 2's, which packs per source, unlike the code before stage versions:
     declared that code's here (pipeline/legacy.py MADE_AS_BEFORE), so that the takeover of all the
-    stages after it is exercised."""
-    monkeypatch.setitem(legacy.MADE_AS_BEFORE, "tokenize", 2)
+    stages after it is exercised. Likewise ppo 2, which reports more measures than the old code."""
+    for stage in ("tokenize", "ppo"):
+        monkeypatch.setitem(legacy.MADE_AS_BEFORE, stage, PIPELINE[stage].version)
     cfg = load_config(overrides=[f"run.root={tmp_path}", "run.wandb=disabled"])
     copy_upstream(tiny_run[1], cfg, PIPELINE.topological(cfg))
     new = {n: p.fingerprint for n, p in plan_of(cfg).items()}
