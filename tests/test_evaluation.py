@@ -21,33 +21,33 @@ from kiln.rl.evaluation import (
 
 
 def ev(iteration: int, greedy: str, sampled: str, kl=None, proxy=None, samples: int = 2) -> Evaluation:
-    n = len(sampled)
+    n = len(greedy)  # kl and proxy: of each prompt's first sampled answer
     return Evaluation(iteration, samples, greedy, sampled, kl or [0.0] * n, proxy or [0.0] * n)
 
 
 # 4 prompts, 2 sampled answers each (prompt-major): prompts 0 and 2 are the selection half, 1 and 3 the report half
-FIRST = ev(0, "1010", "10001001", proxy=[0.0] * 8)
-LATER = ev(10, "1110", "11001111", kl=[1, 2, 3, 4, 5, 6, 7, 8], proxy=[1.0] * 8)
+FIRST = ev(0, "1010", "10001001", proxy=[0.0] * 4)
+LATER = ev(10, "1110", "11001111", kl=[1, 3, 5, 7], proxy=[1.0] * 4)
 
 
 def test_measures_average_over_all_prompts_or_one_half():
     assert LATER.measures() == {
         "task_accuracy": 0.75,
         "task_accuracy_sampled": 0.75,
-        "kl_sft": 4.5,
+        "kl_sft": 4.0,
         "proxy_score": 1.0,
     }
     assert LATER.prompts(SELECT) == [0, 2] and LATER.answers(SELECT) == [0, 1, 4, 5]
     assert LATER.measures(SELECT) == {
         "task_accuracy": 1.0,
         "task_accuracy_sampled": 1.0,
-        "kl_sft": 3.5,
+        "kl_sft": 3.0,
         "proxy_score": 1.0,
     }
     assert LATER.measures(REPORT) == {
         "task_accuracy": 0.5,
         "task_accuracy_sampled": 0.5,
-        "kl_sft": 5.5,
+        "kl_sft": 5.0,
         "proxy_score": 1.0,
     }
     assert Evaluation.from_json(LATER.to_json()) == LATER  # what a checkpoint keeps
@@ -61,12 +61,12 @@ def test_flips_count_the_paired_changes_of_two_evaluations():
 
 
 def test_over_optimisation_is_a_rising_proxy_with_gold_falling_beyond_noise():
-    top = ev(0, "1111", "11111111", proxy=[0.0] * 8)
-    worse = ev(10, "1111", "00001111", proxy=[0.5] * 8)  # 4 lost, none gained: z = -4 / 2 = -2
-    assert not overoptimized(top, ev(10, "1111", "00011111", proxy=[0.5] * 8))  # 3 lost: z = -1.7, noise
+    top = ev(0, "1111", "11111111", proxy=[0.0] * 4)
+    worse = ev(10, "1111", "00001111", proxy=[0.5] * 4)  # 4 lost, none gained: z = -4 / 2 = -2
+    assert not overoptimized(top, ev(10, "1111", "00011111", proxy=[0.5] * 4))  # 3 lost: z = -1.7, noise
     assert overoptimized(top, worse)
     assert not overoptimized(
-        top, ev(10, "1111", "00001111", proxy=[0.0] * 8)
+        top, ev(10, "1111", "00001111", proxy=[0.0] * 4)
     )  # gold fell, proxy did not rise
     row = row_measures(top, worse, select=True)
     assert row["overoptimized"] == 1.0 and row["task_sampled_lost"] == 4

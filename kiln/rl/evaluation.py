@@ -12,8 +12,10 @@ draws the same noise and a change measures the policy), judged by the task's che
 training signal sees (unless `reward_source: task`). Beside it, on the same sampled answers, the proxy
 the stage is trained to raise (`proxy_score`: the reward model's normalised score, or the checking
 program's verdict with `reward_source: task`) and the KL to the SFT policy (`kl_sft`: per answer the
-sum over its tokens of log pi(y_t) - log pi_sft(y_t) at the sampling temperature, averaged over the
-answers; on the policy's own samples, the k1 estimate of KL(pi || pi_sft) per answer, in nats).
+sum over its tokens of log pi(y_t) - log pi_sft(y_t) at the sampling temperature; on the policy's own
+samples, the k1 estimate of KL(pi || pi_sft) per answer, in nats). Both are averaged over the first
+sampled answer to each prompt: an unbiased estimate of their mean over all the answers at 1 /
+`task_samples` of the cost (three forward passes per answer: policy, reference, reward model).
 
 Over-optimisation (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"): pushed along a
 learned reward, the policy drifts from SFT, the proxy keeps rising while the gold measure peaks and
@@ -40,7 +42,8 @@ NOISE_Z = 2.0
 @dataclass
 class Evaluation:
     """One evaluation of a policy on the held-out task prompts: per prompt (`greedy`: "1" right, "0"
-    wrong) and per sampled answer (prompt-major, `samples` per prompt: `sampled`, `kl`, `proxy`)."""
+    wrong; `kl` and `proxy` of its first sampled answer) and per sampled answer (`sampled`, prompt-major,
+    `samples` per prompt)."""
 
     iteration: int
     samples: int
@@ -74,10 +77,10 @@ class Evaluation:
         out = {
             "task_accuracy": mean([self.greedy[i] == "1" for i in ps]),
             "task_accuracy_sampled": mean([self.sampled[k] == "1" for k in xs]),
-            "kl_sft": mean([self.kl[k] for k in xs]),
+            "kl_sft": mean([self.kl[i] for i in ps]),
         }
         if self.proxy:  # a stage without a proxy score (dpo) has none
-            out["proxy_score"] = mean([self.proxy[k] for k in xs])
+            out["proxy_score"] = mean([self.proxy[i] for i in ps])
         return out
 
 
@@ -215,21 +218,26 @@ def judge(
                       temperature=p.temperature, top_p=p.top_p, stop_ids=stops, pad_id=tok.pad_token_id,
                       synced=synced)  # fmt: skip
         texts = decode_responses(tok, roll, stops)
+        # KL and proxy on the first answer to each prompt (the module docstring); as many on every
+        # rank, whose batches hold the same positions: their forward passes pair up under ZeRO-3
+        first = [k for k, (_, j) in enumerate(batch) if j == 0]
+        x, m, R, P = roll.tokens[first], roll.mask[first], roll.response_mask[first], roll.prompt_len
         kl = []
         with torch.no_grad():
-            for a in range(0, len(batch), micro):
-                x, m, P = roll.tokens[a : a + micro], roll.mask[a : a + micro], roll.prompt_len
-                diff = logprobs(policy, x, m, P, p.temperature) - logprobs(ref, x, m, P, p.temperature)
-                kl.append((diff * roll.response_mask[a : a + micro]).sum(1))
-        kl = torch.cat(kl).tolist()
-        scores = [0.0] * len(batch)
-        if proxy:
-            scores = score_answers([prompts[i] for i, _ in batch], texts, reward, tok, job, device)[
+            for a in range(0, len(first), micro):
+                xs, ms = x[a : a + micro], m[a : a + micro]
+                diff = logprobs(policy, xs, ms, P, p.temperature) - logprobs(ref, xs, ms, P, p.temperature)
+                kl += (diff * R[a : a + micro]).sum(1).tolist()
+        scores = [0.0] * len(first)
+        if proxy and first:
+            prompts_of = [prompts[batch[k][0]] for k in first]
+            scores = score_answers(prompts_of, [texts[k] for k in first], reward, tok, job, device)[
                 1
             ].tolist()
+        of_first = dict(zip(first, zip(kl, scores, strict=True), strict=True))
         for k, (key, a) in enumerate(zip(batch, texts, strict=True)):
             if b + k < real:
-                found[key] = (is_right(prompts[key[0]], a), kl[k], scores[k])
+                found[key] = (is_right(prompts[key[0]], a), *of_first.get(k, (None, None)))
     merged_greedy = {i: ok for part in gather(greedy, world) for i, ok in part.items()}
     merged = {key: v for part in gather(found, world) for key, v in part.items()}
     order = sorted(merged)
@@ -238,6 +246,6 @@ def judge(
         samples=p.task_samples,
         greedy="".join("1" if merged_greedy[i] else "0" for i in range(len(prompts))),
         sampled="".join("1" if merged[s][0] else "0" for s in order),
-        kl=[merged[s][1] for s in order],
-        proxy=[merged[s][2] for s in order] if proxy else [],
+        kl=[merged[i, 0][1] for i in range(len(prompts))],
+        proxy=[merged[i, 0][2] for i in range(len(prompts))] if proxy else [],
     )
