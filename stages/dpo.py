@@ -35,15 +35,15 @@ Held-out metrics at each evaluation (and at step 0, the SFT policy, where the po
   of both). All from TRL's own evaluation pass over the held-out pairs (`HeldOutCapture`: no second
   pass), whose batch means are there too (`val_loss`, `val_rewards/accuracies`: ties counted wrong;
   `val_loss` includes the MoE load-balancing term, so it is not log 2 at step 0).
-- the gold measure, as ppo's and grpo's (kiln/rl/evaluation.py): `task_accuracy`, greedy answers to
-  `dpo.task_prompts` judged by data_prep/task.py's checking program; `task_accuracy_sampled` over
-  `task_samples` answers per prompt sampled at `temperature` / `top_p` from fixed seeds (the same as
-  the RL stages' evaluation draws), each paired with step 0's (`task_sampled_gained`, `_lost`); and
-  `kl_sft`, the mean over the first sampled answer to each prompt of the sum over its tokens of
-  log pi(y_t) - log pi_ref(y_t) at the sampling temperature (kiln/rl/kl.py `sequence_kl`; 0 at step 0).
+- the gold measure, by the RL stages' own evaluation (kiln/rl/evaluation.py `judge`, without a proxy
+  score): `task_accuracy`, greedy answers to `dpo.task_prompts` judged by data_prep/task.py's checking
+  program; `task_accuracy_sampled` over `task_samples` answers per prompt sampled at `temperature` /
+  `top_p` from the seeds the RL stages' evaluation draws, each paired with step 0's
+  (`task_sampled_gained`, `_lost`); and `kl_sft`, the mean over the first answer to each prompt of
+  the sum over its tokens of log pi(y_t) - log pi_ref(y_t) at the sampling temperature (0 at step 0).
 The manifest repeats step 0's as `<key>_sft` (`preference_accuracy_sft`, `task_accuracy_sft`,
-`task_accuracy_sampled_sft`). Resume (a dead worker group, or a re-run) continues from the stage's own
-last checkpoint (TRL's DeepSpeed state, scheduler, RNG, data position; step 0's sampled outcomes in
+`task_accuracy_sampled_sft`) with the paired change's `task_sampled_z`. Resume (a dead worker group, or a re-run) continues from the stage's own
+last checkpoint (TRL's DeepSpeed state, scheduler, RNG, data position; step 0's evaluation in
 kiln_state.json).
 """
 
@@ -57,6 +57,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kiln import trl_bridge as B
+from kiln.rl import evaluation as E
 from pipeline.preemption import STOPPED
 
 VERSION = 1
@@ -64,9 +65,6 @@ VERSION = 1
 stage"); its artifacts, and those downstream, are then rebuilt. Other code changes rebuild nothing."""
 
 log = logging.getLogger("kiln.dpo")
-
-GOLD = ("task_accuracy", "task_accuracy_sampled")
-"""The gold measures the manifest gives after training and, as `<key>_sft`, at step 0."""
 
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
@@ -181,12 +179,14 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         )
         found = preference_metrics(state["capture"], kinds, s.beta, wctx.world_size)
         if job.task_prompts:
-            gold, outcomes = judge(m, ref_model, ref_context, tok, job, wctx, synced)
-            if trainer.state.global_step == 0:
-                bridge.carry["task_outcomes"] = outcomes  # what each later evaluation is paired with
-            else:
-                gold |= flips(bridge.carry.get("task_outcomes", ""), outcomes)
-            found |= gold
+            step = trainer.state.global_step
+            ev = E.judge(m, Reference(ref_model, ref_context), None, tok, job, wctx, synced, "dpo", step,
+                         proxy=False)  # fmt: skip
+            if step == 0:
+                bridge.carry["first_evaluation"] = ev.to_json()  # what each later one is paired with
+            bridge.carry["evaluation"] = ev.to_json()
+            found |= E.row_measures(E.Evaluation.from_json(bridge.carry["first_evaluation"]) if step else None,
+                                    ev, select=False)  # fmt: skip
         return found
 
     bridge = B.KilnBridge(wctx, evaluate, wandb_run_id=job.wandb_run_id, resumed=kiln_state)
@@ -220,8 +220,7 @@ def train_worker(job: B.TrlJob, wctx) -> dict:
         "reward_chosen": final.get("reward_chosen"),
         "reward_rejected": final.get("reward_rejected"),
         "eval_pairs": final.get("eval_pairs"),
-        **{k: final[k] for k in (*GOLD, "task_sampled_gained", "task_sampled_lost", "kl_sft") if k in final},
-        **{f"{k}_sft": base[k] for k in GOLD if k in base},
+        **gold_measures(bridge.carry, trainer.state.global_step),
         "too_long_pairs": too_long,
         "lora_r": s.lora_r,
         "pairs": s.pairs,
@@ -375,72 +374,26 @@ def pair_measures(scored: list[tuple[float, float, str]]) -> dict:
 # ---------------------------------------------------------------------------------------------------- gold
 
 
-def judge(policy, ref, ref_context, tok, job: B.TrlJob, wctx, synced: bool) -> tuple[dict, str]:
-    """The gold measure of the policy as it is (module docstring), every rank joining: the greedy
-    accuracy; `task_samples` answers per prompt sampled from the seeds the RL stages' evaluation uses
-    (`rollout_seed(seed, -1 - j, prompt)`), judged; `kl_sft` over the first answer to each prompt (an
-    unbiased estimate of the mean over all of them at 1 / task_samples of the cost: two forward passes
-    per answer); and each sample's outcome ("1" right, "0" wrong, prompt-major) for `flips`."""
-    import torch
+class Reference:
+    """The reference as kiln/rl/evaluation.py's `judge` calls a model: its forward under `context` (with
+    LoRA the policy with its adapters off; otherwise the frozen SFT model, under a context that does
+    nothing)."""
 
-    from data_prep.task import check, prompt_text
-    from kiln.chat_eval import decode_responses, gather, prompt_ids, rank_share, stop_ids, task_accuracy
-    from kiln.rl.kl import sequence_kl
-    from kiln.rl.ppo_math import logprobs_from_logits
-    from kiln.rl.rollout import response_logits, rollout_seed, sample
+    def __init__(self, model, context):
+        self.model, self.context = model, context
 
-    p, prompts, rank, world = job.section, job.task_prompts, wctx.rank, wctx.world_size
-    found = task_accuracy(policy, tok, prompts, p.max_new_tokens, rank, world, synced=synced)
-    if rank == 0:
-        log.info("dpo: task accuracy %.3f; e.g. %s", found["task_accuracy"], found["task_samples"])
-
-    def logps(model, x, m, P):
-        logits = response_logits(model, x, m, P)
-        return logprobs_from_logits(logits / p.temperature if p.temperature > 0 else logits, x[:, P:])
-
-    mine, n_mine = rank_share(list(range(len(prompts))), rank, world)
-    real = n_mine * p.task_samples  # samples past this repeat a prompt: for equal batch counts only
-    samples = [(i, j) for i in mine for j in range(p.task_samples)]
-    ids_of = {i: prompt_ids(tok, prompts[i]) for i in mine}
-    stops, outcomes, micro = stop_ids(tok), {}, 2 * p.micro_batch_size
-    with torch.no_grad():
-        for b in range(0, len(samples), 128):
-            batch = samples[b : b + 128]
-            # iteration -1 - j: never a rollout's
-            seeds = [rollout_seed(job.seed, -1 - j, i) for i, j in batch]
-            roll = sample(policy, [ids_of[i] for i, _ in batch], seeds=seeds, max_new_tokens=p.max_new_tokens,
-                          temperature=p.temperature, top_p=p.top_p, stop_ids=stops, pad_id=tok.pad_token_id,
-                          synced=synced)  # fmt: skip
-            texts = decode_responses(tok, roll, stops)
-            first = torch.tensor([k for k, (_, j) in enumerate(batch) if j == 0], dtype=torch.long)
-            x, m, P, kl = roll.tokens[first], roll.mask[first], roll.prompt_len, []
-            for a in range(0, len(first), micro):
-                policy_logps = logps(policy, x[a : a + micro], m[a : a + micro], P)
-                with ref_context():
-                    ref_logps = logps(ref, x[a : a + micro], m[a : a + micro], P)
-                kl += sequence_kl(policy_logps, ref_logps, m[a : a + micro, P:]).tolist()
-            kl_of = dict(zip(first.tolist(), kl, strict=True))
-            for k, (key, text) in enumerate(zip(batch, texts, strict=True)):
-                if b + k < real:
-                    outcomes[key] = (check(prompt_text(prompts[key[0]]), text), kl_of.get(k))
-    merged = {key: v for part in gather(outcomes, world) for key, v in part.items()}
-    order = sorted(merged)
-    bits = "".join("1" if merged[key][0] else "0" for key in order)
-    kls = [merged[key][1] for key in order if merged[key][1] is not None]
-    gold = {
-        "task_accuracy": found["task_accuracy"],
-        "task_accuracy_sampled": bits.count("1") / max(1, len(bits)),
-        "kl_sft": sum(kls) / max(1, len(kls)),
-    }
-    return gold, bits
+    def __call__(self, *args, **kwargs):
+        with self.context():
+            return self.model(*args, **kwargs)
 
 
-def flips(before: str, after: str) -> dict:
-    """The paired change of two evaluations' sampled answers (same prompts, same seeds): wrong -> right
-    (`task_sampled_gained`) and right -> wrong (`task_sampled_lost`), as kiln/rl/evaluation.py counts them."""
-    if not before or len(before) != len(after):
+def gold_measures(carry: dict, steps: int) -> dict:
+    """The manifest's gold figures: the last evaluation's, step 0's as `<key>_sft`, and the paired
+    change between them with its z-score (kiln/rl/evaluation.py `final_measures`); none without task
+    prompts."""
+    last = E.Evaluation.from_json(carry.get("evaluation"))
+    if last is None:
         return {}
-    return {
-        "task_sampled_gained": sum(a == "0" and b == "1" for a, b in zip(before, after, strict=True)),
-        "task_sampled_lost": sum(a == "1" and b == "0" for a, b in zip(before, after, strict=True)),
-    }
+    first = E.Evaluation.from_json(carry["first_evaluation"])
+    out = E.final_measures(first, last, steps, select=False)
+    return {k: v for k, v in out.items() if k not in ("selected_iteration", "selected_why", "gold_prompts")}
