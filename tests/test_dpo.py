@@ -19,7 +19,7 @@ from pipeline.dag import PIPELINE
 from pipeline.plan import Selection
 from tests.pipeline_helpers import UPSTREAM, artifact, copy_upstream, manifest, rows, tensors
 
-pytestmark = pytest.mark.timeout(1800)  # the session's tiny pipeline is built first (~10 min)
+pytestmark = pytest.mark.timeout(2400)  # the first module to use the session's tiny run builds it (10-25 min)
 
 GOLD = ("task_accuracy", "task_accuracy_sampled", "task_sampled_gained", "task_sampled_lost",
         "task_accuracy_sft", "task_accuracy_sampled_sft", "task_sampled_z")  # fmt: skip

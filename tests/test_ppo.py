@@ -97,6 +97,7 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_bound(tiny_run):
     assert evals == [0, *range(cfg.ppo.eval_every, cfg.ppo.iterations + 1, cfg.ppo.eval_every)]
 
 
+@pytest.mark.heavy  # the preset's whole ppo again (~6 min on 2 cores); grpo's end-to-end test shows the same in CI
 def test_ppo_on_the_checking_program_raises_held_out_task_accuracy(tiny_run, tmp_path):
     """With the task's program as the reward (`ppo.reward_source: task`), the same loop raises the
     held-out accuracy of sampled answers: what PPO optimises improves on prompts it never trained on."""
@@ -366,6 +367,7 @@ RESUME = (
 evaluation kept."""
 
 
+@pytest.mark.heavy  # ~5 min on 2 cores; in CI grpo's twin (tests/test_grpo.py) kills the same RlLoop
 def test_resume_after_a_killed_worker_equals_the_uninterrupted_run(tiny_run, tmp_path):
     """Kill rank 0 once Ray Train holds the first checkpoint: it restarts the group from there. Then
     SIGTERM to rank 1 between checkpoints: the group saves that iteration and the run exits; a re-run
