@@ -42,9 +42,9 @@ Held-out metrics at each evaluation (and at step 0, the SFT policy, where the po
   (`task_sampled_gained`, `_lost`); and `kl_sft`, the mean over the first answer to each prompt of
   the sum over its tokens of log pi(y_t) - log pi_ref(y_t) at the sampling temperature (0 at step 0).
 The manifest repeats step 0's as `<key>_sft` (`preference_accuracy_sft`, `task_accuracy_sft`,
-`task_accuracy_sampled_sft`) with the paired change's `task_sampled_z`. Resume (a dead worker group, or a re-run) continues from the stage's own
-last checkpoint (TRL's DeepSpeed state, scheduler, RNG, data position; step 0's evaluation in
-kiln_state.json).
+`task_accuracy_sampled_sft`) with the paired change's `task_sampled_z`. Resume (a dead worker group,
+or a re-run) continues from the stage's own last checkpoint (TRL's DeepSpeed state, scheduler, RNG,
+data position; step 0's evaluation in kiln_state.json).
 """
 
 from __future__ import annotations
