@@ -275,6 +275,8 @@ ZERO3 = (
 than DeepSpeed's defaults keep): a forward pass through ZeRO-3's hooks gathers each parameter again."""
 
 
+@pytest.mark.heavy  # ~2 min; in CI the small preset runs ppo under ZeRO-3 on 2 workers, and gather_ranks
+# (below) checks a gathered rollout samples the tokens and trains the losses of a per-forward one
 def test_zero3_ppo_gathering_once_per_rollout_gives_zero2s_iterations(tiny_run, tmp_path):
     """2 workers, 3 iterations: ZeRO-3 (ZERO3), each model gathered once for its rollout and experience
     passes (`ppo.gather_for_rollout`, on by default), gives ZeRO-2's metrics (fp32, within 1e-5) and
