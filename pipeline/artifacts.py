@@ -135,6 +135,10 @@ class ArtifactStore:
         data = self.files.read_bytes(self._work_rel(stage, work_key, rel))
         return None if data is None else data.decode()
 
+    def delete_work_file(self, stage: str, work_key: str, rel: str) -> None:
+        """A file of the stage's work dir in an object-store root, removed."""
+        self.files.delete_file(self._work_rel(stage, work_key, rel))
+
     def note_waiting(self, stage: str, work_key: str, why: str | None) -> None:
         """Record in progress.json what a running stage waits for (None: nothing any more), so
         that `status` on any machine can say it."""

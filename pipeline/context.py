@@ -4,7 +4,8 @@ A stage is `run(cfg, inputs, out, ctx) -> metrics`. Through `ctx` it can
     ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item, on
                                             any node: their files go through pipeline/units.py `Folder`)
     ctx.place(rel, facts, source)           a file of the artifact a task wrote and hashed: not re-read
-    ctx.discard(folder) / when_committed(fn) remove a stage's units: now, or once the artifact is committed
+    ctx.discard(folder)                     a folder of units removed (`discard_when_committed`: once
+                                            the artifact is committed)
     ctx.run_workers(train_fn, arg, scaling) run train_fn(arg, wctx) on a worker group (Ray Train)
     ctx.log(row) / ctx.progress(k, n)       metrics.jsonl + W&B / step k of n for `status`
 and inside a worker, `wctx.report(metrics, checkpoint_dir)` and `wctx.checkpoint()`, then
@@ -142,7 +143,7 @@ class StageContext:
         self.layout = dict(layout or {})  # the placement a checkpoint is tied to, recorded beside it
         self._mirrored = 0.0
         self.placed: dict[str, dict] = {}  # files of the artifact the tasks wrote (`place`)
-        self._after_commit: list[Callable] = []
+        self._after_commit: list = []  # folders of units to remove once committed
         saved = _saved_progress(self.work_dir / "progress.json")  # an earlier attempt's, if any
         self._step, self._total = 0, saved.get("total", 0)  # the last progress reported
         self._checkpoint = saved.get("checkpoint")  # the step of the last checkpoint saved
@@ -180,22 +181,33 @@ class StageContext:
         or fetched there)."""
         folder.discard()
 
-    def when_committed(self, fn: Callable) -> None:
-        """fn() once the artifact is committed (pipeline/execute.py): for work files the commit copies
-        from an object-store root (`place` with a source). On a local or shared root at once: the
-        artifact holds its own links or copies already."""
+    def discard_when_committed(self, folder) -> None:
+        """Remove a folder of units once the artifact is committed (pipeline/execute.py): one whose
+        files the commit copies from an object-store root (`place` with a source). On a local or shared
+        root at once: the artifact holds its own links or copies already. On an object store the folder
+        is noted in the shared work dir first, so that the next run removes it should the driver die
+        between the commit and the removal (pipeline/units.py `note_after_commit`)."""
+        from pipeline import units
+
         if self.shared_work:
-            fn()
-        else:
-            self._after_commit.append(fn)
+            self.discard(folder)
+            return
+        self._after_commit.append(folder)
+        units.note_after_commit(self.store, self.stage, self.work_key, self._after_commit)
 
     def committed(self) -> None:
-        """The artifact is committed: run what `when_committed` deferred (a failure is only logged)."""
-        for fn in self._after_commit:
-            try:
-                fn()
-            except OSError as e:
-                self.logger.warning("%s: could not remove work files after the commit: %s", self.stage, e)
+        """The artifact is committed: remove the folders `discard_when_committed` kept, then their note
+        (a failure is only logged: the note stays, and the next run removes them)."""
+        from pipeline import units
+
+        if not self._after_commit:
+            return
+        try:
+            for folder in self._after_commit:
+                self.discard(folder)
+            self.store.delete_work_file(self.stage, self.work_key, units.AFTER_COMMIT)
+        except OSError as e:
+            self.logger.warning("%s: could not remove work files after the commit: %s", self.stage, e)
         self._after_commit.clear()
 
     # -- fan-out ------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
         }
         art = store.commit(stage, job.fingerprint, staging, manifest, placed=ctx.placed)
         if art is not None:
-            ctx.committed()  # work files the commit copied (pipeline/context.py `when_committed`)
+            ctx.committed()  # units the commit copied from (pipeline/context.py `discard_when_committed`)
     except BaseException as e:
         if isinstance(e, Preempted):  # SIGTERM: it saved a checkpoint; the next run resumes it
             logger.warning("%s", e)

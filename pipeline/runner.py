@@ -60,6 +60,8 @@ def run_pipeline(
     outcome = Outcome(plan)
     display = display or Display(quiet=True)
     adopt_legacy(store, plan, log=display.note)
+    if store.remote:
+        _finish_commits(store, plan, display)
     todo = [p for p in plan if p.action == "run"]
     if not todo:
         return outcome  # nothing to do: Ray is not even started
@@ -265,6 +267,25 @@ def _job(cfg, dag, p: PlannedStage, wandb_mode) -> StageJob:
         wandb_project=cfg.run.wandb_project, version=p.version, code_version=p.code, code_files=p.code_files,
         layout=checkpoint_layout(cfg, p.config), fresh=p.fresh, inputs_verified=True,
     )  # fmt: skip
+
+
+def _finish_commits(store: ArtifactStore, plan, display: Display) -> None:
+    """Folders of units that complete stages noted for removal after their commit and did not remove
+    (their driver died in between: pipeline/units.py `note_after_commit`), removed now."""
+    from pipeline import units
+
+    for p in plan:
+        if p.state != "complete":
+            continue
+        try:
+            left = units.discard_after_commit(store, p.name, p.work_key)
+        except OSError as e:  # the next run tries again
+            display.note(f"{p.name}: could not remove the work files left after its commit: {e}")
+            continue
+        if left:
+            display.note(
+                f"{p.name}: removed {', '.join(left)}, left after its commit by a run that stopped there"
+            )
 
 
 def _absolute(root: str) -> str:

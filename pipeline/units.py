@@ -267,6 +267,33 @@ class Folder:
         discard(self.local())
 
 
+AFTER_COMMIT = "after_commit.json"
+"""In an object-store stage's shared work dir: the folders of units its commit copies from, to remove
+once the artifact is committed (`note_after_commit`)."""
+
+
+def note_after_commit(store, stage: str, work_key: str, folders: list[Folder]) -> None:
+    """Note, before the commit, the folders of units (on an object-store root) that the commit copies
+    from and the stage removes once its artifact is committed. Should the driver die between the
+    commit and their removal, the stage is complete and never runs again: the next run of the pipeline
+    finds the note and removes them (`discard_after_commit`)."""
+    store.write_work_file(stage, work_key, AFTER_COMMIT, json.dumps(sorted(f.rel for f in folders)))
+
+
+def discard_after_commit(store, stage: str, work_key: str) -> list[str]:
+    """The folders a committed stage noted (`note_after_commit`) and had not removed yet, removed now:
+    in the root (records first) and in this node's cache; then the note. Other nodes' caches keep their
+    copies (they are caches, emptied with KILN_CACHE). Returns the folders, relative to the run."""
+    text = store.read_work_file(stage, work_key, AFTER_COMMIT)
+    if text is None:
+        return []
+    rels = json.loads(text)
+    for rel in rels:
+        Folder(str(store.run_dir / rel), store.root, store.run, rel).discard()
+    store.delete_work_file(stage, work_key, AFTER_COMMIT)
+    return rels
+
+
 @dataclass(frozen=True)
 class FileRef:
     """One file of a `Folder`, in the version its writer recorded: what a task on any node opens."""

@@ -240,7 +240,7 @@ def run(cfg, inputs, out, ctx) -> dict:
     write_json_atomic(out / "stats.json", stats)
     for folder in (parts, units.Folder.of(ctx, "bands")):  # the artifact holds the result now
         ctx.discard(folder)
-    ctx.when_committed(lambda: ctx.discard(shards))  # on an object store the commit copies its shards
+    ctx.discard_when_committed(shards)  # on an object store the commit copies its shards
     ctx.logger.info(
         "ingest: read %d, kept %d, written %d, dropped %s",
         stats["read"],

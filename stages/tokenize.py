@@ -171,7 +171,7 @@ def run(cfg, inputs, out, ctx) -> dict:
         write_json_atomic(out / "units.json", placement)
     ctx.discard(work)  # the artifact holds the result now
     if shard_folder is not None:
-        ctx.when_committed(lambda: ctx.discard(shard_folder))  # the commit copies the shards from it
+        ctx.discard_when_committed(shard_folder)  # the commit copies the shards from it
     tokens = sum(s["tokens"] for s in splits.values())
     ctx.logger.info(
         "tokenize: %d tokens (%.0f tokens/s encoding), train %d sequences, val %d",

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import units
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.dag import PIPELINE
@@ -312,6 +313,7 @@ def test_data_stages_spread_over_both_nodes_resume_and_match_one_node(cluster, s
     assert {u["node_id"] for u in stats["units"]} == nodes and len(stats["units"]) == 16
     assert {u["node_id"] for u in placement["partitions"] + placement["shards"]} == nodes
     assert not [f for f in store.files.list_files(work) if "/" in f]  # its units removed once committed
+    assert units.AFTER_COMMIT not in store.files.list_files(work)  # and the note saying so
     caches = [cluster.base / c for c in ("cache-head", "cache-b")]
     left = [
         p

@@ -329,7 +329,7 @@ def _run_in_subprocess(s3, tmp_path: Path, overrides: list[str], only: tuple[str
 
 
 @pytest.mark.timeout(300)
-def test_pipeline_on_an_s3_root(s3env, tmp_path):
+def test_pipeline_on_an_s3_root(s3env, tmp_path, monkeypatch):
     root = "s3://kiln/pipeline"
     overrides = [f"run.root={root}", "run.wandb=disabled", "a.value=5"]
     result = _run_in_subprocess(s3env, tmp_path, overrides)
@@ -351,6 +351,26 @@ def test_pipeline_on_an_s3_root(s3env, tmp_path):
     assert any(k.startswith("b-") and k.endswith("/metrics.jsonl") for k in work)
     assert any(k.startswith("b-") and k.endswith("/progress.json") for k in work)
     assert not any("/outbox/" in k for k in work)  # collected and removed
+
+    # a driver that died between b's commit and the removal of the units the commit copied from
+    # (pipeline/units.py `note_after_commit`): b is complete and never runs again; the next run of
+    # the pipeline removes them, records first, and the note
+    from pipeline import units
+    from pipeline.runner import run_pipeline
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "driver-2"))
+    units._ROOTS.clear()
+    key = {p.name: p for p in make_plan(cfg, dag, other)}["b"].work_key
+    rel = f".work/{other.name('b', key)}/docs"
+    folder = units.Folder(str(other.run_dir / rel), root, cfg.run.name, rel)
+    (folder.local() / "x.bin").write_bytes(b"x" * 100)
+    folder.record("00000", {"k": 1}, {"n": 1}, folder.publish(["x.bin"]))
+    units.note_after_commit(other, "b", key, [folder])
+    assert len(other.files.list_files(rel)) == 2 and other.read_work_file("b", key, units.AFTER_COMMIT)
+    assert run_pipeline(cfg, dag).ok  # everything complete: Ray is not even started
+    assert other.files.list_files(rel) == {}
+    assert other.read_work_file("b", key, units.AFTER_COMMIT) is None
+    assert other.find("b", rows["b"]["fingerprint"]) is not None  # the artifact as it was
 
 
 @pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:9000"])
