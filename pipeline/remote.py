@@ -44,6 +44,10 @@ S3_ATTEMPTS = 10
 TRANSFER_THREADS = int(os.environ.get("KILN_TRANSFER_THREADS", "8"))
 """Files uploaded, downloaded or copied at once by one call that moves several."""
 CHUNK = 1 << 20
+COPY_OBJECT_MAX = 5 << 30
+"""The largest object S3's CopyObject copies (5 GiB). pyarrow offers no multipart copy (UploadPartCopy),
+so a larger one is streamed through this machine instead: downloaded and uploaded in parts, once."""
+STREAM_CHUNK = 64 << 20
 TRANSFERS: Counter = Counter()
 """Bytes this process sent to ("up") and received from ("down") object stores, and copied there
 server-side ("copied", which cross no network of ours)."""
@@ -227,9 +231,21 @@ class RemoteRoot(Root):
         self.put(staging / MANIFEST, f"{name}/{MANIFEST}")
 
     def copy(self, src: str, dst: str) -> None:
-        """A server-side copy of one object (its bytes cross no network of ours)."""
-        self.fs.copy_file(f"{self.base}/{src}", f"{self.base}/{dst}")
-        _note("copied", dst, self.fs.get_file_info(f"{self.base}/{dst}").size or 0)
+        """A server-side copy of one object (its bytes cross no network of ours); one over
+        COPY_OBJECT_MAX is streamed through this machine (pyarrow's output stream uploads it in parts)."""
+        size = self.fs.get_file_info(f"{self.base}/{src}").size or 0
+        if size <= COPY_OBJECT_MAX:
+            self.fs.copy_file(f"{self.base}/{src}", f"{self.base}/{dst}")
+            _note("copied", dst, size)
+            return
+        with (
+            self.fs.open_input_stream(f"{self.base}/{src}") as i,
+            self.fs.open_output_stream(f"{self.base}/{dst}") as o,
+        ):
+            while block := i.read(STREAM_CHUNK):
+                o.write(block)
+        _note("down", src, size)
+        _note("up", dst, size)
 
     def commit(
         self, staging: Path, name: str, manifest: dict, sources: dict[str, str] | None = None
@@ -333,7 +349,7 @@ class RemoteRoot(Root):
             if f == skip:
                 continue
             to = next((new + f[len(old) :] for old, new in (rename or {}).items() if f.startswith(old)), f)
-            self.fs.copy_file(f"{self.base}/{src}/{f}", f"{self.base}/{dst}/{to}")
+            self.copy(f"{src}/{f}", f"{dst}/{to}")
 
     def move_tree(self, src: str, dst: str, rename: dict[str, str]) -> None:
         if not self.list_files(dst):

@@ -218,6 +218,33 @@ def test_a_tasks_files_go_through_the_root_and_the_commit_copies_them(s3env, tmp
     assert store.files.list_files("s-f1")["docs/x.bin"] == len(data)
 
 
+@pytest.mark.timeout(120)
+def test_a_unit_file_over_s3s_copy_limit_is_streamed_into_the_artifact(s3env, tmp_path, monkeypatch):
+    """S3's CopyObject copies objects up to 5 GiB (remote.COPY_OBJECT_MAX, made 1000 bytes here); a
+    commit copying a larger unit file into the artifact streams it through this machine instead: the
+    same bytes arrive, counted once down and once up, and the smaller file is still copied server-side."""
+    monkeypatch.setattr(remote, "COPY_OBJECT_MAX", 1000)
+    monkeypatch.setattr(remote, "STREAM_CHUNK", 300)
+    store = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "driver")
+    files = {"big.bin": bytes(range(256)) * 8, "small.bin": b"s" * 100}
+    placed = {}
+    for name, data in files.items():
+        store.files.write_bytes(f".work/s-k/docs/{name}", data)
+        digest = hashlib.sha256(data).hexdigest()
+        placed[f"docs/{name}"] = {"size": len(data), "sha256": digest, "source": f".work/s-k/docs/{name}"}
+    staging = store.staging("s", "f1")
+    (staging / "stats.json").write_text("{}")
+    before = dict(remote.TRANSFERS)
+    store.commit("s", "f1", staging, {"config": {}}, placed=placed)
+    moved = {op: remote.TRANSFERS[op] - before.get(op, 0) for op in ("copied", "down", "up")}
+    assert moved["copied"] == 100 and moved["down"] == 2048
+    assert 2048 < moved["up"] < 2048 + 2000  # the big file, stats.json and the manifest
+    other = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "reader")
+    assert other.check("s", "f1", deep=True)[1] is None
+    art = other.find("s", "f1")
+    assert all((art.path / "docs" / name).read_bytes() == data for name, data in files.items())
+
+
 def _download(args):
     root, cache, fp = args
     store = ArtifactStore(root, "r3", cache_dir=cache)
