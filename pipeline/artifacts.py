@@ -162,11 +162,20 @@ class ArtifactStore:
         """(manifest, None) when complete; (None, problem) otherwise. Sizes always, sha256 when deep."""
         return self.files.check(self.name(stage, fp), deep)
 
-    def find(self, stage: str, fp: str, deep: bool = False) -> Artifact | None:
+    def find(
+        self, stage: str, fp: str, deep: bool = False, only: tuple[str, ...] | None = None
+    ) -> Artifact | None:
+        """The complete artifact, or None. On an object-store root it is downloaded into this machine's
+        cache, or with `only` just those of its files (the rest fetched by whoever reads them)."""
         manifest, _ = self.check(stage, fp, deep)
         if manifest is None:
             return None
-        return Artifact(stage, fp, self.files.local_path(self.name(stage, fp)), manifest)
+        name = self.name(stage, fp)
+        if only is None:
+            return Artifact(stage, fp, self.files.local_path(name), manifest)
+        for rel in only:
+            self.files.fetch_file(name, rel, manifest["files"][rel])
+        return Artifact(stage, fp, self.files.artifact_dir(name), manifest)
 
     def previous(self, stage: str) -> list[dict]:
         """Manifests of this stage's complete artifacts under other fingerprints, newest first."""

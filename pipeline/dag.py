@@ -40,6 +40,10 @@ class Stage:
     enabled: Callable | None = None
     """cfg -> whether a run builds the stage (an opt-in stage, off unless its config turns it on); None:
     always. A stage that is off is not part of the config's DAG unless a selection names it."""
+    driver_reads: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
+    """{input: its files} for inputs of which the stage's own driver reads only those files: on an
+    object-store root only they are fetched to its node, and its tasks fetch the others they read
+    (pipeline/units.py `Inputs`). Every other input is downloaded whole before the stage starts."""
 
     @property
     def module(self) -> str:
@@ -212,6 +216,7 @@ PIPELINE = DAG(
             inputs=("ingest", "tokenizer"),
             sections=("tokenize",),
             resources=lambda cfg: {"CPU": 0},
+            driver_reads={"ingest": ("stats.json",)},  # the document shards: each task fetches its own
             headline="train_tokens",
         ),
         Stage(

@@ -64,7 +64,7 @@ def execute_stage(job: StageJob, make_context=StageContext) -> dict:
     started = time.time()
     inputs = {}
     for name, fp in job.inputs.items():
-        art = store.find(name, fp, deep=not job.inputs_verified)
+        art = store.find(name, fp, deep=not job.inputs_verified, only=job.stage.driver_reads.get(name))
         if art is None:
             _, why = store.check(name, fp, deep=not job.inputs_verified)
             raise ArtifactError(f"{stage} needs the {name} artifact ({fp}), which is not usable: {why}")

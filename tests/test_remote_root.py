@@ -219,10 +219,13 @@ def test_a_tasks_files_go_through_the_root_and_the_commit_copies_them(s3env, tmp
 
 
 @pytest.mark.timeout(120)
-def test_a_unit_file_over_s3s_copy_limit_is_streamed_into_the_artifact(s3env, tmp_path, monkeypatch):
+def test_a_unit_file_over_s3s_copy_limit_is_streamed_and_a_reader_fetches_only_what_it_reads(
+    s3env, tmp_path, monkeypatch
+):
     """S3's CopyObject copies objects up to 5 GiB (remote.COPY_OBJECT_MAX, made 1000 bytes here); a
     commit copying a larger unit file into the artifact streams it through this machine instead: the
-    same bytes arrive, counted once down and once up, and the smaller file is still copied server-side."""
+    same bytes arrive, counted once down and once up, and the smaller file is still copied server-side.
+    A stage's driver that reads only some of the artifact's files downloads only those."""
     monkeypatch.setattr(remote, "COPY_OBJECT_MAX", 1000)
     monkeypatch.setattr(remote, "STREAM_CHUNK", 300)
     store = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "driver")
@@ -243,6 +246,14 @@ def test_a_unit_file_over_s3s_copy_limit_is_streamed_into_the_artifact(s3env, tm
     assert other.check("s", "f1", deep=True)[1] is None
     art = other.find("s", "f1")
     assert all((art.path / "docs" / name).read_bytes() == data for name, data in files.items())
+
+    # a driver that reads only some files of its input (pipeline/dag.py `Stage.driver_reads`) fetches those
+    down = remote.TRANSFERS["down"]
+    part = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "driver-2").find(
+        "s", "f1", only=("stats.json",)
+    )
+    assert remote.TRANSFERS["down"] - down == 2 and (part.path / "stats.json").read_text() == "{}"
+    assert not (part.path / "docs").exists() and part.manifest["files"]["docs/big.bin"]["size"] == 2048
 
 
 def _download(args):
