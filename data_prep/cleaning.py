@@ -85,8 +85,9 @@ class CleanTask:
     """With it, the part holds each candidate's band hashes (columns `band_00` ...)."""
     heldout: HeldOut | None = None
     """With it, documents that quote a held-out text are dropped as `contaminated`."""
-    byte_range: tuple[int, int] | None = None
-    """The lines of a plain file that begin in [start, end) (data_prep/readers.py); None: all of it."""
+    byte_range: tuple[int, ...] | None = None
+    """The lines of a plain file (or, in decompressed offsets, of a .zst's run of frames) that begin in
+    [start, end) (data_prep/readers.py `byte_ranges`); None: all of it."""
 
     @property
     def part(self) -> str:

@@ -6,14 +6,19 @@
 Memory stays flat whatever the file size: data is decompressed 1 MiB at a time and an over-long
 line is skipped, not buffered. A plain file can be read in byte ranges by several tasks
 (`read_lines(..., byte_range=(start, end))`, `byte_ranges`): a range holds the lines that begin in
-it, so each line is read by exactly one of them, whatever the cut. A compressed file that is truncated or corrupt raises `BadFileError`
-naming the file and how far reading got. zstd readers (python-zstandard's stream_reader among them)
+it, so each line is read by exactly one of them, whatever the cut. So can a .zst of several frames
+whose headers give their decompressed sizes (as `pzstd` and frame-per-chunk writers make them): its
+ranges are runs of whole frames, in decompressed offsets, and a reader starts decompressing at the
+frame before its range (to see whether the range begins a line). A .zst of one frame (the Pile's, the
+`zstd` CLI's) or of frames without sizes, and a .gz, are read whole by one reader. A compressed file
+that is truncated or corrupt raises `BadFileError` naming the file and how far reading got. zstd readers (python-zstandard's stream_reader among them)
 return what they could decode from a truncated frame without complaint, so after the stream ends
 `check_zstd_frames` walks the frame and block headers and fails if the last frame is incomplete.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import gzip
 import io
@@ -72,15 +77,42 @@ def splittable(path: str) -> bool:
     return not path.startswith("hf:") and not path.endswith((".zst", ".zstd", ".gz"))
 
 
-def byte_ranges(path: str, size_each: int) -> list[tuple[int, int] | None]:
+def byte_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
     """A plain file larger than `size_each` bytes cut into ranges of about that size, [start, end);
-    [None] (the whole file, one reader) otherwise."""
+    a .zst of several sized frames whose content is larger, into runs of whole frames of about that
+    many decompressed bytes, (start, end, at, base): [start, end) in decompressed offsets, decompressed
+    from the frame at compressed offset `at`, which begins at decompressed offset `base` (the frame
+    before the range's); [None] (the whole file, one reader) otherwise."""
+    if path.endswith((".zst", ".zstd")):
+        return _frame_ranges(path, size_each)
     size = os.path.getsize(path) if splittable(path) else 0
     if size <= size_each:
         return [None]
     n = -(-size // size_each)
     bounds = [size * k // n for k in range(n + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _frame_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
+    with open(path, "rb") as f:
+        frames, problem = zstd_frames(f)
+    if problem or len(frames) < 2 or any(size is None for _, size in frames):
+        return [None]  # one frame, a frame of unknown size, or a damaged file (its reader says so)
+    starts, total = [], 0  # (compressed offset, decompressed offset) of each frame
+    for at, size in frames:
+        starts.append((at, total))
+        total += size
+    if total <= size_each:
+        return [None]
+    n = -(-total // size_each)
+    offsets = [d for _, d in starts]  # each run begins at the first frame at or after its share's start
+    cuts = sorted({bisect.bisect_left(offsets, total * k // n) for k in range(n)} - {len(starts)})
+    ranges = []
+    for a, b in zip(cuts, [*cuts[1:], len(starts)], strict=True):
+        start, end = starts[a][1], starts[b][1] if b < len(starts) else total
+        at, base = starts[a - 1] if a > 0 else starts[0]
+        ranges.append((start, end, at, base))
+    return ranges
 
 
 def read_lines(
@@ -90,15 +122,27 @@ def read_lines(
     With `byte_range` (a plain file): the lines that begin in [start, end), numbered from 1 there."""
     with open(path, "rb") as raw:
         if byte_range is not None:
-            if not splittable(path):
-                raise ValueError(f"{path}: only a plain file can be read in byte ranges")
-            yield from ((n, line) for n, _, line in _split_lines(_Range(raw, *byte_range), max_line_bytes))
+            if len(byte_range) == 4:  # runs of frames of a .zst: decompressed from the frame before
+                start, end, at, base = byte_range
+                source = _Decompressed(raw, at, base)
+                errors: tuple[type[BaseException], ...] = (_zstd_error(),)
+            elif splittable(path):
+                (start, end), source, errors = byte_range, raw, ()
+            else:
+                raise ValueError(f"{path}: only a plain file or a .zst of sized frames can be read in ranges")
+            lineno, total = 0, 0
+            try:
+                for item in _split_lines(_Range(source, start, end), max_line_bytes):
+                    lineno, total, line = item  # kept after the loop: how far reading got
+                    yield lineno, line
+            except errors as e:
+                raise BadFileError(path, f"corrupt ({type(e).__name__}: {e})", lineno, total) from e
             return
         if path.endswith((".zst", ".zstd")):
             import zstandard
 
             stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
+            errors = (zstandard.ZstdError,)
         elif path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw)
             errors = (EOFError, OSError, gzip.BadGzipFile)
@@ -115,6 +159,45 @@ def read_lines(
             problem = check_zstd_frames(raw)
             if problem:
                 raise BadFileError(path, problem, lineno, total)
+
+
+def _zstd_error() -> type[BaseException]:
+    import zstandard
+
+    return zstandard.ZstdError
+
+
+class _Decompressed:
+    """The decompressed bytes of a .zst from the frame at compressed offset `at` on, which begins at
+    decompressed offset `base`, as `_Range` uses a file: read, seek forward (by decompressing), and
+    seek back into the bytes the last read returned (as `_Range` does after looking for a newline)."""
+
+    def __init__(self, raw, at: int, base: int):
+        import zstandard
+
+        raw.seek(at)
+        self.stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        self.pos, self.last, self.pending = base, b"", b""
+
+    def seek(self, pos: int) -> int:
+        if pos < self.pos:
+            back = self.pos - pos
+            if back > len(self.last):
+                raise ValueError(f"cannot seek back from {self.pos} to {pos} in a zstd stream")
+            self.pending = self.last[len(self.last) - back :] + self.pending
+            self.pos, self.last = pos, self.last[: len(self.last) - back]
+        while self.pos < pos and self.read(min(CHUNK, pos - self.pos)):
+            pass
+        return self.pos
+
+    def read(self, n: int) -> bytes:
+        if self.pending:
+            data, self.pending = self.pending[:n], self.pending[n:]
+        else:
+            data = self.stream.read(n)
+        self.pos += len(data)
+        self.last = data
+        return data
 
 
 class _Range:
@@ -180,51 +263,69 @@ def _split_lines(stream, max_line_bytes: int) -> Iterator[tuple[int, int, bytes 
 
 
 def check_zstd_frames(f) -> str | None:
-    """Walk the zstd frames of an open binary file by their headers; None if every frame is complete.
+    """Walk the zstd frames of an open binary file by their headers; None if every frame is complete."""
+    return zstd_frames(f)[1]
+
+
+def zstd_frames(f) -> tuple[list[tuple[int, int | None]], str | None]:
+    """The zstd frames of an open binary file, walked by their headers: [(offset, decompressed size
+    or None when its header does not say)], and what is wrong with the file (None if every frame is
+    complete; the frames listed are those before the problem).
 
     Frame = magic, header, blocks (3-byte header: last flag, type, size), optional 4-byte checksum
     (RFC 8878 §3.1). Skippable frames are skipped. Reads a few bytes per block, never decompresses."""
     import zstandard
 
     size = f.seek(0, io.SEEK_END)
-    pos = 0
+    pos, frames = 0, []
+
+    def bad(problem: str):
+        return frames, problem
+
     while pos < size:
         f.seek(pos)
         head = f.read(18)
         if len(head) < 4:
-            return f"truncated zstd frame header at byte {pos:,} of {size:,}"
+            return bad(f"truncated zstd frame header at byte {pos:,} of {size:,}")
         magic = struct.unpack("<I", head[:4])[0]
         if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
             if len(head) < 8:
-                return f"truncated skippable frame at byte {pos:,} of {size:,}"
+                return bad(f"truncated skippable frame at byte {pos:,} of {size:,}")
             pos += 8 + struct.unpack("<I", head[4:8])[0]
             continue
         if magic != ZSTD_MAGIC:
-            return f"not a zstd frame at byte {pos:,} (magic {head[:4].hex()})"
+            return bad(f"not a zstd frame at byte {pos:,} (magic {head[:4].hex()})")
         try:
             header = zstandard.frame_header_size(head)
-            has_checksum = zstandard.get_frame_parameters(head).has_checksum
+            params = zstandard.get_frame_parameters(head)
         except zstandard.ZstdError:
-            return f"truncated zstd frame header at byte {pos:,} of {size:,}"
+            return bad(f"truncated zstd frame header at byte {pos:,} of {size:,}")
+        has_checksum = params.has_checksum
+        content = None if params.content_size == zstandard.CONTENTSIZE_UNKNOWN else params.content_size
         frame_start, pos = pos, pos + header
         while True:
             f.seek(pos)
             b = f.read(3)
             if len(b) < 3:
-                return f"truncated zstd stream: the frame begun at byte {frame_start:,} ends at byte {size:,} without its last block"
+                return bad(
+                    f"truncated zstd stream: the frame begun at byte {frame_start:,} ends at byte {size:,} without its last block"
+                )
             word = int.from_bytes(b, "little")
             last, kind, block = word & 1, (word >> 1) & 3, word >> 3
             pos += 3 + (1 if kind == 1 else block)  # RLE blocks store one byte
             if pos > size:
-                return f"truncated zstd stream: a block of the frame begun at byte {frame_start:,} needs {pos:,} bytes, the file has {size:,}"
+                return bad(
+                    f"truncated zstd stream: a block of the frame begun at byte {frame_start:,} needs {pos:,} bytes, the file has {size:,}"
+                )
             if last:
                 break
         pos += 4 if has_checksum else 0
         if pos > size:
-            return (
+            return bad(
                 f"truncated zstd stream: the checksum of the frame begun at byte {frame_start:,} is cut off"
             )
-    return None
+        frames.append((frame_start, content))
+    return frames, None
 
 
 def read_hf(name: str) -> Iterator[tuple[int, dict]]:

@@ -10,7 +10,8 @@ held-out sets pretraining must not see). Artifact:
     stats.json                     read, kept, dropped by reason, files, errors (every count reconciles)
 
 One task per input file (`ctx.map`), or per byte range of a plain .jsonl larger than SPLIT_BYTES
-(the lines that begin in it: data_prep/readers.py), so a cluster spreads the work over its nodes
+(the lines that begin in it: data_prep/readers.py), or per run of frames of a .zst whose frames say
+their sizes, so a cluster spreads the work over its nodes
 even with few, large files; each streams its file or range (memory flat whatever the size) into a
 Parquet part of candidates, dropping the documents that quote a held-out text
 (data_prep/decontaminate.py), and returns their 64-bit content hashes; the part also holds each
@@ -95,9 +96,10 @@ once (8 bytes a band and document) and sorts one at a time: ~0.3 KB a document a
 
 SPLIT_BYTES = 256 << 20
 """A plain .jsonl input larger than this is cleaned by several tasks, one per byte range of about
-this size; the output is the same bytes as one task's (the ranges' results are merged in order).
-Compressed inputs are read whole by one task (a .zst of one frame, as the Pile's are, cannot be
-entered in the middle)."""
+this size; so is a .zst of several frames that say their sizes (`pzstd` writes them), one per run of
+frames of about this many decompressed bytes. The output is the same bytes as one task's (the ranges'
+results are merged in order). Other compressed inputs are read whole by one task: a .zst of one frame,
+as the Pile's are (recompressed with `pzstd`, they split), cannot be entered in the middle."""
 
 
 class IngestError(RuntimeError):

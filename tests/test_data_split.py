@@ -1,7 +1,8 @@
-"""Large plain inputs cleaned by several tasks, one per byte range (stages/ingest.py SPLIT_BYTES,
-data_prep/readers.py `byte_ranges`): every line read by exactly one range whatever the cut, and the
-artifact the same bytes as one task per file makes (stats.json apart from the units it lists),
-bad records' line numbers included; a run killed mid-way resumes the finished ranges."""
+"""Large inputs cleaned by several tasks (stages/ingest.py SPLIT_BYTES, data_prep/readers.py
+`byte_ranges`): a plain file by byte ranges, a .zst of sized frames by runs of frames. Every line read
+by exactly one range whatever the cut (frames cut mid-line too), and the artifact the same bytes as one
+task per file makes (stats.json apart from the units it lists), bad records' line numbers included; a
+run killed mid-way resumes the finished ranges."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import json
 import random
 
 import pytest
+import zstandard
 
-from data_prep.readers import byte_ranges, read_lines
+from data_prep.readers import BadFileError, byte_ranges, read_lines
 from stages import ingest
 from tests.test_data_ingest import CrashContext, Killed, PickleContext, doc, ingest_with, prose, write
 
@@ -31,9 +33,45 @@ def test_the_ranges_of_a_file_hold_each_line_once_whatever_the_cut(tmp_path):
     assert byte_ranges(str(write(tmp_path / "a.jsonl.zst", [doc("x")])), 1) == [None]  # read whole
 
 
-def corpus(folder):
+def frames(path, raw: bytes, every: int):
+    """`raw` as a .zst of frames of `every` bytes each (cut anywhere, mid-line too), each saying its size."""
+    z = zstandard.ZstdCompressor(write_checksum=True)
+    path.write_bytes(b"".join(z.compress(raw[i : i + every]) for i in range(0, len(raw), every)))
+    return path
+
+
+def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_path):
+    rng = random.Random(1)
+    for trial in range(40):
+        lines = [b"y" * rng.choice([0, 1, 4, 9, 30, 70]) for _ in range(rng.randint(1, 40))]
+        raw = b"\n".join(lines) + (b"\n" if trial % 2 else b"")
+        every = rng.choice([1, 5, 17, 64])
+        path = frames(tmp_path / f"{trial}.jsonl.zst", raw, every)
+        longest = rng.choice([5, 20, 100])
+        whole = list(read_lines(str(path), longest))
+        for size in (1, 3, 10, 40, 10_000):
+            got, ranges = [], byte_ranges(str(path), size)
+            for r in ranges:
+                got += [(len(got) + n, line) for n, line in read_lines(str(path), longest, r)]
+            assert got == whole, (trial, size)
+            assert (len(ranges) > 1) == (len(raw) > size and len(raw) > every)  # unless small or one frame
+    one = b"".join(b"z" * 50 + b"\n" for _ in range(40))
+    unsized = tmp_path / "unsized.jsonl.zst"
+    with open(unsized, "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as w:  # no frame says its size
+        w.write(one[:1000])
+        w.flush(zstandard.FLUSH_FRAME)
+        w.write(one[1000:])
+    assert byte_ranges(str(unsized), 100) == [None]
+    cut = frames(tmp_path / "cut.jsonl.zst", one, 300)
+    cut.write_bytes(cut.read_bytes()[:-30])  # truncated: read whole, and the reader says so
+    assert byte_ranges(str(cut), 100) == [None]
+    with pytest.raises(BadFileError, match="truncated zstd stream"):
+        list(read_lines(str(cut), 100))
+
+
+def corpus(folder, zst_frames: int = 0):
     """Three files of some size, with bad records, blank lines, over-long lines and duplicates
-    across files and ranges."""
+    across files and ranges; with `zst_frames`, .jsonl.zst files of frames of that many bytes."""
     folder.mkdir()
     files = []
     for k in range(3):
@@ -45,7 +83,11 @@ def corpus(folder):
             if i % 13 == 6:
                 lines.append(doc("y" * 5000))  # too long for max_chars
                 lines.append(doc(prose(100 * k + i - 1, 300 + 7 * (i - 1))))  # an exact duplicate
-        files.append(write(folder / f"big-{k}.jsonl", lines))
+        path = write(folder / f"big-{k}.jsonl", lines)
+        if zst_frames:
+            path = frames(folder / f"big-{k}.jsonl.zst", path.read_bytes(), zst_frames)
+            (folder / f"big-{k}.jsonl").unlink()
+        files.append(path)
     return files
 
 
@@ -54,8 +96,9 @@ def small_ranges(monkeypatch):
     monkeypatch.setattr(ingest, "SPLIT_BYTES", 2500)
 
 
-def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, monkeypatch):
-    files = corpus(tmp_path / "src")
+@pytest.mark.parametrize("zst_frames", [0, 700], ids=["jsonl", "zst-frames"])
+def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, monkeypatch, zst_frames):
+    files = corpus(tmp_path / "src", zst_frames)
     ctx = CrashContext("ingest", tmp_path / "w-split")
     split = ingest_with(ctx, files, tmp_path / "split", max_chars=4000, max_errors=1000)
     assert sum(fn == "clean_file" for fn, _ in ctx.ran) > 3 * 10  # ranges, not files
