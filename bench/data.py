@@ -222,9 +222,10 @@ def make_10x(dst: Path) -> Path:
 # -- resuming mid-stage --------------------------------------------------------------------------
 
 
-def make_corpus(folder: Path, scale: int, files: int) -> list[Path]:
+def make_corpus(folder: Path, scale: int, files: int, frame_bytes: int = 0) -> list[Path]:
     """The sample `scale` times over, each copy of a document with a distinct suffix (none is a
-    duplicate of another), dealt round-robin into `files` .jsonl.zst shards."""
+    duplicate of another), dealt round-robin into `files` .jsonl.zst shards: each one zstd frame, or
+    with `frame_bytes` frames of about that many bytes that say their sizes (as `pzstd` writes)."""
     import zstandard
 
     raw = zstandard.ZstdDecompressor().stream_reader(SAMPLE.open("rb")).read()
@@ -232,15 +233,37 @@ def make_corpus(folder: Path, scale: int, files: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"shard-{k:03d}.jsonl.zst" for k in range(files)]
     outs = [open(p, "wb") for p in paths]
-    writers = [zstandard.ZstdCompressor(level=1).stream_writer(f) for f in outs]
+    z = zstandard.ZstdCompressor(level=1)
+    # a compressor per open stream: one compressor's context cannot serve two at once
+    writers = [zstandard.ZstdCompressor(level=1).stream_writer(f) for f in outs] if not frame_bytes else None
+    pending: list[list[bytes]] = [[] for _ in range(files)]
+    held = [0] * files  # bytes pending per file
+
+    def frame(k: int) -> None:  # the file's pending lines as one frame
+        outs[k].write(z.compress(b"".join(pending[k])))
+        pending[k].clear()
+        held[k] = 0
+
     n = 0
     for copy in range(scale):
         for r in records:
-            line = json.dumps({"text": r["text"] + f"\n[copy {copy}]", "meta": r["meta"]}) + "\n"
-            writers[n % files].write(line.encode())
+            line = (json.dumps({"text": r["text"] + f"\n[copy {copy}]", "meta": r["meta"]}) + "\n").encode()
+            k = n % files
+            if writers:
+                writers[k].write(line)
+            else:
+                pending[k].append(line)
+                held[k] += len(line)
+                if held[k] >= frame_bytes:
+                    frame(k)
             n += 1
-    for w in writers:
-        w.close()
+    for k in range(files):
+        if writers:
+            writers[k].close()
+        else:
+            if pending[k]:
+                frame(k)
+            outs[k].close()
     return paths
 
 

@@ -160,11 +160,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=8, help="input shards (default 8)")
     ap.add_argument("--scale", type=int, default=1, help="copies of the sample (default 1: 25.8 MB of text)")
+    ap.add_argument(
+        "--frame-mb", type=float, default=0,
+        help="write the shards as zstd frames of this many MB of text (ingest splits them); default one frame",
+    )  # fmt: skip
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-cluster-"))
     try:
         corpus = work / "corpus"
-        make_corpus(corpus, args.scale, args.files)
+        make_corpus(corpus, args.scale, args.files, int(args.frame_mb * 1e6))
         sets = [
             f"ingest.sources=[{corpus}/*.jsonl.zst]", "ingest.near_dedup=false", "ingest.decontaminate=[]",
             f"tokenize.partitions={2 * args.files}",
@@ -173,7 +177,9 @@ def main() -> None:
             runs = {n: run_on(n, work / f"nodes-{n}", s3, corpus, sets) for n in (1, 2)}
         load = os.getloadavg()
         print(
-            f"\ncorpus: {args.files} shards, sample x{args.scale}; load average now {load[0]:.1f} {load[1]:.1f}"
+            f"\ncorpus: {args.files} shards"
+            + (f" of {args.frame_mb:g} MB frames" if args.frame_mb else " of one frame")
+            + f", sample x{args.scale}; load average now {load[0]:.1f} {load[1]:.1f}"
         )
         for n, r in runs.items():
             secs = {s: r["manifests"][s]["seconds"] for s in STAGES}
