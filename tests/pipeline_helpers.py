@@ -137,12 +137,19 @@ def stopped_on_sigterm(proc: subprocess.Popen, log: Path, since: int, within: fl
 
 
 def kill_then_preempt(
-    store: ArtifactStore, p, every: int, root: Path, log: Path, flags: list[str], grace: float
+    store: ArtifactStore,
+    p,
+    every: int,
+    root: Path,
+    log: Path,
+    flags: list[str],
+    grace: float,
+    term_rank: int = 1,
 ) -> int:
     """Run stage `p` (a plan entry of a worker-group stage checkpointing every `every` steps) alone with
     `flags`: SIGKILL its rank 0 once Ray Train holds the checkpoint at `every`, so the group restarts
-    from it; SIGTERM its rank 1 between the next checkpoints, so the run saves that step and exits
-    within `grace` seconds; then run it again to the end. Asserts the group was restarted (a new rank 0)
+    from it; SIGTERM its rank `term_rank` between the next checkpoints, so the run saves that step and
+    exits within `grace` seconds; then run it again to the end. Asserts the group was restarted (a new rank 0)
     and resumed from both checkpoints; returns the step the SIGTERM stopped at."""
     stage, work = p.name, store.work_dir(p.name, p.work_key)
     rank0 = work / "worker_pids" / "rank0"  # "pid node" of the rank
@@ -163,7 +170,7 @@ def kill_then_preempt(
 
         wait_for(resumed, 900, "the restarted group's next step", proc)
         since = log.stat().st_size
-        os.kill(int((work / "worker_pids" / "rank1").read_text().split()[0]), signal.SIGTERM)
+        os.kill(int((work / "worker_pids" / f"rank{term_rank}").read_text().split()[0]), signal.SIGTERM)
         stopped = stopped_on_sigterm(proc, log, since, grace)[stage]
         assert every < stopped < 2 * every, stopped  # between checkpoints
         proc = start_run(root, ray_tmp, log, "--only", stage, *flags)

@@ -176,6 +176,50 @@ def test_dpo_trains_every_parameter_and_reports_the_preference_and_gold_measures
     )
 
 
+KILL = ("dpo.steps=12", "dpo.eval_every=12", "dpo.checkpoint_every=4", "dpo.warmup_steps=1",
+        "dpo.task_eval_size=48", "dpo.task_samples=2")  # fmt: skip
+"""dpo_run's settings over 12 steps, checkpoints every 4: a kill after the first, a SIGTERM before the second."""
+
+
+@pytest.mark.heavy  # ~6 min: its own reference run and a killed one; TRL's resume is in CI (test_sft_reward)
+def test_dpo_resume_after_a_killed_worker_equals_the_uninterrupted_run(dpo_run, tmp_path):
+    """As grpo's (tests/test_grpo.py), on dpo's one worker: killed once Ray Train holds the checkpoint at
+    step 4, the group restarts from it; SIGTERM to the restarted worker before step 8 saves that step
+    and the run exits; a re-run resumes there. Every step's loss, the samples it saw, the held-out
+    measures and the exported weights equal an uninterrupted run's (fp32, within 1e-5)."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.runner import run_pipeline
+    from tests.pipeline_helpers import kill_then_preempt, plan_of, set_flags
+
+    short = dpo_run[0].dpo  # the same 160 training and 48 held-out pairs
+    data = [f"dpo.data=[{short.data[0]}]", f"dpo.eval_data=[{short.eval_data[0]}]"]
+    ref_cfg = load_config(
+        overrides=[f"run.root={tmp_path / 'reference'}", "run.wandb=disabled", *KILL, *data]
+    )
+    copy_upstream(dpo_run[0], ref_cfg, (*UPSTREAM, "sft"))
+    assert run_pipeline(ref_cfg, PIPELINE, Selection(only=("dpo",))).ok
+    root = tmp_path / "runs"
+    cfg = load_config(overrides=[f"run.root={root}", *KILL, *data])
+    copy_upstream(dpo_run[0], cfg, (*UPSTREAM, "sft"))
+    p = plan_of(cfg, Selection(only=("dpo",)))["dpo"]
+    assert p.fingerprint == plan_of(ref_cfg, Selection(only=("dpo",)))["dpo"].fingerprint
+    store = ArtifactStore(str(root), cfg.run.name)
+    flags = set_flags([*KILL, *data])
+    kill_then_preempt(store, p, 4, root, tmp_path / "run.log", flags, cfg.run.preempt_grace_s, term_rank=0)
+    path, ref_path = store.find("dpo", p.fingerprint).path, artifact(ref_cfg, "dpo")
+    got, want = ([r for r in rows(x) if "loss" in r] for x in (path, ref_path))
+    assert [r["step"] for r in got] == list(range(1, 13))  # none twice, none lost
+    assert [r["batch_crc"] for r in got] == [r["batch_crc"] for r in want]
+    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want, strict=True))
+    print(f"\ndpo resumed after a killed worker: largest per-step loss difference {worst:.2e}")
+    assert worst <= 1e-5, worst
+    final, ref_final = manifest(path)["metrics"], manifest(ref_path)["metrics"]
+    for key in ("preference_accuracy", "margin", "kl_sft", *GOLD):
+        assert final[key] == pytest.approx(ref_final[key], abs=1e-5), key
+    a, b = tensors(path), tensors(ref_path)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
 def test_dpo_artifact_loads_and_generates_as_the_sft_model_does(dpo_run):
     """The export is a Hugging Face folder like sft's: config, weights, tokenizer, generation config."""
     _, path = dpo_run
