@@ -11,7 +11,9 @@ removal off, as it would drop the copies), dealt into `--files` .jsonl.zst shard
 cores). For each cluster size it reports:
 
 - each stage's seconds (its manifest's `seconds`: from the stage's start to its commit) and the
-  speed-up of ingest + tokenize from one node to two (the goal: >= 1.7x);
+  speed-up of ingest + tokenize from one node to two (the goal: >= 1.7x), beside the ceiling the same
+  clusters give 16 CPU-bound tasks (`CEILING`, run on each before the pipeline): two 1-CPU nodes on one
+  2-core machine share its cores with Ray's processes, the S3 server and the driver;
 - the nodes the units ran on (ingest's stats.json `units`, tokenize's units.json);
 - the bytes each stage moved, as pipeline/remote.py logs them (KILN_TRANSFER_LOG, every process of
   every node): uploaded, downloaded (range reads included) and copied inside the store (server-side,
@@ -61,6 +63,38 @@ def stage_of(path: str) -> str:
     return part.rsplit("-", 1)[0] if "-" in part else part
 
 
+CEILING = """
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+@ray.remote(num_cpus=1)
+def burn(n):
+    x = 0
+    for i in range(n):
+        x += i * i
+    return x
+ray.get([burn.remote(1000) for _ in range(4)])  # the workers started
+t = time.time()
+ray.get([burn.remote(15_000_000) for _ in range(16)])
+print("SECONDS", time.time() - t)
+"""
+"""The cluster's ceiling: 16 tasks of fixed pure-Python work (~1 s each on a core), nothing else running.
+Its speed-up from one node to two is the most the data stages can show on the same machine (the nodes
+share its cores with Ray's own processes, the S3 server and the driver)."""
+
+
+def ceiling(cluster: LocalCluster, base: Path) -> float:
+    script = base / "ceiling.py"
+    script.write_text(CEILING)
+    out = subprocess.run(
+        [sys.executable, str(script), cluster.address], env=cluster.client_env(), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    line = next((x for x in out.stdout.splitlines() if x.startswith("SECONDS ")), None)
+    if line is None:
+        raise SystemExit(f"the ceiling tasks failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return float(line.split()[1])
+
+
 def run_on(nodes: int, base: Path, s3, corpus: Path, sets: list[str]) -> dict:
     """`launch.py run --until tokenize` on a fresh cluster of `nodes` nodes and a fresh prefix."""
     log = base / "transfers.jsonl"
@@ -75,6 +109,7 @@ def run_on(nodes: int, base: Path, s3, corpus: Path, sets: list[str]) -> dict:
         if nodes == 2:
             cluster.start_node("b", num_cpus=1, extra_env={"KILN_CACHE": str(base / "cache-b")})
             wait_for(lambda: cluster.node_id("b"), 60, "node b")
+        cpu_bound = ceiling(cluster, base)
         cmd = [
             sys.executable,
             "launch.py",
@@ -112,6 +147,7 @@ def run_on(nodes: int, base: Path, s3, corpus: Path, sets: list[str]) -> dict:
     )
     return {
         "wall": wall, "manifests": manifests, "transfers": [json.loads(x) for x in log.read_text().splitlines()],
+        "ceiling": cpu_bound,
         "nodes": {
             "ingest": Counter(ids.get(u["node_id"], u["node_id"]) for u in stats["units"]),
             "tokenize": Counter(
@@ -200,8 +236,11 @@ def main() -> None:
                     + (f"   (before: up {mb(old['up'])}, down {mb(old['down'])})" if old else "")
                 )
         t = {n: sum(r["manifests"][s]["seconds"] for s in ("ingest", "tokenize")) for n, r in runs.items()}
+        c = {n: r["ceiling"] for n, r in runs.items()}
         print(
             f"\ningest + tokenize: 1 node {t[1]:.1f} s, 2 nodes {t[2]:.1f} s: {t[1] / t[2]:.2f}x (goal >= 1.7x)"
+            f"\nceiling, 16 CPU-bound tasks on the same clusters: 1 node {c[1]:.1f} s, 2 nodes {c[2]:.1f} s: "
+            f"{c[1] / c[2]:.2f}x; the data stages reach {(t[1] / t[2]) / (c[1] / c[2]):.2f} of it"
         )
         for s in STAGES:
             a, b = (comparable(runs[n]["manifests"][s]) for n in (1, 2))
