@@ -238,12 +238,19 @@ class RemoteRoot(Root):
             self.fs.copy_file(f"{self.base}/{src}", f"{self.base}/{dst}")
             _note("copied", dst, size)
             return
-        with (
-            self.fs.open_input_stream(f"{self.base}/{src}") as i,
-            self.fs.open_output_stream(f"{self.base}/{dst}") as o,
-        ):
-            while block := i.read(STREAM_CHUNK):
-                o.write(block)
+        try:  # closing the output stream completes the upload whatever was written: check, or remove it
+            with (
+                self.fs.open_input_stream(f"{self.base}/{src}") as i,
+                self.fs.open_output_stream(f"{self.base}/{dst}") as o,
+            ):
+                while block := i.read(STREAM_CHUNK):
+                    o.write(block)
+            got = self.fs.get_file_info(f"{self.base}/{dst}").size
+            if got != size:
+                raise OSError(f"copying {self.uri(src)} to {self.uri(dst)}: {got} of {size} bytes arrived")
+        except BaseException:
+            self.fs.delete_file(f"{self.base}/{dst}")
+            raise
         _note("down", src, size)
         _note("up", dst, size)
 

@@ -247,6 +247,41 @@ def test_a_unit_file_over_s3s_copy_limit_is_streamed_and_a_reader_fetches_only_w
     art = other.find("s", "f1")
     assert all((art.path / "docs" / name).read_bytes() == data for name, data in files.items())
 
+    # a streamed copy cut off part-way leaves no object behind (a closed output stream would complete one)
+    class CutOff:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_input_stream(self, path):
+            stream, reads = self.fs.open_input_stream(path), []
+
+            class Reader:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    stream.close()
+
+                def read(self, n):
+                    reads.append(n)
+                    if len(reads) > 1:
+                        raise OSError("connection reset by peer")
+                    return stream.read(n)
+
+            return Reader()
+
+    real = store.files.fs
+    store.files.fs = CutOff(real)
+    try:
+        with pytest.raises(OSError, match="connection reset"):
+            store.files.copy(".work/s-k/docs/big.bin", "elsewhere/big.bin")
+    finally:
+        store.files.fs = real
+    assert store.files.list_files("elsewhere") == {}
+
     # a driver that reads only some files of its input (pipeline/dag.py `Stage.driver_reads`) fetches those
     down = remote.TRANSFERS["down"]
     part = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "driver-2").find(
