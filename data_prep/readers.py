@@ -7,7 +7,8 @@ Memory stays flat whatever the file size: data is decompressed 1 MiB at a time a
 line is skipped, not buffered. A plain file can be read in byte ranges by several tasks
 (`read_lines(..., byte_range=(start, end))`, `byte_ranges`): a range holds the lines that begin in
 it, so each line is read by exactly one of them, whatever the cut. So can a .zst of several frames
-whose headers give their decompressed sizes (as `pzstd` and frame-per-chunk writers make them): its
+whose headers give their decompressed sizes, the first no larger than a range (as `pzstd` and
+frame-per-chunk writers make them): its
 ranges are runs of whole frames, in decompressed offsets, and a reader starts decompressing at the
 frame before its range (to see whether the range begins a line). A .zst of one frame (the Pile's, the
 `zstd` CLI's) or of frames without sizes, and a .gz, are read whole by one reader. A compressed file
@@ -94,6 +95,8 @@ def byte_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
 
 
 def _frame_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
+    if not _small_first_frame(path, size_each):
+        return [None]  # one large frame (the `zstd` CLI's) or unsized ones: its blocks are not walked
     with open(path, "rb") as f:
         frames, problem = zstd_frames(f)
     if problem or len(frames) < 2 or any(size is None for _, size in frames):
@@ -106,7 +109,8 @@ def _frame_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
         return [None]
     n = -(-total // size_each)
     offsets = [d for _, d in starts]  # each run begins at the first frame at or after its share's start
-    cuts = sorted({bisect.bisect_left(offsets, total * k // n) for k in range(n)} - {len(starts)})
+    cuts = sorted({bisect.bisect_left(offsets, total * k // n) for k in range(n)})
+    cuts = [a for a in cuts if a < len(starts) and offsets[a] < total]  # none of only empty frames
     ranges = []
     for a, b in zip(cuts, [*cuts[1:], len(starts)], strict=True):
         start, end = starts[a][1], starts[b][1] if b < len(starts) else total
@@ -116,10 +120,11 @@ def _frame_ranges(path: str, size_each: int) -> list[tuple[int, ...] | None]:
 
 
 def read_lines(
-    path: str, max_line_bytes: int, byte_range: tuple[int, int] | None = None
+    path: str, max_line_bytes: int, byte_range: tuple[int, ...] | None = None
 ) -> Iterator[tuple[int, bytes | None]]:
     """(1-based line number, line bytes without the newline | None if over-long). Blank lines too.
-    With `byte_range` (a plain file): the lines that begin in [start, end), numbered from 1 there."""
+    With `byte_range` (one of `byte_ranges`): the lines that begin in [start, end) of a plain file, or
+    of a .zst's decompressed bytes, numbered from 1 there (a BadFileError's counts are the range's)."""
     with open(path, "rb") as raw:
         if byte_range is not None:
             if len(byte_range) == 4:  # runs of frames of a .zst: decompressed from the frame before
@@ -159,6 +164,21 @@ def read_lines(
             problem = check_zstd_frames(raw)
             if problem:
                 raise BadFileError(path, problem, lineno, total)
+
+
+def _small_first_frame(path: str, size_each: int) -> bool:
+    """The file's first zstd frame says its decompressed size (a skippable frame its data's), and it is at
+    most `size_each`: only then can the file be runs of frames worth walking (planning reads its block
+    headers, not its data; a file of one large frame, as the `zstd` CLI writes, is not walked at all)."""
+    import zstandard
+
+    with open(path, "rb") as f:
+        head = f.read(18)
+    try:
+        size = zstandard.get_frame_parameters(head).content_size
+    except zstandard.ZstdError:
+        return False  # not zstd: read whole (the reader says what is wrong)
+    return size != zstandard.CONTENTSIZE_UNKNOWN and size <= size_each
 
 
 def _zstd_error() -> type[BaseException]:

@@ -33,10 +33,17 @@ def test_the_ranges_of_a_file_hold_each_line_once_whatever_the_cut(tmp_path):
     assert byte_ranges(str(write(tmp_path / "a.jsonl.zst", [doc("x")])), 1) == [None]  # read whole
 
 
-def frames(path, raw: bytes, every: int):
-    """`raw` as a .zst of frames of `every` bytes each (cut anywhere, mid-line too), each saying its size."""
+SKIPPABLE = (0x184D2A50).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+"""A skippable zstd frame (RFC 8878 §3.1.2): 3 bytes of user data that readers pass over."""
+
+
+def frames(path, raw: bytes, every: int, extras: bool = False):
+    """`raw` as a .zst of frames of `every` bytes each (cut anywhere, mid-line too), each saying its size;
+    with `extras`, an empty frame and a skippable frame after each, and an empty one at the end."""
     z = zstandard.ZstdCompressor(write_checksum=True)
-    path.write_bytes(b"".join(z.compress(raw[i : i + every]) for i in range(0, len(raw), every)))
+    pad = z.compress(b"") + SKIPPABLE if extras else b""
+    body = b"".join(z.compress(raw[i : i + every]) + pad for i in range(0, len(raw), every))
+    path.write_bytes(body + (z.compress(b"") if extras else b""))
     return path
 
 
@@ -46,7 +53,7 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
         lines = [b"y" * rng.choice([0, 1, 4, 9, 30, 70]) for _ in range(rng.randint(1, 40))]
         raw = b"\n".join(lines) + (b"\n" if trial % 2 else b"")
         every = rng.choice([1, 5, 17, 64])
-        path = frames(tmp_path / f"{trial}.jsonl.zst", raw, every)
+        path = frames(tmp_path / f"{trial}.jsonl.zst", raw, every, extras=trial % 3 == 0)
         longest = rng.choice([5, 20, 100])
         whole = list(read_lines(str(path), longest))
         for size in (1, 3, 10, 40, 10_000):
@@ -54,7 +61,9 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
             for r in ranges:
                 got += [(len(got) + n, line) for n, line in read_lines(str(path), longest, r)]
             assert got == whole, (trial, size)
-            assert (len(ranges) > 1) == (len(raw) > size and len(raw) > every)  # unless small or one frame
+            # split unless small, one frame, or frames larger than a range (whose blocks are not walked)
+            assert (len(ranges) > 1) == (len(raw) > size and len(raw) > every and every <= size)
+            assert all(r[0] < r[1] for r in ranges if r)  # no range of nothing (the trailing empty frame)
     one = b"".join(b"z" * 50 + b"\n" for _ in range(40))
     unsized = tmp_path / "unsized.jsonl.zst"
     with open(unsized, "wb") as f, zstandard.ZstdCompressor().stream_writer(f) as w:  # no frame says its size
@@ -62,6 +71,14 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
         w.flush(zstandard.FLUSH_FRAME)
         w.write(one[1000:])
     assert byte_ranges(str(unsized), 100) == [None]
+    first = tmp_path / "skippable-first.jsonl.zst"  # a skippable frame first: split all the same
+    first.write_bytes(SKIPPABLE + frames(tmp_path / "x.jsonl.zst", one, 300).read_bytes())
+    got, ranges = [], byte_ranges(str(first), 500)
+    for r in ranges:
+        got += [(len(got) + n, line) for n, line in read_lines(str(first), 100, r)]
+    assert len(ranges) > 1 and got == list(read_lines(str(tmp_path / "x.jsonl.zst"), 100))
+    one_frame = frames(tmp_path / "one.jsonl.zst", one, len(one))  # one frame larger than a range
+    assert byte_ranges(str(one_frame), 500) == [None]
     cut = frames(tmp_path / "cut.jsonl.zst", one, 300)
     cut.write_bytes(cut.read_bytes()[:-30])  # truncated: read whole, and the reader says so
     assert byte_ranges(str(cut), 100) == [None]
