@@ -279,7 +279,7 @@ def _finish_commits(store: ArtifactStore, plan, display: Display) -> None:
             continue
         try:
             left = units.discard_after_commit(store, p.name, p.work_key)
-        except OSError as e:  # the next run tries again
+        except (OSError, ValueError) as e:  # unreachable, or a damaged note: the next run tries again
             display.note(f"{p.name}: could not remove the work files left after its commit: {e}")
             continue
         if left:
