@@ -8,11 +8,11 @@ line is skipped, not buffered. A plain file can be read in byte ranges by severa
 (`read_lines(..., byte_range=(start, end))`, `byte_ranges`): a range holds the lines that begin in
 it, so each line is read by exactly one of them, whatever the cut. So can a .zst of several frames
 whose headers give their decompressed sizes, the first no larger than a range (as `pzstd` and
-frame-per-chunk writers make them): its
-ranges are runs of whole frames, in decompressed offsets, and a reader starts decompressing at the
-frame before its range (to see whether the range begins a line). A .zst of one frame (the Pile's, the
-`zstd` CLI's) or of frames without sizes, and a .gz, are read whole by one reader. A compressed file
-that is truncated or corrupt raises `BadFileError` naming the file and how far reading got. zstd readers (python-zstandard's stream_reader among them)
+frame-per-chunk writers make them): its ranges are runs of whole frames, in decompressed offsets, and a
+reader starts decompressing at the frame before its range (to see whether the range begins a line). A
+.zst of one frame (the Pile's, the `zstd` CLI's) or of frames without sizes, and a .gz, are read whole
+by one reader. A compressed file that is truncated or corrupt raises `BadFileError` naming the file
+and how far reading got. zstd readers (python-zstandard's stream_reader among them)
 return what they could decode from a truncated frame without complaint, so after the stream ends
 `check_zstd_frames` walks the frame and block headers and fails if the last frame is incomplete.
 """
@@ -128,9 +128,11 @@ def read_lines(
     with open(path, "rb") as raw:
         if byte_range is not None:
             if len(byte_range) == 4:  # runs of frames of a .zst: decompressed from the frame before
+                import zstandard
+
                 start, end, at, base = byte_range
                 source = _Decompressed(raw, at, base)
-                errors: tuple[type[BaseException], ...] = (_zstd_error(),)
+                errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
             elif splittable(path):
                 (start, end), source, errors = byte_range, raw, ()
             else:
@@ -179,12 +181,6 @@ def _small_first_frame(path: str, size_each: int) -> bool:
     except zstandard.ZstdError:
         return False  # not zstd: read whole (the reader says what is wrong)
     return size != zstandard.CONTENTSIZE_UNKNOWN and size <= size_each
-
-
-def _zstd_error() -> type[BaseException]:
-    import zstandard
-
-    return zstandard.ZstdError
 
 
 class _Decompressed:
