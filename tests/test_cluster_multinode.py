@@ -156,7 +156,7 @@ def test_submit_runs_the_data_stages_as_a_job_and_status_reads_the_shared_root(c
     assert_no_secrets(s3, f"{BUCKET}/jobs", [cluster.base, tmp_path, *cluster.temp_dirs()], [stdout, logs])
 
 
-@pytest.mark.heavy  # ~5 min on 2 cores beside the two nodes; tests/test_pretrain_resume.py kills ranks in CI
+@pytest.mark.heavy  # ~5 min on 2 cores beside the two nodes; test_pretrain_failures stops and resumes pretraining in CI
 @pytest.mark.timeout(2400)  # may build the session's tiny pipeline first (~10 min on 2 cores)
 def test_pretrain_across_two_nodes_survives_losing_one(cluster, s3, short_pretrain, tmp_path, monkeypatch):
     _, _, ref_outcome = short_pretrain

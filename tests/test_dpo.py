@@ -181,7 +181,7 @@ KILL = ("dpo.steps=12", "dpo.eval_every=12", "dpo.checkpoint_every=4", "dpo.warm
 """dpo_run's settings over 12 steps, checkpoints every 4: a kill after the first, a SIGTERM before the second."""
 
 
-@pytest.mark.heavy  # ~6 min: its own reference run and a killed one; TRL's resume is in CI (test_sft_reward)
+@pytest.mark.heavy  # ~6 min: its own reference run and a killed one; sft's and reward's twin (test_sft_reward) is heavy too
 def test_dpo_resume_after_a_killed_worker_equals_the_uninterrupted_run(dpo_run, tmp_path):
     """As grpo's (tests/test_grpo.py), on dpo's one worker: killed once Ray Train holds the checkpoint at
     step 4, the group restarts from it; SIGTERM to the restarted worker before step 8 saves that step

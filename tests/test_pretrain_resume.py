@@ -35,6 +35,7 @@ def kill_leftovers(tmp: Path) -> None:
     subprocess.run(["pkill", "-9", "-f", str(tmp)], check=False)
 
 
+@pytest.mark.heavy  # ~8 min on 2 cores with its reference; test_pretrain_failures and test_reshard stay in CI
 @pytest.mark.timeout(1500)  # may build the session's tiny pipeline first
 def test_kills_and_sigterms_resume_exactly_and_on_another_worker_count(short_pretrain, tmp_path):
     """One pretraining run (2 workers, fp32, checkpoints every 20 steps) through everything that can

@@ -387,6 +387,7 @@ def test_hh_preferences_and_conversational_sft_run_through_the_stages(tiny_run, 
 # ---------------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.heavy  # ~6-9 min on 2 cores: sft and reward trained again, killed and resumed
 def test_sft_and_reward_resume_after_kills_equal_the_uninterrupted_run(tiny_run, tmp_path):
     """sft and reward side by side, as the preset runs them. reward's worker is killed after its first
     checkpoint (Ray Train restarts the group); once it has resumed, the driver gets SIGTERM: both
