@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import preemption
+from pipeline.config import stage_seed
 from pipeline.context import Scaling
 
 
@@ -27,7 +28,7 @@ class WorkerJob:
     section: Any
     """The stage's frozen config section (a subclass narrows the type)."""
     seed: int
-    """The run's seed (`run.seed`)."""
+    """The stage's seed: its section's `seed`, else `run.seed`."""
     export_dir: Path
     """Where rank 0 writes the trained model as a Hugging Face folder."""
     wandb_run_id: str | None
@@ -38,7 +39,7 @@ class WorkerJob:
         """The job of the stage `ctx` runs, with the common fields filled in from `ctx` and `cfg`."""
         return cls(
             section=section,
-            seed=cfg.run.seed,
+            seed=stage_seed(cfg, section),
             export_dir=ctx.work_dir / "export",
             wandb_run_id=ctx.tracker.run_id if ctx.tracker else None,
             **fields,

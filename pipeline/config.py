@@ -274,7 +274,13 @@ class WorkerGroupConfig:
     CHECKPOINT_LAYOUT: ClassVar[tuple[str, ...]] = ("num_workers", "zero_stage")
     CHECKPOINT_TIED: ClassVar[str] = "its DeepSpeed checkpoints hold one shard per rank, loaded as saved"
     """Why the stage's checkpoint resumes only on the placement it was written with (refusals say it)."""
+    UNSET_KEYS: ClassVar[tuple[str, ...]] = ("seed",)
+    """Keys added after artifacts were built that, while unset (None), are left out of the stage's
+    identity and record: those artifacts keep their fingerprints."""
 
+    seed: int | None = None
+    """This stage's own seed (data order, initialisation, sampling); unset, `run.seed`. Set it to train
+    the stage again from the same inputs under another seed (one artifact per seed, upstream reused)."""
     num_workers: int = 1
     """Ray Train workers (data-parallel ranks)."""
     gpus_per_worker: float = 0
@@ -1024,14 +1030,25 @@ class PipelineConfig:
                 )
 
 
+def stage_seed(cfg, section) -> int:
+    """The seed a training stage uses: its section's `seed`, else `run.seed`."""
+    return cfg.run.seed if section.seed is None else section.seed
+
+
 def load_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = (), schema=PipelineConfig):
     """Load a preset with `--set` overrides; raises ConfigError listing every problem."""
     return load(schema, path, list(overrides))
 
 
 def section_dict(cfg, sections: tuple[str, ...]) -> dict:
-    """The config sections a stage reads, as plain data."""
-    return {name: to_dict(getattr(cfg, name)) for name in sections}
+    """The config sections a stage reads, as plain data (unset keys left out: `drop_unset`)."""
+    return {name: drop_unset(cfg, name, to_dict(getattr(cfg, name))) for name in sections}
+
+
+def drop_unset(cfg, section: str, values: dict) -> dict:
+    """A section's values without its `UNSET_KEYS` that are None."""
+    unset = getattr(type(getattr(cfg, section)), "UNSET_KEYS", ())
+    return {k: v for k, v in values.items() if not (k in unset and v is None)}
 
 
 def placement_keys(cfg, section: str) -> tuple[str, ...]:

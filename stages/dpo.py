@@ -58,6 +58,7 @@ from pathlib import Path
 
 from kiln import trl_bridge as B
 from kiln.rl import evaluation as E
+from pipeline.config import stage_seed
 from pipeline.preemption import STOPPED
 
 VERSION = 1
@@ -77,7 +78,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     if s.pairs == "on_policy":  # the training records are prompts: the workers sample the pairs
         train, held, stats = load_prompts(s, ctx.logger)
     else:
-        train, held, stats = B.load_data("preference", s, "dpo", cfg.run.seed, ctx.logger)
+        train, held, stats = B.load_data("preference", s, "dpo", stage_seed(cfg, s), ctx.logger)
     model_dir = inputs["sft"].path
     held, too_long = within_length(AutoTokenizer.from_pretrained(model_dir), held, s.max_length)
     if not held:

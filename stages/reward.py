@@ -38,7 +38,7 @@ from pathlib import Path
 
 from data_prep.chat_data import load_records, warn_malformed
 from kiln import trl_bridge as B
-from pipeline.config import PROJECT_ROOT, ConfigError
+from pipeline.config import PROJECT_ROOT, ConfigError, stage_seed
 from pipeline.preemption import STOPPED
 
 VERSION = 2
@@ -52,7 +52,7 @@ def run(cfg, inputs, out: Path, ctx) -> dict:
     from transformers import AutoTokenizer
 
     s = cfg.reward
-    train, held, stats = B.load_data("preference", s, "reward", cfg.run.seed, ctx.logger)
+    train, held, stats = B.load_data("preference", s, "reward", stage_seed(cfg, s), ctx.logger)
     model_dir = inputs[s.init_from].path
     held, too_long = within_length(AutoTokenizer.from_pretrained(model_dir), held, s.max_length)
     if not held:

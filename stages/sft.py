@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kiln import trl_bridge as B
 from kiln.training import HeldOutWindows
+from pipeline.config import stage_seed
 from pipeline.preemption import STOPPED
 
 VERSION = 1
@@ -46,7 +47,7 @@ log = logging.getLogger("kiln.sft")
 
 def run(cfg, inputs, out: Path, ctx) -> dict:
     s = cfg.sft
-    train, held, stats = B.load_data("sft", s, "sft", cfg.run.seed, ctx.logger)
+    train, held, stats = B.load_data("sft", s, "sft", stage_seed(cfg, s), ctx.logger)
     from kiln.chat_eval import read_task_prompts
 
     prompts = (

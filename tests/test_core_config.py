@@ -294,3 +294,33 @@ def test_cli_dry_run_reports_every_kind_of_config_problem_at_once(tmp_path):
     assert "ppo.kl_coef: must be >= 0" in out
     assert "sft.nope: unknown key" in out
     assert "Traceback" not in out
+
+
+def test_a_stage_seed_trains_that_stage_anew_and_leaves_every_identity_alone_while_unset(tmp_path):
+    from types import SimpleNamespace
+
+    from kiln.workers import WorkerJob
+    from pipeline.config import stage_seed
+    from pipeline.dag import PIPELINE
+    from pipeline.plan import fingerprinted_config
+
+    base, seeded = load_config(), load_config(overrides=["grpo.seed=7", "dpo.seed=1234"])
+    for (
+        stage
+    ) in PIPELINE.stages:  # unset: in neither the identity nor the record (older artifacts keep theirs)
+        full, keyed = fingerprinted_config(base, stage)
+        assert all("seed" not in d for s, d in full.items() if s != "run"), stage.name
+        assert all("seed" not in d for s, d in keyed.items() if s != "run"), stage.name
+        assert (keyed == fingerprinted_config(seeded, stage)[1]) == (stage.name not in ("grpo", "dpo")), (
+            stage.name
+        )
+    assert fingerprinted_config(seeded, PIPELINE["grpo"])[1]["grpo"]["seed"] == 7
+    assert [stage_seed(seeded, getattr(seeded, s)) for s in ("grpo", "dpo", "rloo", "ppo")] == [
+        7,
+        1234,
+        1234,
+        1234,
+    ]
+    ctx = SimpleNamespace(work_dir=tmp_path, tracker=None)  # what a stage's workers receive
+    assert WorkerJob.new(ctx, seeded, seeded.grpo).seed == 7
+    assert WorkerJob.new(ctx, seeded, seeded.rloo).seed == seeded.run.seed
