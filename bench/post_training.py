@@ -12,6 +12,12 @@ commit) and their ratio to ppo's (the goal: grpo within ppo's time) and to rewar
 reward training's time; reward alone here, where the preset runs it beside sft), then the gold figures of
 the comparison table: held-out task accuracy greedy and sampled against the SFT policy's, the sampled answers gained
 (wrong to right) and lost, z, and KL to the SFT policy. Figures are printed, never asserted.
+
+    python bench/post_training.py --root runs --seeds 1234 1 2     # each stage once per seed, ~40 min
+
+With `--seeds`, every stage after reward runs once per seed, its own seed set (`STAGE.seed`, the run's
+seed left unset) from the same sft and reward artifacts, so the spread is that of the post-training stage
+alone; then each stage's mean and standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,9 +46,9 @@ UPSTREAM = ("ingest", "tokenizer", "tokenize", "pretrain", "sft")
 POST = STAGES[1:]
 
 
-def artifacts(root: Path, stages) -> dict:
-    """stage -> its complete artifact under the tiny preset at `root` (None if there is none)."""
-    cfg = load_config(overrides=[f"run.root={root}"])
+def artifacts(root: Path, stages, sets=()) -> dict:
+    """stage -> its complete artifact under the tiny preset and `sets` at `root` (None if there is none)."""
+    cfg = load_config(overrides=[f"run.root={root}", *sets])
     store = ArtifactStore(str(root), cfg.run.name)
     plan = {p.name: p for p in make_plan(cfg, PIPELINE, store, Selection(only=tuple(stages)))}
     return {s: store.find(s, plan[s].fingerprint) for s in stages}
@@ -51,7 +58,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=ROOT / "runs", help="a finished tiny run (default: runs)")
     ap.add_argument("--stages", nargs="+", default=list(POST), choices=POST, help="after reward")
+    ap.add_argument("--seeds", type=int, nargs="+", help="run each stage after reward once per seed")
     args = ap.parse_args()
+    run_seed = load_config().run.seed
+    seeds = args.seeds or [run_seed]
     have = artifacts(args.root, UPSTREAM)
     missing = [s for s, a in have.items() if a is None]
     if missing:
@@ -64,35 +74,65 @@ def main() -> None:
         run_dir.mkdir(parents=True)
         for art in have.values():
             shutil.copytree(art.path, run_dir / art.path.name)
-        for stage in ("reward", *args.stages):
+        runs = [("reward", None)] + [(stage, seed) for seed in seeds for stage in args.stages]
+        for stage, seed in runs:
+            sets = [] if seed in (None, run_seed) else [f"{stage}.seed={seed}"]
             cmd = [sys.executable, "launch.py", "run", "--only", stage, "--root", str(root),
-                   "--set", "run.wandb=disabled"]  # fmt: skip
+                   "--set", "run.wandb=disabled", *sets]  # fmt: skip
             t0 = time.perf_counter()
-            with open(Path(tmp) / f"{stage}.log", "w") as out:
+            log = Path(tmp) / f"{stage}-{seed}.log"
+            with open(log, "w") as out:
                 rc = subprocess.call(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
             if rc != 0:
-                sys.exit(
-                    f"{' '.join(cmd)} failed ({rc}):\n{(Path(tmp) / f'{stage}.log').read_text()[-3000:]}"
-                )
-            art = artifacts(root, (stage,))[stage]
+                sys.exit(f"{' '.join(cmd)} failed ({rc}):\n{log.read_text()[-3000:]}")
+            art = artifacts(root, (stage,), sets)[stage]
             manifest = json.loads((art.path / "manifest.json").read_text())
-            seconds[stage], metrics[stage] = manifest["seconds"], manifest["metrics"]
-            print(f"{stage}: {seconds[stage]:.0f} s (wall {time.perf_counter() - t0:.0f} s)", flush=True)
-    reward_s = seconds["reward"]
+            seconds[stage, seed], metrics[stage, seed] = manifest["seconds"], manifest["metrics"]
+            took = f"{seconds[stage, seed]:.0f} s (wall {time.perf_counter() - t0:.0f} s)"
+            print(f"{stage}{'' if seed is None else f' seed {seed}'}: {took}", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end\n")
+    table(args.stages, seeds, seconds, metrics)
+    if len(seeds) > 1:
+        spread(args.stages, seeds, seconds, metrics)
+
+
+def table(stages, seeds, seconds, metrics) -> None:
+    """A row per stage and seed: time against the baselines (ppo's of the same seed), then gold figures."""
     print(
-        "| stage | seconds | / ppo's | / reward's | greedy (SFT) | sampled (SFT) | gained / lost | z | KL to SFT |"
+        "| stage | seed | seconds | / ppo's | / reward's | greedy (SFT) | sampled (SFT) | gained / lost | z | KL to SFT |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    ppo_s = seconds.get("ppo")
-    for stage in args.stages:  # reward's figures are not gold ones
-        m, s = metrics[stage], seconds[stage]
-        to_ppo = f"{s / ppo_s:.2f}" if ppo_s else ""
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seed in seeds:
+        ppo_s = seconds.get(("ppo", seed))
+        for stage in stages:  # reward's figures are not gold ones
+            m, s = metrics[stage, seed], seconds[stage, seed]
+            to_ppo = f"{s / ppo_s:.2f}" if ppo_s else ""
+            print(
+                f"| {stage} | {seed} | {s:.0f} | {to_ppo} | {s / seconds['reward', None]:.2f} | {m['task_accuracy']:.3f} "
+                f"({m['task_accuracy_sft']:.3f}) | {m['task_accuracy_sampled']:.3f} ({m['task_accuracy_sampled_sft']:.3f}) "
+                f"| {m['task_sampled_gained']} / {m['task_sampled_lost']} | {m.get('task_sampled_z', float('nan')):+.1f} "
+                f"| {m.get('kl_sft', float('nan')):.2f} |"
+            )
+
+
+def spread(stages, seeds, seconds, metrics) -> None:
+    """Each stage's mean ± standard deviation over the seeds."""
+
+    def ms(values) -> str:
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+    print(f"\nover {len(seeds)} seeds (mean ± standard deviation):\n")
+    print("| stage | seconds | sampled accuracy | sampled - SFT's | z | runs with z >= 3 | KL to SFT |")
+    print("|---|---|---|---|---|---|---|")
+    for stage in stages:
+        m = [metrics[stage, seed] for seed in seeds]
+        z = [x.get("task_sampled_z", float("nan")) for x in m]
         print(
-            f"| {stage} | {s:.0f} | {to_ppo} | {s / reward_s:.2f} | {m['task_accuracy']:.3f} "
-            f"({m['task_accuracy_sft']:.3f}) | {m['task_accuracy_sampled']:.3f} ({m['task_accuracy_sampled_sft']:.3f}) "
-            f"| {m['task_sampled_gained']} / {m['task_sampled_lost']} | {m.get('task_sampled_z', float('nan')):+.1f} "
-            f"| {m.get('kl_sft', float('nan')):.2f} |"
+            f"| {stage} | {statistics.mean(seconds[stage, s] for s in seeds):.0f} "
+            f"| {ms([x['task_accuracy_sampled'] for x in m])} "
+            f"| {ms([x['task_accuracy_sampled'] - x['task_accuracy_sampled_sft'] for x in m])} "
+            f"| {statistics.mean(z):+.1f} ± {statistics.stdev(z):.1f} | {sum(v >= 3 for v in z)} of {len(z)} "
+            f"| {ms([x.get('kl_sft', float('nan')) for x in m])} |"
         )
 
 
