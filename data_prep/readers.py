@@ -25,7 +25,7 @@ import gzip
 import io
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -166,6 +166,62 @@ def read_lines(
             problem = check_zstd_frames(raw)
             if problem:
                 raise BadFileError(path, problem, lineno, total)
+
+
+def read_blocks(path: str, size_each: int, skip=frozenset()) -> Generator[tuple[int, bytes], None, dict]:
+    """Read a whole file once, as one reader must (a .zst of one frame, a .gz), and cut its
+    (decompressed) bytes into blocks for several tasks: block k holds the lines that begin in
+    [k * size_each, (k + 1) * size_each), as a byte range of a plain file does (`byte_ranges`), so
+    the blocks' lines are the file's, each once. Yields (k, block bytes) for each block not in
+    `skip` (an empty one too: a long line can cover a block's whole range), in order; returns
+    {"blocks": how many, "error": why the file cannot be read to its end, or None}: a file that
+    turns out corrupt or truncated is one whose blocks do not count (the reader of a whole file
+    says the same). Memory: about one block."""
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
+    else:
+        errors = (EOFError, OSError, gzip.BadGzipFile) if path.endswith(".gz") else ()
+    with open(path, "rb") as raw:
+        if path.endswith((".zst", ".zstd")):
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        else:
+            stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        k, pieces, off, line_start, lines = 0, [], 0, True, 0  # off: decompressed offset of `chunk`
+        try:
+            while chunk := stream.read(CHUNK):
+                i = 0
+                while True:  # cut block k where the first line starting at or after its end starts
+                    end = (k + 1) * size_each
+                    if line_start and off + i >= end:
+                        cut = i  # a line starts here, past the block's end: the block ends here
+                    else:
+                        nl = chunk.find(b"\n", max(end - 1 - off, i))
+                        if nl < 0:
+                            break
+                        cut = nl + 1
+                    if k not in skip:
+                        pieces.append(chunk[i:cut])
+                        yield k, b"".join(pieces)
+                    k, pieces, i, line_start = k + 1, [], cut, True
+                if k not in skip and i < len(chunk):
+                    pieces.append(chunk[i:])
+                line_start = i < len(chunk) and chunk.endswith(b"\n") or (i == len(chunk) and line_start)
+                off, lines = off + len(chunk), lines + chunk.count(b"\n")
+        except errors as e:
+            bad = BadFileError(path, f"corrupt or truncated ({type(e).__name__}: {e})", lines, off)
+            return {"blocks": k + 1, "error": str(bad)}
+        problem = check_zstd_frames(raw) if path.endswith((".zst", ".zstd")) else None
+    if k not in skip:
+        yield k, b"".join(pieces)
+    return {"blocks": k + 1, "error": str(BadFileError(path, problem, lines, off)) if problem else None}
+
+
+def lines_of(data: bytes, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """`read_lines` of bytes in memory (a block `read_blocks` cut)."""
+    for lineno, _, line in _split_lines(io.BytesIO(data), max_line_bytes):
+        yield lineno, line
 
 
 def _small_first_frame(path: str, size_each: int) -> bool:

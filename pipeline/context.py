@@ -3,6 +3,7 @@
 A stage is `run(cfg, inputs, out, ctx) -> metrics`. Through `ctx` it can
     ctx.map(fn, items)                      run fn over items in parallel (Ray tasks, one per item, on
                                             any node: their files go through pipeline/units.py `Folder`)
+    ctx.map_streams(fn, streams)            the same over the pieces of files read whole by one reader each
     ctx.place(rel, facts, source)           a file of the artifact a task wrote and hashed: not re-read
     ctx.discard(folder)                     a folder of units removed (`discard_when_committed`: once
                                             the artifact is committed)
@@ -28,6 +29,17 @@ from typing import Any
 
 from pipeline import preemption
 from pipeline.files import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A file one reader must read whole, fanned out to tasks as it reads (`StageContext.map_streams`):
+    `produce(arg)` is a generator that yields (key, data) pairs and returns a summary; each pair
+    becomes a task fn(item(key), data), with `item` called on the driver."""
+
+    produce: Callable
+    arg: Any
+    item: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,33 @@ class StageContext:
             self.progress(done + len(results), total, unit="units")
         return results
 
+    def map_streams(
+        self, fn: Callable, streams: list[Stream], *, num_cpus: float = 1, progress: tuple[int, int] = (0, 0)
+    ) -> list[tuple[list, Any]]:
+        """For each stream, its producer run as one task that reads while the tasks it feeds work:
+        fn(stream.item(key), data) for each (key, data) it yields, each a task as `map`'s (on Ray
+        the data goes through the object store, not the driver). Returns per stream ([(key, result)]
+        in the order yielded, the producer's summary). Progress: each pair adds a unit to `progress`'s
+        total when it is yielded, and a step when its task is done. Memory on Ray: the data of at most
+        as many pairs as the cluster has room for tasks, and one more per stream, exist at once."""
+        done, total = progress
+        out = []
+        for stream in streams:
+            gen, results = stream.produce(stream.arg), []
+            while True:
+                try:
+                    key, data = next(gen)
+                except StopIteration as end:
+                    out.append((results, end.value))
+                    break
+                total += 1
+                (result,) = self.map(
+                    _WithData(fn, data), [stream.item(key)], num_cpus=num_cpus, progress=(done, total)
+                )
+                results.append((key, result))
+                done += 1
+        return out
+
     def run_workers(self, train_fn: Callable, arg: Any, scaling: Scaling) -> list:
         """train_fn(arg, wctx) on each worker; returns each rank's return value (rank order).
 
@@ -294,6 +333,16 @@ class StageContext:
 
 
 LocalContext = StageContext
+
+
+class _WithData:
+    """fn(item, data) as a function of the item (`map_streams` in-process hands each pair to `map`)."""
+
+    def __init__(self, fn: Callable, data: Any):
+        self.fn, self.data, self.__name__ = fn, data, fn.__name__
+
+    def __call__(self, item):
+        return self.fn(item, self.data)
 
 
 def _saved_progress(progress: Path) -> dict:

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -78,6 +79,25 @@ def _near(node_id: str):
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True, _spill_on_unavailable=True)
 
 
+@dataclass(frozen=True)
+class _End:
+    summary: Any
+
+
+def _pairs(produce, arg):
+    """A producer's (key, data) pairs as a stream of objects: key, data, key, data, ..., then its
+    summary as `_End`, so the driver reads each key without fetching its data."""
+    gen = produce(arg)
+    while True:
+        try:
+            key, data = next(gen)
+        except StopIteration as end:
+            yield _End(end.value)
+            return
+        yield key
+        yield data
+
+
 def _discard_here(folder) -> None:
     """This node's copy of a folder of units (pipeline/units.py), removed."""
     from pipeline import units
@@ -107,6 +127,46 @@ class RayStageContext(StageContext):
             results[index[ready[0]]] = ray.get(ready[0])
             self.progress(done + len(refs) - len(pending), total, unit="units")
         return results
+
+    def map_streams(self, fn, streams, *, num_cpus: float = 1, progress: tuple[int, int] = (0, 0)):
+        done, total = progress
+        options: dict = {"runtime_env": {"env_vars": thread_env(num_cpus)}}
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        # A producer mostly waits for its pairs to be taken (decompressing is ~100x faster than what
+        # its tasks do with the data), so it holds no core: with one, readers could hold every core
+        # while their tasks wait for one. It runs ahead by one pair (two objects: key, then data).
+        produce = ray.remote(
+            num_cpus=0, max_retries=0, num_returns="streaming", _generator_backpressure_num_objects=2
+        )(_pairs)
+        window = max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-3)))
+        gens = {produce.remote(s.produce, s.arg): j for j, s in enumerate(streams)}  # generator -> stream
+        results: list[list] = [[] for _ in streams]
+        summaries: list = [None] * len(streams)
+        running: dict = {}  # task ref -> (stream, its index in results)
+        while gens or running:
+            waitable = list(running) + (list(gens) if len(running) < window else [])
+            (ready,), _ = ray.wait(waitable, num_returns=1)
+            if ready in running:
+                j, at = running.pop(ready)
+                results[j][at] = (results[j][at][0], ray.get(ready))
+                done += 1
+                self.progress(done, total, unit="units")
+                continue
+            j = gens[ready]
+            try:
+                head = ray.get(next(ready))
+            except StopIteration:
+                del gens[ready]
+                continue
+            if isinstance(head, _End):
+                summaries[j] = head.summary
+                continue
+            data = next(ready)  # its data, right behind: passed on to the task, not fetched here
+            running[task.options(**options).remote(streams[j].item(head), data)] = (j, len(results[j]))
+            results[j].append((head, None))
+            total += 1
+            self.progress(done, total, unit="units")
+        return list(zip(results, summaries, strict=True))
 
     def discard(self, folder) -> None:
         super().discard(folder)

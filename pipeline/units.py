@@ -225,6 +225,13 @@ class Folder:
         """The folder's files and sizes in an object-store root (one listing for many `finished`)."""
         return _root(self.root, self.run).list_files(self.rel) if self.remote else None
 
+    def recorded(self, listing: dict[str, int] | None = None) -> list[str]:
+        """The names of the units recorded in the folder (finished, or finished with another identity)."""
+        names = self.listing() if listing is None and self.remote else listing
+        if not self.remote:
+            names = [p.name for p in self.local().glob(f"*{RECORD}")]
+        return sorted(n[: -len(RECORD)] for n in names if n.endswith(RECORD) and "/" not in n)
+
     def finished(self, name: str, identity: dict, listing: dict[str, int] | None = None) -> dict | None:
         """The record of unit `name` (its result, files, sha256) if it was finished with this
         identity and its files are all there with their sizes; else None."""
