@@ -44,7 +44,7 @@ import numpy as np
 from data_prep.decontaminate import MIN_WORDS, HeldOut
 from data_prep.near_dup import NearDupSpec, Signer, band_columns, band_hashes
 from data_prep.ngrams import ngram_hashes, word_hashes
-from data_prep.readers import BadFileError, read_hf, read_lines
+from data_prep.readers import BadFileError, lines_of, read_hf, read_lines
 from pipeline import units
 
 BAD_RECORD = ("invalid_utf8", "malformed_json", "missing_text", "text_not_string", "empty")
@@ -88,6 +88,8 @@ class CleanTask:
     byte_range: tuple[int, ...] | None = None
     """The lines of a plain file (or, in decompressed offsets, of a .zst's run of frames) that begin in
     [start, end) (data_prep/readers.py `byte_ranges`); None: all of it."""
+    block: int | None = None
+    """The block of a file one reader reads (data_prep/blocks.py): its bytes come with the task."""
 
     @property
     def part(self) -> str:
@@ -179,8 +181,9 @@ def parse_record(raw, task: CleanTask) -> tuple[str | None, str | None, str | No
     return None, text, source, data
 
 
-def clean_file(task: CleanTask) -> FileResult:
-    """Step 1 for one file; a truncated/corrupt file comes back with status `failed` and its error."""
+def clean_file(task: CleanTask, data: bytes | None = None) -> FileResult:
+    """Step 1 for one file, range, or block (whose bytes are `data`); a truncated/corrupt file comes
+    back with status `failed` and its error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -209,7 +212,9 @@ def clean_file(task: CleanTask) -> FileResult:
 
     # a JSON line may spend up to 12 bytes per character (a "\ud83d\ude00" pair) plus its meta
     max_line = 12 * task.max_chars + (1 << 16)
-    if task.path.startswith("hf:"):
+    if data is not None:
+        lines = lines_of(data, max_line)
+    elif task.path.startswith("hf:"):
         lines = read_hf(task.path)
     else:
         lines = read_lines(task.path, max_line, task.byte_range)

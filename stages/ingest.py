@@ -11,8 +11,10 @@ held-out sets pretraining must not see). Artifact:
 
 One task per input file (`ctx.map`), or per byte range of a plain .jsonl larger than SPLIT_BYTES
 (the lines that begin in it: data_prep/readers.py), or per run of frames of a .zst whose frames say
-their sizes, so a cluster spreads the work over its nodes
-even with few, large files; each streams its file or range (memory flat whatever the size) into a
+their sizes, or per block of a large file that one reader must read whole (a .zst of one frame, as the
+Pile ships, or a .gz: one task decompresses it and hands each block of SPLIT_BYTES to a cleaning task
+while it reads on, `ctx.map_streams`, data_prep/blocks.py), so a cluster spreads the work over its
+nodes even with few, large files; each streams its file or range (memory flat whatever the size) into a
 Parquet part of candidates, dropping the documents that quote a held-out text
 (data_prep/decontaminate.py), and returns their 64-bit content hashes; the part also holds each
 candidate's MinHash band hashes (data_prep/near_dup.py). The driver then finds exact duplicates
@@ -29,6 +31,7 @@ The work dir holds the units, each recorded as finished once its files are in pl
 
     parts/<file>.parquet, <file>.hashes.npy, <file>.done.json    a file cleaned: candidates, hashes
     parts/<file>-<range>.parquet, ...                              a range of a large file cleaned
+    parts/<file>-b<block>.parquet, ..., <file>-blocks.done.json    a block cleaned; how many (once read)
     docs/part-<file>-<k>.parquet, <file>.done.json                 a file written: its final shards
     bands/<band>.npy                                               a large corpus's band tasks' pairs (not units)
 
@@ -47,12 +50,15 @@ complete.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.blocks import Blocks
 from data_prep.cleaning import (
     BAD_RECORD,
     CleanTask,
@@ -74,7 +80,7 @@ from data_prep.near_dup import (
     distinct_pairs,
     near_duplicates,
 )
-from data_prep.readers import byte_ranges, resolve_sources
+from data_prep.readers import byte_ranges, resolve_sources, splittable
 from pipeline import units
 from pipeline.config import PROJECT_ROOT
 from pipeline.files import write_json_atomic
@@ -97,9 +103,11 @@ once (8 bytes a band and document) and sorts one at a time: ~0.3 KB a document a
 SPLIT_BYTES = 256 << 20
 """A plain .jsonl input larger than this is cleaned by several tasks, one per byte range of about
 this size; so is a .zst of several frames that say their sizes (`pzstd` writes them), one per run of
-frames of about this many decompressed bytes. The output is the same bytes as one task's (the ranges'
-results are merged in order). Other compressed inputs are read whole by one task: a .zst of one frame,
-as the Pile's are (recompressed with `pzstd`, they split), cannot be entered in the middle."""
+frames of about this many decompressed bytes. Other compressed inputs cannot be entered in the middle
+(a .zst of one frame, as the Pile's are, or a .gz): one reader decompresses such a file, when it is
+larger than a quarter of this (text compresses 3-5x), and hands on blocks of this many bytes, each
+cleaned by a task of its own. The output is the same bytes as one task's (the results are merged in
+order)."""
 
 
 class IngestError(RuntimeError):
@@ -140,53 +148,64 @@ def run(cfg, inputs, out, ctx) -> dict:
         "near_dup": near_dup.identity() if near_dup else None,
         "decontaminate": {"n": c.decontaminate_ngram, "texts": heldout.digest()} if heldout else None,
     }
-    by_file: list[list[CleanTask]] = []  # each file's cleaning units: itself, or its byte ranges
+
+    def clean_task(i: int, p: str, name: str, where: dict, **kw) -> CleanTask:
+        identity = {"input": units.file_facts(p), **settings, **checks, **where}
+        return CleanTask(index=i, path=p, folder=parts, name=name, **settings, identity=identity,
+                         near_dup=near_dup, heldout=heldout, **kw)  # fmt: skip
+
+    # each file's cleaning units: itself, its byte ranges, or (a file one reader reads) its blocks
+    by_file: list[list[CleanTask]] = []
+    blocks: dict[int, Blocks] = {}
     for i, p in enumerate(paths):
         ranges = byte_ranges(p, SPLIT_BYTES)
-        by_file.append(
-            [
-                CleanTask(
-                    index=i,
-                    path=p,
-                    folder=parts,
-                    name=f"{i:05d}" if len(ranges) == 1 else f"{i:05d}-{k:04d}",
-                    **settings,
-                    identity={
-                        "input": units.file_facts(p),
-                        **settings,
-                        **checks,
-                        **({"range": r} if r else {}),
-                    },
-                    near_dup=near_dup,
-                    heldout=heldout,
-                    byte_range=r,
-                )
-                for k, r in enumerate(ranges)
-            ]
-        )
-    tasks = [t for file_tasks in by_file for t in file_tasks]
-    total = len(tasks) + len(paths)  # units: each file (or range) cleaned, each file written
+        if ranges == [None] and _read_in_blocks(p):
+            blocks[i] = Blocks(i, p, SPLIT_BYTES, parts, partial(_block_task, clean_task, i, p))
+            by_file.append([])  # known once it is read
+            continue
+        by_file.append([
+            clean_task(i, p, f"{i:05d}" if len(ranges) == 1 else f"{i:05d}-{k:04d}", {"range": r} if r else {},
+                       byte_range=r)
+            for k, r in enumerate(ranges)
+        ])  # fmt: skip
 
-    # 1. per file or range: stream, clean, write candidates + hashes (parallel); finished ones are reused
+    # 1. per file, range or block: stream, clean, write candidates + hashes (parallel); finished
+    # ones are reused
     listing = parts.listing()  # an object-store root's: listed once
-    cleaned_units = [finished_clean(t, listing) for t in tasks]
-    todo = [j for j, r in enumerate(cleaned_units) if r is None]
-    cleaned = len(tasks) - len(todo)
-    done = {t.name for t, r in zip(tasks, cleaned_units, strict=True) if r is not None}
-    files_cleaned = sum(all(t.name in done for t in f) for f in by_file)
-    results = None if todo else _results(c, by_file, cleaned_units)
-    writes = None if todo else _writes(c, ctx, by_file, cleaned_units, results, shards, total)  # step 3's too
+    cleaned = {t.name: finished_clean(t, listing) for f in by_file for t in f}
+    for b in blocks.values():
+        b.find_finished(listing)
+    todo = [t for f in by_file for t in f if cleaned[t.name] is None]
+    to_read = [b for b in blocks.values() if not b.complete]
+    for b in blocks.values():
+        if b.complete:
+            by_file[b.index] = _take_blocks(b, cleaned)
+    known = sum(map(len, by_file)) + sum(len(b.finished) for b in to_read)  # units known so far
+    total = known + len(paths)  # units: each file (or range, or block) cleaned, each file written
+    results = writes = None
+    if not todo and not to_read:
+        results = _results(c, by_file, cleaned)
+        writes = _writes(c, ctx, by_file, cleaned, results, shards, total)
     ctx.logger.info(
-        "ingest: %d of %d units already done (%d of %d files cleaned, %d written)",
-        cleaned + (writes.done() if writes else 0), total,
-        files_cleaned, len(paths),
+        "ingest: %d of %d units already done (%d of %d files cleaned, %d written%s)",
+        known - len(todo) + (writes.done() if writes else 0), total,
+        sum(bool(f) and all(cleaned[t.name] for t in f) for f in by_file), len(paths),
         len(writes.finished) if writes else 0,
+        f"; {len(to_read)} file(s) to read in blocks, counted as they are read" if to_read else "",
     )  # fmt: skip
     if todo:
-        got = ctx.map(clean_file, [tasks[j] for j in todo], num_cpus=c.num_cpus, progress=(cleaned, total))
-        for j, r in zip(todo, got, strict=True):
-            cleaned_units[j] = r
-        results = _results(c, by_file, cleaned_units)
+        got = ctx.map(clean_file, todo, num_cpus=c.num_cpus, progress=(known - len(todo), total))
+        cleaned.update(zip((t.name for t in todo), got, strict=True))
+    if to_read:  # each file read by one task, its blocks cleaned by others meanwhile
+        read = ctx.map_streams(
+            clean_file, [b.stream() for b in to_read], num_cpus=c.num_cpus, progress=(known, total)
+        )
+        for b, (got, summary) in zip(to_read, read, strict=True):
+            b.read(got, summary)
+            by_file[b.index] = _take_blocks(b, cleaned)
+        total = sum(map(len, by_file)) + len(paths)
+    if results is None:
+        results = _results(c, by_file, cleaned)
 
     failed = [r for r in results if r.status == "failed"]
     if failed and c.on_bad_file == "fail":
@@ -202,7 +221,7 @@ def run(cfg, inputs, out, ctx) -> dict:
     # 2. exact duplicates across all files, in input order (driver: 8 bytes per candidate + sort),
     # then near-duplicates, band by band (~40 bytes per candidate at a time)
     if writes is None:
-        writes = _writes(c, ctx, by_file, cleaned_units, results, shards, total)
+        writes = _writes(c, ctx, by_file, cleaned, results, shards, total)
         if writes.finished:  # shards an earlier attempt wrote, that the files cleaned since left valid
             ctx.logger.info(
                 "ingest: %d of %d files already written",
@@ -229,7 +248,7 @@ def run(cfg, inputs, out, ctx) -> dict:
                 ctx.place(f"docs/{name}", facts)
     ctx.progress(total, total, unit="units")
 
-    stats = _stats(results, written, c.max_errors, by_file, cleaned_units)
+    stats = _stats(results, written, c.max_errors, by_file, cleaned)
     if near_dup is not None:  # how the drops were decided (absent when off: the output is ingest 1's)
         stats["near_dedup"] = {
             "bands": near_dup.bands, "rows": near_dup.rows, "shingle_words": near_dup.shingle,
@@ -279,14 +298,30 @@ class _Writes:
         return len(self.finished) + self.bad
 
 
-def _results(c, by_file: list[list[CleanTask]], cleaned_units: list[FileResult]) -> list[FileResult]:
-    """Each file's step-1 result, from its units' (one, or one per byte range), in input order."""
-    found = iter(cleaned_units)
-    return [merge_ranges([next(found) for _ in f], c.max_errors) for f in by_file]
+def _results(c, by_file: list[list[CleanTask]], cleaned: dict[str, FileResult]) -> list[FileResult]:
+    """Each file's step-1 result, from its units' (one, or one per byte range or block), in input order."""
+    return [merge_ranges([cleaned[t.name] for t in f], c.max_errors) for f in by_file]
+
+
+def _read_in_blocks(path: str) -> bool:
+    """A file one reader must read whole (compressed: a .zst that no frames cut, a .gz) and large enough
+    to hold more than one block of text, as judged from its compressed size (text compresses 3-5x)."""
+    return not splittable(path) and not path.startswith("hf:") and os.path.getsize(path) * 4 > SPLIT_BYTES
+
+
+def _block_task(clean_task, i: int, p: str, k: int, name: str) -> CleanTask:
+    return clean_task(i, p, name, {"block": [k, SPLIT_BYTES]}, block=k)
+
+
+def _take_blocks(b: Blocks, cleaned: dict[str, FileResult]) -> list[CleanTask]:
+    """A read file's block tasks, their results added to `cleaned`."""
+    pairs = b.results()
+    cleaned.update((t.name, r) for t, r in pairs)
+    return [t for t, _ in pairs]
 
 
 def _writes(
-    c, ctx, by_file: list[list[CleanTask]], cleaned_units: list[FileResult], results: list[FileResult],
+    c, ctx, by_file: list[list[CleanTask]], cleaned: dict[str, FileResult], results: list[FileResult],
     shards: units.Folder, total: int,
 ) -> _Writes:  # fmt: skip
     """Find the duplicates and near-duplicates across the good files (counted in their results), and
@@ -296,9 +331,9 @@ def _writes(
     good = [r for r in results if r.status == "ok"]
     hashes = [r.hashes for r in good]
     plan = _Writes(bad=len(results) - len(good))
-    found, refs, cleaned_on = iter(cleaned_units), {}, {}  # each file's parts, as their tasks recorded
+    refs, cleaned_on = {}, {}  # each file's parts, as their tasks recorded
     for f in by_file:
-        done = [next(found) for _ in f]
+        done = [cleaned[t.name] for t in f]
         refs[f[0].index] = [
             units.FileRef(t.folder, t.part, u.files.get(t.part, {}).get("sha256"))
             for t, u in zip(f, done, strict=True)
@@ -314,7 +349,7 @@ def _writes(
             folder = units.Folder.of(ctx, "bands")
             bands = [BandTask(k, parts, folder) for k in range(c.near_dedup_bands)]
             plan.band_tasks = len(bands)
-            step = len(cleaned_units)
+            step = len(cleaned)
             saved = ctx.map(band_pairs, bands, num_cpus=c.num_cpus, progress=(step, total + len(bands)))
             pairs = (np.load(folder.fetch(s["name"], s.get("sha256"))) for s in saved)  # a band at a time
         else:  # the driver: every band read at once, searched one at a time
@@ -350,19 +385,23 @@ def _writes(
     return plan
 
 
-def _stats(results, written: dict, max_errors: int, by_file, cleaned_units) -> dict:
+def _stats(results, written: dict, max_errors: int, by_file, cleaned) -> dict:
     """stats.json: totals, one entry per input file (in input order), the capped error list, and the
     Ray node of every unit (`units`: each file's cleaning, per byte range if it was split, then its
     writing)."""
-    found = iter(cleaned_units)
     files, dropped, errors, sets, set_bytes = [], Counter(), [], Counter(), Counter()
     shards, placed = [], []
     for r in results:
         w = written.get(r.index, {"kept": 0, "written": 0, "shards": [], "sets": {}, "set_bytes": {}})
         for t in by_file[r.index]:
-            unit = next(found)
-            where = {"range": list(t.byte_range)} if t.byte_range else {}
-            placed.append({"file": r.index, "unit": "clean", **where, "node_id": unit.node_id})
+            where = (
+                {"range": list(t.byte_range)}
+                if t.byte_range
+                else {"block": t.block}
+                if t.block is not None
+                else {}
+            )
+            placed.append({"file": r.index, "unit": "clean", **where, "node_id": cleaned[t.name].node_id})
         if r.index in written:
             placed.append({"file": r.index, "unit": "write", "node_id": w.get("node_id")})
         entry = {

@@ -6,6 +6,7 @@ run killed mid-way resumes the finished ranges."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -86,9 +87,10 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
         list(read_lines(str(cut), 100))
 
 
-def corpus(folder, zst_frames: int = 0):
+def corpus(folder, form: str = "jsonl"):
     """Three files of some size, with bad records, blank lines, over-long lines and duplicates
-    across files and ranges; with `zst_frames`, .jsonl.zst files of frames of that many bytes."""
+    across files and ranges, as plain .jsonl, or as .jsonl.zst of frames of 700 bytes (`zst-frames`),
+    of one frame (`zst-one-frame`, as the Pile's), of frames without sizes (`zst-unsized`), or .jsonl.gz."""
     folder.mkdir()
     files = []
     for k in range(3):
@@ -101,8 +103,21 @@ def corpus(folder, zst_frames: int = 0):
                 lines.append(doc("y" * 5000))  # too long for max_chars
                 lines.append(doc(prose(100 * k + i - 1, 300 + 7 * (i - 1))))  # an exact duplicate
         path = write(folder / f"big-{k}.jsonl", lines)
-        if zst_frames:
-            path = frames(folder / f"big-{k}.jsonl.zst", path.read_bytes(), zst_frames)
+        raw, zst = path.read_bytes(), folder / f"big-{k}.jsonl.zst"
+        if form == "zst-frames":
+            path = frames(zst, raw, 700)
+        elif form == "zst-one-frame":
+            zst.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(raw))
+            path = zst
+        elif form == "zst-unsized":
+            with zstandard.ZstdCompressor().stream_writer(open(zst, "wb")) as w:  # no size given: none said
+                for i in range(0, len(raw), 1000):
+                    w.write(raw[i : i + 1000])
+            path = zst
+        elif form == "gz":
+            path = folder / f"big-{k}.jsonl.gz"
+            path.write_bytes(gzip.compress(raw, mtime=0))
+        if path.suffix != ".jsonl":
             (folder / f"big-{k}.jsonl").unlink()
         files.append(path)
     return files
@@ -113,12 +128,17 @@ def small_ranges(monkeypatch):
     monkeypatch.setattr(ingest, "SPLIT_BYTES", 2500)
 
 
-@pytest.mark.parametrize("zst_frames", [0, 700], ids=["jsonl", "zst-frames"])
-def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, monkeypatch, zst_frames):
-    files = corpus(tmp_path / "src", zst_frames)
+FORMS = ["jsonl", "zst-frames", "zst-one-frame", "zst-unsized", "gz"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, monkeypatch, form):
+    """Ranges of a plain file, runs of frames of a .zst, or blocks of a file one reader reads whole:
+    the same output as one task per file."""
+    files = corpus(tmp_path / "src", form)
     ctx = CrashContext("ingest", tmp_path / "w-split")
     split = ingest_with(ctx, files, tmp_path / "split", max_chars=4000, max_errors=1000)
-    assert sum(fn == "clean_file" for fn, _ in ctx.ran) > 3 * 10  # ranges, not files
+    assert sum(fn == "clean_file" for fn, _ in ctx.ran) > 3 * 10  # ranges or blocks, not files
     monkeypatch.setattr(ingest, "SPLIT_BYTES", 1 << 40)
     ref = ingest_with(
         PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000, max_errors=1000
@@ -129,14 +149,19 @@ def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ran
         if n.name != "stats.json":
             assert (split / n).read_bytes() == (ref / n).read_bytes(), n
     a, b = (json.loads((d / "stats.json").read_text()) for d in (split, ref))
-    assert [u for u in a.pop("units") if u["unit"] == "clean" and "range" in u]
+    how = "range" if form in ("jsonl", "zst-frames") else "block"
+    assert [u for u in a.pop("units") if u["unit"] == "clean" and how in u]
     b.pop("units")
     assert a == b and a["errors_total"] > 20 and a["dropped"]["duplicate"] > 0
 
 
-def test_a_split_run_killed_mid_clean_resumes_its_finished_ranges(tmp_path, small_ranges, caplog):
+@pytest.mark.parametrize("form", ["jsonl", "zst-one-frame"])
+def test_a_split_run_killed_mid_clean_resumes_its_finished_ranges(tmp_path, small_ranges, caplog, form):
+    """Killed with 20 ranges (or blocks, handed on by a reader) cleaned: the next run cleans only the
+    others (a file read in blocks is read again, its finished blocks not handed on) and makes the
+    same bytes."""
     caplog.set_level("INFO", logger="kiln")
-    files = corpus(tmp_path / "src")
+    files = corpus(tmp_path / "src", form)
     ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000)
     work = tmp_path / "work"
     with pytest.raises(Killed):
@@ -151,3 +176,47 @@ def test_a_split_run_killed_mid_clean_resumes_its_finished_ranges(tmp_path, smal
     for p in ref.rglob("*"):
         if p.is_file():
             assert (out / p.relative_to(ref)).read_bytes() == p.read_bytes(), p
+
+
+def test_a_damaged_file_read_in_blocks_fails_then_is_skipped_without_reading_again(tmp_path, small_ranges):
+    """A one-frame .zst cut short, read in blocks: the run stops naming the file, as a whole-file
+    reader does; run again with on_bad_file=skip, it skips it without reading anything again (the
+    good file's blocks and the bad file's verdict are kept), and every count reconciles."""
+    good, bad = corpus(tmp_path / "src", "zst-one-frame")[:2]
+    bad.write_bytes(bad.read_bytes()[:-300])
+    work = tmp_path / "work"
+    with pytest.raises(ingest.IngestError) as err:
+        ingest_with(PickleContext("ingest", work), [good, bad], tmp_path / "fail")
+    msg = str(err.value)
+    assert str(bad) in msg and "truncated zstd stream" in msg and "on_bad_file=skip" in msg
+    again = CrashContext("ingest", work)
+    out = ingest_with(again, [good, bad], tmp_path / "skip", on_bad_file="skip")
+    assert [fn for fn, _ in again.ran if fn == "clean_file"] == []
+    stats = json.loads((out / "stats.json").read_text())
+    assert [f["status"] for f in stats["files"]] == ["ok", "skipped"] and stats["files"][1]["read"] == 0
+    assert "truncated" in stats["files"][1]["error"] and stats["kept"] > 0
+    assert stats["read"] == stats["kept"] + sum(stats["dropped"].values())
+
+
+@pytest.mark.timeout(300)
+def test_ray_hands_a_readers_blocks_to_tasks_and_makes_one_tasks_bytes(
+    tmp_path, small_ranges, monkeypatch, ray_session
+):
+    """On Ray, each one-frame .zst and .gz is read by one producer task whose blocks go, through the
+    object store, to cleaning tasks that run while it reads: the output is the bytes one task per
+    file makes, and stats.json names the node of every block."""
+    from pipeline.ray_context import RayStageContext
+
+    files = corpus(tmp_path / "zst", "zst-one-frame")[:2] + corpus(tmp_path / "gz", "gz")[2:]
+    got = ingest_with(RayStageContext("ingest", tmp_path / "w-ray"), files, tmp_path / "ray", max_chars=4000)
+    stats = json.loads((got / "stats.json").read_text())
+    blocks = [u for u in stats.pop("units") if u["unit"] == "clean"]
+    assert len(blocks) > 3 * 10 and all(u["node_id"] and "block" in u for u in blocks)
+    assert [u["block"] for u in blocks if u["file"] == 0] == list(range(sum(u["file"] == 0 for u in blocks)))
+    monkeypatch.setattr(ingest, "SPLIT_BYTES", 1 << 40)
+    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000)
+    want = json.loads((ref / "stats.json").read_text())
+    want.pop("units")
+    assert stats == want
+    for p in ref.rglob("*.parquet"):
+        assert (got / p.relative_to(ref)).read_bytes() == p.read_bytes(), p
