@@ -13,7 +13,8 @@ import random
 import pytest
 import zstandard
 
-from data_prep.readers import BadFileError, byte_ranges, read_lines
+from data_prep import readers
+from data_prep.readers import BadFileError, byte_ranges, lines_of, read_blocks, read_lines
 from stages import ingest
 from tests.test_data_ingest import CrashContext, Killed, PickleContext, doc, ingest_with, prose, write
 
@@ -85,6 +86,41 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
     assert byte_ranges(str(cut), 100) == [None]
     with pytest.raises(BadFileError, match="truncated zstd stream"):
         list(read_lines(str(cut), 100))
+
+
+def blocks_of(path, size: int, skip=frozenset()) -> tuple[dict[int, bytes], dict]:
+    gen, got = read_blocks(str(path), size, skip), {}
+    while True:
+        try:
+            k, data = next(gen)
+        except StopIteration as end:
+            return got, end.value
+        got[k] = data
+
+
+def test_the_blocks_one_reader_cuts_hold_the_lines_a_plain_files_ranges_hold(tmp_path, monkeypatch):
+    """Block k of a one-frame .zst has the lines that begin in [k * size, (k + 1) * size) of its text,
+    as the byte range of the plain file does, whatever the chunks the reader decompresses; skipped
+    blocks are not yielded, and the count is the same."""
+    rng = random.Random(2)
+    for trial in range(120):
+        monkeypatch.setattr(readers, "CHUNK", rng.choice([7, 64, 1 << 20]))
+        lines = [b"x" * rng.choice([0, 1, 5, 40, 300]) for _ in range(rng.randint(0, 60))]
+        raw = b"\n".join(lines) + (b"\n" if trial % 2 else b"")
+        plain = tmp_path / f"{trial}.jsonl"
+        plain.write_bytes(raw)
+        zst = tmp_path / f"{trial}.jsonl.zst"
+        zst.write_bytes(zstandard.ZstdCompressor().compress(raw))
+        size = rng.choice([1, 3, 17, 100, 5000])
+        got, summary = blocks_of(zst, size)
+        assert summary["error"] is None and sorted(got) == list(range(summary["blocks"]))
+        assert b"".join(got[k] for k in sorted(got)) == raw
+        for k, data in got.items():
+            end = (k + 1) * size if k + 1 < summary["blocks"] else len(raw) + size  # the last: to the end
+            want = [line for _, line in read_lines(str(plain), 1 << 20, (k * size, end))] if raw else []
+            assert [line for _, line in lines_of(data, 1 << 20)] == want, (trial, size, k)
+        skip = frozenset(rng.sample(sorted(got), rng.randint(0, len(got))))
+        assert blocks_of(zst, size, skip) == ({k: v for k, v in got.items() if k not in skip}, summary)
 
 
 def corpus(folder, form: str = "jsonl"):
