@@ -80,11 +80,16 @@ class RunConfig:
 
 @frozen
 class IngestConfig:
-    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("num_cpus",)
+    PLACEMENT_KEYS: ClassVar[tuple[str, ...]] = ("num_cpus", "split_mb")
 
     sources: tuple[str, ...] = ("data_prep/sample/pile_sample.jsonl.zst",)
     """Input shards: paths or globs (.jsonl, .jsonl.zst, .jsonl.gz), relative to the working directory
     or the project; or `hf:NAME[:SPLIT]` for a `datasets` hub dataset (needs a network)."""
+    split_mb: float = 256
+    """MiB of text per cleaning task when a file is cut: byte ranges of a plain .jsonl larger than this,
+    runs of sized .zst frames, or blocks of a file one reader must read whole (a .zst of one frame, as
+    the Pile's, or a .gz, when its compressed size is over a quarter of this). The output is the same
+    bytes however files are cut: a placement key (changing it re-runs nothing)."""
     min_chars: int = 64
     """Documents shorter than this (in characters, after stripping) are dropped as `too_short`."""
     max_chars: int = 200_000

@@ -9,10 +9,10 @@ held-out sets pretraining must not see). Artifact:
     docs/part-<file>-<k>.parquet   columns text, source (meta.pile_set_name), id (content hash)
     stats.json                     read, kept, dropped by reason, files, errors (every count reconciles)
 
-One task per input file (`ctx.map`), or per byte range of a plain .jsonl larger than SPLIT_BYTES
+One task per input file (`ctx.map`), or per byte range of a plain .jsonl larger than `ingest.split_mb`
 (the lines that begin in it: data_prep/readers.py), or per run of frames of a .zst whose frames say
 their sizes, or per block of a large file that one reader must read whole (a .zst of one frame, as the
-Pile ships, or a .gz: one task decompresses it and hands each block of SPLIT_BYTES to a cleaning task
+Pile ships, or a .gz: one task decompresses it and hands each block of that size to a cleaning task
 while it reads on, `ctx.map_streams`, data_prep/blocks.py), so a cluster spreads the work over its
 nodes even with few, large files; each streams its file or range (memory flat whatever the size) into a
 Parquet part of candidates, dropping the documents that quote a held-out text
@@ -100,16 +100,6 @@ once (8 bytes a band and document) and sorts one at a time: ~0.3 KB a document a
 (bench/dedup.py --memory), 300 MB at most."""
 
 
-SPLIT_BYTES = 256 << 20
-"""A plain .jsonl input larger than this is cleaned by several tasks, one per byte range of about
-this size; so is a .zst of several frames that say their sizes (`pzstd` writes them), one per run of
-frames of about this many decompressed bytes. Other compressed inputs cannot be entered in the middle
-(a .zst of one frame, as the Pile's are, or a .gz): one reader decompresses such a file, when it is
-larger than a quarter of this (text compresses 3-5x), and hands on blocks of this many bytes, each
-cleaned by a task of its own. The output is the same bytes as one task's (the results are merged in
-order)."""
-
-
 class IngestError(RuntimeError):
     pass
 
@@ -157,10 +147,11 @@ def run(cfg, inputs, out, ctx) -> dict:
     # each file's cleaning units: itself, its byte ranges, or (a file one reader reads) its blocks
     by_file: list[list[CleanTask]] = []
     blocks: dict[int, Blocks] = {}
+    split = int(c.split_mb * 2**20)
     for i, p in enumerate(paths):
-        ranges = byte_ranges(p, SPLIT_BYTES)
-        if ranges == [None] and _read_in_blocks(p):
-            blocks[i] = Blocks(i, p, SPLIT_BYTES, parts, partial(_block_task, clean_task, i, p))
+        ranges = byte_ranges(p, split)
+        if ranges == [None] and _read_in_blocks(p, split):
+            blocks[i] = Blocks(i, p, split, parts, partial(_block_task, clean_task, i, p, split))
             by_file.append([])  # known once it is read
             continue
         by_file.append([
@@ -303,14 +294,14 @@ def _results(c, by_file: list[list[CleanTask]], cleaned: dict[str, FileResult]) 
     return [merge_ranges([cleaned[t.name] for t in f], c.max_errors) for f in by_file]
 
 
-def _read_in_blocks(path: str) -> bool:
+def _read_in_blocks(path: str, split: int) -> bool:
     """A file one reader must read whole (compressed: a .zst that no frames cut, a .gz) and large enough
     to hold more than one block of text, as judged from its compressed size (text compresses 3-5x)."""
-    return not splittable(path) and not path.startswith("hf:") and os.path.getsize(path) * 4 > SPLIT_BYTES
+    return not splittable(path) and not path.startswith("hf:") and os.path.getsize(path) * 4 > split
 
 
-def _block_task(clean_task, i: int, p: str, k: int, name: str) -> CleanTask:
-    return clean_task(i, p, name, {"block": [k, SPLIT_BYTES]}, block=k)
+def _block_task(clean_task, i: int, p: str, split: int, k: int, name: str) -> CleanTask:
+    return clean_task(i, p, name, {"block": [k, split]}, block=k)
 
 
 def _take_blocks(b: Blocks, cleaned: dict[str, FileResult]) -> list[CleanTask]:

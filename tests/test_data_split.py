@@ -1,5 +1,6 @@
-"""Large inputs cleaned by several tasks (stages/ingest.py SPLIT_BYTES, data_prep/readers.py
-`byte_ranges`): a plain file by byte ranges, a .zst of sized frames by runs of frames. Every line read
+"""Large inputs cleaned by several tasks (`ingest.split_mb`, data_prep/readers.py
+`byte_ranges`): a plain file by byte ranges, a .zst of sized frames by runs of frames, a file one reader
+reads whole (one-frame .zst, .gz) by the blocks it hands on (data_prep/blocks.py). Every line read
 by exactly one range whatever the cut (frames cut mid-line too), and the artifact the same bytes as one
 task per file makes (stats.json apart from the units it lists), bad records' line numbers included; a
 run killed mid-way resumes the finished ranges."""
@@ -160,22 +161,21 @@ def corpus(folder, form: str = "jsonl"):
 
 
 @pytest.fixture
-def small_ranges(monkeypatch):
-    monkeypatch.setattr(ingest, "SPLIT_BYTES", 2500)
+def small_ranges():
+    return {"split_mb": 2500 / 2**20}  # 2500 bytes of text per task
 
 
 FORMS = ["jsonl", "zst-frames", "zst-one-frame", "zst-unsized", "gz"]
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, monkeypatch, form):
+def test_split_inputs_give_the_bytes_one_task_per_file_gives(tmp_path, small_ranges, form):
     """Ranges of a plain file, runs of frames of a .zst, or blocks of a file one reader reads whole:
     the same output as one task per file."""
     files = corpus(tmp_path / "src", form)
     ctx = CrashContext("ingest", tmp_path / "w-split")
-    split = ingest_with(ctx, files, tmp_path / "split", max_chars=4000, max_errors=1000)
+    split = ingest_with(ctx, files, tmp_path / "split", max_chars=4000, max_errors=1000, **small_ranges)
     assert sum(fn == "clean_file" for fn, _ in ctx.ran) > 3 * 10  # ranges or blocks, not files
-    monkeypatch.setattr(ingest, "SPLIT_BYTES", 1 << 40)
     ref = ingest_with(
         PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000, max_errors=1000
     )
@@ -198,13 +198,21 @@ def test_a_split_run_killed_mid_clean_resumes_its_finished_ranges(tmp_path, smal
     same bytes."""
     caplog.set_level("INFO", logger="kiln")
     files = corpus(tmp_path / "src", form)
-    ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000)
+    ref = ingest_with(
+        PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000, **small_ranges
+    )
     work = tmp_path / "work"
     with pytest.raises(Killed):
-        ingest_with(CrashContext("ingest", work, crash_after=20), files, tmp_path / "killed", max_chars=4000)
+        ingest_with(
+            CrashContext("ingest", work, crash_after=20),
+            files,
+            tmp_path / "killed",
+            max_chars=4000,
+            **small_ranges,
+        )
     caplog.clear()
     again = CrashContext("ingest", work)
-    out = ingest_with(again, files, tmp_path / "out", max_chars=4000)
+    out = ingest_with(again, files, tmp_path / "out", max_chars=4000, **small_ranges)
     said = [m for m in caplog.messages if "units already done" in m]
     assert len(said) == 1 and said[0].startswith("ingest: 20 of ")
     cleaning = [u for u in json.loads((ref / "stats.json").read_text())["units"] if u["unit"] == "clean"]
@@ -222,11 +230,11 @@ def test_a_damaged_file_read_in_blocks_fails_then_is_skipped_without_reading_aga
     bad.write_bytes(bad.read_bytes()[:-300])
     work = tmp_path / "work"
     with pytest.raises(ingest.IngestError) as err:
-        ingest_with(PickleContext("ingest", work), [good, bad], tmp_path / "fail")
+        ingest_with(PickleContext("ingest", work), [good, bad], tmp_path / "fail", **small_ranges)
     msg = str(err.value)
     assert str(bad) in msg and "truncated zstd stream" in msg and "on_bad_file=skip" in msg
     again = CrashContext("ingest", work)
-    out = ingest_with(again, [good, bad], tmp_path / "skip", on_bad_file="skip")
+    out = ingest_with(again, [good, bad], tmp_path / "skip", on_bad_file="skip", **small_ranges)
     assert [fn for fn, _ in again.ran if fn == "clean_file"] == []
     stats = json.loads((out / "stats.json").read_text())
     assert [f["status"] for f in stats["files"]] == ["ok", "skipped"] and stats["files"][1]["read"] == 0
@@ -235,21 +243,20 @@ def test_a_damaged_file_read_in_blocks_fails_then_is_skipped_without_reading_aga
 
 
 @pytest.mark.timeout(300)
-def test_ray_hands_a_readers_blocks_to_tasks_and_makes_one_tasks_bytes(
-    tmp_path, small_ranges, monkeypatch, ray_session
-):
+def test_ray_hands_a_readers_blocks_to_tasks_and_makes_one_tasks_bytes(tmp_path, small_ranges, ray_session):
     """On Ray, each one-frame .zst and .gz is read by one producer task whose blocks go, through the
     object store, to cleaning tasks that run while it reads: the output is the bytes one task per
     file makes, and stats.json names the node of every block."""
     from pipeline.ray_context import RayStageContext
 
     files = corpus(tmp_path / "zst", "zst-one-frame")[:2] + corpus(tmp_path / "gz", "gz")[2:]
-    got = ingest_with(RayStageContext("ingest", tmp_path / "w-ray"), files, tmp_path / "ray", max_chars=4000)
+    got = ingest_with(
+        RayStageContext("ingest", tmp_path / "w-ray"), files, tmp_path / "ray", max_chars=4000, **small_ranges
+    )
     stats = json.loads((got / "stats.json").read_text())
     blocks = [u for u in stats.pop("units") if u["unit"] == "clean"]
     assert len(blocks) > 3 * 10 and all(u["node_id"] and "block" in u for u in blocks)
     assert [u["block"] for u in blocks if u["file"] == 0] == list(range(sum(u["file"] == 0 for u in blocks)))
-    monkeypatch.setattr(ingest, "SPLIT_BYTES", 1 << 40)
     ref = ingest_with(PickleContext("ingest", tmp_path / "w-ref"), files, tmp_path / "ref", max_chars=4000)
     want = json.loads((ref / "stats.json").read_text())
     want.pop("units")
