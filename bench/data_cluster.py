@@ -2,6 +2,7 @@
 
     python bench/data_cluster.py                   # ~6 min on 2 quiet cores
     python bench/data_cluster.py --files 8 --scale 1
+    python bench/data_cluster.py --files 1 --scale 3 --split-mb 8   # one Pile-like shard, cleaned in blocks
 
 On this machine's loopback: an S3 server (tests/s3server.py, SeaweedFS) and a Ray cluster
 (tests/raycluster.py) of one node, then of two, each node 1 CPU and its own cache (KILN_CACHE). The
@@ -148,6 +149,9 @@ def run_on(nodes: int, base: Path, s3, corpus: Path, sets: list[str]) -> dict:
     return {
         "wall": wall, "manifests": manifests, "transfers": [json.loads(x) for x in log.read_text().splitlines()],
         "ceiling": cpu_bound,
+        "cleaning": Counter(  # ingest's cleaning units: whole files, byte ranges or blocks
+            "block" if "block" in u else "range" if "range" in u else "file" for u in stats["units"] if u["unit"] == "clean"
+        ),
         "nodes": {
             "ingest": Counter(ids.get(u["node_id"], u["node_id"]) for u in stats["units"]),
             "tokenize": Counter(
@@ -200,6 +204,11 @@ def main() -> None:
         "--frame-mb", type=float, default=0,
         help="write the shards as zstd frames of this many MB of text (ingest splits them); default one frame",
     )  # fmt: skip
+    ap.add_argument(
+        "--split-mb", type=float, default=None,
+        help="ingest.split_mb: MiB of text per cleaning task (a one-frame shard larger than a quarter of it "
+        "is read by one task and cleaned in blocks of it); default the preset's 256",
+    )  # fmt: skip
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-cluster-"))
     try:
@@ -209,13 +218,17 @@ def main() -> None:
             f"ingest.sources=[{corpus}/*.jsonl.zst]", "ingest.near_dedup=false", "ingest.decontaminate=[]",
             f"tokenize.partitions={2 * args.files}",
         ]  # fmt: skip
+        if args.split_mb is not None:
+            sets.append(f"ingest.split_mb={args.split_mb}")
         with serving(work / "s3", access_key="AKIAKILNBENCHCLUSTER", secret_key=SECRET) as s3:
             runs = {n: run_on(n, work / f"nodes-{n}", s3, corpus, sets) for n in (1, 2)}
         load = os.getloadavg()
         print(
             f"\ncorpus: {args.files} shards"
             + (f" of {args.frame_mb:g} MB frames" if args.frame_mb else " of one frame")
-            + f", sample x{args.scale}; load average now {load[0]:.1f} {load[1]:.1f}"
+            + f", sample x{args.scale}"
+            + (f", ingest.split_mb={args.split_mb:g}" if args.split_mb is not None else "")
+            + f"; load average now {load[0]:.1f} {load[1]:.1f}"
         )
         for n, r in runs.items():
             secs = {s: r["manifests"][s]["seconds"] for s in STAGES}
@@ -225,6 +238,7 @@ def main() -> None:
             )
             print(
                 f"  units per node: ingest {dict(r['nodes']['ingest'])}, tokenize {dict(r['nodes']['tokenize'])}"
+                f"; ingest cleaned {dict(r['cleaning'])}"
             )
             was = before(r["manifests"])
             for stage, c in sorted(moved(r["transfers"]).items()):
