@@ -164,19 +164,29 @@ class RemoteRoot(Root):
         return manifest, None
 
     def download(self, name: str, cache_dir: Path) -> Path:
-        """A verified local copy of the artifact (reused when already cached and intact). Processes on
-        one node share the cache: a lock per artifact makes the second wait for the first's copy."""
+        """A local copy of the artifact: the files the cache lacks, or holds with another size,
+        downloaded (each under a temporary name, then renamed), the others kept, files the store does
+        not hold removed. What a reader of single files (`fetch_file`) fetched into the cache is not
+        fetched again, and no file it holds disappears. Processes on one node share the cache: a lock
+        per artifact makes the second wait for the first's copy."""
         dest = Path(cache_dir) / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _FileLock(dest.with_name(f".lock-{name}")):
             manifest = self._read_manifest(name)
             if dest.is_dir() and manifest and verify_files(dest, manifest["files"], deep=False) is None:
                 return dest
-            tmp = dest.with_name(f".tmp-{name}-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._copy_down(name, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
+            files = self.list_files(name)
+            have = {  # not the temporary files of downloads under way (`get`)
+                p.relative_to(dest).as_posix(): p
+                for p in (dest.rglob("*") if dest.exists() else ())
+                if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+            }
+            for rel in sorted(have.keys() - files.keys()):
+                have[rel].unlink()
+            todo = sorted(
+                rel for rel, size in files.items() if rel not in have or have[rel].stat().st_size != size
+            )
+            parallel(lambda rel: self.get(f"{name}/{rel}", dest / rel), todo)
         return dest
 
     def local_path(self, name: str) -> Path:

@@ -289,6 +289,14 @@ def test_a_unit_file_over_s3s_copy_limit_is_streamed_and_a_reader_fetches_only_w
     )
     assert remote.TRANSFERS["down"] - down == 2 and (part.path / "stats.json").read_text() == "{}"
     assert not (part.path / "docs").exists() and part.manifest["files"]["docs/big.bin"]["size"] == 2048
+    (part.path / "stale.bin").write_bytes(b"x")  # a file the store does not hold
+    down = remote.TRANSFERS["down"]  # the whole artifact after that: the file fetched is not fetched again
+    driver = ArtifactStore("s3://kiln/unit", "r6", cache_dir=tmp_path / "driver-2")
+    whole = driver.find("s", "f1")
+    assert whole.path == part.path and (whole.path / "docs/big.bin").stat().st_size == 2048
+    rest = {r: n for r, n in driver.files.list_files(driver.name("s", "f1")).items() if r != "stats.json"}
+    assert "docs/big.bin" in rest and remote.TRANSFERS["down"] - down == sum(rest.values())
+    assert not (whole.path / "stale.bin").exists()
 
 
 def _download(args):
