@@ -78,7 +78,7 @@ def main() -> None:
         for stage, seed in runs:
             sets = [] if seed in (None, run_seed) else [f"{stage}.seed={seed}"]
             cmd = [sys.executable, "launch.py", "run", "--only", stage, "--root", str(root),
-                   "--set", "run.wandb=disabled", *sets]  # fmt: skip
+                   "--set", "run.wandb=disabled", *(a for x in sets for a in ("--set", x))]  # fmt: skip
             t0 = time.perf_counter()
             log = Path(tmp) / f"{stage}-{seed}.log"
             with open(log, "w") as out:
@@ -89,7 +89,8 @@ def main() -> None:
             manifest = json.loads((art.path / "manifest.json").read_text())
             seconds[stage, seed], metrics[stage, seed] = manifest["seconds"], manifest["metrics"]
             took = f"{seconds[stage, seed]:.0f} s (wall {time.perf_counter() - t0:.0f} s)"
-            print(f"{stage}{'' if seed is None else f' seed {seed}'}: {took}", flush=True)
+            gold = {k: v for k, v in manifest["metrics"].items() if k.startswith(("task_", "kl_sft"))}
+            print(f"{stage}{'' if seed is None else f' seed {seed}'}: {took} {json.dumps(gold)}", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end\n")
     table(args.stages, seeds, seconds, metrics)
     if len(seeds) > 1:
