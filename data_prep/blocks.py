@@ -9,7 +9,7 @@ blocks, recorded once the reader is through (`<file>-blocks`: how many, and whet
 damaged). A run that dies keeps them: the next one reads the file again but hands on only the blocks
 still to do, and needs no reader at all once the count and every block are recorded.
 
-    blocks = Blocks(i, path, size, folder, task_of)   # task_of(k, unit name) -> the block's CleanTask
+    blocks = Blocks(i, path, facts, size, max_line, folder, task_of)   # task_of(k, name) -> its CleanTask
     blocks.find_finished(listing)                    # what an earlier attempt recorded
     if not blocks.complete:
         (got, summary), = ctx.map_streams(clean_file, [blocks.stream()])
@@ -32,8 +32,13 @@ from pipeline.context import Stream
 class Blocks:
     index: int
     path: str
+    facts: dict
+    """The file's size and mtime when the run was planned (`units.file_facts`): what every record of
+    its reading is made from, so that a file changed since is read again by the next run."""
     size: int
     """Decompressed bytes per block."""
+    max_line: int
+    """A longer line is too long for a record: only its first max_line + 1 bytes are handed on."""
     folder: units.Folder
     task_of: Callable[[int, str], CleanTask]
     """The cleaning task of block k, named as given."""
@@ -53,7 +58,7 @@ class Blocks:
 
     @property
     def identity(self) -> dict:
-        return {"input": units.file_facts(self.path), "block_bytes": self.size}
+        return {"input": self.facts, "block_bytes": self.size}
 
     def task(self, k: int) -> CleanTask:
         return self.task_of(k, self.name(k))
@@ -84,7 +89,8 @@ class Blocks:
 
     def stream(self) -> Stream:
         """The reader of the file, handing on the blocks not done yet."""
-        return Stream(produce=_read, arg=(self.path, self.size, frozenset(self.finished)), item=self.task)
+        arg = (self.path, self.size, self.max_line, frozenset(self.finished))
+        return Stream(produce=_read, arg=arg, item=self.task)
 
     def read(self, got: list[tuple[int, FileResult]], summary: dict) -> None:
         """The reader is through: its blocks' results, and the count (recorded as a unit)."""
@@ -100,5 +106,4 @@ class Blocks:
 
 
 def _read(arg):
-    path, size, skip = arg
-    return (yield from read_blocks(path, size, skip))
+    return (yield from read_blocks(*arg))

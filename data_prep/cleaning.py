@@ -181,9 +181,15 @@ def parse_record(raw, task: CleanTask) -> tuple[str | None, str | None, str | No
     return None, text, source, data
 
 
-def clean_file(task: CleanTask, data: bytes | None = None) -> FileResult:
-    """Step 1 for one file, range, or block (whose bytes are `data`); a truncated/corrupt file comes
-    back with status `failed` and its error."""
+def max_line_bytes(max_chars: int) -> int:
+    """The longest JSON line read as a record: a line may spend up to 12 bytes per character (a
+    "\\ud83d\\ude00" pair) plus its meta; a longer one is dropped as `too_long` without being held."""
+    return 12 * max_chars + (1 << 16)
+
+
+def clean_file(task: CleanTask, block: bytes | None = None) -> FileResult:
+    """Step 1 for one file, range, or block (whose bytes come as `block`); a truncated/corrupt file
+    comes back with status `failed` and its error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -210,10 +216,9 @@ def clean_file(task: CleanTask, data: bytes | None = None) -> FileResult:
         for v in batch.values():
             v.clear()
 
-    # a JSON line may spend up to 12 bytes per character (a "\ud83d\ude00" pair) plus its meta
-    max_line = 12 * task.max_chars + (1 << 16)
-    if data is not None:
-        lines = lines_of(data, max_line)
+    max_line = max_line_bytes(task.max_chars)
+    if block is not None:
+        lines = lines_of(block, max_line)
     elif task.path.startswith("hf:"):
         lines = read_hf(task.path)
     else:

@@ -25,10 +25,13 @@ import gzip
 import io
 import os
 import struct
+import zlib
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 CHUNK = 1 << 20
+GZIP_ERRORS = (EOFError, OSError, gzip.BadGzipFile, zlib.error)
+"""What a damaged .gz raises: a truncated one EOFError, bad data zlib.error, a bad header BadGzipFile."""
 ZSTD_MAGIC = 0xFD2FB528
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.zst", ".jsonl.zstd", ".json.zst", ".jsonl.gz", ".json.gz")
 
@@ -152,7 +155,7 @@ def read_lines(
             errors = (zstandard.ZstdError,)
         elif path.endswith(".gz"):
             stream = gzip.GzipFile(fileobj=raw)
-            errors = (EOFError, OSError, gzip.BadGzipFile)
+            errors = GZIP_ERRORS
         else:
             stream, errors = raw, ()
         lineno, total = 0, 0
@@ -168,54 +171,79 @@ def read_lines(
                 raise BadFileError(path, problem, lineno, total)
 
 
-def read_blocks(path: str, size_each: int, skip=frozenset()) -> Generator[tuple[int, bytes], None, dict]:
+def read_blocks(
+    path: str, size_each: int, max_line_bytes: int, skip=frozenset()
+) -> Generator[tuple[int, bytes], None, dict]:
     """Read a whole file once, as one reader must (a .zst of one frame, a .gz), and cut its
-    (decompressed) bytes into blocks for several tasks: block k holds the lines that begin in
-    [k * size_each, (k + 1) * size_each), as a byte range of a plain file does (`byte_ranges`), so
-    the blocks' lines are the file's, each once. Yields (k, block bytes) for each block not in
-    `skip` (an empty one too: a long line can cover a block's whole range), in order; returns
-    {"blocks": how many, "error": why the file cannot be read to its end, or None}: a file that
-    turns out corrupt or truncated is one whose blocks do not count (the reader of a whole file
-    says the same). Memory: about one block."""
-    if path.endswith((".zst", ".zstd")):
-        import zstandard
-
-        errors: tuple[type[BaseException], ...] = (zstandard.ZstdError,)
-    else:
-        errors = (EOFError, OSError, gzip.BadGzipFile) if path.endswith(".gz") else ()
+    (decompressed) bytes into blocks of whole lines for several tasks: each block runs from where the
+    one before ended to the first line start at least `size_each` bytes further (the last, to the
+    end), so each line is in one block, and where a block ends depends on the data alone. A line
+    longer than `max_line_bytes` keeps only its first max_line_bytes + 1 bytes: enough for its reader
+    (`lines_of`) to see it is too long. Yields (k, block bytes) for each block not in `skip`, in
+    order; returns {"blocks": how many, "error": why the file cannot be read to its end, or None}: a
+    file that turns out corrupt or truncated is one whose blocks do not count (the reader of a whole
+    file says the same). Memory: about two blocks (one yielded, one being cut)."""
+    zst = path.endswith((".zst", ".zstd"))
     with open(path, "rb") as raw:
-        if path.endswith((".zst", ".zstd")):
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        else:
-            stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        k, pieces, off, line_start, lines = 0, [], 0, True, 0  # off: decompressed offset of `chunk`
+        stream, errors = _decompressing(raw, path)
+        block, k, start = _Block(max_line_bytes + 1), 0, 0  # block k begins at byte `start`
+        off, lines = 0, 0  # the decompressed offset of `chunk`, the newlines before it
         try:
             while chunk := stream.read(CHUNK):
                 i = 0
-                while True:  # cut block k where the first line starting at or after its end starts
-                    end = (k + 1) * size_each
-                    if line_start and off + i >= end:
-                        cut = i  # a line starts here, past the block's end: the block ends here
-                    else:
-                        nl = chunk.find(b"\n", max(end - 1 - off, i))
-                        if nl < 0:
-                            break
-                        cut = nl + 1
+                while (nl := chunk.find(b"\n", max(start + size_each - 1 - off, i))) >= 0:
+                    cut = nl + 1  # the first line start at or after start + size_each
                     if k not in skip:
-                        pieces.append(chunk[i:cut])
-                        yield k, b"".join(pieces)
-                    k, pieces, i, line_start = k + 1, [], cut, True
+                        block.add(chunk[i:cut])
+                        yield k, block.take()
+                    k, i, start = k + 1, cut, off + cut
                 if k not in skip and i < len(chunk):
-                    pieces.append(chunk[i:])
-                line_start = i < len(chunk) and chunk.endswith(b"\n") or (i == len(chunk) and line_start)
+                    block.add(chunk[i:])
                 off, lines = off + len(chunk), lines + chunk.count(b"\n")
         except errors as e:
             bad = BadFileError(path, f"corrupt or truncated ({type(e).__name__}: {e})", lines, off)
             return {"blocks": k + 1, "error": str(bad)}
-        problem = check_zstd_frames(raw) if path.endswith((".zst", ".zstd")) else None
-    if k not in skip:
-        yield k, b"".join(pieces)
-    return {"blocks": k + 1, "error": str(BadFileError(path, problem, lines, off)) if problem else None}
+        problem = check_zstd_frames(raw) if zst else None
+    if start < off or k == 0:  # the last block, unless the one before ended with the file
+        if k not in skip:
+            yield k, block.take()
+        k += 1
+    return {"blocks": k, "error": str(BadFileError(path, problem, lines, off)) if problem else None}
+
+
+class _Block:
+    """The bytes of a block being cut, each line kept to at most `cap` bytes (lines that begin and
+    end inside one piece added are kept whole: a piece is at most a CHUNK)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.pieces, self.line = cap, [], 0  # line: bytes kept of the unfinished last line
+
+    def add(self, piece: bytes) -> None:
+        first = piece.find(b"\n")
+        keep = max(0, min(len(piece) if first < 0 else first, self.cap - self.line))
+        if first < 0:  # all of it continues the unfinished line
+            self.pieces.append(piece[:keep])
+            self.line += keep
+            return
+        self.pieces += [piece[:keep], piece[first:]]  # then its newline, whole lines, the next one begun
+        self.line = len(piece) - piece.rfind(b"\n") - 1
+
+    def take(self) -> bytes:
+        data, self.pieces, self.line = b"".join(self.pieces), [], 0
+        return data
+
+
+def _decompressing(raw, path: str):
+    """(a binary stream of the file's decompressed bytes, the errors that say it is damaged)."""
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), (
+            zstandard.ZstdError,
+        )
+    if path.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw), GZIP_ERRORS
+    return raw, ()
 
 
 def lines_of(data: bytes, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:

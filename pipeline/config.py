@@ -139,6 +139,8 @@ class IngestConfig:
     def check(self):
         if not self.sources:
             yield "sources: give at least one path, glob or hf: dataset"
+        if not self.split_mb * 2**20 >= 1:
+            yield f"split_mb: {self.split_mb} must be positive (MiB of text per cleaning task; the default is 256)"
         if self.min_chars < 0 or self.max_chars <= self.min_chars:
             yield "max_chars: must be greater than min_chars (and min_chars >= 0)"
         for name, w in self.set_weights.items():

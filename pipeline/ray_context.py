@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -79,6 +80,10 @@ def _near(node_id: str):
     return NodeAffinitySchedulingStrategy(node_id=node_id, soft=True, _spill_on_unavailable=True)
 
 
+READERS_PER_TASK = 1 / 16
+"""`map_streams`: readers at once per task that fits on the cluster (at least one)."""
+
+
 @dataclass(frozen=True)
 class _End:
     summary: Any
@@ -90,12 +95,12 @@ def _pairs(produce, arg):
     gen = produce(arg)
     while True:
         try:
-            key, data = next(gen)
+            pair = list(next(gen))
         except StopIteration as end:
             yield _End(end.value)
             return
-        yield key
-        yield data
+        yield pair[0]
+        yield pair.pop()  # held by nothing here once stored: the generator keeps no block while paused
 
 
 def _discard_here(folder) -> None:
@@ -132,40 +137,50 @@ class RayStageContext(StageContext):
         done, total = progress
         options: dict = {"runtime_env": {"env_vars": thread_env(num_cpus)}}
         task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
-        # A producer mostly waits for its pairs to be taken (decompressing is ~100x faster than what
-        # its tasks do with the data), so it holds no core: with one, readers could hold every core
-        # while their tasks wait for one. It runs ahead by one pair (two objects: key, then data).
+        # A reader holds no core: it mostly waits for its pairs to be taken, and with cores, readers
+        # could hold them all while their tasks wait for one. It runs ahead by one pair (two objects:
+        # key, then data) and holds about two blocks meanwhile. Decompressing is ~100x faster than
+        # what a task does with a block, so one reader feeds many tasks: READERS_PER_TASK of the
+        # tasks that fit on the cluster (`window`, as many blocks in flight) read at once.
         produce = ray.remote(
             num_cpus=0, max_retries=0, num_returns="streaming", _generator_backpressure_num_objects=2
         )(_pairs)
         window = max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-3)))
-        gens = {produce.remote(s.produce, s.arg): j for j, s in enumerate(streams)}  # generator -> stream
+        waiting = list(enumerate(streams))
+        readers: dict = {}  # generator -> its stream, in the order they are served (oldest first)
         results: list[list] = [[] for _ in streams]
         summaries: list = [None] * len(streams)
         running: dict = {}  # task ref -> (stream, its index in results)
-        while gens or running:
-            waitable = list(running) + (list(gens) if len(running) < window else [])
-            (ready,), _ = ray.wait(waitable, num_returns=1)
-            if ready in running:
-                j, at = running.pop(ready)
-                results[j][at] = (results[j][at][0], ray.get(ready))
-                done += 1
+        try:
+            while waiting or readers or running:
+                while waiting and len(readers) < max(1, math.ceil(window * READERS_PER_TASK)):
+                    j, s = waiting.pop(0)
+                    readers[produce.remote(s.produce, s.arg)] = j
+                waitable = list(running) + (list(readers) if len(running) < window else [])
+                (ready,), _ = ray.wait(waitable, num_returns=1)
+                if ready in running:
+                    j, at = running.pop(ready)
+                    results[j][at] = (results[j][at][0], ray.get(ready))
+                    done += 1
+                    self.progress(done, total, unit="units")
+                    continue
+                j = readers.pop(ready)
+                try:
+                    head = ray.get(next(ready))
+                except StopIteration:
+                    continue  # the reader is through (its summary came before)
+                readers[ready] = j  # served last next time: the readers take turns
+                if isinstance(head, _End):
+                    summaries[j] = head.summary
+                    continue
+                data = next(ready)  # its data, right behind: passed on to the task, not fetched here
+                running[task.options(**options).remote(streams[j].item(head), data)] = (j, len(results[j]))
+                results[j].append((head, None))
+                total += 1
                 self.progress(done, total, unit="units")
-                continue
-            j = gens[ready]
-            try:
-                head = ray.get(next(ready))
-            except StopIteration:
-                del gens[ready]
-                continue
-            if isinstance(head, _End):
-                summaries[j] = head.summary
-                continue
-            data = next(ready)  # its data, right behind: passed on to the task, not fetched here
-            running[task.options(**options).remote(streams[j].item(head), data)] = (j, len(results[j]))
-            results[j].append((head, None))
-            total += 1
-            self.progress(done, total, unit="units")
+        finally:  # a failure: nothing left running
+            for ref in [*readers, *running]:
+                ray.cancel(ref)
         return list(zip(results, summaries, strict=True))
 
     def discard(self, folder) -> None:

@@ -67,6 +67,7 @@ from data_prep.cleaning import (
     clean_file,
     find_duplicates,
     finished_clean,
+    max_line_bytes,
     merge_ranges,
     write_docs,
 )
@@ -139,8 +140,8 @@ def run(cfg, inputs, out, ctx) -> dict:
         "decontaminate": {"n": c.decontaminate_ngram, "texts": heldout.digest()} if heldout else None,
     }
 
-    def clean_task(i: int, p: str, name: str, where: dict, **kw) -> CleanTask:
-        identity = {"input": units.file_facts(p), **settings, **checks, **where}
+    def clean_task(i: int, p: str, facts: dict, name: str, where: dict, **kw) -> CleanTask:
+        identity = {"input": facts, **settings, **checks, **where}
         return CleanTask(index=i, path=p, folder=parts, name=name, **settings, identity=identity,
                          near_dup=near_dup, heldout=heldout, **kw)  # fmt: skip
 
@@ -149,14 +150,15 @@ def run(cfg, inputs, out, ctx) -> dict:
     blocks: dict[int, Blocks] = {}
     split = int(c.split_mb * 2**20)
     for i, p in enumerate(paths):
-        ranges = byte_ranges(p, split)
+        ranges, facts = byte_ranges(p, split), units.file_facts(p)
         if ranges == [None] and _read_in_blocks(p, split):
-            blocks[i] = Blocks(i, p, split, parts, partial(_block_task, clean_task, i, p, split))
+            task_of = partial(_block_task, clean_task, i, p, facts, split)
+            blocks[i] = Blocks(i, p, facts, split, max_line_bytes(c.max_chars), parts, task_of)
             by_file.append([])  # known once it is read
             continue
         by_file.append([
-            clean_task(i, p, f"{i:05d}" if len(ranges) == 1 else f"{i:05d}-{k:04d}", {"range": r} if r else {},
-                       byte_range=r)
+            clean_task(i, p, facts, f"{i:05d}" if len(ranges) == 1 else f"{i:05d}-{k:04d}",
+                       {"range": r} if r else {}, byte_range=r)
             for k, r in enumerate(ranges)
         ])  # fmt: skip
 
@@ -300,8 +302,8 @@ def _read_in_blocks(path: str, split: int) -> bool:
     return not splittable(path) and not path.startswith("hf:") and os.path.getsize(path) * 4 > split
 
 
-def _block_task(clean_task, i: int, p: str, split: int, k: int, name: str) -> CleanTask:
-    return clean_task(i, p, name, {"block": [k, split]}, block=k)
+def _block_task(clean_task, i: int, p: str, facts: dict, split: int, k: int, name: str) -> CleanTask:
+    return clean_task(i, p, facts, name, {"block": [k, split]}, block=k)
 
 
 def _take_blocks(b: Blocks, cleaned: dict[str, FileResult]) -> list[CleanTask]:

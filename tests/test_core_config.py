@@ -140,6 +140,7 @@ def test_cross_field_checks_report_every_rule_broken():
         "tokenize.val_fraction=0.7",
         "ingest.min_chars=100",
         "ingest.max_chars=50",
+        "ingest.split_mb=0",
         "run.name=a/b",
     )
     assert "130 is not divisible by n_heads=4" in one(errors, "model.d_model")
@@ -148,6 +149,7 @@ def test_cross_field_checks_report_every_rule_broken():
     assert "needs zero_stage=3" in one(errors, "pretrain.offload_params")
     assert "[0, 0.5)" in one(errors, "tokenize.val_fraction")
     assert "greater than min_chars" in one(errors, "ingest.max_chars")
+    assert "must be positive" in one(errors, "ingest.split_mb")
     assert "without '/'" in one(errors, "run.name")
 
 

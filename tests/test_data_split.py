@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 
 import pytest
@@ -89,8 +90,8 @@ def test_the_runs_of_frames_of_a_zst_hold_each_line_once_whatever_the_cut(tmp_pa
         list(read_lines(str(cut), 100))
 
 
-def blocks_of(path, size: int, skip=frozenset()) -> tuple[dict[int, bytes], dict]:
-    gen, got = read_blocks(str(path), size, skip), {}
+def blocks_of(path, size: int, skip=frozenset(), max_line: int = 1 << 20) -> tuple[dict[int, bytes], dict]:
+    gen, got = read_blocks(str(path), size, max_line, skip), {}
     while True:
         try:
             k, data = next(gen)
@@ -99,29 +100,55 @@ def blocks_of(path, size: int, skip=frozenset()) -> tuple[dict[int, bytes], dict
         got[k] = data
 
 
-def test_the_blocks_one_reader_cuts_hold_the_lines_a_plain_files_ranges_hold(tmp_path, monkeypatch):
-    """Block k of a one-frame .zst has the lines that begin in [k * size, (k + 1) * size) of its text,
-    as the byte range of the plain file does, whatever the chunks the reader decompresses; skipped
-    blocks are not yielded, and the count is the same."""
+def test_the_blocks_one_reader_cuts_hold_each_line_once_wherever_the_chunks_end(tmp_path, monkeypatch):
+    """The blocks of a one-frame .zst hold the file's lines in order, each once, every block but the
+    last at least `size` bytes; the cuts depend on the data alone, not on the chunks the reader
+    decompresses; an over-long line is handed on cut short, still too long; skipped blocks are not
+    yielded, and the count is the same."""
     rng = random.Random(2)
-    for trial in range(120):
-        monkeypatch.setattr(readers, "CHUNK", rng.choice([7, 64, 1 << 20]))
+    for trial in range(160):
         lines = [b"x" * rng.choice([0, 1, 5, 40, 300]) for _ in range(rng.randint(0, 60))]
         raw = b"\n".join(lines) + (b"\n" if trial % 2 else b"")
-        plain = tmp_path / f"{trial}.jsonl"
-        plain.write_bytes(raw)
         zst = tmp_path / f"{trial}.jsonl.zst"
         zst.write_bytes(zstandard.ZstdCompressor().compress(raw))
-        size = rng.choice([1, 3, 17, 100, 5000])
-        got, summary = blocks_of(zst, size)
-        assert summary["error"] is None and sorted(got) == list(range(summary["blocks"]))
-        assert b"".join(got[k] for k in sorted(got)) == raw
-        for k, data in got.items():
-            end = (k + 1) * size if k + 1 < summary["blocks"] else len(raw) + size  # the last: to the end
-            want = [line for _, line in read_lines(str(plain), 1 << 20, (k * size, end))] if raw else []
-            assert [line for _, line in lines_of(data, 1 << 20)] == want, (trial, size, k)
+        size, longest = rng.choice([1, 3, 17, 100, 5000]), rng.choice([3, 50, 1 << 20])
+        want = list(read_lines(str(zst), longest))
+        first = None
+        for chunk in (1 << 20, rng.choice([7, 64])):
+            monkeypatch.setattr(readers, "CHUNK", chunk)
+            got, summary = blocks_of(zst, size, max_line=longest)
+            assert summary["error"] is None and sorted(got) == list(range(summary["blocks"]))
+            cuts = [[line for _, line in lines_of(got[k], longest)] for k in sorted(got)]
+            assert cuts == (first or cuts), (trial, chunk)  # each block the same lines
+            first = cuts
+        read = [line for k in sorted(got) for _, line in lines_of(got[k], longest)]
+        assert read == [line for _, line in want], (trial, size)
+        if longest > 300:  # no line cut short: the blocks are the text, cut at line ends
+            assert b"".join(got[k] for k in sorted(got)) == raw
+            assert all(len(got[k]) >= size and got[k].endswith(b"\n") for k in sorted(got)[:-1])
         skip = frozenset(rng.sample(sorted(got), rng.randint(0, len(got))))
-        assert blocks_of(zst, size, skip) == ({k: v for k, v in got.items() if k not in skip}, summary)
+        assert blocks_of(zst, size, skip, longest) == (
+            {k: v for k, v in got.items() if k not in skip},
+            summary,
+        )
+    huge = tmp_path / "one-line.json.gz"  # a 3 MB line (a minified JSON array, say): not held whole
+    huge.write_bytes(gzip.compress(b"[" + b"1," * 1_500_000 + b"1]\n" + b"{}\n"))
+    got, summary = blocks_of(huge, 100, max_line=1000)
+    assert summary == {"blocks": 2, "error": None} and len(got[0]) == 1000 + 1 + 1  # and its newline
+    assert [line for _, line in lines_of(got[0], 1000)] == [None] and got[1] == b"{}\n"
+
+
+def test_a_damaged_gz_is_a_bad_file_for_either_reader(tmp_path):
+    """Bad compressed data in a .gz (zlib's error): a BadFileError naming the file for the reader of the
+    whole file, and the verdict in the summary of the reader of blocks, not an exception."""
+    data = bytearray(gzip.compress(b"".join(doc(prose(i)).encode() + b"\n" for i in range(300))))
+    data[len(data) // 2 : len(data) // 2 + 40] = bytes(40)
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BadFileError, match=r"bad\.jsonl\.gz: corrupt or truncated"):
+        list(read_lines(str(bad), 1 << 20))
+    _, summary = blocks_of(bad, 1000)
+    assert str(bad) in summary["error"] and "corrupt or truncated" in summary["error"]
 
 
 def corpus(folder, form: str = "jsonl"):
@@ -263,3 +290,32 @@ def test_ray_hands_a_readers_blocks_to_tasks_and_makes_one_tasks_bytes(tmp_path,
     assert stats == want
     for p in ref.rglob("*.parquet"):
         assert (got / p.relative_to(ref)).read_bytes() == p.read_bytes(), p
+
+
+def test_a_file_that_changes_while_it_is_read_in_blocks_is_read_again_by_the_next_run(
+    tmp_path, small_ranges, monkeypatch
+):
+    """A .gz still being downloaded when ingest plans: read cut short, the run stops on it. It is
+    whole by the time the reader's verdict is recorded; the verdict is the planned file's, so the
+    next run reads it again, and it is good."""
+    from data_prep import blocks
+
+    (path,) = corpus(tmp_path / "src", "gz")[:1]
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    real = blocks._read
+
+    def read_then_finish(arg):  # the download completes while the reader is through
+        summary = yield from real(arg)
+        path.write_bytes(whole)
+        os.utime(path, ns=(1, 1))
+        return summary
+
+    monkeypatch.setattr(blocks, "_read", read_then_finish)
+    work = tmp_path / "work"
+    with pytest.raises(ingest.IngestError, match="corrupt or truncated"):
+        ingest_with(PickleContext("ingest", work), [path], tmp_path / "first", **small_ranges)
+    monkeypatch.setattr(blocks, "_read", real)
+    out = ingest_with(PickleContext("ingest", work), [path], tmp_path / "again", **small_ranges)
+    stats = json.loads((out / "stats.json").read_text())
+    assert [f["status"] for f in stats["files"]] == ["ok"] and stats["read"] > 60
