@@ -2,19 +2,18 @@
 
 A .zst of one frame (as the Pile ships) or of frames without sizes, or a .gz, cannot be entered in
 the middle, so byte ranges cannot split it. Instead one reader decompresses it once and hands each
-block of about `size` bytes (the lines that begin in [k * size, (k + 1) * size) of its decompressed
-bytes: data_prep/readers.py `read_blocks`) to a cleaning task of its own, while it reads on
-(`ctx.map_streams`). Each block is a unit of the stage (`<file>-b<k>`), and so is the count of
+block of whole lines, of `size` bytes or a line more (data_prep/readers.py `read_blocks`), to a
+cleaning task of its own, while it reads on (`ctx.map_streams`). Each block is a unit of the stage (`<file>-b<k>`), and so is the count of
 blocks, recorded once the reader is through (`<file>-blocks`: how many, and whether the file is
 damaged). A run that dies keeps them: the next one reads the file again but hands on only the blocks
 still to do, and needs no reader at all once the count and every block are recorded.
 
-    blocks = Blocks(i, path, facts, size, max_line, folder, task_of)   # task_of(k, name) -> its CleanTask
-    blocks.find_finished(listing)                    # what an earlier attempt recorded
+    blocks = Blocks(i, path, facts, size, max_line, folder, task_of)  # task_of(k, name): its CleanTask
+    blocks.find_finished(listing)                                    # what an earlier attempt recorded
     if not blocks.complete:
         (got, summary), = ctx.map_streams(clean_file, [blocks.stream()])
         blocks.read(got, summary)
-    pairs = blocks.results()                         # [(CleanTask, FileResult)], in block order
+    pairs = blocks.results()                      # [(CleanTask, FileResult)], in block order
 """
 
 from __future__ import annotations
