@@ -252,7 +252,8 @@ class StageContext:
         the data goes through the object store, not the driver). Returns per stream ([(key, result)]
         in the order yielded, the producer's summary). Progress: each pair adds a unit to `progress`'s
         total when it is yielded, and a step when its task is done. Memory on Ray: the data of at most
-        as many pairs as the cluster has room for tasks, and one more per stream, exist at once."""
+        as many pairs as the cluster has room for tasks, and about two more per reader, exist at
+        once; a reader runs for every 16 of those tasks (pipeline/ray_context.py `READERS_PER_TASK`)."""
         done, total = progress
         out = []
         for stream in streams:
