@@ -148,16 +148,7 @@ def read_lines(
             except errors as e:
                 raise BadFileError(path, f"corrupt ({type(e).__name__}: {e})", lineno, total) from e
             return
-        if path.endswith((".zst", ".zstd")):
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            errors = (zstandard.ZstdError,)
-        elif path.endswith(".gz"):
-            stream = gzip.GzipFile(fileobj=raw)
-            errors = GZIP_ERRORS
-        else:
-            stream, errors = raw, ()
+        stream, errors = _decompressing(raw, path)
         lineno, total = 0, 0
         try:
             for item in _split_lines(stream, max_line_bytes):

@@ -227,8 +227,9 @@ class Folder:
 
     def recorded(self, listing: dict[str, int] | None = None) -> list[str]:
         """The names of the units recorded in the folder (finished, or finished with another identity)."""
-        names = self.listing() if listing is None and self.remote else listing
-        if not self.remote:
+        if self.remote:
+            names = self.listing() if listing is None else listing
+        else:
             names = [p.name for p in self.local().glob(f"*{RECORD}")]
         return sorted(n[: -len(RECORD)] for n in names if n.endswith(RECORD) and "/" not in n)
 
